@@ -1,0 +1,478 @@
+//! Per-uplink health: RTT, jitter, loss and capacity estimates, and the state machine
+//! `Up → Suspect → Down → Probing → Up` with hysteresis.
+//!
+//! The driver calls [`LinkHealth::poll_probe`] to learn when to send a probe, feeds back
+//! acknowledgements, carrier and connection events and QUIC path statistics, and calls
+//! [`LinkHealth::handle_timeout`] at [`LinkHealth::poll_timeout`]. Probes are sent on every
+//! active uplink every `probe_interval`; a backup uplink that carries no traffic probes only
+//! every `backup_probe_interval` so a capped SIM does not drain while idle.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    /// Carries traffic.
+    Up,
+    /// A probe is overdue: no new traffic, but not yet given up.
+    Suspect,
+    /// Carrier lost, connection gone, or silent for `down_after`.
+    Down,
+    /// Answering again; must stay clean for the hold time before it is trusted.
+    Probing,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub probe_interval: Duration,
+    pub backup_probe_interval: Duration,
+    /// Floor of the overdue-probe threshold.
+    pub suspect_min: Duration,
+    /// Ceiling of the overdue-probe threshold.
+    pub suspect_max: Duration,
+    /// Time in Suspect before the link is declared Down.
+    pub down_after: Duration,
+    /// Clean time in Probing before Up, doubled per recent flap.
+    pub hold_base: Duration,
+    pub hold_max: Duration,
+    /// Time Up after which the flap count is forgotten.
+    pub flap_forget: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval: Duration::from_millis(100),
+            backup_probe_interval: Duration::from_secs(2),
+            suspect_min: Duration::from_millis(60),
+            suspect_max: Duration::from_millis(600),
+            down_after: Duration::from_millis(1500),
+            hold_base: Duration::from_secs(2),
+            hold_max: Duration::from_secs(30),
+            flap_forget: Duration::from_secs(60),
+        }
+    }
+}
+
+const MAX_OUTSTANDING: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct LinkHealth {
+    cfg: HealthConfig,
+    state: LinkState,
+    since: Instant,
+    carrier: bool,
+    connected: bool,
+    /// Backup uplinks probe sparsely while the scheduler does not use them.
+    sparse: bool,
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    min_rtt: Option<Duration>,
+    loss: f64,
+    capacity_bps: f64,
+    outstanding: VecDeque<(u32, Instant)>,
+    next_probe_id: u32,
+    next_probe_at: Instant,
+    flaps: u32,
+    probes_sent: u64,
+    probes_lost: u64,
+}
+
+impl LinkHealth {
+    /// A new link starts Down until the connection is up and probes are answered.
+    pub fn new(cfg: HealthConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            state: LinkState::Down,
+            since: now,
+            carrier: true,
+            connected: false,
+            sparse: false,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            min_rtt: None,
+            loss: 0.0,
+            capacity_bps: 0.0,
+            outstanding: VecDeque::new(),
+            next_probe_id: 1,
+            next_probe_at: now,
+            flaps: 0,
+            probes_sent: 0,
+            probes_lost: 0,
+        }
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.state
+    }
+    /// True when the scheduler may give this link new traffic.
+    pub fn usable(&self) -> bool {
+        self.state == LinkState::Up
+    }
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt
+    }
+    /// Mean deviation of the RTT (RFC 6298's RTTVAR): the jitter figure.
+    pub fn jitter(&self) -> Duration {
+        self.rttvar
+    }
+    /// Smoothed probe loss, 0.0 to 1.0.
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+    pub fn capacity_bps(&self) -> f64 {
+        self.capacity_bps
+    }
+    pub fn flaps(&self) -> u32 {
+        self.flaps
+    }
+    pub fn probes(&self) -> (u64, u64) {
+        (self.probes_sent, self.probes_lost)
+    }
+
+    /// Switches between the regular and the sparse (idle backup) probe rate.
+    pub fn set_sparse(&mut self, sparse: bool, now: Instant) {
+        if self.sparse && !sparse {
+            self.next_probe_at = self.next_probe_at.min(now);
+        }
+        self.sparse = sparse;
+    }
+
+    fn interval(&self) -> Duration {
+        if self.sparse && self.state == LinkState::Up {
+            self.cfg.backup_probe_interval
+        } else {
+            self.cfg.probe_interval
+        }
+    }
+
+    /// How long a probe may stay unanswered before the link is Suspect.
+    pub fn overdue_after(&self) -> Duration {
+        let base = match self.srtt {
+            Some(srtt) => srtt * 2 + self.rttvar * 4,
+            None => self.cfg.suspect_max,
+        };
+        base.clamp(self.cfg.suspect_min, self.cfg.suspect_max)
+    }
+
+    /// Returns a probe id to send now, if one is due.
+    pub fn poll_probe(&mut self, now: Instant) -> Option<u32> {
+        if !self.connected || !self.carrier || now < self.next_probe_at {
+            return None;
+        }
+        let id = self.next_probe_id;
+        self.next_probe_id = self.next_probe_id.wrapping_add(1);
+        self.next_probe_at = now + self.interval();
+        if self.outstanding.len() == MAX_OUTSTANDING {
+            self.outstanding.pop_front();
+            self.resolve(true);
+        }
+        self.outstanding.push_back((id, now));
+        self.probes_sent += 1;
+        Some(id)
+    }
+
+    /// The peer answered probe `id`.
+    pub fn on_probe_ack(&mut self, id: u32, now: Instant) {
+        let Some(pos) = self.outstanding.iter().position(|(i, _)| *i == id) else {
+            return; // late answer to a probe already counted lost, or a stray
+        };
+        // Older probes still outstanding were overtaken: count them lost.
+        for _ in 0..pos {
+            self.outstanding.pop_front();
+            self.resolve(true);
+        }
+        let Some((_, sent)) = self.outstanding.pop_front() else {
+            return;
+        };
+        self.resolve(false);
+        self.rtt_sample(now.saturating_duration_since(sent));
+        match self.state {
+            LinkState::Suspect => self.set_state(LinkState::Up, now),
+            LinkState::Down => self.set_state(LinkState::Probing, now),
+            LinkState::Up | LinkState::Probing => {}
+        }
+        self.handle_timeout(now);
+    }
+
+    fn resolve(&mut self, lost: bool) {
+        let sample = if lost { 1.0 } else { 0.0 };
+        self.loss = 0.9 * self.loss + 0.1 * sample;
+        if lost {
+            self.probes_lost += 1;
+        }
+    }
+
+    fn rtt_sample(&mut self, rtt: Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let dev = srtt.abs_diff(rtt);
+                self.rttvar = (self.rttvar * 3 + dev) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    /// Carrier from netlink: loss is believed at once.
+    pub fn on_carrier(&mut self, up: bool, now: Instant) {
+        self.carrier = up;
+        if !up {
+            self.go_down(now);
+        }
+    }
+
+    /// The QUIC connection on this uplink came up or went away.
+    pub fn on_connected(&mut self, connected: bool, now: Instant) {
+        self.connected = connected;
+        if connected {
+            self.next_probe_at = now;
+        } else {
+            self.go_down(now);
+        }
+    }
+
+    /// Congestion window and RTT from QUIC's path statistics give a capacity estimate.
+    pub fn on_path_stats(&mut self, cwnd_bytes: u64, rtt: Duration) {
+        if rtt.is_zero() {
+            return;
+        }
+        let sample = cwnd_bytes as f64 * 8.0 / rtt.as_secs_f64();
+        self.capacity_bps = if self.capacity_bps == 0.0 {
+            sample
+        } else {
+            0.8 * self.capacity_bps + 0.2 * sample
+        };
+    }
+
+    fn go_down(&mut self, now: Instant) {
+        self.outstanding.clear();
+        if self.state != LinkState::Down {
+            self.set_state(LinkState::Down, now);
+        }
+    }
+
+    fn set_state(&mut self, to: LinkState, now: Instant) {
+        if to == LinkState::Down && matches!(self.state, LinkState::Up | LinkState::Suspect) {
+            self.flaps = self.flaps.saturating_add(1);
+        }
+        self.state = to;
+        self.since = now;
+    }
+
+    fn hold(&self) -> Duration {
+        let shift = self.flaps.saturating_sub(1).min(8);
+        (self.cfg.hold_base * (1u32 << shift)).min(self.cfg.hold_max)
+    }
+
+    fn oldest_overdue_at(&self) -> Option<Instant> {
+        self.outstanding
+            .front()
+            .map(|(_, sent)| *sent + self.overdue_after())
+    }
+
+    /// Applies every transition that is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let overdue = self.oldest_overdue_at().is_some_and(|t| now >= t);
+        // Probes unanswered for twice the threshold are counted lost.
+        let expire = self.overdue_after() * 2;
+        while self
+            .outstanding
+            .front()
+            .is_some_and(|(_, sent)| now >= *sent + expire)
+        {
+            self.outstanding.pop_front();
+            self.resolve(true);
+        }
+        match self.state {
+            LinkState::Up => {
+                if overdue {
+                    self.set_state(LinkState::Suspect, now);
+                } else if self.flaps > 0 && now >= self.since + self.cfg.flap_forget {
+                    self.flaps = 0;
+                }
+            }
+            LinkState::Suspect => {
+                if now >= self.since + self.cfg.down_after {
+                    self.set_state(LinkState::Down, now);
+                }
+            }
+            LinkState::Probing => {
+                if overdue {
+                    self.set_state(LinkState::Down, now);
+                } else if now >= self.since + self.hold() {
+                    self.set_state(LinkState::Up, now);
+                }
+            }
+            LinkState::Down => {}
+        }
+    }
+
+    /// The next instant at which [`Self::handle_timeout`] or [`Self::poll_probe`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut at = |x: Instant| t = Some(t.map_or(x, |t| t.min(x)));
+        if self.connected && self.carrier {
+            at(self.next_probe_at);
+        }
+        if let Some(o) = self.oldest_overdue_at() {
+            at(o);
+        }
+        match self.state {
+            LinkState::Suspect => at(self.since + self.cfg.down_after),
+            LinkState::Probing => at(self.since + self.hold()),
+            LinkState::Up if self.flaps > 0 => at(self.since + self.cfg.flap_forget),
+            _ => {}
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Drives a link that answers every probe after `rtt`, until `until`.
+    fn run(h: &mut LinkHealth, t: &mut Instant, until: Instant, rtt: Option<Duration>) {
+        let mut pending: Vec<(u32, Instant)> = Vec::new();
+        while *t < until {
+            if let Some(id) = h.poll_probe(*t) {
+                if let Some(rtt) = rtt {
+                    pending.push((id, *t + rtt));
+                }
+            }
+            pending.retain(|&(id, at)| {
+                if at <= *t {
+                    h.on_probe_ack(id, *t);
+                    false
+                } else {
+                    true
+                }
+            });
+            h.handle_timeout(*t);
+            *t += ms(5);
+        }
+    }
+
+    fn up_link(now: &mut Instant) -> LinkHealth {
+        let mut h = LinkHealth::new(HealthConfig::default(), *now);
+        h.on_connected(true, *now);
+        let until = *now + ms(2500);
+        run(&mut h, now, until, Some(ms(40)));
+        assert_eq!(h.state(), LinkState::Up);
+        h
+    }
+
+    #[test]
+    fn new_link_is_trusted_only_after_the_hold() {
+        let mut t = Instant::now();
+        let mut h = LinkHealth::new(HealthConfig::default(), t);
+        h.on_connected(true, t);
+        let until = t + ms(1000);
+        run(&mut h, &mut t, until, Some(ms(40)));
+        assert_eq!(h.state(), LinkState::Probing);
+        let until = t + ms(1100);
+        run(&mut h, &mut t, until, Some(ms(40)));
+        assert_eq!(h.state(), LinkState::Up);
+        let srtt = h.srtt().expect("rtt");
+        assert!(srtt >= ms(40) && srtt <= ms(46), "{srtt:?}");
+    }
+
+    #[test]
+    fn silent_black_hole_is_suspect_within_250ms_and_down_later() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        let start = t;
+        while h.state() == LinkState::Up {
+            let until = t + ms(5);
+            run(&mut h, &mut t, until, None);
+        }
+        let detect = t - start;
+        assert!(detect <= ms(250), "suspect after {detect:?}");
+        let until = t + ms(1600);
+        run(&mut h, &mut t, until, None);
+        assert_eq!(h.state(), LinkState::Down);
+        assert!(h.loss() > 0.5);
+    }
+
+    #[test]
+    fn carrier_loss_is_immediate() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        h.on_carrier(false, t);
+        assert_eq!(h.state(), LinkState::Down);
+        assert_eq!(h.poll_probe(t + ms(500)), None);
+    }
+
+    #[test]
+    fn a_flapping_link_waits_longer_each_time() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        for (i, min_hold) in [(1, 2000), (2, 4000), (3, 8000)] {
+            h.on_carrier(false, t);
+            h.on_carrier(true, t);
+            assert_eq!(h.flaps(), i);
+            let restored = t;
+            while h.state() != LinkState::Up {
+                let until = t + ms(50);
+                run(&mut h, &mut t, until, Some(ms(40)));
+            }
+            let took = t - restored;
+            assert!(took >= ms(min_hold), "flap {i}: up again after {took:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_alone_does_not_take_a_link_down() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        // One probe answered late, then normal again.
+        let until = t + ms(5000);
+        let mut late = true;
+        let mut pending: Vec<(u32, Instant)> = Vec::new();
+        while t < until {
+            if let Some(id) = h.poll_probe(t) {
+                let rtt = if late { ms(150) } else { ms(40) };
+                late = false;
+                pending.push((id, t + rtt));
+            }
+            pending.retain(|&(id, at)| {
+                if at <= t {
+                    h.on_probe_ack(id, t);
+                    false
+                } else {
+                    true
+                }
+            });
+            h.handle_timeout(t);
+            assert_ne!(h.state(), LinkState::Down);
+            t += ms(5);
+        }
+        assert_eq!(h.state(), LinkState::Up);
+    }
+
+    #[test]
+    fn idle_backup_probes_sparsely() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        h.set_sparse(true, t);
+        let (before, _) = h.probes();
+        let until = t + Duration::from_secs(60);
+        run(&mut h, &mut t, until, Some(ms(40)));
+        let sent = h.probes().0 - before;
+        assert!(sent <= 31, "{sent} probes in a minute");
+        assert_eq!(h.state(), LinkState::Up);
+    }
+}

@@ -1,0 +1,45 @@
+//! Sans-IO cores: every decision stallnet makes, as plain state machines.
+//!
+//! Invariant: nothing in this module tree does IO, spawns tasks or reads the clock. Time
+//! comes in as `now: Instant` arguments; results come out as return values.
+
+pub mod frame;
+pub mod health;
+pub mod packet;
+pub mod reorder;
+pub mod scheduler;
+
+/// Traffic class of a packet. Issue-2 scope: POS (from the configured POS sources) and
+/// everything else as bulk; the classifier brings the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Class {
+    Pos = 0,
+    Stream = 1,
+    Interactive = 2,
+    Bulk = 3,
+    Guest = 4,
+}
+
+impl Class {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Pos,
+            1 => Self::Stream,
+            2 => Self::Interactive,
+            3 => Self::Bulk,
+            4 => Self::Guest,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pos => "pos",
+            Self::Stream => "stream",
+            Self::Interactive => "interactive",
+            Self::Bulk => "bulk",
+            Self::Guest => "guest",
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Small edits and facts about IP packets on the tunnel path: source address for the POS
+//! list, TCP MSS clamping on SYNs, and ICMP "too big" answers for packets that do not fit.
+
+use std::net::IpAddr;
+
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, Ipv6Header, PacketBuilder,
+};
+
+/// Source and destination address of an IPv4 or IPv6 packet, or None if it is not one.
+pub fn addrs(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let s: [u8; 4] = packet[12..16].try_into().ok()?;
+            let d: [u8; 4] = packet[16..20].try_into().ok()?;
+            Some((IpAddr::from(s), IpAddr::from(d)))
+        }
+        6 if packet.len() >= 40 => {
+            let s: [u8; 16] = packet[8..24].try_into().ok()?;
+            let d: [u8; 16] = packet[24..40].try_into().ok()?;
+            Some((IpAddr::from(s), IpAddr::from(d)))
+        }
+        _ => None,
+    }
+}
+
+/// Lowers the MSS option of a TCP SYN to `max_mss` in place, fixing the checksum.
+/// Returns true when the packet was changed. Anything that is not a well-formed TCP SYN
+/// with an MSS option is left alone.
+pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
+    let Some(tcp_off) = tcp_offset(packet) else {
+        return false;
+    };
+    let tcp = &packet[tcp_off..];
+    if tcp.len() < 20 || tcp[13] & 0x02 == 0 {
+        return false; // not a SYN
+    }
+    let hdr_len = usize::from(tcp[12] >> 4) * 4;
+    if hdr_len < 20 || hdr_len > tcp.len() {
+        return false;
+    }
+    let mut i = 20;
+    while i < hdr_len {
+        match packet[tcp_off + i] {
+            0 => return false,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = packet.get(tcp_off + i + 1) else {
+                    return false;
+                };
+                let len = usize::from(len);
+                if len < 2 || i + len > hdr_len {
+                    return false;
+                }
+                if kind == 2 && len == 4 {
+                    let at = tcp_off + i + 2;
+                    let old = u16::from_be_bytes([packet[at], packet[at + 1]]);
+                    if old <= max_mss {
+                        return false;
+                    }
+                    packet[at..at + 2].copy_from_slice(&max_mss.to_be_bytes());
+                    let ck = tcp_off + 16;
+                    let sum = u16::from_be_bytes([packet[ck], packet[ck + 1]]);
+                    let sum = checksum_adjust(sum, old, max_mss);
+                    packet[ck..ck + 2].copy_from_slice(&sum.to_be_bytes());
+                    return true;
+                }
+                i += len;
+            }
+        }
+    }
+    false
+}
+
+/// RFC 1624 incremental checksum update for one 16-bit word changing `old` → `new`.
+fn checksum_adjust(sum: u16, old: u16, new: u16) -> u16 {
+    let mut acc = u32::from(!sum) + u32::from(!old) + u32::from(new);
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// Offset of the TCP header in an unfragmented IPv4/IPv6 packet, if it carries TCP.
+fn tcp_offset(packet: &[u8]) -> Option<usize> {
+    match packet.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let frag = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x1fff;
+            (ihl >= 20 && packet.get(9) == Some(&6) && frag == 0).then_some(ihl)
+        }
+        6 => (packet.get(6) == Some(&6)).then_some(40),
+        _ => None,
+    }
+}
+
+/// Builds the ICMP answer telling the sender of `packet` that at most `mtu` bytes fit:
+/// IPv4 "fragmentation needed" (only for DF packets) or IPv6 "packet too big". The answer
+/// comes from `from` (the tunnel address). None when no answer is due.
+pub fn too_big_reply(packet: &[u8], mtu: u16, from: IpAddr) -> Option<Vec<u8>> {
+    let quote_len = packet.len().min(548);
+    let quote = &packet[..quote_len];
+    match packet.first()? >> 4 {
+        4 => {
+            let (ip, _) = Ipv4Header::from_slice(packet).ok()?;
+            if !ip.dont_fragment || ip.protocol == IpNumber::ICMP {
+                return None;
+            }
+            let IpAddr::V4(src) = from else { return None };
+            let b = PacketBuilder::ipv4(src.octets(), ip.source, 64).icmpv4(
+                Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: mtu,
+                    },
+                ),
+            );
+            let mut out = Vec::with_capacity(b.size(quote.len()));
+            b.write(&mut out, quote).ok()?;
+            Some(out)
+        }
+        6 => {
+            let (ip, _) = Ipv6Header::from_slice(packet).ok()?;
+            let IpAddr::V6(src) = from else { return None };
+            let b = PacketBuilder::ipv6(src.octets(), ip.source, 64)
+                .icmpv6(Icmpv6Type::PacketTooBig { mtu: u32::from(mtu) });
+            let mut out = Vec::with_capacity(b.size(quote.len()));
+            b.write(&mut out, quote).ok()?;
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{SlicedPacket, TcpOptionElement, TransportSlice};
+
+    fn syn(mss: u16) -> Vec<u8> {
+        let b = PacketBuilder::ipv4([10, 1, 0, 2], [198, 18, 0, 1], 64)
+            .tcp(40000, 443, 1, 65535)
+            .syn()
+            .options(&[
+                TcpOptionElement::MaximumSegmentSize(mss),
+                TcpOptionElement::Noop,
+                TcpOptionElement::WindowScale(7),
+            ])
+            .expect("options");
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("write");
+        v
+    }
+
+    fn mss_and_checksum_ok(p: &[u8]) -> (u16, bool) {
+        let s = SlicedPacket::from_ip(p).expect("parse");
+        let Some(TransportSlice::Tcp(tcp)) = s.transport else {
+            panic!("tcp")
+        };
+        let mss = tcp
+            .options_iterator()
+            .find_map(|o| match o {
+                Ok(TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+                _ => None,
+            })
+            .expect("mss");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = s.net else {
+            panic!("v4")
+        };
+        let expect = tcp
+            .to_header()
+            .calc_checksum_ipv4(&ip.header().to_header(), tcp.payload())
+            .expect("sum");
+        (mss, expect == tcp.checksum())
+    }
+
+    #[test]
+    fn syn_mss_is_clamped_with_a_valid_checksum() {
+        let mut p = syn(1460);
+        assert!(clamp_mss(&mut p, 1200));
+        assert_eq!(mss_and_checksum_ok(&p), (1200, true));
+        let mut q = syn(1000);
+        assert!(!clamp_mss(&mut q, 1200));
+        assert_eq!(mss_and_checksum_ok(&q), (1000, true));
+    }
+
+    #[test]
+    fn garbage_is_left_alone() {
+        for len in 0..80 {
+            let mut junk: Vec<u8> = (0..len).map(|i| (i * 37 + 0x45) as u8).collect();
+            let _ = clamp_mss(&mut junk, 1200);
+            let _ = addrs(&junk);
+            let _ = too_big_reply(&junk, 1200, IpAddr::from([10, 99, 0, 2]));
+        }
+    }
+
+    #[test]
+    fn too_big_quotes_the_packet_back_to_its_sender() {
+        let p = syn(1460);
+        let r = too_big_reply(&p, 1270, IpAddr::from([10, 99, 0, 2])).expect("reply");
+        let s = SlicedPacket::from_ip(&r).expect("parse");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &s.net else {
+            panic!("v4")
+        };
+        assert_eq!(ip.header().destination(), [10, 1, 0, 2]);
+        let Some(TransportSlice::Icmpv4(icmp)) = s.transport else {
+            panic!("icmp")
+        };
+        assert!(matches!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1270 }
+            )
+        ));
+    }
+}

@@ -1,0 +1,439 @@
+//! Which uplink(s) each packet goes to.
+//!
+//! A pull model: the scheduler holds the queues; each uplink's sender asks [`Scheduler::poll`]
+//! for the next packet when its QUIC connection has room, so every link is fed at the rate
+//! its congestion controller allows and aggregation follows capacity by itself. Modes:
+//!
+//! - `redundant` (POS, or everything in redundant mode): a copy goes to the private queue of
+//!   each of the best two usable uplinks (lowest RTT first), same sequence number, so the
+//!   receiver keeps whichever arrives first. A silent black hole on one uplink loses nothing.
+//! - `aggregate`: one shared queue pulled by every eligible uplink: usable, not a backup while
+//!   a non-backup is usable, and with an RTT not far above the best one.
+//!
+//! No usable uplink: links that are Suspect or Probing may still pull (better a chance than
+//! nothing); Down links never do. A queued packet older than `max_sojourn` is dropped, and the
+//! queue is bounded in bytes.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::health::LinkState;
+use super::Class;
+
+pub type LinkId = usize;
+
+/// What the scheduler knows of an uplink (fed from its [`super::health::LinkHealth`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkView {
+    pub state: LinkState,
+    pub backup: bool,
+    pub srtt: Option<Duration>,
+    /// Administratively disabled or interface absent.
+    pub disabled: bool,
+}
+
+impl LinkView {
+    pub fn down() -> Self {
+        Self {
+            state: LinkState::Down,
+            backup: false,
+            srtt: None,
+            disabled: false,
+        }
+    }
+    fn usable(&self) -> bool {
+        !self.disabled && self.state == LinkState::Up
+    }
+    fn last_resort(&self) -> bool {
+        !self.disabled && matches!(self.state, LinkState::Suspect | LinkState::Probing)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redundant,
+    Aggregate,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub mode: Mode,
+    pub max_queue_bytes: usize,
+    pub max_sojourn: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Aggregate,
+            max_queue_bytes: 512 * 1024,
+            max_sojourn: Duration::from_millis(250),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: u64,
+    pub class: Class,
+    pub packet: Bytes,
+    pub enqueued: Instant,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SchedStats {
+    pub enqueued: u64,
+    pub duplicated: u64,
+    pub dropped_full: u64,
+    pub dropped_sojourn: u64,
+}
+
+/// Set of links that have new work, as a bit mask over [`LinkId`]s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wake(pub u64);
+
+impl Wake {
+    pub fn contains(self, id: LinkId) -> bool {
+        id < 64 && self.0 & (1 << id) != 0
+    }
+    fn add(&mut self, id: LinkId) {
+        if id < 64 {
+            self.0 |= 1 << id;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    view: LinkView,
+    private: VecDeque<Queued>,
+    present: bool,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    links: Vec<Slot>,
+    shared: VecDeque<Queued>,
+    queued_bytes: usize,
+    next_seq: u64,
+    stats: SchedStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self {
+            cfg,
+            links: Vec::new(),
+            shared: VecDeque::new(),
+            queued_bytes: 0,
+            next_seq: 0,
+            stats: SchedStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> SchedStats {
+        self.stats
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Adds an uplink (Down until told otherwise); ids are reused after removal.
+    pub fn add_link(&mut self) -> LinkId {
+        let slot = Slot {
+            view: LinkView::down(),
+            private: VecDeque::new(),
+            present: true,
+        };
+        if let Some(id) = self.links.iter().position(|s| !s.present) {
+            self.links[id] = slot;
+            id
+        } else {
+            self.links.push(slot);
+            self.links.len() - 1
+        }
+    }
+
+    /// Removes an uplink; its private copies go back to the shared queue (the receiver drops
+    /// whichever copy arrives second).
+    pub fn remove_link(&mut self, id: LinkId) {
+        if let Some(slot) = self.links.get_mut(id) {
+            slot.present = false;
+            let orphans: Vec<_> = slot.private.drain(..).collect();
+            for q in orphans.into_iter().rev() {
+                self.shared.push_front(q);
+            }
+        }
+    }
+
+    /// Updates what the scheduler knows of an uplink. Returns links that may now pull.
+    pub fn update_link(&mut self, id: LinkId, view: LinkView) -> Wake {
+        let Some(slot) = self.links.get_mut(id) else {
+            return Wake::default();
+        };
+        let was = slot.view;
+        slot.view = view;
+        if !view.usable() && was.usable() {
+            // Copies waiting for a link that just failed move to the shared queue, where a
+            // healthy link picks them up.
+            let orphans: Vec<_> = slot.private.drain(..).collect();
+            for q in orphans.into_iter().rev() {
+                self.shared.push_front(q);
+            }
+        }
+        if self.shared.is_empty() {
+            Wake::default()
+        } else {
+            self.eligible()
+        }
+    }
+
+    /// True when at least one uplink can carry traffic.
+    pub fn online(&self) -> bool {
+        self.links.iter().any(|s| s.present && s.view.usable())
+    }
+
+    /// Queues an IP packet. Returns the links that have new work.
+    pub fn enqueue(&mut self, class: Class, packet: Bytes, now: Instant) -> Wake {
+        let len = packet.len();
+        if self.queued_bytes + len > self.cfg.max_queue_bytes {
+            self.stats.dropped_full += 1;
+            return Wake::default();
+        }
+        let q = Queued {
+            seq: self.next_seq,
+            class,
+            packet,
+            enqueued: now,
+        };
+        self.next_seq += 1;
+        self.stats.enqueued += 1;
+        let mut wake = Wake::default();
+        let redundant = class == Class::Pos || self.cfg.mode == Mode::Redundant;
+        let best = if redundant {
+            self.best_two()
+        } else {
+            [None, None]
+        };
+        match best {
+            [Some(a), second] => {
+                if let Some(b) = second {
+                    self.links[b].private.push_back(q.clone());
+                    self.queued_bytes += len;
+                    self.stats.duplicated += 1;
+                    wake.add(b);
+                }
+                self.links[a].private.push_back(q);
+                self.queued_bytes += len;
+                wake.add(a);
+            }
+            [None, _] => {
+                self.shared.push_back(q);
+                self.queued_bytes += len;
+                wake = self.eligible();
+            }
+        }
+        wake
+    }
+
+    /// The best two usable links by RTT, non-backup first.
+    fn best_two(&self) -> [Option<LinkId>; 2] {
+        let mut c: Vec<(bool, Duration, LinkId)> = self
+            .links
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.present && s.view.usable())
+            .map(|(i, s)| (s.view.backup, s.view.srtt.unwrap_or(Duration::MAX), i))
+            .collect();
+        c.sort();
+        [c.first().map(|x| x.2), c.get(1).map(|x| x.2)]
+    }
+
+    /// Links allowed to pull from the shared queue right now.
+    pub fn eligible(&self) -> Wake {
+        let present = || self.links.iter().enumerate().filter(|(_, s)| s.present);
+        let mut wake = Wake::default();
+        let primary_up = present().any(|(_, s)| s.view.usable() && !s.view.backup);
+        let pool: Vec<(LinkId, &Slot)> = present()
+            .filter(|(_, s)| s.view.usable() && !(primary_up && s.view.backup))
+            .collect();
+        if pool.is_empty() {
+            for (i, s) in present() {
+                if s.view.last_resort() {
+                    wake.add(i);
+                }
+            }
+            return wake;
+        }
+        let best = pool.iter().filter_map(|(_, s)| s.view.srtt).min();
+        for (i, s) in pool {
+            let near = match (best, s.view.srtt) {
+                (Some(b), Some(r)) => r <= b * 2 + Duration::from_millis(40),
+                _ => true,
+            };
+            if near {
+                wake.add(i);
+            }
+        }
+        wake
+    }
+
+    /// The next packet for `link` to send, if any. Drops packets that waited too long.
+    pub fn poll(&mut self, link: LinkId, now: Instant) -> Option<Queued> {
+        let max = self.cfg.max_sojourn;
+        let slot = self.links.get_mut(link)?;
+        while let Some(q) = slot.private.pop_front() {
+            self.queued_bytes -= q.packet.len();
+            if now.saturating_duration_since(q.enqueued) <= max {
+                return Some(q);
+            }
+            self.stats.dropped_sojourn += 1;
+        }
+        if !self.eligible().contains(link) {
+            return None;
+        }
+        while let Some(q) = self.shared.pop_front() {
+            self.queued_bytes -= q.packet.len();
+            if now.saturating_duration_since(q.enqueued) <= max {
+                return Some(q);
+            }
+            self.stats.dropped_sojourn += 1;
+        }
+        None
+    }
+
+    /// True when `link` has something to send.
+    pub fn has_work(&self, link: LinkId) -> bool {
+        self.links
+            .get(link)
+            .is_some_and(|s| !s.private.is_empty())
+            || (!self.shared.is_empty() && self.eligible().contains(link))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(rtt_ms: u64, backup: bool) -> LinkView {
+        LinkView {
+            state: LinkState::Up,
+            backup,
+            srtt: Some(Duration::from_millis(rtt_ms)),
+            disabled: false,
+        }
+    }
+
+    fn pkt(n: u8) -> Bytes {
+        Bytes::from(vec![n; 100])
+    }
+
+    #[test]
+    fn pos_goes_to_the_best_two() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b, c) = (s.add_link(), s.add_link(), s.add_link());
+        s.update_link(a, up(80, false));
+        s.update_link(b, up(20, false));
+        s.update_link(c, up(45, false));
+        let wake = s.enqueue(Class::Pos, pkt(1), t);
+        assert!(wake.contains(b) && wake.contains(c) && !wake.contains(a));
+        let qb = s.poll(b, t).expect("copy on b");
+        let qc = s.poll(c, t).expect("copy on c");
+        assert_eq!(qb.seq, qc.seq);
+        assert_eq!(s.poll(a, t), None);
+    }
+
+    #[test]
+    fn bulk_is_pulled_by_whichever_link_has_room() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(b, up(45, false));
+        for i in 0..4 {
+            s.enqueue(Class::Bulk, pkt(i), t);
+        }
+        let seqs: Vec<u64> = [a, b, a, b]
+            .iter()
+            .map(|&l| s.poll(l, t).expect("pkt").seq)
+            .collect();
+        assert_eq!(seqs, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn far_slower_and_backup_links_do_not_pull_bulk() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, slow, bk) = (s.add_link(), s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(slow, up(900, false));
+        s.update_link(bk, up(10, true));
+        s.enqueue(Class::Bulk, pkt(0), t);
+        assert_eq!(s.poll(slow, t), None);
+        assert_eq!(s.poll(bk, t), None);
+        assert!(s.poll(a, t).is_some());
+        // Without any primary, the backup carries traffic.
+        s.update_link(a, LinkView::down());
+        s.update_link(slow, LinkView::down());
+        s.enqueue(Class::Bulk, pkt(1), t);
+        assert!(s.poll(bk, t).is_some());
+    }
+
+    #[test]
+    fn copies_of_a_failed_link_move_to_a_healthy_one() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig {
+            mode: Mode::Redundant,
+            ..Default::default()
+        });
+        let (a, b, c) = (s.add_link(), s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(b, up(30, false));
+        s.update_link(c, up(60, false));
+        s.enqueue(Class::Bulk, pkt(0), t);
+        s.update_link(a, LinkView::down());
+        assert_eq!(s.poll(c, t).map(|q| q.seq), Some(0));
+    }
+
+    #[test]
+    fn old_packets_and_overflow_are_dropped() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_queue_bytes: 250,
+            ..Default::default()
+        });
+        let a = s.add_link();
+        s.enqueue(Class::Bulk, pkt(0), t);
+        s.enqueue(Class::Bulk, pkt(1), t);
+        s.enqueue(Class::Bulk, pkt(2), t);
+        assert_eq!(s.stats().dropped_full, 1);
+        s.update_link(a, up(20, false));
+        assert_eq!(s.poll(a, t + Duration::from_secs(1)), None);
+        assert_eq!(s.stats().dropped_sojourn, 2);
+        assert_eq!(s.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn nothing_usable_lets_suspect_links_try() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(
+            a,
+            LinkView {
+                state: LinkState::Suspect,
+                ..up(20, false)
+            },
+        );
+        s.update_link(b, LinkView::down());
+        assert!(!s.online());
+        s.enqueue(Class::Pos, pkt(0), t);
+        assert_eq!(s.poll(b, t), None);
+        assert!(s.poll(a, t).is_some());
+    }
+}

@@ -1,0 +1,11 @@
+//! stallnet: the appliance daemon (edge and hub roles) and its CLI.
+//!
+//! Layout:
+//! - [`core`]: sans-IO state machines (frame codec, link health, scheduler, reorder, packet
+//!   edits). No IO, no clock.
+//! - [`identity`]: device keys, certificates and the pinned-identity TLS configuration.
+//! - [`driver`]: tokio code that moves bytes between the TUN device, QUIC and the kernel.
+//! - [`edge`], [`hub`]: the two roles, wiring drivers to cores.
+//! - [`status`]: the status document both roles publish.
+
+pub mod core;

@@ -1,0 +1,16 @@
+//! stallnet configuration: the schema of `stallnet.toml`, parsing with exact error
+//! positions (file:line:col) and semantic validation.
+//!
+//! Layout:
+//! - [`schema`]: the typed configuration (serde, unknown fields refused).
+//! - [`load`]: reading a file, turning parse and semantic errors into [`ConfigError`]s that
+//!   carry the file, line, column, field path and what was expected.
+//!
+//! Invariant: a config is either accepted whole or refused whole; every error is reported
+//! at once, never only the first.
+
+pub mod load;
+pub mod schema;
+
+pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
+pub use schema::*;

@@ -1,0 +1,328 @@
+//! Reading and validating a config file. Errors carry `file:line:col`, the field path and
+//! what was expected; semantic errors are all collected before the config is refused.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde_spanned::Spanned;
+
+use crate::schema::{is_identity, Config, Role};
+
+/// One thing wrong with a config, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    /// Dotted field path (`edge.uplinks[1].name`), empty when unknown.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.col)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Everything wrong with a config; never empty.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates `path`.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            col: 0,
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse_str(path, &text)
+}
+
+/// Parses and validates `text`, naming `file` in errors.
+pub fn parse_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let cfg: Config = toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            line,
+            col,
+            path: String::new(),
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    let mut v = Validator {
+        file,
+        text,
+        errors: Vec::new(),
+    };
+    v.check(&cfg);
+    if v.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+/// 1-based line and column of byte offset `at` in `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(at, |nl| at - nl - 1) + 1;
+    (line, col)
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, span: Range<usize>, path: impl Into<String>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            col,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, cfg: &Config) {
+        match cfg.role {
+            Role::Edge if cfg.edge.is_none() => self.err(
+                0..0,
+                "edge",
+                "role = \"edge\" needs an [edge] section",
+            ),
+            Role::Hub if cfg.hub.is_none() => {
+                self.err(0..0, "hub", "role = \"hub\" needs a [hub] section")
+            }
+            _ => {}
+        }
+        if let Some(edge) = &cfg.edge {
+            self.check_edge(edge);
+        }
+        if let Some(hub) = &cfg.hub {
+            self.check_hub(hub);
+        }
+    }
+
+    fn check_edge(&mut self, edge: &Spanned<crate::EdgeConfig>) {
+        let e = edge.get_ref();
+        if e.hubs.is_empty() {
+            self.err(edge.span(), "edge.hubs", "expected at least one hub");
+        }
+        for (i, h) in e.hubs.iter().enumerate() {
+            if !is_identity(h.identity.get_ref()) {
+                self.err(
+                    h.identity.span(),
+                    format!("edge.hubs[{i}].identity"),
+                    "expected an identity printed by `stallnet id` (sn1: and 64 hex digits)",
+                );
+            }
+        }
+        if e.uplinks.is_empty() {
+            self.err(edge.span(), "edge.uplinks", "expected at least one uplink");
+        }
+        if !(576..=9000).contains(&e.mtu) {
+            self.err(edge.span(), "edge.mtu", "expected an MTU between 576 and 9000");
+        }
+        if e.lan.is_empty() {
+            self.err(edge.span(), "edge.lan", "expected at least one LAN prefix");
+        }
+        for (i, p) in e.pos_sources.iter().enumerate() {
+            if !e.lan.iter().any(|l| l.contains(p)) {
+                self.err(
+                    edge.span(),
+                    format!("edge.pos_sources[{i}]"),
+                    format!("{p} is not inside any LAN prefix"),
+                );
+            }
+        }
+        let mut names = HashSet::new();
+        let mut ifaces = HashSet::new();
+        for (i, u) in e.uplinks.iter().enumerate() {
+            let r = u.get_ref();
+            if r.name.is_empty() || r.name.len() > 32 || !r.name.bytes().all(name_byte) {
+                self.err(
+                    u.span(),
+                    format!("edge.uplinks[{i}].name"),
+                    "expected 1 to 32 letters, digits, '-' or '_'",
+                );
+            }
+            if !names.insert(r.name.clone()) {
+                self.err(
+                    u.span(),
+                    format!("edge.uplinks[{i}].name"),
+                    format!("duplicate uplink name {:?}", r.name),
+                );
+            }
+            if r.interface.is_empty() || r.interface.len() > 15 {
+                self.err(
+                    u.span(),
+                    format!("edge.uplinks[{i}].interface"),
+                    "expected an interface name of 1 to 15 characters",
+                );
+            }
+            if !ifaces.insert(r.interface.clone()) {
+                self.err(
+                    u.span(),
+                    format!("edge.uplinks[{i}].interface"),
+                    format!("interface {:?} is used by two uplinks", r.interface),
+                );
+            }
+        }
+    }
+
+    fn check_hub(&mut self, hub: &Spanned<crate::HubConfig>) {
+        let h = hub.get_ref();
+        let hosts = match h.pool {
+            ipnet::IpNet::V4(n) => 32u32.saturating_sub(u32::from(n.prefix_len())),
+            ipnet::IpNet::V6(n) => 128u32.saturating_sub(u32::from(n.prefix_len())),
+        };
+        let room = if hosts >= 16 {
+            usize::MAX
+        } else {
+            (1usize << hosts).saturating_sub(3)
+        };
+        if h.devices.len() > room {
+            self.err(
+                hub.span(),
+                "hub.pool",
+                format!(
+                    "pool {} has room for {room} devices, {} are listed",
+                    h.pool,
+                    h.devices.len()
+                ),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut ids = HashSet::new();
+        for (i, d) in h.devices.iter().enumerate() {
+            let r = d.get_ref();
+            if !is_identity(&r.identity) {
+                self.err(
+                    d.span(),
+                    format!("hub.devices[{i}].identity"),
+                    "expected an identity printed by `stallnet id` (sn1: and 64 hex digits)",
+                );
+            }
+            if !names.insert(r.name.clone()) {
+                self.err(
+                    d.span(),
+                    format!("hub.devices[{i}].name"),
+                    format!("duplicate device name {:?}", r.name),
+                );
+            }
+            if !ids.insert(r.identity.clone()) {
+                self.err(
+                    d.span(),
+                    format!("hub.devices[{i}].identity"),
+                    "the same identity is listed twice",
+                );
+            }
+        }
+    }
+}
+
+fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "sn1:0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn edge(extra: &str) -> String {
+        format!(
+            r#"role = "edge"
+[edge]
+lan = ["10.1.0.0/24"]
+hubs = [{{ address = "192.0.2.1:4433", identity = "{ID}" }}]
+{extra}
+[[edge.uplinks]]
+name = "wifi"
+interface = "wan0"
+kind = "wifi"
+"#
+        )
+    }
+
+    #[test]
+    fn accepts_a_minimal_edge() {
+        let cfg = parse_str(Path::new("s.toml"), &edge("")).expect("valid");
+        let e = cfg.edge().expect("edge");
+        assert_eq!(e.uplinks.len(), 1);
+        assert_eq!(e.mtu, 1280);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_position() {
+        let err = parse_str(Path::new("s.toml"), &edge("mtuu = 1400")).expect_err("typo");
+        let e = &err.0[0];
+        assert_eq!((e.line, e.col), (5, 1), "{err}");
+        assert!(e.message.contains("unknown field `mtuu`"), "{err}");
+        assert!(err.to_string().starts_with("s.toml:5:1: "), "{err}");
+    }
+
+    #[test]
+    fn bad_value_type_points_at_the_value() {
+        let err = parse_str(Path::new("s.toml"), &edge("mtu = \"big\"")).expect_err("type");
+        assert_eq!(err.0[0].line, 5, "{err}");
+        assert!(err.0[0].message.contains("u16"), "{err}");
+    }
+
+    #[test]
+    fn all_semantic_errors_are_reported_at_once() {
+        let text = edge("pos_sources = [\"10.9.9.9/32\"]").replace(ID, "sn1:nothex")
+            + "[[edge.uplinks]]\nname = \"wifi\"\ninterface = \"wan0\"\nkind = \"cellular\"\n";
+        let err = parse_str(Path::new("s.toml"), &text).expect_err("bad");
+        let paths: Vec<_> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "edge.hubs[0].identity",
+                "edge.pos_sources[0]",
+                "edge.uplinks[1].name",
+                "edge.uplinks[1].interface"
+            ],
+            "{err}"
+        );
+        assert!(err.0.iter().all(|e| e.line > 0), "{err}");
+        assert_eq!(err.0[2].line, 10, "{err}");
+    }
+
+    #[test]
+    fn role_needs_its_section() {
+        let err = parse_str(Path::new("h.toml"), "role = \"hub\"\n").expect_err("no hub");
+        assert_eq!(err.0[0].path, "hub");
+    }
+}

@@ -1,0 +1,194 @@
+//! The typed configuration. Every struct refuses unknown fields so that a typo is an error,
+//! not a silently ignored setting.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_spanned::Spanned;
+
+/// Which half of the bond this box is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The stall's router: LAN on one side, uplinks on the other.
+    Edge,
+    /// The concentrator on a cloud VM.
+    Hub,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub role: Role,
+    /// Where keys, certificates and persistent state live.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Where the control socket lives.
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: PathBuf,
+    pub edge: Option<Spanned<EdgeConfig>>,
+    pub hub: Option<Spanned<HubConfig>>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/stallnet")
+}
+
+fn default_runtime_dir() -> PathBuf {
+    PathBuf::from("/run/stallnet")
+}
+
+/// What the edge does when no uplink reaches the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// LAN traffic waits for the hub (nothing leaves untunnelled).
+    #[default]
+    None,
+    /// LAN traffic goes straight out of the best uplink, NATed, until the hub is back.
+    Direct,
+}
+
+/// How bulk traffic is spread across uplinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedMode {
+    /// Duplicate every packet on the two best usable uplinks.
+    Redundant,
+    /// Spread packets over all usable uplinks, weighted by capacity.
+    #[default]
+    Aggregate,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Hubs to connect to, in order of preference.
+    pub hubs: Vec<HubEndpoint>,
+    /// LAN prefixes whose traffic enters the tunnel.
+    pub lan: Vec<IpNet>,
+    /// Name of the TUN device.
+    #[serde(default = "default_edge_tun")]
+    pub tun_name: String,
+    /// MTU of the TUN device: every packet that crosses the tunnel fits in it.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    #[serde(default)]
+    pub fallback: Fallback,
+    /// Scheduling mode for traffic that is not POS.
+    #[serde(default)]
+    pub mode: SchedMode,
+    /// LAN sources whose traffic is point-of-sale (duplicated on the two best uplinks).
+    #[serde(default)]
+    pub pos_sources: Vec<IpNet>,
+    /// First routing table number used for per-uplink tables (one per uplink from here).
+    #[serde(default = "default_table_base")]
+    pub table_base: u32,
+    pub uplinks: Vec<Spanned<Uplink>>,
+}
+
+fn default_edge_tun() -> String {
+    "stall0".into()
+}
+fn default_mtu() -> u16 {
+    1280
+}
+fn default_table_base() -> u32 {
+    200
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubEndpoint {
+    /// `host:port` of the hub's QUIC endpoint.
+    pub address: SocketAddr,
+    /// The hub's identity as printed by `stallnet id` on the hub (pinned).
+    pub identity: Spanned<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkKind {
+    Wifi,
+    Cellular,
+    Ethernet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkPriority {
+    #[default]
+    Primary,
+    Secondary,
+    /// Carries traffic only when no other uplink is usable; sparse keep-alives otherwise.
+    Backup,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uplink {
+    pub name: String,
+    /// Kernel interface name (`wlan0`, `wwan0`, `eth1`).
+    pub interface: String,
+    pub kind: UplinkKind,
+    #[serde(default)]
+    pub priority: UplinkPriority,
+    /// Next hop; when absent, learned from the kernel's default route on the interface.
+    pub gateway: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Address the QUIC endpoint listens on.
+    pub listen: SocketAddr,
+    #[serde(default = "default_hub_tun")]
+    pub tun_name: String,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// Tunnel addresses: the hub takes the first, devices get the following ones.
+    pub pool: IpNet,
+    /// Scheduling mode for download traffic that is not POS.
+    #[serde(default)]
+    pub mode: SchedMode,
+    /// Devices allowed to connect. Nobody else gets anything.
+    pub devices: Vec<Spanned<Device>>,
+}
+
+fn default_hub_tun() -> String {
+    "stallhub0".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub name: String,
+    /// The device's identity as printed by `stallnet id` on the device.
+    pub identity: String,
+    /// LAN prefixes behind this device (routed to it; the only sources accepted from it).
+    #[serde(default)]
+    pub lan: Vec<IpNet>,
+    /// LAN sources of this device whose download traffic is point-of-sale.
+    #[serde(default)]
+    pub pos_sources: Vec<IpNet>,
+}
+
+impl Config {
+    /// The edge section; present whenever `role = "edge"` validated.
+    pub fn edge(&self) -> Option<&EdgeConfig> {
+        self.edge.as_ref().map(|s| s.get_ref())
+    }
+    /// The hub section; present whenever `role = "hub"` validated.
+    pub fn hub(&self) -> Option<&HubConfig> {
+        self.hub.as_ref().map(|s| s.get_ref())
+    }
+}
+
+/// True when `s` looks like an identity printed by `stallnet id`.
+pub fn is_identity(s: &str) -> bool {
+    s.strip_prefix("sn1:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
