@@ -9,3 +9,8 @@
 //! - [`status`]: the status document both roles publish.
 
 pub mod core;
+pub mod driver;
+pub mod edge;
+pub mod hub;
+pub mod identity;
+pub mod status;

@@ -1,1 +1,214 @@
-fn main() {}
+//! The `stallnet` command: run a role, manage the device identity, check a config, read
+//! the status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use stallnet::{edge, hub, identity, status};
+use stallnet_netconf::Role;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "stallnet", version, about = "Bonded uplinks for market stalls")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the role the config names (edge or hub).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create this device's key and certificate in the state directory.
+    Keygen {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Replace an existing key (changes the identity).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this device's identity (paste it into the hub's device list or the edge's pin).
+    Id {
+        #[command(flatten)]
+        dir: StateDir,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a config file; every error is printed with file:line:col.
+    Check {
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running daemon's status.
+    Status {
+        #[arg(long, default_value = "/run/stallnet")]
+        runtime_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct StateDir {
+    /// State directory (default: the config's, or /var/lib/stallnet).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Take the state directory from this config.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl StateDir {
+    fn resolve(&self) -> Result<PathBuf> {
+        if let Some(d) = &self.state_dir {
+            return Ok(d.clone());
+        }
+        if let Some(c) = &self.config {
+            return Ok(stallnet_netconf::load_file(c)?.state_dir);
+        }
+        Ok(PathBuf::from("/var/lib/stallnet"))
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stallnet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run { config } => {
+            let cfg = stallnet_netconf::load_file(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+            rt.block_on(async {
+                let cancel = CancellationToken::new();
+                let c = cancel.clone();
+                tokio::spawn(async move {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    c.cancel();
+                });
+                match cfg.role {
+                    Role::Edge => edge::run(cfg, cancel).await,
+                    Role::Hub => hub::run(cfg, cancel).await,
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keygen { dir, force } => {
+            let d = dir.resolve()?;
+            let id = identity::keygen(&d, force)?;
+            println!("{}", id.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Id { dir, json } => {
+            let id = identity::load(&dir.resolve()?)?;
+            if json {
+                println!("{}", serde_json::json!({ "version": 1, "identity": id.id }));
+            } else {
+                println!("{}", id.id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { config, json } => match stallnet_netconf::load_file(&config) {
+            Ok(_) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "version": 1, "valid": true, "errors": [] })
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errs) => {
+                if json {
+                    let list: Vec<_> = errs
+                        .0
+                        .iter()
+                        .map(|e| {
+                            serde_json::json!({
+                                "file": e.file, "line": e.line, "col": e.col,
+                                "path": e.path, "message": e.message
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({ "version": 1, "valid": false, "errors": list })
+                    );
+                } else {
+                    eprintln!("{errs}");
+                }
+                Ok(ExitCode::from(2))
+            }
+        },
+        Cmd::Status { runtime_dir, json } => {
+            let s = status::read(&runtime_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_status(s: &status::Status) {
+    println!(
+        "{} ({}){}",
+        s.state.to_uppercase(),
+        s.role,
+        if s.fallback_active {
+            ", direct fallback active"
+        } else {
+            ""
+        }
+    );
+    let Some(bonds) = s.bonds.as_object() else {
+        return;
+    };
+    for (name, b) in bonds {
+        println!("{name}:");
+        for l in b["links"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<10} {:<8} rtt {:>7} loss {:>5.1}%  tx {:>10} rx {:>10}",
+                l["name"].as_str().unwrap_or("?"),
+                l["state"].as_str().unwrap_or("?"),
+                l["rtt_ms"]
+                    .as_f64()
+                    .map_or("-".into(), |r| format!("{r:.1}ms")),
+                l["loss"].as_f64().unwrap_or(0.0) * 100.0,
+                l["tx_bytes"].as_u64().unwrap_or(0),
+                l["rx_bytes"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+}

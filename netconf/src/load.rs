@@ -115,11 +115,9 @@ impl Validator<'_> {
 
     fn check(&mut self, cfg: &Config) {
         match cfg.role {
-            Role::Edge if cfg.edge.is_none() => self.err(
-                0..0,
-                "edge",
-                "role = \"edge\" needs an [edge] section",
-            ),
+            Role::Edge if cfg.edge.is_none() => {
+                self.err(0..0, "edge", "role = \"edge\" needs an [edge] section")
+            }
             Role::Hub if cfg.hub.is_none() => {
                 self.err(0..0, "hub", "role = \"hub\" needs a [hub] section")
             }
@@ -151,7 +149,11 @@ impl Validator<'_> {
             self.err(edge.span(), "edge.uplinks", "expected at least one uplink");
         }
         if !(576..=9000).contains(&e.mtu) {
-            self.err(edge.span(), "edge.mtu", "expected an MTU between 576 and 9000");
+            self.err(
+                edge.span(),
+                "edge.mtu",
+                "expected an MTU between 576 and 9000",
+            );
         }
         if e.lan.is_empty() {
             self.err(edge.span(), "edge.lan", "expected at least one LAN prefix");

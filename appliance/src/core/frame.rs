@@ -29,8 +29,14 @@ pub enum Frame<'a> {
         packet: &'a [u8],
     },
     /// A liveness probe; the peer answers with a [`Frame::ProbeAck`] carrying the same fields.
-    Probe { id: u32, echo: u64 },
-    ProbeAck { id: u32, echo: u64 },
+    Probe {
+        id: u32,
+        echo: u64,
+    },
+    ProbeAck {
+        id: u32,
+        echo: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -3,9 +3,7 @@
 
 use std::net::IpAddr;
 
-use etherparse::{
-    Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, Ipv6Header, PacketBuilder,
-};
+use etherparse::{Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, Ipv6Header, PacketBuilder};
 
 /// Source and destination address of an IPv4 or IPv6 packet, or None if it is not one.
 pub fn addrs(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
@@ -121,8 +119,10 @@ pub fn too_big_reply(packet: &[u8], mtu: u16, from: IpAddr) -> Option<Vec<u8>> {
         6 => {
             let (ip, _) = Ipv6Header::from_slice(packet).ok()?;
             let IpAddr::V6(src) = from else { return None };
-            let b = PacketBuilder::ipv6(src.octets(), ip.source, 64)
-                .icmpv6(Icmpv6Type::PacketTooBig { mtu: u32::from(mtu) });
+            let b =
+                PacketBuilder::ipv6(src.octets(), ip.source, 64).icmpv6(Icmpv6Type::PacketTooBig {
+                    mtu: u32::from(mtu),
+                });
             let mut out = Vec::with_capacity(b.size(quote.len()));
             b.write(&mut out, quote).ok()?;
             Some(out)
@@ -130,7 +130,6 @@ pub fn too_big_reply(packet: &[u8], mtu: u16, from: IpAddr) -> Option<Vec<u8>> {
         _ => None,
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -209,7 +208,9 @@ mod tests {
         assert!(matches!(
             icmp.icmp_type(),
             Icmpv4Type::DestinationUnreachable(
-                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1270 }
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1270
+                }
             )
         ));
     }

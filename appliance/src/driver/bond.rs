@@ -1,0 +1,539 @@
+//! One bond: the set of QUIC connections (one per uplink) between an edge and the hub,
+//! with the cores that drive them. Used by both roles, for both directions.
+//!
+//! Tasks per connection: a sender that pulls packets from the scheduler while quinn has
+//! room, and a receiver that decodes frames, answers probes and feeds the reorder buffer.
+//! One ticker per bond pumps the cores' timers (probes, health transitions, reorder holds).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::frame::{Frame, DATA_OVERHEAD};
+use crate::core::health::{HealthConfig, LinkHealth, LinkState};
+use crate::core::packet;
+use crate::core::reorder::{Reorder, ReorderStats};
+use crate::core::scheduler::{LinkId, LinkView, SchedStats, Scheduler, SchedulerConfig};
+use crate::core::Class;
+
+/// Where released packets go (the TUN device).
+pub type Tun = Arc<tun::AsyncDevice>;
+
+const TICK: Duration = Duration::from_millis(5);
+const HOLD_MIN: Duration = Duration::from_millis(5);
+const HOLD_MAX: Duration = Duration::from_millis(150);
+const REORDER_MAX: usize = 2048;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    pub name: String,
+    /// `up`, `suspect`, `down`, `probing`, or `absent` when the interface is missing.
+    pub state: String,
+    pub connected: bool,
+    pub backup: bool,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: f64,
+    pub loss: f64,
+    pub capacity_mbps: f64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub probes_sent: u64,
+    pub probes_lost: u64,
+    pub flaps: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BondStatus {
+    pub online: bool,
+    pub links: Vec<LinkStatus>,
+    pub scheduler: SchedStats,
+    pub reorder: ReorderStats,
+    pub reorder_hold_ms: f64,
+    pub bad_frames: u64,
+    pub too_big: u64,
+    pub spoofed: u64,
+}
+
+struct Link {
+    name: String,
+    health: LinkHealth,
+    conn: Option<quinn::Connection>,
+    generation: u64,
+    wake: Arc<Notify>,
+    backup: bool,
+    absent: bool,
+    tx_packets: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+}
+
+struct State {
+    sched: Scheduler,
+    reorder: Reorder,
+    links: Vec<Option<Link>>,
+    peer_epoch: Option<u64>,
+    next_generation: u64,
+    last_stats: Instant,
+}
+
+pub struct Bond {
+    state: Mutex<State>,
+    tun: Tun,
+    /// Sources accepted from the peer (hub side anti-spoofing); None accepts all.
+    accept_src: Option<Vec<IpNet>>,
+    /// Source of ICMP "too big" answers written into the TUN.
+    icmp_source: Mutex<Option<IpAddr>>,
+    clock0: Instant,
+    health_cfg: HealthConfig,
+    bad_frames: AtomicU64,
+    too_big: AtomicU64,
+    spoofed: AtomicU64,
+    cancel: CancellationToken,
+}
+
+impl Bond {
+    pub fn new(
+        tun: Tun,
+        sched: SchedulerConfig,
+        accept_src: Option<Vec<IpNet>>,
+        cancel: CancellationToken,
+    ) -> Arc<Self> {
+        let now = Instant::now();
+        let bond = Arc::new(Self {
+            state: Mutex::new(State {
+                sched: Scheduler::new(sched),
+                reorder: Reorder::new(REORDER_MAX, Duration::from_millis(40)),
+                links: Vec::new(),
+                peer_epoch: None,
+                next_generation: 1,
+                last_stats: now,
+            }),
+            tun,
+            accept_src,
+            icmp_source: Mutex::new(None),
+            clock0: now,
+            health_cfg: HealthConfig::default(),
+            bad_frames: AtomicU64::new(0),
+            too_big: AtomicU64::new(0),
+            spoofed: AtomicU64::new(0),
+            cancel,
+        });
+        let b = bond.clone();
+        tokio::spawn(async move { b.ticker().await });
+        bond
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug in a core; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_icmp_source(&self, addr: IpAddr) {
+        if let Ok(mut s) = self.icmp_source.lock() {
+            *s = Some(addr);
+        }
+    }
+
+    /// Adds an uplink slot; it carries nothing until a connection is attached.
+    pub fn add_link(&self, name: &str, backup: bool) -> LinkId {
+        let mut st = self.lock();
+        let id = st.sched.add_link();
+        let link = Link {
+            name: name.to_string(),
+            health: LinkHealth::new(self.health_cfg.clone(), Instant::now()),
+            conn: None,
+            generation: 0,
+            wake: Arc::new(Notify::new()),
+            backup,
+            absent: false,
+            tx_packets: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            rx_bytes: 0,
+        };
+        if st.links.len() <= id {
+            st.links.resize_with(id + 1, || None);
+        }
+        st.links[id] = Some(link);
+        id
+    }
+
+    /// Removes an uplink slot and closes its connection.
+    pub fn remove_link(&self, id: LinkId) {
+        let mut st = self.lock();
+        if let Some(Some(l)) = st.links.get_mut(id).map(Option::take) {
+            if let Some(c) = l.conn {
+                c.close(0u32.into(), b"removed");
+            }
+            l.wake.notify_one();
+        }
+        st.sched.remove_link(id);
+    }
+
+    /// The peer's sequence space starts anew when its epoch changes.
+    pub fn peer_epoch(&self, epoch: u64) {
+        let mut st = self.lock();
+        if st.peer_epoch != Some(epoch) {
+            if st.peer_epoch.is_some() {
+                tracing::info!("peer restarted; reorder state reset");
+            }
+            st.peer_epoch = Some(epoch);
+            st.reorder.reset();
+        }
+    }
+
+    /// Interface presence and carrier, from netlink.
+    pub fn set_carrier(&self, id: LinkId, present: bool, carrier: bool) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(Some(l)) = st.links.get_mut(id) else {
+            return;
+        };
+        l.absent = !present;
+        l.health.on_carrier(present && carrier, now);
+        Self::refresh(&mut st, now);
+    }
+
+    /// A connection on uplink `id` is established: start its sender and receiver.
+    pub fn attach(self: &Arc<Self>, id: LinkId, conn: quinn::Connection) {
+        let now = Instant::now();
+        let (generation, wake) = {
+            let mut st = self.lock();
+            let generation = st.next_generation;
+            st.next_generation += 1;
+            let Some(Some(l)) = st.links.get_mut(id) else {
+                return;
+            };
+            if let Some(old) = l.conn.replace(conn.clone()) {
+                old.close(0u32.into(), b"replaced");
+            }
+            l.generation = generation;
+            l.health.on_connected(true, now);
+            let wake = l.wake.clone();
+            Self::refresh(&mut st, now);
+            (generation, wake)
+        };
+        wake.notify_one();
+        let (b, c) = (self.clone(), conn.clone());
+        tokio::spawn(async move { b.sender(id, generation, c).await });
+        let (b, c) = (self.clone(), conn);
+        tokio::spawn(async move { b.receiver(id, generation, c).await });
+    }
+
+    fn detach(&self, id: LinkId, generation: u64) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(Some(l)) = st.links.get_mut(id) else {
+            return;
+        };
+        if l.generation != generation {
+            return;
+        }
+        l.conn = None;
+        l.health.on_connected(false, now);
+        Self::refresh(&mut st, now);
+    }
+
+    /// The connection of uplink `id`, if one is attached.
+    pub fn connection(&self, id: LinkId) -> Option<quinn::Connection> {
+        self.lock()
+            .links
+            .get(id)
+            .and_then(|l| l.as_ref())
+            .and_then(|l| l.conn.clone())
+    }
+
+    pub fn online(&self) -> bool {
+        self.lock().sched.online()
+    }
+
+    /// Queues an IP packet read from the TUN device for the peer.
+    pub fn send(&self, class: Class, packet: Bytes) {
+        let wake = {
+            let mut st = self.lock();
+            let wake = st.sched.enqueue(class, packet, Instant::now());
+            if wake.0 == 0 {
+                return;
+            }
+            st.links
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| wake.contains(*i))
+                .filter_map(|(_, l)| l.as_ref().map(|l| l.wake.clone()))
+                .collect::<Vec<_>>()
+        };
+        for w in wake {
+            w.notify_one();
+        }
+    }
+
+    /// Pushes each link's health into the scheduler; wakes links that may now pull.
+    fn refresh(st: &mut State, now: Instant) {
+        let primary_up = st
+            .links
+            .iter()
+            .flatten()
+            .any(|l| !l.backup && l.health.usable());
+        let mut wakes = Vec::new();
+        for id in 0..st.links.len() {
+            let Some(l) = st.links[id].as_mut() else {
+                continue;
+            };
+            l.health.set_sparse(l.backup && primary_up, now);
+            let view = LinkView {
+                state: l.health.state(),
+                backup: l.backup,
+                srtt: l.health.srtt(),
+                disabled: l.absent,
+            };
+            let wake = st.sched.update_link(id, view);
+            wakes.push(wake);
+        }
+        for w in wakes {
+            for (i, l) in st.links.iter().enumerate() {
+                if let Some(l) = l {
+                    if w.contains(i) {
+                        l.wake.notify_one();
+                    }
+                }
+            }
+        }
+        // Hold gaps for the RTT spread of usable links (the time a packet on the slower
+        // one may trail), plus a margin for jitter.
+        let rtts: Vec<(Duration, Duration)> = st
+            .links
+            .iter()
+            .flatten()
+            .filter(|l| l.health.usable())
+            .filter_map(|l| l.health.srtt().map(|r| (r, l.health.jitter())))
+            .collect();
+        if let (Some(lo), Some(hi)) = (
+            rtts.iter().map(|r| r.0).min(),
+            rtts.iter().map(|r| r.0 + r.1 * 2).max(),
+        ) {
+            let hold =
+                (hi.saturating_sub(lo) + Duration::from_millis(10)).clamp(HOLD_MIN, HOLD_MAX);
+            st.reorder.set_hold(hold);
+        }
+    }
+
+    async fn ticker(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut out = Vec::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.cancel.cancelled() => return,
+            }
+            let now = Instant::now();
+            let echo = now.duration_since(self.clock0).as_micros() as u64;
+            let mut probes = Vec::new();
+            {
+                let mut st = self.lock();
+                let stats_due = now.duration_since(st.last_stats) >= Duration::from_millis(100);
+                if stats_due {
+                    st.last_stats = now;
+                }
+                for l in st.links.iter_mut().flatten() {
+                    l.health.handle_timeout(now);
+                    if let Some(c) = &l.conn {
+                        if stats_due {
+                            let s = c.stats();
+                            l.health.on_path_stats(s.path.cwnd, s.path.rtt);
+                        }
+                        if let Some(id) = l.health.poll_probe(now) {
+                            probes.push((c.clone(), Frame::Probe { id, echo }.to_vec()));
+                        }
+                    }
+                }
+                Self::refresh(&mut st, now);
+                st.reorder.handle_timeout(now, &mut out);
+            }
+            for (c, p) in probes {
+                let _ = c.send_datagram(Bytes::from(p));
+            }
+            self.write_tun(&mut out).await;
+        }
+    }
+
+    async fn write_tun(&self, out: &mut Vec<Bytes>) {
+        for p in out.drain(..) {
+            if let Err(e) = self.tun.send(&p).await {
+                tracing::debug!("tun write: {e}");
+            }
+        }
+    }
+
+    async fn sender(self: Arc<Self>, id: LinkId, generation: u64, conn: quinn::Connection) {
+        let mut buf = Vec::with_capacity(1500);
+        loop {
+            let (q, wake) = {
+                let mut st = self.lock();
+                let Some(Some(l)) = st.links.get(id) else {
+                    return;
+                };
+                if l.generation != generation {
+                    return;
+                }
+                let wake = l.wake.clone();
+                (st.sched.poll(id, Instant::now()), wake)
+            };
+            let Some(q) = q else {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = conn.closed() => { self.detach(id, generation); return; }
+                }
+                continue;
+            };
+            buf.clear();
+            Frame::Data {
+                class: q.class,
+                seq: q.seq,
+                packet: &q.packet,
+            }
+            .encode(&mut buf);
+            let max = conn.max_datagram_size().unwrap_or(0);
+            if buf.len() > max {
+                self.answer_too_big(&q.packet, max.saturating_sub(DATA_OVERHEAD))
+                    .await;
+                continue;
+            }
+            let len = buf.len() as u64;
+            if let Err(e) = conn.send_datagram_wait(Bytes::copy_from_slice(&buf)).await {
+                tracing::debug!(link = id, "send: {e}");
+                self.detach(id, generation);
+                return;
+            }
+            let mut st = self.lock();
+            if let Some(Some(l)) = st.links.get_mut(id) {
+                l.tx_packets += 1;
+                l.tx_bytes += len;
+            }
+        }
+    }
+
+    async fn answer_too_big(&self, packet: &[u8], mtu: usize) {
+        self.too_big.fetch_add(1, Ordering::Relaxed);
+        let src = self.icmp_source.lock().ok().and_then(|s| *s);
+        let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+        if let Some(reply) = src.and_then(|s| packet::too_big_reply(packet, mtu, s)) {
+            let _ = self.tun.send(&reply).await;
+        }
+    }
+
+    async fn receiver(self: Arc<Self>, id: LinkId, generation: u64, conn: quinn::Connection) {
+        let mut out = Vec::new();
+        loop {
+            let d = match conn.read_datagram().await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::info!(link = id, "connection ended: {e}");
+                    self.detach(id, generation);
+                    return;
+                }
+            };
+            let now = Instant::now();
+            match Frame::decode(&d) {
+                Err(e) => {
+                    self.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(link = id, "bad frame: {e}");
+                }
+                Ok(Frame::Probe { id: pid, echo }) => {
+                    let ack = Frame::ProbeAck { id: pid, echo }.to_vec();
+                    let _ = conn.send_datagram(Bytes::from(ack));
+                }
+                Ok(Frame::ProbeAck { id: pid, .. }) => {
+                    let mut st = self.lock();
+                    if let Some(Some(l)) = st.links.get_mut(id) {
+                        if l.generation == generation {
+                            l.health.on_probe_ack(pid, now);
+                        }
+                    }
+                    Self::refresh(&mut st, now);
+                }
+                Ok(Frame::Data { seq, packet, .. }) => {
+                    if !self.source_ok(packet) {
+                        self.spoofed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let payload = d.slice(DATA_OVERHEAD..);
+                    let mut st = self.lock();
+                    if let Some(Some(l)) = st.links.get_mut(id) {
+                        l.rx_packets += 1;
+                        l.rx_bytes += d.len() as u64;
+                    }
+                    st.reorder.push(seq, payload, now, &mut out);
+                }
+            }
+            self.write_tun(&mut out).await;
+        }
+    }
+
+    fn source_ok(&self, packet: &[u8]) -> bool {
+        let Some(allowed) = &self.accept_src else {
+            return packet::addrs(packet).is_some();
+        };
+        packet::addrs(packet).is_some_and(|(src, _)| allowed.iter().any(|n| n.contains(&src)))
+    }
+
+    pub fn status(&self) -> BondStatus {
+        let st = self.lock();
+        let links = st
+            .links
+            .iter()
+            .flatten()
+            .map(|l| {
+                let state = if l.absent {
+                    "absent".to_string()
+                } else {
+                    match l.health.state() {
+                        LinkState::Up => "up",
+                        LinkState::Suspect => "suspect",
+                        LinkState::Down => "down",
+                        LinkState::Probing => "probing",
+                    }
+                    .to_string()
+                };
+                let (probes_sent, probes_lost) = l.health.probes();
+                LinkStatus {
+                    name: l.name.clone(),
+                    state,
+                    connected: l.conn.is_some(),
+                    backup: l.backup,
+                    rtt_ms: l.health.srtt().map(|d| d.as_secs_f64() * 1e3),
+                    jitter_ms: l.health.jitter().as_secs_f64() * 1e3,
+                    loss: l.health.loss(),
+                    capacity_mbps: l.health.capacity_bps() / 1e6,
+                    tx_packets: l.tx_packets,
+                    tx_bytes: l.tx_bytes,
+                    rx_packets: l.rx_packets,
+                    rx_bytes: l.rx_bytes,
+                    probes_sent,
+                    probes_lost,
+                    flaps: l.health.flaps(),
+                }
+            })
+            .collect();
+        BondStatus {
+            online: st.sched.online(),
+            links,
+            scheduler: st.sched.stats(),
+            reorder: st.reorder.stats(),
+            reorder_hold_ms: st.reorder.hold().as_secs_f64() * 1e3,
+            bad_frames: self.bad_frames.load(Ordering::Relaxed),
+            too_big: self.too_big.load(Ordering::Relaxed),
+            spoofed: self.spoofed.load(Ordering::Relaxed),
+        }
+    }
+}

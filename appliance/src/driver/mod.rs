@@ -1,0 +1,7 @@
+//! Tokio drivers: they move bytes between the kernel, QUIC and the cores, and decide
+//! nothing themselves.
+
+pub mod bond;
+pub mod netlink;
+pub mod session;
+pub mod sys;

@@ -1,0 +1,275 @@
+//! The kernel's routing state over rtnetlink: reading links, addresses and default
+//! routes; installing per-uplink tables, policy rules and LAN routes; and a change feed.
+//!
+//! Every change is recorded so that [`Netlink::revert`] removes what stallnet added.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::rule::RuleMessage;
+use rtnetlink::{Handle, RouteMessageBuilder};
+use tokio::sync::mpsc;
+
+/// What the kernel says of one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    /// Administratively up and carrier present.
+    pub carrier: bool,
+    pub ipv4: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone)]
+enum Added {
+    Route(RouteMessage),
+    Rule(RuleMessage),
+}
+
+pub struct Netlink {
+    handle: Handle,
+    added: Mutex<Vec<Added>>,
+}
+
+impl Netlink {
+    /// Opens a netlink connection (its IO task runs on the current runtime).
+    pub fn new() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("netlink socket")?;
+        tokio::spawn(conn);
+        Ok(Self {
+            handle,
+            added: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A feed that yields whenever links, addresses or routes change. The caller re-reads
+    /// what it cares about (this also covers lost events after a buffer overrun).
+    pub fn watch() -> Result<mpsc::Receiver<()>> {
+        use futures::StreamExt;
+        use rtnetlink::constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK};
+        use rtnetlink::sys::{AsyncSocket, SocketAddr};
+        let (mut conn, _, mut messages) = rtnetlink::new_connection().context("netlink")?;
+        conn.socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(
+                0,
+                RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
+            ))
+            .context("netlink multicast bind")?;
+        tokio::spawn(conn);
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while messages.next().await.is_some() {
+                // A full channel already carries a pending wake-up; nothing is lost.
+                if tx.try_send(()).is_err() && tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<LinkInfo>> {
+        let mut req = self.handle.link().get().match_name(name).execute();
+        let msg = match req.try_next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e).context("link get"),
+        };
+        let index = msg.header.index;
+        let flags = msg.header.flags;
+        let _ = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::IfName(_)));
+        let carrier = flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp);
+        let mut ipv4 = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(a) = addrs.try_next().await.context("address get")? {
+            for attr in &a.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(v4)) = attr {
+                    ipv4.push(*v4);
+                }
+            }
+        }
+        Ok(Some(LinkInfo {
+            index,
+            carrier,
+            ipv4,
+        }))
+    }
+
+    /// The gateway of a main-table IPv4 default route through interface `index`.
+    pub async fn default_gateway(&self, index: u32) -> Result<Option<Ipv4Addr>> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.context("route dump")? {
+            if r.header.destination_prefix_length != 0 {
+                continue;
+            }
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            if oif != Some(index) || table != 254 {
+                continue;
+            }
+            let gw = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
+                _ => None,
+            });
+            if gw.is_some() {
+                return Ok(gw);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes `table` hold exactly one default route: via `gateway` (or on-link) out of `oif`.
+    pub async fn set_default_route(
+        &self,
+        table: u32,
+        oif: u32,
+        gateway: Option<Ipv4Addr>,
+    ) -> Result<()> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(oif)
+            .table_id(table);
+        if let Some(gw) = gateway {
+            b = b.gateway(gw);
+        }
+        let msg = b.build();
+        self.handle
+            .route()
+            .add(msg.clone())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("default route in table {table}"))?;
+        self.record(Added::Route(msg));
+        Ok(())
+    }
+
+    /// Routes `prefix` out of `oif` in `table` (254 = main).
+    pub async fn route_prefix(&self, prefix: IpNet, oif: u32, table: u32) -> Result<()> {
+        let msg = match prefix {
+            IpNet::V4(p) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(p.addr(), p.prefix_len())
+                .output_interface(oif)
+                .table_id(table)
+                .build(),
+            IpNet::V6(p) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(p.addr(), p.prefix_len())
+                .output_interface(oif)
+                .table_id(table)
+                .build(),
+        };
+        self.handle
+            .route()
+            .add(msg.clone())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("route {prefix} table {table}"))?;
+        self.record(Added::Route(msg));
+        Ok(())
+    }
+
+    /// Policy rule: packets carrying `mark` look up `table`.
+    pub async fn rule_fwmark(&self, mark: u32, table: u32, priority: u32) -> Result<()> {
+        let req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .fw_mark(mark)
+            .table_id(table)
+            .priority(priority);
+        self.add_rule(req.message_mut_clone(), req).await
+    }
+
+    /// Policy rule: packets from `prefix` look up `table`.
+    pub async fn rule_from(&self, prefix: ipnet::Ipv4Net, table: u32, priority: u32) -> Result<()> {
+        let req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .source_prefix(prefix.addr(), prefix.prefix_len())
+            .table_id(table)
+            .priority(priority);
+        self.add_rule(req.message_mut_clone(), req).await
+    }
+
+    async fn add_rule(
+        &self,
+        msg: RuleMessage,
+        req: rtnetlink::RuleAddRequest<Ipv4Addr>,
+    ) -> Result<()> {
+        // Remove a leftover identical rule from an earlier run first: rules do not replace.
+        let _ = self.handle.rule().del(msg.clone()).execute().await;
+        req.execute().await.context("policy rule")?;
+        self.record(Added::Rule(msg));
+        Ok(())
+    }
+
+    fn record(&self, a: Added) {
+        if let Ok(mut v) = self.added.lock() {
+            v.push(a);
+        }
+    }
+
+    /// Removes every rule and route this instance added, newest first.
+    pub async fn revert(&self) {
+        let added: Vec<Added> = match self.added.lock() {
+            Ok(mut v) => v.drain(..).collect(),
+            Err(_) => return,
+        };
+        for a in added.into_iter().rev() {
+            let r = match a {
+                Added::Route(m) => self.handle.route().del(m).execute().await,
+                Added::Rule(m) => self.handle.rule().del(m).execute().await,
+            };
+            if let Err(e) = r {
+                tracing::debug!("revert: {e}");
+            }
+        }
+    }
+}
+
+/// Gives access to the message of a rule request before it is executed.
+trait RuleMsg {
+    fn message_mut_clone(&self) -> RuleMessage;
+}
+
+impl RuleMsg for rtnetlink::RuleAddRequest<Ipv4Addr> {
+    fn message_mut_clone(&self) -> RuleMessage {
+        let mut me = self.clone();
+        me.message_mut().clone()
+    }
+}

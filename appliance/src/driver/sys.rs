@@ -1,0 +1,41 @@
+//! Small kernel facts set through /proc and sockets: forwarding, reverse-path filtering,
+//! the TUN device, and UDP sockets pinned to one uplink.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Writes a sysctl under /proc/sys (`net/ipv4/ip_forward`).
+pub fn sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{key}");
+    std::fs::write(&path, value).with_context(|| format!("setting {path} = {value}"))
+}
+
+/// Creates and brings up a TUN device (no packet-information header).
+pub fn tun(name: &str, mtu: u16, addr: Option<(Ipv4Addr, u8)>) -> Result<Arc<tun::AsyncDevice>> {
+    let mut cfg = tun::Configuration::default();
+    cfg.tun_name(name).mtu(mtu).up();
+    if let Some((a, len)) = addr {
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        cfg.address(a).netmask(Ipv4Addr::from(mask));
+    }
+    let dev = tun::create_as_async(&cfg).with_context(|| format!("creating TUN {name}"))?;
+    // Loose reverse-path filtering: packets from anywhere arrive through the tunnel.
+    let _ = sysctl(&format!("net/ipv4/conf/{name}/rp_filter"), "2");
+    Ok(Arc::new(dev))
+}
+
+/// A UDP socket that leaves through `iface` only (SO_BINDTODEVICE) and carries `mark`, so
+/// the uplink's own routing table applies and tunnel packets never loop into the TUN.
+pub fn uplink_socket(iface: &str, mark: u32, local: Ipv4Addr) -> Result<std::net::UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
+    s.bind_device(Some(iface.as_bytes()))
+        .with_context(|| format!("SO_BINDTODEVICE {iface} (needs CAP_NET_RAW)"))?;
+    s.set_mark(mark).context("SO_MARK (needs CAP_NET_ADMIN)")?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from((local, 0)).into())
+        .with_context(|| format!("binding {local}"))?;
+    Ok(s.into())
+}

@@ -1,0 +1,446 @@
+//! The edge role: LAN traffic from the TUN device into the bond, one QUIC connection per
+//! uplink, uplinks followed through netlink, and the direct fallback when the hub is gone.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use ipnet::IpNet;
+use stallnet_netconf::{Config, EdgeConfig, Fallback, SchedMode, Uplink, UplinkPriority};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::packet;
+use crate::core::scheduler::{LinkId, Mode, SchedulerConfig};
+use crate::core::Class;
+use crate::driver::bond::Bond;
+use crate::driver::netlink::Netlink;
+use crate::driver::session::{self, Hello};
+use crate::driver::sys;
+use crate::identity;
+use crate::status::{self, Status};
+
+/// Offline this long before the direct fallback takes over.
+const FALLBACK_AFTER: Duration = Duration::from_secs(2);
+const NFT_TABLE: &str = "stallnet_fallback";
+
+/// What the uplink tasks last saw of their interface (for the fallback).
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    index: u32,
+    carrier: bool,
+    gateway: Option<Ipv4Addr>,
+}
+
+struct Ctx {
+    cfg: EdgeConfig,
+    nl: Netlink,
+    bond: Arc<Bond>,
+    client: quinn::ClientConfig,
+    epoch: u64,
+    seen: Mutex<Vec<Seen>>,
+    tunnel_address: Mutex<Option<IpAddr>>,
+    cancel: CancellationToken,
+}
+
+pub fn sched_mode(m: SchedMode) -> Mode {
+    match m {
+        SchedMode::Redundant => Mode::Redundant,
+        SchedMode::Aggregate => Mode::Aggregate,
+    }
+}
+
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
+    let e = cfg.edge().context("config has no [edge] section")?.clone();
+    let me = identity::load(&cfg.state_dir)?;
+    let pins: Vec<String> = e
+        .hubs
+        .iter()
+        .map(|h| h.identity.get_ref().clone())
+        .collect();
+    let client = identity::client_config(&me, &pins)?;
+    std::fs::create_dir_all(&cfg.runtime_dir)
+        .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
+    sys::sysctl("net/ipv4/ip_forward", "1")?;
+
+    let tun = sys::tun(&e.tun_name, e.mtu, None)?;
+    let nl = Netlink::new()?;
+    let tun_index = nl
+        .link(&e.tun_name)
+        .await?
+        .context("TUN device vanished")?
+        .index;
+    let tunnel_table = e.table_base;
+    nl.set_default_route(tunnel_table, tun_index, None).await?;
+    for p in &e.lan {
+        if let IpNet::V4(p) = p {
+            nl.rule_from(*p, tunnel_table, 1000).await?;
+        }
+    }
+    let bond = Bond::new(
+        tun.clone(),
+        SchedulerConfig {
+            mode: sched_mode(e.mode),
+            ..Default::default()
+        },
+        None,
+        cancel.child_token(),
+    );
+    let ctx = Arc::new(Ctx {
+        seen: Mutex::new(vec![Seen::default(); e.uplinks.len()]),
+        cfg: e.clone(),
+        nl,
+        bond,
+        client,
+        epoch: rand::random(),
+        tunnel_address: Mutex::new(None),
+        cancel: cancel.clone(),
+    });
+
+    let (change_tx, change_rx) = watch::channel(0u64);
+    let mut feed = Netlink::watch()?;
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while feed.recv().await.is_some() {
+            n += 1;
+            if change_tx.send(n).is_err() {
+                break;
+            }
+        }
+    });
+    for (i, u) in e.uplinks.iter().enumerate() {
+        let u = u.get_ref().clone();
+        let id = ctx
+            .bond
+            .add_link(&u.name, u.priority == UplinkPriority::Backup);
+        let (c, rx) = (ctx.clone(), change_rx.clone());
+        tokio::spawn(async move { uplink_task(c, i, id, u, rx).await });
+    }
+    let c = ctx.clone();
+    let reader = tokio::spawn(async move { tun_reader(c, tun).await });
+    tracing::info!(identity = %me.id, "edge running");
+
+    let result = supervise(&ctx, &cfg, tun_index).await;
+    reader.abort();
+    cancel.cancel();
+    ctx.nl.revert().await;
+    let _ = nft_delete().await;
+    result
+}
+
+/// Publishes status and drives the direct fallback until cancelled.
+async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
+    let mut offline_since: Option<Instant> = None;
+    let mut fallback: Option<usize> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.cancel.cancelled() => return Ok(()),
+        }
+        let now = Instant::now();
+        let b = ctx.bond.status();
+        if b.online {
+            offline_since = None;
+            if let Some(i) = fallback.take() {
+                tracing::info!("hub reachable again; leaving direct fallback via uplink {i}");
+                ctx.nl
+                    .set_default_route(ctx.cfg.table_base, tun_index, None)
+                    .await?;
+                nft_delete().await?;
+            }
+        } else {
+            let since = *offline_since.get_or_insert(now);
+            if fallback.is_none()
+                && ctx.cfg.fallback == Fallback::Direct
+                && now.duration_since(since) >= FALLBACK_AFTER
+            {
+                if let Some((i, s)) = best_direct(ctx) {
+                    let u = ctx.cfg.uplinks[i].get_ref();
+                    tracing::warn!(uplink = %u.name, "hub unreachable on every uplink: direct fallback");
+                    ctx.nl
+                        .set_default_route(ctx.cfg.table_base, s.index, s.gateway)
+                        .await?;
+                    nft_masquerade(&u.interface, &ctx.cfg.lan).await?;
+                    fallback = Some(i);
+                }
+            }
+        }
+        let up = b.links.iter().filter(|l| l.state == "up").count();
+        let state = if !b.online {
+            "offline"
+        } else if up < b.links.len() {
+            "degraded"
+        } else {
+            "online"
+        };
+        let doc = Status {
+            version: 1,
+            role: "edge".into(),
+            state: state.into(),
+            fallback_active: fallback.is_some(),
+            tunnel_address: ctx
+                .tunnel_address
+                .lock()
+                .ok()
+                .and_then(|a| a.map(|a| a.to_string())),
+            refused_handshakes: 0,
+            bonds: serde_json::json!({ "hub": b }),
+        };
+        if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
+            tracing::warn!("status: {e:#}");
+        }
+    }
+}
+
+/// The uplink to use for the direct fallback: carrier up, primary before backup.
+fn best_direct(ctx: &Ctx) -> Option<(usize, Seen)> {
+    let seen = ctx.seen.lock().ok()?.clone();
+    let mut c: Vec<(bool, usize, Seen)> = seen
+        .into_iter()
+        .enumerate()
+        .filter(|(_, s)| s.carrier && s.index != 0)
+        .map(|(i, s)| {
+            let backup = ctx.cfg.uplinks[i].get_ref().priority == UplinkPriority::Backup;
+            (backup, i, s)
+        })
+        .collect();
+    c.sort_by_key(|x| (x.0, x.1));
+    c.first().map(|x| (x.1, x.2))
+}
+
+async fn nft(script: &str) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (is nftables installed?)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await?;
+    }
+    let st = child.wait().await?;
+    anyhow::ensure!(st.success(), "nft failed: {script}");
+    Ok(())
+}
+
+async fn nft_masquerade(iface: &str, lan: &[IpNet]) -> Result<()> {
+    let srcs: Vec<String> = lan
+        .iter()
+        .filter(|p| matches!(p, IpNet::V4(_)))
+        .map(|p| p.to_string())
+        .collect();
+    nft(&format!(
+        "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n\
+         table ip {NFT_TABLE} {{ chain post {{ type nat hook postrouting priority srcnat; \
+         oifname \"{iface}\" ip saddr {{ {} }} masquerade; }} }}\n",
+        srcs.join(", ")
+    ))
+    .await
+}
+
+async fn nft_delete() -> Result<()> {
+    nft(&format!(
+        "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
+    ))
+    .await
+}
+
+async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
+    let mss = ctx.cfg.mtu.saturating_sub(40);
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = tun.recv(&mut buf).await.context("TUN read")?;
+        let pkt = &mut buf[..n];
+        let Some((src, _)) = packet::addrs(pkt) else {
+            continue;
+        };
+        packet::clamp_mss(pkt, mss);
+        let class = if ctx.cfg.pos_sources.iter().any(|p| p.contains(&src)) {
+            Class::Pos
+        } else {
+            Class::Bulk
+        };
+        ctx.bond.send(class, Bytes::copy_from_slice(pkt));
+    }
+}
+
+/// Follows one uplink: interface presence, carrier and address from netlink; its routing
+/// table and rule; its QUIC endpoint and connection, rebound or reconnected as needed.
+async fn uplink_task(
+    ctx: Arc<Ctx>,
+    idx: usize,
+    id: LinkId,
+    u: Uplink,
+    mut changes: watch::Receiver<u64>,
+) {
+    let table = ctx.cfg.table_base + 1 + idx as u32;
+    let mut routed: Option<(u32, Option<Ipv4Addr>)> = None;
+    let mut ruled = false;
+    let mut endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)> = None;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let info = match ctx.nl.link(&u.interface).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(uplink = %u.name, "netlink: {e:#}");
+                None
+            }
+        };
+        let mut usable_addr = None;
+        match &info {
+            None => {
+                ctx.bond.set_carrier(id, false, false);
+                if let Some((ep, _, _)) = endpoint.take() {
+                    ep.close(0u32.into(), b"interface gone");
+                }
+                routed = None;
+            }
+            Some(li) => {
+                ctx.bond.set_carrier(id, true, li.carrier);
+                if li.carrier {
+                    usable_addr = li.ipv4.first().copied();
+                }
+            }
+        }
+        if let (Some(li), Some(addr)) = (&info, usable_addr) {
+            let gw = match u.gateway {
+                Some(IpAddr::V4(g)) => Some(g),
+                _ => ctx.nl.default_gateway(li.index).await.ok().flatten(),
+            };
+            if let Ok(mut s) = ctx.seen.lock() {
+                s[idx] = Seen {
+                    index: li.index,
+                    carrier: true,
+                    gateway: gw,
+                };
+            }
+            if routed != Some((li.index, gw)) {
+                match ctx.nl.set_default_route(table, li.index, gw).await {
+                    Ok(()) => routed = Some((li.index, gw)),
+                    Err(e) => tracing::warn!(uplink = %u.name, "{e:#}"),
+                }
+            }
+            if !ruled {
+                ruled = ctx
+                    .nl
+                    .rule_fwmark(table, table, 100 + idx as u32)
+                    .await
+                    .map_err(|e| tracing::warn!(uplink = %u.name, "{e:#}"))
+                    .is_ok();
+            }
+            if let Err(e) = ensure_endpoint(&ctx, &u, table, li.index, addr, &mut endpoint) {
+                tracing::warn!(uplink = %u.name, "{e:#}");
+            }
+            let connected = ctx
+                .bond
+                .connection(id)
+                .is_some_and(|c| c.close_reason().is_none());
+            if !connected {
+                if let Some((ep, _, _)) = &endpoint {
+                    match connect(&ctx, ep, &u).await {
+                        Ok(conn) => {
+                            tracing::info!(uplink = %u.name, "connected to hub");
+                            ctx.bond.attach(id, conn);
+                            backoff = Duration::from_millis(200);
+                        }
+                        Err(e) => {
+                            tracing::info!(uplink = %u.name, "connect: {e:#}");
+                            backoff = (backoff * 2).min(Duration::from_secs(3));
+                        }
+                    }
+                }
+            }
+        } else if let Ok(mut s) = ctx.seen.lock() {
+            s[idx].carrier = false;
+        }
+        let conn = ctx.bond.connection(id);
+        let wait = if conn.is_some() {
+            Duration::from_secs(2)
+        } else {
+            backoff
+        };
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = async { match conn { Some(c) => { c.closed().await; } None => std::future::pending().await } } => {}
+            _ = ctx.cancel.cancelled() => {
+                if let Some((ep, _, _)) = endpoint { ep.close(0u32.into(), b"shutdown"); }
+                return;
+            }
+        }
+    }
+}
+
+/// Creates the uplink's endpoint, or rebinds it when the interface or address changed
+/// (the QUIC connection migrates instead of starting over).
+fn ensure_endpoint(
+    ctx: &Ctx,
+    u: &Uplink,
+    mark: u32,
+    index: u32,
+    addr: Ipv4Addr,
+    endpoint: &mut Option<(quinn::Endpoint, u32, Ipv4Addr)>,
+) -> Result<()> {
+    match endpoint {
+        Some((_, i, a)) if *i == index && *a == addr => Ok(()),
+        Some((ep, i, a)) => {
+            tracing::info!(uplink = %u.name, %addr, "address changed: rebinding");
+            ep.rebind(sys::uplink_socket(&u.interface, mark, addr)?)
+                .context("rebind")?;
+            *i = index;
+            *a = addr;
+            Ok(())
+        }
+        None => {
+            let sock = sys::uplink_socket(&u.interface, mark, addr)?;
+            let mut ep = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                sock,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .context("QUIC endpoint")?;
+            ep.set_default_client_config(ctx.client.clone());
+            *endpoint = Some((ep, index, addr));
+            Ok(())
+        }
+    }
+}
+
+async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, u: &Uplink) -> Result<quinn::Connection> {
+    let mut last = None;
+    for hub in &ctx.cfg.hubs {
+        let addr: SocketAddr = hub.address;
+        let attempt = async {
+            let conn = ep
+                .connect(addr, identity::HUB_NAME)
+                .context("connect")?
+                .await
+                .context("handshake")?;
+            let w = session::hello(
+                &conn,
+                &Hello {
+                    version: 1,
+                    epoch: ctx.epoch,
+                    link: u.name.clone(),
+                },
+            )
+            .await?;
+            ctx.bond.peer_epoch(w.epoch);
+            ctx.bond.set_icmp_source(w.address);
+            if let Ok(mut a) = ctx.tunnel_address.lock() {
+                *a = Some(w.address);
+            }
+            anyhow::Ok(conn)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(anyhow::anyhow!("hub {addr} did not answer within 3 s")),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no hub configured")))
+}

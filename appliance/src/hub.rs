@@ -1,0 +1,208 @@
+//! The hub role: one QUIC server endpoint, admitting only listed devices; each device's
+//! connections form its bond; download traffic from the hub's TUN device is routed to the
+//! device whose LAN (or tunnel address) it is for, through that bond's scheduler.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use ipnet::IpNet;
+use stallnet_netconf::Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::packet;
+use crate::core::scheduler::SchedulerConfig;
+use crate::core::Class;
+use crate::driver::bond::Bond;
+use crate::driver::netlink::Netlink;
+use crate::driver::session::{self, Welcome};
+use crate::driver::sys;
+use crate::edge::sched_mode;
+use crate::identity;
+use crate::status::{self, Status};
+
+struct Device {
+    name: String,
+    identity: String,
+    address: IpAddr,
+    lan: Vec<IpNet>,
+    pos: Vec<IpNet>,
+    bond: Arc<Bond>,
+}
+
+impl Device {
+    fn owns(&self, dst: IpAddr) -> bool {
+        dst == self.address || self.lan.iter().any(|n| n.contains(&dst))
+    }
+}
+
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
+    let h = cfg.hub().context("config has no [hub] section")?.clone();
+    let me = identity::load(&cfg.state_dir)?;
+    std::fs::create_dir_all(&cfg.runtime_dir)
+        .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
+    let IpNet::V4(pool) = h.pool else {
+        bail!("hub.pool: only IPv4 pools are supported for now");
+    };
+    let mut hosts = pool.hosts();
+    let hub_addr: Ipv4Addr = hosts.next().context("hub.pool has no host addresses")?;
+    sys::sysctl("net/ipv4/ip_forward", "1")?;
+    let tun = sys::tun(&h.tun_name, h.mtu, Some((hub_addr, pool.prefix_len())))?;
+    let nl = Netlink::new()?;
+    let tun_index = nl.link(&h.tun_name).await?.context("TUN vanished")?.index;
+
+    let mut devices = Vec::new();
+    for d in &h.devices {
+        let d = d.get_ref();
+        let address = IpAddr::V4(hosts.next().context("hub.pool exhausted")?);
+        for p in &d.lan {
+            nl.route_prefix(*p, tun_index, 254).await?;
+        }
+        let mut accept = d.lan.clone();
+        accept.push(IpNet::from(address));
+        let bond = Bond::new(
+            tun.clone(),
+            SchedulerConfig {
+                mode: sched_mode(h.mode),
+                ..Default::default()
+            },
+            Some(accept),
+            cancel.child_token(),
+        );
+        bond.set_icmp_source(IpAddr::V4(hub_addr));
+        devices.push(Arc::new(Device {
+            name: d.name.clone(),
+            identity: d.identity.clone(),
+            address,
+            lan: d.lan.clone(),
+            pos: d.pos_sources.clone(),
+            bond,
+        }));
+    }
+    let devices = Arc::new(devices);
+    let allow: identity::AllowList = Arc::new(RwLock::new(
+        devices.iter().map(|d| d.identity.clone()).collect(),
+    ));
+    let refused = Arc::new(AtomicU64::new(0));
+    let server = identity::server_config(&me, allow, refused.clone())?;
+    let endpoint = quinn::Endpoint::server(server, h.listen)
+        .with_context(|| format!("listening on {}", h.listen))?;
+    tracing::info!(identity = %me.id, listen = %h.listen, "hub running");
+
+    let epoch: u64 = rand::random();
+    let (d, ep) = (devices.clone(), endpoint.clone());
+    let acceptor = tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let d = d.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve(incoming, d, epoch).await {
+                    tracing::debug!("connection: {e:#}");
+                }
+            });
+        }
+    });
+    let (d, t) = (devices.clone(), tun.clone());
+    let mss = h.mtu.saturating_sub(40);
+    let reader = tokio::spawn(async move { tun_reader(d, t, mss).await });
+
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => break,
+        }
+        let bonds: serde_json::Map<String, serde_json::Value> = devices
+            .iter()
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    serde_json::to_value(d.bond.status()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let any_online = devices.iter().any(|d| d.bond.online());
+        let doc = Status {
+            version: 1,
+            role: "hub".into(),
+            state: if any_online { "online" } else { "offline" }.into(),
+            fallback_active: false,
+            tunnel_address: Some(hub_addr.to_string()),
+            refused_handshakes: refused.load(Ordering::Relaxed),
+            bonds: serde_json::Value::Object(bonds),
+        };
+        if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
+            tracing::warn!("status: {e:#}");
+        }
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+    acceptor.abort();
+    reader.abort();
+    nl.revert().await;
+    Ok(())
+}
+
+/// Admits one connection into its device's bond for as long as it lives.
+async fn serve(
+    incoming: quinn::Incoming,
+    devices: Arc<Vec<Arc<Device>>>,
+    epoch: u64,
+) -> Result<()> {
+    let conn = incoming.await.context("handshake")?;
+    let peer = conn
+        .peer_identity()
+        .and_then(|p| {
+            p.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().map(|c| identity::identity_of(c)))
+        .context("no client certificate")?;
+    let Some(dev) = devices.iter().find(|d| d.identity == peer).cloned() else {
+        conn.close(1u32.into(), b"");
+        bail!("unknown identity {peer}");
+    };
+    let address = dev.address;
+    let hello = session::welcome(&conn, |_| {
+        Ok(Welcome {
+            version: 1,
+            epoch,
+            address,
+        })
+    })
+    .await?;
+    tracing::info!(device = %dev.name, link = %hello.link, remote = %conn.remote_address(), "uplink joined");
+    dev.bond.peer_epoch(hello.epoch);
+    let id = dev.bond.add_link(&hello.link, false);
+    dev.bond.attach(id, conn.clone());
+    let reason = conn.closed().await;
+    tracing::info!(device = %dev.name, link = %hello.link, "uplink left: {reason}");
+    dev.bond.remove_link(id);
+    Ok(())
+}
+
+async fn tun_reader(
+    devices: Arc<Vec<Arc<Device>>>,
+    tun: Arc<tun::AsyncDevice>,
+    mss: u16,
+) -> Result<()> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = tun.recv(&mut buf).await.context("TUN read")?;
+        let pkt = &mut buf[..n];
+        let Some((_, dst)) = packet::addrs(pkt) else {
+            continue;
+        };
+        let Some(dev) = devices.iter().find(|d| d.owns(dst)) else {
+            continue;
+        };
+        packet::clamp_mss(pkt, mss);
+        let class = if dev.pos.iter().any(|p| p.contains(&dst)) {
+            Class::Pos
+        } else {
+            Class::Bulk
+        };
+        dev.bond.send(class, Bytes::copy_from_slice(pkt));
+    }
+}

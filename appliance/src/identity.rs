@@ -1,0 +1,334 @@
+//! Device identity: an Ed25519 key and a self-signed certificate in the state directory,
+//! and the TLS 1.3 configurations that authenticate both ends by *pinned identity*.
+//!
+//! An identity is `sn1:` followed by the hex SHA-256 of the device certificate. The hub
+//! admits only listed identities; the edge accepts only the pinned hub identity.
+//! Certificate dates are never checked: a Pi without a real-time clock may boot days
+//! wrong, and a pinned key says all that dates would.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+pub const ALPN: &[u8] = b"stallnet/1";
+/// The name the edge asks for; the hub certificate's SAN. Authentication is by pin.
+pub const HUB_NAME: &str = "stallnet-hub";
+const KEY_FILE: &str = "device.key";
+const CERT_FILE: &str = "device.crt";
+
+pub struct Identity {
+    pub cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+    pub id: String,
+}
+
+/// `sn1:` + hex SHA-256 of a certificate.
+pub fn identity_of(cert: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, cert);
+    let mut s = String::with_capacity(68);
+    s.push_str("sn1:");
+    for b in d.as_ref() {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn paths(state_dir: &Path) -> (PathBuf, PathBuf) {
+    (state_dir.join(KEY_FILE), state_dir.join(CERT_FILE))
+}
+
+/// Creates the device key and certificate. Refuses to overwrite unless `force`.
+pub fn keygen(state_dir: &Path, force: bool) -> Result<Identity> {
+    let (key_path, cert_path) = paths(state_dir);
+    if key_path.exists() && !force {
+        bail!(
+            "{} exists; a new key changes this device's identity (use --force)",
+            key_path.display()
+        );
+    }
+    fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).context("generating key")?;
+    let mut params = rcgen::CertificateParams::new(vec![HUB_NAME.to_string()])
+        .context("certificate parameters")?;
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    // Far-apart dates: they are never checked, but some tools print them.
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2999, 1, 1);
+    let cert = params.self_signed(&key).context("self-signing")?;
+    write_private(&key_path, key.serialize_pem().as_bytes())?;
+    write_private(&cert_path, cert.pem().as_bytes())?;
+    load(state_dir)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Loads the device identity written by [`keygen`].
+pub fn load(state_dir: &Path) -> Result<Identity> {
+    let (key_path, cert_path) = paths(state_dir);
+    let key_pem = fs::read_to_string(&key_path).with_context(|| {
+        format!(
+            "reading {} (run `stallnet keygen` first)",
+            key_path.display()
+        )
+    })?;
+    let cert_pem = fs::read_to_string(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem).context("parsing device key")?;
+    let cert_der = pem_der(&cert_pem).context("parsing device certificate")?;
+    Ok(Identity {
+        id: identity_of(&cert_der),
+        cert: CertificateDer::from(cert_der),
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+    })
+}
+
+fn pem_der(pem: &str) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .context("certificate base64")
+}
+
+/// ring with ChaCha20-Poly1305 first: a Pi 4 has no AES instructions.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
+    Arc::new(p)
+}
+
+/// Shared set of identities the hub admits, replaceable on reload.
+pub type AllowList = Arc<RwLock<HashSet<String>>>;
+
+#[derive(Debug)]
+struct PinnedServer {
+    pins: HashSet<String>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.pins.contains(&identity_of(end_entity)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct AllowedClients {
+    allow: AllowList,
+    refused: Arc<AtomicU64>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AllowedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let id = identity_of(end_entity);
+        let known = self.allow.read().map(|a| a.contains(&id)).unwrap_or(false);
+        if known {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(identity = %id, "refused unknown device");
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Transport settings shared by both ends: a small datagram buffer (our own queues sit in
+/// front of quinn), keep-alives that outlive cellular NAT timeouts, and an MTU that fits a
+/// 1280-byte tunnel packet from the start.
+pub fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.datagram_send_buffer_size(32 * 1024)
+        .datagram_receive_buffer_size(Some(2 * 1024 * 1024))
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .initial_mtu(1350)
+        .max_concurrent_uni_streams(0u32.into())
+        .max_concurrent_bidi_streams(4u32.into());
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// QUIC client configuration for the edge: our certificate, the hub pinned.
+pub fn client_config(me: &Identity, hub_pins: &[String]) -> Result<quinn::ClientConfig> {
+    let prov = provider();
+    let verifier = Arc::new(PinnedServer {
+        pins: hub_pins.iter().cloned().collect(),
+        algs: prov.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(prov)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(
+            vec![me.cert.clone()],
+            PrivateKeyDer::Pkcs8(me.key.clone_key()),
+        )
+        .context("client certificate")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client TLS")?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+/// QUIC server configuration for the hub: only `allow`ed identities get through the
+/// handshake; refusals are counted in `refused`.
+pub fn server_config(
+    me: &Identity,
+    allow: AllowList,
+    refused: Arc<AtomicU64>,
+) -> Result<quinn::ServerConfig> {
+    let prov = provider();
+    let verifier = Arc::new(AllowedClients {
+        allow,
+        refused,
+        algs: prov.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(prov)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![me.cert.clone()],
+            PrivateKeyDer::Pkcs8(me.key.clone_key()),
+        )
+        .context("server certificate")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server TLS")?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keygen_writes_private_files_and_a_stable_identity() {
+        let dir = std::env::temp_dir().join(format!("stallnet-id-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let a = keygen(&dir, false).expect("keygen");
+        assert!(stallnet_netconf::is_identity(&a.id), "{}", a.id);
+        let mode = fs::metadata(dir.join(KEY_FILE))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(keygen(&dir, false).is_err(), "must not overwrite");
+        assert_eq!(load(&dir).expect("load").id, a.id);
+        let b = keygen(&dir, true).expect("forced");
+        assert_ne!(a.id, b.id);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
