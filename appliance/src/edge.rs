@@ -235,7 +235,7 @@ async fn nft_masquerade(iface: &str, lan: &[IpNet]) -> Result<()> {
     nft(&format!(
         "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n\
          table ip {NFT_TABLE} {{ chain post {{ type nat hook postrouting priority srcnat; \
-         oifname \"{iface}\" ip saddr {{ {} }} masquerade; }} }}\n",
+         oifname \"{iface}\" ip saddr {{ {} }} masquerade; }}\n}}\n",
         srcs.join(", ")
     ))
     .await

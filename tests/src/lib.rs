@@ -1,1 +1,2 @@
-
+pub mod linkemu;
+pub mod topo;

@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::link::LinkFlags;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use netlink_packet_route::rule::RuleMessage;
+use netlink_packet_route::rule::{RuleAction, RuleMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
@@ -34,6 +34,8 @@ enum Added {
 pub struct Netlink {
     handle: Handle,
     added: Mutex<Vec<Added>>,
+    /// One request at a time: concurrent dumps on one socket fail with EBUSY.
+    serial: tokio::sync::Mutex<()>,
 }
 
 impl Netlink {
@@ -44,6 +46,7 @@ impl Netlink {
         Ok(Self {
             handle,
             added: Mutex::new(Vec::new()),
+            serial: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -75,6 +78,7 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<LinkInfo>> {
+        let _serial = self.serial.lock().await;
         let mut req = self.handle.link().get().match_name(name).execute();
         let msg = match req.try_next().await {
             Ok(Some(m)) => m,
@@ -86,10 +90,6 @@ impl Netlink {
         };
         let index = msg.header.index;
         let flags = msg.header.flags;
-        let _ = msg
-            .attributes
-            .iter()
-            .any(|a| matches!(a, LinkAttribute::IfName(_)));
         let carrier = flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp);
         let mut ipv4 = Vec::new();
         let mut addrs = self
@@ -114,6 +114,7 @@ impl Netlink {
 
     /// The gateway of a main-table IPv4 default route through interface `index`.
     pub async fn default_gateway(&self, index: u32) -> Result<Option<Ipv4Addr>> {
+        let _serial = self.serial.lock().await;
         let mut routes = self
             .handle
             .route()
@@ -156,6 +157,7 @@ impl Netlink {
         oif: u32,
         gateway: Option<Ipv4Addr>,
     ) -> Result<()> {
+        let _serial = self.serial.lock().await;
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
             .output_interface(oif)
@@ -177,6 +179,7 @@ impl Netlink {
 
     /// Routes `prefix` out of `oif` in `table` (254 = main).
     pub async fn route_prefix(&self, prefix: IpNet, oif: u32, table: u32) -> Result<()> {
+        let _serial = self.serial.lock().await;
         let msg = match prefix {
             IpNet::V4(p) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(p.addr(), p.prefix_len())
@@ -209,6 +212,7 @@ impl Netlink {
             .v4()
             .fw_mark(mark)
             .table_id(table)
+            .action(RuleAction::ToTable)
             .priority(priority);
         self.add_rule(req.message_mut_clone(), req).await
     }
@@ -222,6 +226,7 @@ impl Netlink {
             .v4()
             .source_prefix(prefix.addr(), prefix.prefix_len())
             .table_id(table)
+            .action(RuleAction::ToTable)
             .priority(priority);
         self.add_rule(req.message_mut_clone(), req).await
     }
@@ -231,6 +236,7 @@ impl Netlink {
         msg: RuleMessage,
         req: rtnetlink::RuleAddRequest<Ipv4Addr>,
     ) -> Result<()> {
+        let _serial = self.serial.lock().await;
         // Remove a leftover identical rule from an earlier run first: rules do not replace.
         let _ = self.handle.rule().del(msg.clone()).execute().await;
         req.execute().await.context("policy rule")?;
@@ -246,6 +252,7 @@ impl Netlink {
 
     /// Removes every rule and route this instance added, newest first.
     pub async fn revert(&self) {
+        let _serial = self.serial.lock().await;
         let added: Vec<Added> = match self.added.lock() {
             Ok(mut v) => v.drain(..).collect(),
             Err(_) => return,

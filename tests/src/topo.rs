@@ -1,0 +1,641 @@
+//! Network-namespace topologies for end-to-end tests, benchmarks and the lab.
+//!
+//! ```text
+//!  lan ── edge ─ wan1 ═ emu1 ═ isp1 ─┐
+//!             └─ wan2 ═ emu2 ═ isp2 ─┼─ inet (servers 198.18.0.1) ─ hub
+//!  (═ : the userspace link emulator)  ┘
+//! ```
+//!
+//! Names are unique per topology (a short prefix), so tests run in parallel. Everything is
+//! removed on drop, also when a test panics. The ISPs NAT (carrier-grade NAT), the hub
+//! NATs tunnel traffic to the internet namespace. Edge and hub run the real `stallnet`
+//! binary with configs and keys written into a temporary directory.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub const SERVER: &str = "198.18.0.1";
+pub const HUB_ADDR: &str = "172.31.0.2";
+pub const LAN_CLIENT: &str = "10.1.0.2";
+pub const POS_CLIENT: &str = "10.1.0.10";
+
+/// Path of a binary built by this workspace (`STALLNET_BIN_DIR` overrides).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(d) = std::env::var("STALLNET_BIN_DIR") {
+        return Path::new(&d).join(name);
+    }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| here.join("../target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    target.join("debug").join(name)
+}
+
+/// Fails loudly when the environment cannot host a topology (not root, no `ip`).
+pub fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("network-namespace tests need root (CI runs them as root)");
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Link shape of one emulated uplink.
+#[derive(Debug, Clone)]
+pub struct UplinkSpec {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub rate_kbit: u64,
+    pub delay_ms: f64,
+    pub queue_ms: u64,
+}
+
+impl UplinkSpec {
+    pub fn wifi() -> Self {
+        Self {
+            name: "wifi",
+            kind: "wifi",
+            rate_kbit: 20_000,
+            delay_ms: 10.0,
+            queue_ms: 100,
+        }
+    }
+    pub fn cell() -> Self {
+        Self {
+            name: "cell",
+            kind: "cellular",
+            rate_kbit: 10_000,
+            delay_ms: 22.5,
+            queue_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub fallback_direct: bool,
+    /// Leave uplink N's edge-side interface out at start (added later by the test).
+    pub missing_uplink: Option<usize>,
+    pub edge_mode: Option<&'static str>,
+}
+
+pub struct Topology {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub uplinks: Vec<UplinkSpec>,
+    namespaces: Vec<String>,
+    children: Vec<(String, Child)>,
+    pub edge_id: String,
+    pub hub_id: String,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Topology {
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    /// Runs a command in namespace `role`, failing on a non-zero exit.
+    pub fn exec(&self, role: &str, args: &[&str]) -> Result<Output> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.ns(role)])
+            .args(args))
+    }
+
+    /// Starts a long-running process in namespace `role`; killed on drop.
+    pub fn spawn(&mut self, label: &str, role: &str, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{label}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(role)])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning {label}"))?;
+        self.children.push((label.to_string(), child));
+        Ok(())
+    }
+
+    /// Stops a process started with [`Self::spawn`] (SIGTERM, then SIGKILL).
+    pub fn stop(&mut self, label: &str) {
+        if let Some(i) = self.children.iter().position(|(l, _)| l == label) {
+            let (_, mut c) = self.children.remove(i);
+            terminate(&mut c);
+        }
+    }
+
+    pub fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{label}.log"))).unwrap_or_default()
+    }
+
+    /// Builds the namespaces and links; starts emulators; writes keys and configs.
+    pub fn build(specs: Vec<UplinkSpec>, opts: Options) -> Result<Self> {
+        require_root()?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("sn{}x{n}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("stallnet-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut t = Topology {
+            prefix,
+            dir,
+            uplinks: specs.clone(),
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            edge_id: String::new(),
+            hub_id: String::new(),
+        };
+        t.wire(&opts)?;
+        t.keys_and_configs(&opts)?;
+        Ok(t)
+    }
+
+    fn add_ns(&mut self, role: &str) -> Result<()> {
+        let name = self.ns(role);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        self.namespaces.push(name);
+        self.exec(role, &["ip", "link", "set", "lo", "up"])?;
+        self.exec(role, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(())
+    }
+
+    /// A veth pair between two namespaces, offloads off (the emulator sees real frames).
+    pub fn veth(&self, a: (&str, &str), b: (&str, &str)) -> Result<()> {
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            a.1,
+            "netns",
+            &self.ns(a.0),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b.1,
+            "netns",
+            &self.ns(b.0),
+        ]))?;
+        for (role, dev) in [a, b] {
+            let _ = self.exec(
+                role,
+                &[
+                    "ethtool",
+                    "-K",
+                    dev,
+                    "tx",
+                    "off",
+                    "gro",
+                    "off",
+                    "gso",
+                    "off",
+                    "tso",
+                    "off",
+                    "tx-udp-segmentation",
+                    "off",
+                ],
+            );
+            self.exec(role, &["ip", "link", "set", "dev", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    fn addr(&self, role: &str, dev: &str, cidr: &str) -> Result<()> {
+        self.exec(role, &["ip", "addr", "add", cidr, "dev", dev])?;
+        Ok(())
+    }
+
+    fn wire(&mut self, opts: &Options) -> Result<()> {
+        for role in ["lan", "edge", "inet", "hub"] {
+            self.add_ns(role)?;
+        }
+        // LAN: an ordinary client and a POS terminal address on the same segment.
+        self.veth(("lan", "eth0"), ("edge", "lan0"))?;
+        self.addr("lan", "eth0", "10.1.0.2/24")?;
+        self.addr("lan", "eth0", "10.1.0.10/24")?;
+        self.addr("edge", "lan0", "10.1.0.1/24")?;
+        self.exec("lan", &["ip", "route", "add", "default", "via", "10.1.0.1"])?;
+        // Internet: servers on loopback; the hub on its own segment, NATing tunnel traffic.
+        self.exec("inet", &["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"])?;
+        self.veth(("inet", "hub"), ("hub", "eth0"))?;
+        self.addr("inet", "hub", "172.31.0.1/24")?;
+        self.addr("hub", "eth0", "172.31.0.2/24")?;
+        self.exec(
+            "hub",
+            &["ip", "route", "add", "default", "via", "172.31.0.1"],
+        )?;
+        self.nft(
+            "hub",
+            "table ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"eth0\" masquerade; }\n}",
+        )?;
+        for i in 1..=self.uplinks.len() {
+            let (emu, isp) = (format!("emu{i}"), format!("isp{i}"));
+            self.add_ns(&emu)?;
+            self.add_ns(&isp)?;
+            let wan = format!("wan{i}");
+            if opts.missing_uplink != Some(i) {
+                self.veth(("edge", &wan), (&emu, "toedge"))?;
+                self.edge_uplink_addr(i)?;
+            }
+            self.veth((&emu, "toisp"), (&isp, "cust"))?;
+            self.addr(&isp, "cust", &format!("100.64.{i}.1/24"))?;
+            self.veth((&isp, "wan"), ("inet", &isp))?;
+            self.addr(&isp, "wan", &format!("172.16.{i}.2/30"))?;
+            self.addr("inet", &isp, &format!("172.16.{i}.1/30"))?;
+            self.exec(
+                &isp,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("172.16.{i}.1"),
+                ],
+            )?;
+            self.nft(
+                &isp,
+                "table ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }\n}",
+            )?;
+            if opts.missing_uplink != Some(i) {
+                self.start_emulator(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Addresses and a default route (as DHCP would give) on the edge's uplink `i`.
+    fn edge_uplink_addr(&self, i: usize) -> Result<()> {
+        let wan = format!("wan{i}");
+        self.addr("edge", &wan, &format!("100.64.{i}.2/24"))?;
+        self.exec(
+            "edge",
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("100.64.{i}.1"),
+                "dev",
+                &wan,
+                "metric",
+                &format!("{}", 100 * i),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Plugs in uplink `i` that was left out at build time (a USB dongle arriving).
+    pub fn plug_uplink(&mut self, i: usize) -> Result<()> {
+        self.veth(("edge", &format!("wan{i}")), (&format!("emu{i}"), "toedge"))?;
+        self.start_emulator(i)?;
+        self.edge_uplink_addr(i)
+    }
+
+    fn start_emulator(&mut self, i: usize) -> Result<()> {
+        let s = self.uplinks[i - 1].clone();
+        let sock = self.emu_socket(i);
+        let emu = bin("stallnet-linkemu");
+        let args = [
+            format!("rate_kbit={}", s.rate_kbit),
+            format!("delay_ms={}", s.delay_ms),
+            format!("queue_ms={}", s.queue_ms),
+        ];
+        let mut argv: Vec<&str> = vec![
+            emu.to_str().context("path")?,
+            "toedge",
+            "toisp",
+            sock.to_str().context("path")?,
+        ];
+        argv.extend(args.iter().map(String::as_str));
+        self.spawn(&format!("emu{i}"), &format!("emu{i}"), &argv)?;
+        wait_for(Duration::from_secs(5), || Ok(sock.exists()))
+            .context("link emulator did not start")?;
+        Ok(())
+    }
+
+    fn emu_socket(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("emu{i}.sock"))
+    }
+
+    /// Sends a command to uplink `i`'s emulator (`set blackhole=1`, `outage 500`, …).
+    pub fn emu(&self, i: usize, cmd: &str) -> Result<String> {
+        let mut s = UnixStream::connect(self.emu_socket(i)).context("emulator control")?;
+        writeln!(s, "{cmd}")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        let line = line.trim().to_string();
+        if line.starts_with("error") {
+            bail!("emulator: {line}");
+        }
+        Ok(line)
+    }
+
+    pub fn nft(&self, role: &str, script: &str) -> Result<()> {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("nft (apt-get install nftables)")?;
+        c.stdin
+            .take()
+            .context("stdin")?
+            .write_all(script.as_bytes())?;
+        if !c.wait()?.success() {
+            bail!("nft failed in {role}: {script}");
+        }
+        Ok(())
+    }
+
+    /// A silent black hole inside ISP `i` (carrier stays up): an nft drop.
+    pub fn isp_blackhole(&self, i: usize, on: bool) -> Result<()> {
+        let isp = format!("isp{i}");
+        if on {
+            self.nft(
+                &isp,
+                "table inet hole { chain fwd { type filter hook forward priority 0; drop; }\n}",
+            )
+        } else {
+            self.nft(&isp, "delete table inet hole")
+        }
+    }
+
+    /// Carrier loss on uplink `i` (the emulator's edge-facing end goes down).
+    pub fn carrier(&self, i: usize, up: bool) -> Result<()> {
+        self.exec(
+            &format!("emu{i}"),
+            &[
+                "ip",
+                "link",
+                "set",
+                "dev",
+                "toedge",
+                if up { "up" } else { "down" },
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Changes the ISP's NAT mapping for uplink `i` (a carrier-NAT rebinding): the
+    /// masquerade moves to a different port range and existing mappings are flushed.
+    pub fn rebind_nat(&self, i: usize) -> Result<()> {
+        let isp = format!("isp{i}");
+        self.nft(
+            &isp,
+            "flush table ip nat\ntable ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade to :40000-40999; }\n}",
+        )?;
+        self.exec(&isp, &["conntrack", "-F"])?;
+        Ok(())
+    }
+
+    fn keys_and_configs(&mut self, opts: &Options) -> Result<()> {
+        let stallnet = bin("stallnet");
+        let keygen = |dir: &Path| -> Result<String> {
+            let out = run(Command::new(&stallnet)
+                .arg("keygen")
+                .arg("--state-dir")
+                .arg(dir))?;
+            Ok(String::from_utf8(out.stdout)?.trim().to_string())
+        };
+        self.edge_id = keygen(&self.dir.join("edge-state"))?;
+        self.hub_id = keygen(&self.dir.join("hub-state"))?;
+        let mut uplinks = String::new();
+        for (i, u) in self.uplinks.iter().enumerate() {
+            uplinks.push_str(&format!(
+                "[[edge.uplinks]]\nname = \"{}\"\ninterface = \"wan{}\"\nkind = \"{}\"\n\n",
+                u.name,
+                i + 1,
+                u.kind
+            ));
+        }
+        let edge = format!(
+            "role = \"edge\"\nstate_dir = \"{d}/edge-state\"\nruntime_dir = \"{d}/edge-run\"\n\n[edge]\n\
+             hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
+             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n\n{uplinks}",
+            d = self.dir.display(),
+            hub = self.hub_id,
+            fb = if opts.fallback_direct { "direct" } else { "none" },
+            mode = opts.edge_mode.unwrap_or("aggregate"),
+        );
+        std::fs::write(self.dir.join("edge.toml"), edge)?;
+        let hub = format!(
+            "role = \"hub\"\nstate_dir = \"{d}/hub-state\"\nruntime_dir = \"{d}/hub-run\"\n\n[hub]\n\
+             listen = \"0.0.0.0:4433\"\npool = \"10.99.0.0/24\"\n\n[[hub.devices]]\nname = \"stall\"\n\
+             identity = \"{edge}\"\nlan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\n",
+            d = self.dir.display(),
+            edge = self.edge_id,
+        );
+        std::fs::write(self.dir.join("hub.toml"), hub)?;
+        Ok(())
+    }
+
+    pub fn start_hub(&mut self) -> Result<()> {
+        let cfg = self.dir.join("hub.toml");
+        let b = bin("stallnet");
+        self.spawn(
+            "hub",
+            "hub",
+            &[
+                b.to_str().context("path")?,
+                "run",
+                "--config",
+                cfg.to_str().context("path")?,
+            ],
+        )
+    }
+
+    pub fn start_edge(&mut self) -> Result<()> {
+        let cfg = self.dir.join("edge.toml");
+        let b = bin("stallnet");
+        self.spawn(
+            "edge",
+            "edge",
+            &[
+                b.to_str().context("path")?,
+                "run",
+                "--config",
+                cfg.to_str().context("path")?,
+            ],
+        )
+    }
+
+    /// Starts hub and edge and waits until every present uplink is up.
+    pub fn start(&mut self) -> Result<()> {
+        self.start_hub()?;
+        self.start_edge()?;
+        let want = self.uplinks.len();
+        self.wait_status("edge", Duration::from_secs(20), |s| {
+            up_links(s, "hub") == want
+        })
+        .with_context(|| {
+            format!(
+                "edge did not come up; edge log:\n{}\nhub log:\n{}",
+                self.log("edge"),
+                self.log("hub")
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The status document of `edge` or `hub`.
+    pub fn status(&self, role: &str) -> Result<serde_json::Value> {
+        let p = self.dir.join(format!("{role}-run")).join("status.json");
+        let text = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(serde_json::from_slice(&text)?)
+    }
+
+    /// Waits until `pred` holds for the status of `role`.
+    pub fn wait_status(
+        &self,
+        role: &str,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = self.status(role) {
+                if pred(&s) {
+                    return Ok(s);
+                }
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "{role} status condition not met within {limit:?}; last: {}",
+                    self.status(role).map(|s| s.to_string()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the UDP echo server in the internet namespace on `port`.
+    pub fn start_echo(&mut self, port: u16) -> Result<()> {
+        let t = bin("stallnet-traffic");
+        self.spawn(
+            &format!("echo{port}"),
+            "inet",
+            &[
+                t.to_str().context("path")?,
+                "udp-echo",
+                &format!("{SERVER}:{port}"),
+            ],
+        )
+    }
+
+    /// Runs a UDP flow from the LAN (source `from`) to the echo server; returns its summary.
+    pub fn udp_flow(
+        &self,
+        from: &str,
+        port: u16,
+        pps: u32,
+        secs: f64,
+    ) -> Result<serde_json::Value> {
+        let t = bin("stallnet-traffic");
+        let out = self.exec(
+            "lan",
+            &[
+                t.to_str().context("path")?,
+                "udp-flow",
+                &format!("{SERVER}:{port}"),
+                &format!("{from}:0"),
+                &pps.to_string(),
+                &secs.to_string(),
+            ],
+        )?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// Number of uplinks in state `up` in bond `bond` of a status document.
+pub fn up_links(s: &serde_json::Value, bond: &str) -> usize {
+    s["bonds"][bond]["links"]
+        .as_array()
+        .map_or(0, |l| l.iter().filter(|l| l["state"] == "up").count())
+}
+
+/// State of the uplink named `name` in an edge status document.
+pub fn link_state(s: &serde_json::Value, name: &str) -> String {
+    s["bonds"]["hub"]["links"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == name))
+        .and_then(|l| l["state"].as_str())
+        .unwrap_or("missing")
+        .to_string()
+}
+
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("condition not met within {limit:?}")
+}
+
+fn terminate(c: &mut Child) {
+    if let Ok(pid) = i32::try_from(c.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for (_, c) in self.children.iter_mut().rev() {
+            terminate(c);
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "topology {} kept its logs in {}",
+                self.prefix,
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
