@@ -245,12 +245,15 @@ impl ClientCertVerifier for AllowedClients {
 /// 1280-byte tunnel packet from the start.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.datagram_send_buffer_size(32 * 1024)
+    t.datagram_send_buffer_size(8 * 1024)
         .datagram_receive_buffer_size(Some(2 * 1024 * 1024))
         .keep_alive_interval(Some(Duration::from_secs(2)))
         .initial_mtu(1350)
         .max_concurrent_uni_streams(0u32.into())
-        .max_concurrent_bidi_streams(4u32.into());
+        .max_concurrent_bidi_streams(4u32.into())
+        // BBR paces at the measured bottleneck rate instead of filling the modem's buffer
+        // (Cubic would add the whole queue to every tunnelled packet's delay).
+        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));
     }

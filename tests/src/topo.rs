@@ -34,7 +34,7 @@ pub fn bin(name: &str) -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| here.join("../target"));
-    for profile in ["release", "debug"] {
+    for profile in ["debug", "release"] {
         let p = target.join(profile).join(name);
         if p.exists() {
             return p;
@@ -381,7 +381,7 @@ impl Topology {
         if on {
             self.nft(
                 &isp,
-                "table inet hole { chain fwd { type filter hook forward priority 0; drop; }\n}",
+                "table inet hole { chain f { type filter hook forward priority 0; policy drop; }\n}",
             )
         } else {
             self.nft(&isp, "delete table inet hole")
@@ -410,7 +410,7 @@ impl Topology {
         let isp = format!("isp{i}");
         self.nft(
             &isp,
-            "flush table ip nat\ntable ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade to :40000-40999; }\n}",
+            "flush table ip nat\ntable ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"wan\" meta l4proto { tcp, udp } masquerade to :40000-40999; oifname \"wan\" masquerade; }\n}",
         )?;
         self.exec(&isp, &["conntrack", "-F"])?;
         Ok(())

@@ -71,6 +71,8 @@ pub struct LinkHealth {
     min_rtt: Option<Duration>,
     loss: f64,
     capacity_bps: f64,
+    /// Latest smoothed RTT reported by QUIC (updated on every acknowledgement).
+    transport_rtt: Option<Duration>,
     outstanding: VecDeque<(u32, Instant)>,
     next_probe_id: u32,
     next_probe_at: Instant,
@@ -94,6 +96,7 @@ impl LinkHealth {
             min_rtt: None,
             loss: 0.0,
             capacity_bps: 0.0,
+            transport_rtt: None,
             outstanding: VecDeque::new(),
             next_probe_id: 1,
             next_probe_at: now,
@@ -113,6 +116,11 @@ impl LinkHealth {
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
     }
+    /// The most recent RTT estimate: QUIC's (updated per acknowledgement) when it has one,
+    /// else the probes'.
+    pub fn current_rtt(&self) -> Option<Duration> {
+        self.transport_rtt.or(self.srtt)
+    }
     pub fn min_rtt(&self) -> Option<Duration> {
         self.min_rtt
     }
@@ -124,6 +132,14 @@ impl LinkHealth {
     pub fn loss(&self) -> f64 {
         self.loss
     }
+    /// How far the transport's RTT stands above the link's minimum: the standing queue.
+    pub fn queue_delay(&self) -> Duration {
+        match (self.transport_rtt, self.min_rtt) {
+            (Some(r), Some(m)) => r.saturating_sub(m),
+            _ => Duration::ZERO,
+        }
+    }
+
     pub fn capacity_bps(&self) -> f64 {
         self.capacity_bps
     }
@@ -240,11 +256,14 @@ impl LinkHealth {
         }
     }
 
-    /// Congestion window and RTT from QUIC's path statistics give a capacity estimate.
+    /// Congestion window and RTT from QUIC's path statistics: a capacity estimate, and
+    /// the queueing delay this link currently adds (RTT above its minimum).
     pub fn on_path_stats(&mut self, cwnd_bytes: u64, rtt: Duration) {
         if rtt.is_zero() {
             return;
         }
+        self.transport_rtt = Some(rtt);
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
         let sample = cwnd_bytes as f64 * 8.0 / rtt.as_secs_f64();
         self.capacity_bps = if self.capacity_bps == 0.0 {
             sample
@@ -255,6 +274,7 @@ impl LinkHealth {
 
     fn go_down(&mut self, now: Instant) {
         self.outstanding.clear();
+        self.transport_rtt = None;
         if self.state != LinkState::Down {
             self.set_state(LinkState::Down, now);
         }
@@ -461,6 +481,17 @@ mod tests {
             t += ms(5);
         }
         assert_eq!(h.state(), LinkState::Up);
+    }
+
+    #[test]
+    fn queue_delay_is_rtt_above_the_minimum() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        h.on_path_stats(100_000, ms(41));
+        assert!(h.queue_delay() <= ms(1));
+        h.on_path_stats(100_000, ms(95));
+        let q = h.queue_delay();
+        assert!(q >= ms(54) && q <= ms(56), "{q:?}");
     }
 
     #[test]

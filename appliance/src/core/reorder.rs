@@ -6,11 +6,33 @@
 //! uplinks' RTT spread; then the buffered packets behind it are released. A packet that
 //! arrives after its gap was skipped is still delivered once (TCP prefers late to lost); a
 //! second copy of any sequence number inside the window is dropped.
+//!
+//! Fast loss detection: each uplink delivers in order, so once every uplink that carried
+//! traffic recently has delivered a sequence number beyond a gap, the gap cannot still be
+//! in flight and is skipped at once instead of waiting out the hold. This keeps one lost
+//! packet from stalling every flow for the whole hold.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+const HOLD_MIN: Duration = Duration::from_millis(5);
+const HOLD_MAX: Duration = Duration::from_millis(200);
+const HOLD_MARGIN: Duration = Duration::from_millis(15);
+
+/// The hold for a set of usable paths given as (RTT, jitter): the time a packet on the
+/// slowest path may trail one on the fastest, plus a margin, capped. None without paths.
+pub fn hold_for(paths: impl Iterator<Item = (Duration, Duration)>) -> Option<Duration> {
+    let (mut lo, mut hi) = (None::<Duration>, None::<Duration>);
+    for (rtt, jitter) in paths {
+        lo = Some(lo.map_or(rtt, |l| l.min(rtt)));
+        let top = rtt + jitter * 2;
+        hi = Some(hi.map_or(top, |h| h.max(top)));
+    }
+    let spread = hi?.saturating_sub(lo?);
+    Some((spread + HOLD_MARGIN).clamp(HOLD_MIN, HOLD_MAX))
+}
 
 /// Sequence numbers remembered behind the release point for duplicate suppression.
 pub const WINDOW: u64 = 8192;
@@ -35,6 +57,8 @@ pub struct Reorder {
     /// Delivered marks for the window `[next - WINDOW, next)`, a ring indexed by seq % WINDOW.
     seen: Vec<u64>,
     started: bool,
+    /// Per uplink: highest sequence number received and when.
+    paths: Vec<(usize, u64, Instant)>,
     stats: ReorderStats,
 }
 
@@ -47,6 +71,7 @@ impl Reorder {
             hold,
             seen: vec![0; (WINDOW / 64) as usize],
             started: false,
+            paths: Vec::new(),
             stats: ReorderStats::default(),
         }
     }
@@ -81,8 +106,50 @@ impl Reorder {
         self.seen[w] & b != 0
     }
 
-    /// Accepts a packet; appends what may be released now to `out` in order.
-    pub fn push(&mut self, seq: u64, packet: Bytes, now: Instant, out: &mut Vec<Bytes>) {
+    /// Accepts a packet that arrived on uplink `path`; appends what may be released now to
+    /// `out` in order.
+    pub fn push(
+        &mut self,
+        seq: u64,
+        path: usize,
+        packet: Bytes,
+        now: Instant,
+        out: &mut Vec<Bytes>,
+    ) {
+        match self.paths.iter_mut().find(|p| p.0 == path) {
+            Some(p) => {
+                p.1 = p.1.max(seq);
+                p.2 = now;
+            }
+            None => self.paths.push((path, seq, now)),
+        }
+        self.accept(seq, packet, now, out);
+        self.skip_known_lost(now, out);
+    }
+
+    /// Every uplink active within twice the hold has delivered beyond this point.
+    fn frontier(&self, now: Instant) -> Option<u64> {
+        let recent = self.hold * 2;
+        self.paths
+            .iter()
+            .filter(|p| now.saturating_duration_since(p.2) <= recent)
+            .map(|p| p.1)
+            .min()
+    }
+
+    fn skip_known_lost(&mut self, now: Instant, out: &mut Vec<Bytes>) {
+        let Some(frontier) = self.frontier(now) else {
+            return;
+        };
+        while let Some((&first, _)) = self.buf.first_key_value() {
+            if self.next >= frontier || first > frontier {
+                break;
+            }
+            self.skip_to_first(out);
+        }
+    }
+
+    fn accept(&mut self, seq: u64, packet: Bytes, now: Instant, out: &mut Vec<Bytes>) {
         if !self.started {
             self.started = true;
             self.next = seq;
@@ -185,6 +252,9 @@ impl Reorder {
 
     /// Releases packets whose gap has been waited for long enough.
     pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Bytes>) {
+        self.paths
+            .retain(|p| now.saturating_duration_since(p.2) <= Duration::from_secs(10));
+        self.skip_known_lost(now, out);
         while let Some(due) = self.poll_timeout() {
             if due > now {
                 break;
@@ -222,12 +292,21 @@ mod tests {
     }
 
     #[test]
+    fn hold_follows_the_rtt_spread_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(hold_for(std::iter::empty()), None);
+        assert_eq!(hold_for([(ms(20), ms(0))].into_iter()), Some(ms(15)));
+        assert_eq!(hold_for([(ms(20), ms(1)), (ms(45), ms(2))].into_iter()), Some(ms(44)));
+        assert_eq!(hold_for([(ms(20), ms(0)), (ms(900), ms(0))].into_iter()), Some(ms(200)));
+    }
+
+    #[test]
     fn in_order_passes_straight_through() {
         let t = Instant::now();
         let mut r = Reorder::new(64, Duration::from_millis(50));
         let mut out = vec![];
         for s in 10..20 {
-            r.push(s, b(s), t, &mut out);
+            r.push(s, 0, b(s), t, &mut out);
         }
         assert_eq!(seqs(&out), (10..20).collect::<Vec<_>>());
         assert_eq!(r.held(), 0);
@@ -238,8 +317,9 @@ mod tests {
         let t = Instant::now();
         let mut r = Reorder::new(64, Duration::from_millis(50));
         let mut out = vec![];
-        for s in [0, 2, 3, 1, 5, 4] {
-            r.push(s, b(s), t, &mut out);
+        // Two in-order paths: evens on path 0, odds on path 1.
+        for s in [0, 1, 3, 2, 5, 4] {
+            r.push(s, (s % 2) as usize, b(s), t, &mut out);
         }
         assert_eq!(seqs(&out), [0, 1, 2, 3, 4, 5]);
     }
@@ -249,11 +329,11 @@ mod tests {
         let t = Instant::now();
         let mut r = Reorder::new(64, Duration::from_millis(50));
         let mut out = vec![];
-        for s in [0, 1, 1, 0, 3, 3, 2, 3] {
-            r.push(s, b(s), t, &mut out);
+        for (s, path) in [(0, 0), (1, 0), (1, 1), (0, 1), (3, 0), (2, 1), (3, 1)] {
+            r.push(s, path, b(s), t, &mut out);
         }
         assert_eq!(seqs(&out), [0, 1, 2, 3]);
-        assert_eq!(r.stats().duplicates, 4);
+        assert_eq!(r.stats().duplicates, 3);
     }
 
     #[test]
@@ -262,15 +342,15 @@ mod tests {
         let hold = Duration::from_millis(50);
         let mut r = Reorder::new(64, hold);
         let mut out = vec![];
-        r.push(0, b(0), t, &mut out);
-        r.push(2, b(2), t, &mut out);
+        r.push(0, 0, b(0), t, &mut out);
+        r.push(2, 1, b(2), t, &mut out);
         assert_eq!(r.poll_timeout(), Some(t + hold));
         r.handle_timeout(t + Duration::from_millis(49), &mut out);
         assert_eq!(seqs(&out), [0]);
         r.handle_timeout(t + hold, &mut out);
         assert_eq!(seqs(&out), [0, 2]);
-        r.push(1, b(1), t + hold, &mut out);
-        r.push(1, b(1), t + hold, &mut out);
+        r.push(1, 0, b(1), t + hold, &mut out);
+        r.push(1, 0, b(1), t + hold, &mut out);
         assert_eq!(seqs(&out), [0, 2, 1]);
         assert_eq!(r.stats().late, 1);
         assert_eq!(r.stats().duplicates, 1);
@@ -281,13 +361,29 @@ mod tests {
         let t = Instant::now();
         let mut r = Reorder::new(4, Duration::from_secs(10));
         let mut out = vec![];
-        r.push(0, b(0), t, &mut out);
+        r.push(0, 0, b(0), t, &mut out);
         for s in 2..8 {
-            r.push(s, b(s), t, &mut out);
+            r.push(s, 0, b(s), t, &mut out);
         }
         assert!(r.held() <= 4);
         assert_eq!(seqs(&out), [0, 2, 3, 4, 5, 6, 7]);
         assert_eq!(r.next(), 8);
+    }
+
+    #[test]
+    fn a_gap_every_uplink_has_passed_is_skipped_at_once() {
+        let t = Instant::now();
+        let mut r = Reorder::new(64, Duration::from_millis(100));
+        let mut out = vec![];
+        r.push(0, 0, b(0), t, &mut out);
+        r.push(1, 1, b(1), t, &mut out);
+        // 2 was sent on path 0 and lost; 3 arrives on path 1: path 0 may still bring 2.
+        r.push(3, 1, b(3), t, &mut out);
+        assert_eq!(seqs(&out), [0, 1]);
+        // Path 0 delivers 4: 2 cannot be in flight any more on either path.
+        r.push(4, 0, b(4), t, &mut out);
+        assert_eq!(seqs(&out), [0, 1, 3, 4]);
+        assert_eq!(r.held(), 0);
     }
 
     #[test]
@@ -296,7 +392,7 @@ mod tests {
         let mut r = Reorder::new(64, Duration::from_millis(50));
         let mut out = vec![];
         for s in 0..(3 * WINDOW + 5) {
-            r.push(s, b(s), t, &mut out);
+            r.push(s, 0, b(s), t, &mut out);
         }
         assert_eq!(out.len() as u64, 3 * WINDOW + 5);
         assert_eq!(r.stats().duplicates, 0);

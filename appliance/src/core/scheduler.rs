@@ -8,7 +8,16 @@
 //!   each of the best two usable uplinks (lowest RTT first), same sequence number, so the
 //!   receiver keeps whichever arrives first. A silent black hole on one uplink loses nothing.
 //! - `aggregate`: one shared queue pulled by every eligible uplink: usable, not a backup while
-//!   a non-backup is usable, and with an RTT not far above the best one.
+//!   a non-backup is usable, with an RTT not far above the best one, and not already holding
+//!   a standing queue (its transport RTT more than `queue_budget` above its minimum) while
+//!   another link has none. A link whose queue grows stops pulling until it drains, so each
+//!   link is fed at the rate it delivers and no modem buffer fills: aggregation weighted by
+//!   what each link really carries.
+//!
+//! Sequence numbers are given when a packet is *sent* (polled), not when it is queued, so
+//! that every uplink carries strictly increasing numbers even though POS overtakes bulk:
+//! the receiver relies on that to tell a lost packet from a slow one. Both copies of a
+//! redundant packet carry the number the first copy was given.
 //!
 //! No usable uplink: links that are Suspect or Probing may still pull (better a chance than
 //! nothing); Down links never do. A queued packet older than `max_sojourn` is dropped, and the
@@ -32,6 +41,8 @@ pub struct LinkView {
     pub srtt: Option<Duration>,
     /// Administratively disabled or interface absent.
     pub disabled: bool,
+    /// Standing queue the link adds now (transport RTT above its minimum).
+    pub queue_delay: Duration,
 }
 
 impl LinkView {
@@ -41,6 +52,7 @@ impl LinkView {
             backup: false,
             srtt: None,
             disabled: false,
+            queue_delay: Duration::ZERO,
         }
     }
     fn usable(&self) -> bool {
@@ -62,6 +74,8 @@ pub struct SchedulerConfig {
     pub mode: Mode,
     pub max_queue_bytes: usize,
     pub max_sojourn: Duration,
+    /// Standing queue a link may hold and still pull shared traffic.
+    pub queue_budget: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -70,13 +84,17 @@ impl Default for SchedulerConfig {
             mode: Mode::Aggregate,
             max_queue_bytes: 512 * 1024,
             max_sojourn: Duration::from_millis(250),
+            queue_budget: Duration::from_millis(15),
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
+    /// Sequence number; meaningful only on packets returned by [`Scheduler::poll`].
     pub seq: u64,
+    /// Shared by the two copies of a redundant packet.
+    twin: Option<u64>,
     pub class: Class,
     pub packet: Bytes,
     pub enqueued: Instant,
@@ -119,8 +137,14 @@ pub struct Scheduler {
     shared: VecDeque<Queued>,
     queued_bytes: usize,
     next_seq: u64,
+    next_twin: u64,
+    /// Sequence numbers given to the first-sent copy of redundant packets, oldest first.
+    twin_seqs: VecDeque<(u64, u64)>,
     stats: SchedStats,
 }
+
+/// Redundant packets whose second copy may still be waiting (bounded memory).
+const MAX_TWINS: usize = 4096;
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
@@ -130,6 +154,8 @@ impl Scheduler {
             shared: VecDeque::new(),
             queued_bytes: 0,
             next_seq: 0,
+            next_twin: 0,
+            twin_seqs: VecDeque::new(),
             stats: SchedStats::default(),
         }
     }
@@ -204,13 +230,6 @@ impl Scheduler {
             self.stats.dropped_full += 1;
             return Wake::default();
         }
-        let q = Queued {
-            seq: self.next_seq,
-            class,
-            packet,
-            enqueued: now,
-        };
-        self.next_seq += 1;
         self.stats.enqueued += 1;
         let mut wake = Wake::default();
         let redundant = class == Class::Pos || self.cfg.mode == Mode::Redundant;
@@ -218,6 +237,19 @@ impl Scheduler {
             self.best_two()
         } else {
             [None, None]
+        };
+        let twin = if best[1].is_some() {
+            self.next_twin += 1;
+            Some(self.next_twin)
+        } else {
+            None
+        };
+        let q = Queued {
+            seq: 0,
+            twin,
+            class,
+            packet,
+            enqueued: now,
         };
         match best {
             [Some(a), second] => {
@@ -270,7 +302,16 @@ impl Scheduler {
             return wake;
         }
         let best = pool.iter().filter_map(|(_, s)| s.view.srtt).min();
+        let least_queue = pool
+            .iter()
+            .map(|(_, s)| s.view.queue_delay)
+            .min()
+            .unwrap_or_default();
+        let budget = self.cfg.queue_budget.max(least_queue);
         for (i, s) in pool {
+            if s.view.queue_delay > budget {
+                continue;
+            }
             let near = match (best, s.view.srtt) {
                 (Some(b), Some(r)) => r <= b * 2 + Duration::from_millis(40),
                 _ => true,
@@ -282,8 +323,34 @@ impl Scheduler {
         wake
     }
 
-    /// The next packet for `link` to send, if any. Drops packets that waited too long.
+    /// The next packet for `link` to send, if any, with its sequence number. Drops packets
+    /// that waited too long.
     pub fn poll(&mut self, link: LinkId, now: Instant) -> Option<Queued> {
+        let mut q = self.next_for(link, now)?;
+        q.seq = match q.twin {
+            Some(t) => match self.twin_seqs.iter().position(|(id, _)| *id == t) {
+                Some(i) => self.twin_seqs.remove(i).map_or(0, |(_, seq)| seq),
+                None => {
+                    let seq = self.take_seq();
+                    if self.twin_seqs.len() == MAX_TWINS {
+                        self.twin_seqs.pop_front();
+                    }
+                    self.twin_seqs.push_back((t, seq));
+                    seq
+                }
+            },
+            None => self.take_seq(),
+        };
+        Some(q)
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn next_for(&mut self, link: LinkId, now: Instant) -> Option<Queued> {
         let max = self.cfg.max_sojourn;
         let slot = self.links.get_mut(link)?;
         while let Some(q) = slot.private.pop_front() {
@@ -323,7 +390,37 @@ mod tests {
             backup,
             srtt: Some(Duration::from_millis(rtt_ms)),
             disabled: false,
+            queue_delay: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_link_with_a_standing_queue_stops_pulling_while_another_has_none() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(
+            b,
+            LinkView {
+                queue_delay: Duration::from_millis(60),
+                ..up(45, false)
+            },
+        );
+        s.enqueue(Class::Bulk, pkt(0), t);
+        assert_eq!(s.poll(b, t), None);
+        assert!(s.poll(a, t).is_some());
+        // Both queued: the least queued one still pulls (work-conserving).
+        s.update_link(
+            a,
+            LinkView {
+                queue_delay: Duration::from_millis(40),
+                ..up(20, false)
+            },
+        );
+        s.enqueue(Class::Bulk, pkt(1), t);
+        assert_eq!(s.poll(b, t), None);
+        assert!(s.poll(a, t).is_some());
     }
 
     fn pkt(n: u8) -> Bytes {
@@ -380,6 +477,30 @@ mod tests {
         s.update_link(slow, LinkView::down());
         s.enqueue(Class::Bulk, pkt(1), t);
         assert!(s.poll(bk, t).is_some());
+    }
+
+    #[test]
+    fn every_link_carries_increasing_sequence_numbers_even_when_pos_overtakes() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(b, up(30, false));
+        for i in 0..3 {
+            s.enqueue(Class::Bulk, pkt(i), t);
+        }
+        s.enqueue(Class::Pos, pkt(9), t);
+        let mut per_link: [Vec<u64>; 2] = [vec![], vec![]];
+        for l in [a, b, a, b, a, b] {
+            if let Some(q) = s.poll(l, t) {
+                per_link[l].push(q.seq);
+            }
+        }
+        for v in &per_link {
+            assert!(v.windows(2).all(|w| w[0] < w[1]), "{per_link:?}");
+        }
+        // POS went out first on both links with one shared number.
+        assert_eq!(per_link[0][0], per_link[1][0], "{per_link:?}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::core::frame::{Frame, DATA_OVERHEAD};
 use crate::core::health::{HealthConfig, LinkHealth, LinkState};
 use crate::core::packet;
-use crate::core::reorder::{Reorder, ReorderStats};
+use crate::core::reorder::{self, Reorder, ReorderStats};
 use crate::core::scheduler::{LinkId, LinkView, SchedStats, Scheduler, SchedulerConfig};
 use crate::core::Class;
 
@@ -27,8 +27,6 @@ use crate::core::Class;
 pub type Tun = Arc<tun::AsyncDevice>;
 
 const TICK: Duration = Duration::from_millis(5);
-const HOLD_MIN: Duration = Duration::from_millis(5);
-const HOLD_MAX: Duration = Duration::from_millis(150);
 const REORDER_MAX: usize = 2048;
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,7 +81,6 @@ struct State {
     links: Vec<Option<Link>>,
     peer_epoch: Option<u64>,
     next_generation: u64,
-    last_stats: Instant,
 }
 
 pub struct Bond {
@@ -116,7 +113,6 @@ impl Bond {
                 links: Vec::new(),
                 peer_epoch: None,
                 next_generation: 1,
-                last_stats: now,
             }),
             tun,
             accept_src,
@@ -295,6 +291,7 @@ impl Bond {
                 backup: l.backup,
                 srtt: l.health.srtt(),
                 disabled: l.absent,
+                queue_delay: l.health.queue_delay(),
             };
             let wake = st.sched.update_link(id, view);
             wakes.push(wake);
@@ -308,21 +305,13 @@ impl Bond {
                 }
             }
         }
-        // Hold gaps for the RTT spread of usable links (the time a packet on the slower
-        // one may trail), plus a margin for jitter.
-        let rtts: Vec<(Duration, Duration)> = st
+        let paths = st
             .links
             .iter()
             .flatten()
             .filter(|l| l.health.usable())
-            .filter_map(|l| l.health.srtt().map(|r| (r, l.health.jitter())))
-            .collect();
-        if let (Some(lo), Some(hi)) = (
-            rtts.iter().map(|r| r.0).min(),
-            rtts.iter().map(|r| r.0 + r.1 * 2).max(),
-        ) {
-            let hold =
-                (hi.saturating_sub(lo) + Duration::from_millis(10)).clamp(HOLD_MIN, HOLD_MAX);
+            .filter_map(|l| l.health.current_rtt().map(|r| (r, l.health.jitter())));
+        if let Some(hold) = reorder::hold_for(paths) {
             st.reorder.set_hold(hold);
         }
     }
@@ -341,17 +330,11 @@ impl Bond {
             let mut probes = Vec::new();
             {
                 let mut st = self.lock();
-                let stats_due = now.duration_since(st.last_stats) >= Duration::from_millis(100);
-                if stats_due {
-                    st.last_stats = now;
-                }
                 for l in st.links.iter_mut().flatten() {
                     l.health.handle_timeout(now);
                     if let Some(c) = &l.conn {
-                        if stats_due {
-                            let s = c.stats();
-                            l.health.on_path_stats(s.path.cwnd, s.path.rtt);
-                        }
+                        let s = c.stats();
+                        l.health.on_path_stats(s.path.cwnd, s.path.rtt);
                         if let Some(id) = l.health.poll_probe(now) {
                             probes.push((c.clone(), Frame::Probe { id, echo }.to_vec()));
                         }
@@ -473,7 +456,7 @@ impl Bond {
                         l.rx_packets += 1;
                         l.rx_bytes += d.len() as u64;
                     }
-                    st.reorder.push(seq, payload, now, &mut out);
+                    st.reorder.push(seq, id, payload, now, &mut out);
                 }
             }
             self.write_tun(&mut out).await;
