@@ -1,3 +1,3 @@
 pub mod linkemu;
-pub mod topo;
 pub mod sim;
+pub mod topo;

@@ -46,10 +46,13 @@ impl Default for Shape {
     }
 }
 
+/// Frames waiting with their delivery time, the last departure and the last delivery.
+type Fifo = (VecDeque<(Instant, Vec<u8>)>, Instant, Instant);
+
 struct Dir {
     shape: Mutex<Shape>,
     outage_until: Mutex<Option<Instant>>,
-    queue: Mutex<(VecDeque<(Instant, Vec<u8>)>, Instant, Instant)>,
+    queue: Mutex<Fifo>,
     cv: Condvar,
     passed: AtomicU64,
     dropped: AtomicU64,
@@ -84,15 +87,15 @@ impl Dir {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let (ref mut fifo, ref mut last_depart, ref mut last_deliver) = *q;
         let start = (*last_depart).max(now);
-        let depart = if s.rate_kbit == 0 {
-            now
-        } else {
-            let ser = Duration::from_nanos(frame.len() as u64 * 8 * 1_000_000 / s.rate_kbit);
-            if start.duration_since(now) > Duration::from_millis(s.queue_ms) {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
+        let depart = match (frame.len() as u64 * 8 * 1_000_000).checked_div(s.rate_kbit) {
+            None => now,
+            Some(ns) => {
+                if start.duration_since(now) > Duration::from_millis(s.queue_ms) {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                start + Duration::from_nanos(ns)
             }
-            start + ser
         };
         *last_depart = depart;
         let jitter = if s.jitter_ms > 0.0 {
@@ -196,7 +199,7 @@ fn reader(fd: i32, dir: Arc<Dir>) {
         if n < 0 {
             continue;
         }
-        if pkttype == libc::PACKET_OUTGOING as u8 {
+        if pkttype == libc::PACKET_OUTGOING {
             continue;
         }
         dir.admit(buf[..n as usize].to_vec(), &mut rng);

@@ -70,10 +70,20 @@ pub struct Outcome {
 
 enum Ev {
     /// A data frame reaches the receiver over link `l`.
-    Data { l: usize, seq: u64, packet: Bytes },
+    Data {
+        l: usize,
+        seq: u64,
+        packet: Bytes,
+    },
     /// A probe reaches the far end (which answers) / its answer comes back.
-    Probe { l: usize, id: u32 },
-    Ack { l: usize, id: u32 },
+    Probe {
+        l: usize,
+        id: u32,
+    },
+    Ack {
+        l: usize,
+        id: u32,
+    },
 }
 
 struct Wire {
@@ -158,7 +168,8 @@ pub fn run(sc: &Scenario) -> Outcome {
             h.handle_timeout(at(now));
             if let Some(id) = h.poll_probe(at(now)) {
                 let l = &sc.links[i];
-                if carrier[i] && !SimLink::in_window(&l.blackholes, now) && !rng.random_bool(l.loss) {
+                if carrier[i] && !SimLink::in_window(&l.blackholes, now) && !rng.random_bool(l.loss)
+                {
                     ev_n += 1;
                     events.insert((now + l.delay, ev_n), Ev::Probe { l: i, id });
                 }
@@ -175,7 +186,9 @@ pub fn run(sc: &Scenario) -> Outcome {
         // Links pull while their wire is free.
         for (i, l) in sc.links.iter().enumerate() {
             while wires[i].busy_until <= now {
-                let Some(q) = sched.poll(ids[i], at(now)) else { break };
+                let Some(q) = sched.poll(ids[i], at(now)) else {
+                    break;
+                };
                 let bits = (q.packet.len() as u64 + 60) * 8;
                 let ser = Duration::from_nanos(bits * 1_000_000_000 / l.rate_bps);
                 wires[i].busy_until = wires[i].busy_until.max(now) + ser;
@@ -188,24 +201,37 @@ pub fn run(sc: &Scenario) -> Outcome {
                     } else {
                         Duration::from_nanos(rng.random_range(0..l.jitter.as_nanos() as u64))
                     };
-                    let arrive = (wires[i].busy_until + l.delay + jitter).max(wires[i].last_arrival);
+                    let arrive =
+                        (wires[i].busy_until + l.delay + jitter).max(wires[i].last_arrival);
                     wires[i].last_arrival = arrive;
                     ev_n += 1;
-                    events.insert((arrive, ev_n), Ev::Data { l: i, seq: q.seq, packet: q.packet.clone() });
+                    events.insert(
+                        (arrive, ev_n),
+                        Ev::Data {
+                            l: i,
+                            seq: q.seq,
+                            packet: q.packet.clone(),
+                        },
+                    );
                 }
             }
         }
         // Deliver due events.
         let due: Vec<(Duration, u64)> = events.range(..=(now, u64::MAX)).map(|(k, _)| *k).collect();
         for k in due {
-            let Some(ev) = events.remove(&k) else { continue };
+            let Some(ev) = events.remove(&k) else {
+                continue;
+            };
             match ev {
                 Ev::Data { l, seq, packet } => {
                     reorder.push(seq, l, packet, at(now), &mut released);
                 }
                 Ev::Probe { l, id } => {
                     let link = &sc.links[l];
-                    if carrier[l] && !SimLink::in_window(&link.blackholes, now) && !rng.random_bool(link.loss) {
+                    if carrier[l]
+                        && !SimLink::in_window(&link.blackholes, now)
+                        && !rng.random_bool(link.loss)
+                    {
                         ev_n += 1;
                         events.insert((now + link.delay, ev_n), Ev::Ack { l, id });
                     }

@@ -152,6 +152,14 @@ impl Topology {
         }
     }
 
+    /// Process id of a process started with [`Self::spawn`].
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, c)| c.id())
+    }
+
     pub fn log(&self, label: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{label}.log"))).unwrap_or_default()
     }

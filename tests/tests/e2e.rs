@@ -55,8 +55,12 @@ fn flows_through_fault(
         let bulk = s.spawn(move || tr.udp_flow(LAN_CLIENT, 7002, 200, 6.0));
         std::thread::sleep(Duration::from_millis(1500));
         fault(tr)?;
-        let pos = pos.join().map_err(|_| anyhow::anyhow!("pos flow panicked"))??;
-        let bulk = bulk.join().map_err(|_| anyhow::anyhow!("bulk flow panicked"))??;
+        let pos = pos
+            .join()
+            .map_err(|_| anyhow::anyhow!("pos flow panicked"))??;
+        let bulk = bulk
+            .join()
+            .map_err(|_| anyhow::anyhow!("bulk flow panicked"))??;
         Ok((pos, bulk))
     })
 }
@@ -69,9 +73,14 @@ fn silent_black_hole_costs_pos_nothing_and_bulk_a_blink() -> Result<()> {
     assert_eq!(pos["lost"], 0, "POS lost packets: {pos}");
     assert_eq!(pos["duplicates"], 0, "{pos}");
     // Functional bound, not a benchmark: the flow goes on (figures in docs/BENCHMARKS.md).
-    assert!(bulk["max_gap_ms"].as_f64().unwrap_or(f64::MAX) < 1000.0, "{bulk}");
+    assert!(
+        bulk["max_gap_ms"].as_f64().unwrap_or(f64::MAX) < 1000.0,
+        "{bulk}"
+    );
     assert!(bulk["received"].as_u64().unwrap_or(0) >= 1100, "{bulk}");
-    let s = t.wait_status("edge", Duration::from_secs(5), |s| link_state(s, "wifi") != "up")?;
+    let s = t.wait_status("edge", Duration::from_secs(5), |s| {
+        link_state(s, "wifi") != "up"
+    })?;
     assert_eq!(link_state(&s, "cell"), "up", "{s}");
     Ok(())
 }
@@ -82,7 +91,10 @@ fn carrier_loss_costs_pos_nothing() -> Result<()> {
     t.start()?;
     let (pos, bulk) = flows_through_fault(&mut t, |t| t.carrier(1, false))?;
     assert_eq!(pos["lost"], 0, "POS lost packets: {pos}");
-    assert!(bulk["max_gap_ms"].as_f64().unwrap_or(f64::MAX) < 1000.0, "{bulk}");
+    assert!(
+        bulk["max_gap_ms"].as_f64().unwrap_or(f64::MAX) < 1000.0,
+        "{bulk}"
+    );
     let s = t.status("edge")?;
     assert_eq!(link_state(&s, "wifi"), "down", "{s}");
     Ok(())
@@ -93,18 +105,32 @@ fn a_restored_uplink_is_used_again_after_its_hold() -> Result<()> {
     let mut t = Topology::build(two_links(), Options::default())?;
     t.start()?;
     t.isp_blackhole(1, true)?;
-    t.wait_status("edge", Duration::from_secs(5), |s| link_state(s, "wifi") == "down")?;
+    t.wait_status("edge", Duration::from_secs(5), |s| {
+        link_state(s, "wifi") == "down"
+    })?;
     t.isp_blackhole(1, false)?;
-    let probing = t.wait_status("edge", Duration::from_secs(5), |s| link_state(s, "wifi") == "probing")?;
-    assert_eq!(up_links(&probing, "hub"), 1, "not trusted before the hold: {probing}");
-    t.wait_status("edge", Duration::from_secs(15), |s| link_state(s, "wifi") == "up")?;
+    let probing = t.wait_status("edge", Duration::from_secs(5), |s| {
+        link_state(s, "wifi") == "probing"
+    })?;
+    assert_eq!(
+        up_links(&probing, "hub"),
+        1,
+        "not trusted before the hold: {probing}"
+    );
+    t.wait_status("edge", Duration::from_secs(15), |s| {
+        link_state(s, "wifi") == "up"
+    })?;
     // And it carries traffic again.
     t.start_echo(7001)?;
     let before = tx_packets(&t.status("edge")?, "wifi");
     let flow = t.udp_flow(LAN_CLIENT, 7001, 200, 2.0)?;
     assert_eq!(flow["lost"], 0, "{flow}");
     let after = tx_packets(&t.status("edge")?, "wifi");
-    assert!(after - before >= 100, "wifi carried {} packets", after - before);
+    assert!(
+        after - before >= 100,
+        "wifi carried {} packets",
+        after - before
+    );
     Ok(())
 }
 
@@ -127,10 +153,14 @@ fn an_uplink_plugged_in_at_runtime_joins_the_bond() -> Result<()> {
     )?;
     t.start_hub()?;
     t.start_edge()?;
-    let s = t.wait_status("edge", Duration::from_secs(20), |s| link_state(s, "wifi") == "up")?;
+    let s = t.wait_status("edge", Duration::from_secs(20), |s| {
+        link_state(s, "wifi") == "up"
+    })?;
     assert_eq!(link_state(&s, "cell"), "absent", "{s}");
     t.plug_uplink(2)?;
-    t.wait_status("edge", Duration::from_secs(15), |s| link_state(s, "cell") == "up")?;
+    t.wait_status("edge", Duration::from_secs(15), |s| {
+        link_state(s, "cell") == "up"
+    })?;
     Ok(())
 }
 
@@ -206,9 +236,22 @@ fn without_fallback_the_edge_reports_offline_and_nothing_leaks() -> Result<()> {
     t.stop("hub");
     t.wait_status("edge", Duration::from_secs(10), |s| s["state"] == "offline")?;
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.ns("lan"), "ping", "-c", "2", "-W", "1", SERVER])
+        .args([
+            "netns",
+            "exec",
+            &t.ns("lan"),
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            SERVER,
+        ])
         .output()?;
-    assert!(!out.status.success(), "LAN traffic must not leave untunnelled");
+    assert!(
+        !out.status.success(),
+        "LAN traffic must not leave untunnelled"
+    );
     Ok(())
 }
 
@@ -233,10 +276,15 @@ fn tcp_is_aggregated_over_both_uplinks() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let out = t.exec(
         "lan",
-        &["iperf3", "-c", SERVER, "-t", "5", "-P", "4", "-C", "cubic", "-J"],
+        &[
+            "iperf3", "-c", SERVER, "-t", "5", "-P", "4", "-C", "cubic", "-J",
+        ],
     )?;
     let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let mbps = j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6;
+    let mbps = j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6;
     let s = t.status("edge")?;
     let (w, c) = (tx_packets(&s, "wifi"), tx_packets(&s, "cell"));
     // Both uplinks carry a real share, and together more than the faster one alone.

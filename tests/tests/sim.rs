@@ -28,7 +28,11 @@ fn random_scenario(seed: u64) -> (Scenario, usize) {
         .map(|_| {
             let mut l = SimLink::new(r.random_range(5..40), r.random_range(5..60));
             l.jitter = ms(r.random_range(0..5));
-            l.loss = if r.random_bool(0.3) { r.random_range(0.0..0.01) } else { 0.0 };
+            l.loss = if r.random_bool(0.3) {
+                r.random_range(0.0..0.01)
+            } else {
+                0.0
+            };
             l
         })
         .collect();
@@ -47,7 +51,11 @@ fn random_scenario(seed: u64) -> (Scenario, usize) {
         drain: ms(1500),
         pos_interval: ms(10),
         bulk_interval: Duration::from_micros(r.random_range(800..3000)),
-        mode: if r.random_bool(0.2) { Mode::Redundant } else { Mode::Aggregate },
+        mode: if r.random_bool(0.2) {
+            Mode::Redundant
+        } else {
+            Mode::Aggregate
+        },
     };
     (sc, victim)
 }
@@ -122,8 +130,15 @@ fn without_faults_delivery_is_in_order() {
             }
             *m = (*m).max(*id);
         }
-        assert_eq!(out_of_order, 0, "seed {seed}: {out_of_order} out of order ({} late)", out.late);
-        assert!(out.delivered.len() as f64 >= out.sent.len() as f64 * 0.6, "seed {seed}: too little delivered");
+        assert_eq!(
+            out_of_order, 0,
+            "seed {seed}: {out_of_order} out of order ({} late)",
+            out.late
+        );
+        assert!(
+            out.delivered.len() as f64 >= out.sent.len() as f64 * 0.6,
+            "seed {seed}: too little delivered"
+        );
     }
 }
 

@@ -296,8 +296,14 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(hold_for(std::iter::empty()), None);
         assert_eq!(hold_for([(ms(20), ms(0))].into_iter()), Some(ms(15)));
-        assert_eq!(hold_for([(ms(20), ms(1)), (ms(45), ms(2))].into_iter()), Some(ms(44)));
-        assert_eq!(hold_for([(ms(20), ms(0)), (ms(900), ms(0))].into_iter()), Some(ms(200)));
+        assert_eq!(
+            hold_for([(ms(20), ms(1)), (ms(45), ms(2))].into_iter()),
+            Some(ms(44))
+        );
+        assert_eq!(
+            hold_for([(ms(20), ms(0)), (ms(900), ms(0))].into_iter()),
+            Some(ms(200))
+        );
     }
 
     #[test]

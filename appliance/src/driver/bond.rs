@@ -28,6 +28,7 @@ pub type Tun = Arc<tun::AsyncDevice>;
 
 const TICK: Duration = Duration::from_millis(5);
 const REORDER_MAX: usize = 2048;
+const TUN_QUEUE: usize = 4096;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkStatus {
@@ -59,6 +60,7 @@ pub struct BondStatus {
     pub bad_frames: u64,
     pub too_big: u64,
     pub spoofed: u64,
+    pub tun_overflow: u64,
 }
 
 struct Link {
@@ -67,12 +69,26 @@ struct Link {
     conn: Option<quinn::Connection>,
     generation: u64,
     wake: Arc<Notify>,
+    /// Probes and probe answers waiting for the sender (sent before data; never through
+    /// `send_datagram`, which would evict queued data when quinn's buffer is full).
+    control: std::collections::VecDeque<Bytes>,
     backup: bool,
     absent: bool,
     tx_packets: u64,
     tx_bytes: u64,
     rx_packets: u64,
     rx_bytes: u64,
+}
+
+impl Link {
+    /// Queues a control frame for the sender (bounded: a stuck link keeps the newest).
+    fn push_control(&mut self, frame: Vec<u8>) {
+        if self.control.len() >= 16 {
+            self.control.pop_front();
+        }
+        self.control.push_back(Bytes::from(frame));
+        self.wake.notify_one();
+    }
 }
 
 struct State {
@@ -92,6 +108,11 @@ pub struct Bond {
     icmp_source: Mutex<Option<IpAddr>>,
     clock0: Instant,
     health_cfg: HealthConfig,
+    /// Released packets in release order; one writer task empties it into the TUN device.
+    /// Filled only under the state lock, so no two tasks can reorder what the reorder
+    /// buffer put in order.
+    to_tun: tokio::sync::mpsc::Sender<Bytes>,
+    tun_overflow: AtomicU64,
     bad_frames: AtomicU64,
     too_big: AtomicU64,
     spoofed: AtomicU64,
@@ -106,6 +127,15 @@ impl Bond {
         cancel: CancellationToken,
     ) -> Arc<Self> {
         let now = Instant::now();
+        let (to_tun, mut from_bond) = tokio::sync::mpsc::channel::<Bytes>(TUN_QUEUE);
+        let writer_tun = tun.clone();
+        tokio::spawn(async move {
+            while let Some(p) = from_bond.recv().await {
+                if let Err(e) = writer_tun.send(&p).await {
+                    tracing::debug!("tun write: {e}");
+                }
+            }
+        });
         let bond = Arc::new(Self {
             state: Mutex::new(State {
                 sched: Scheduler::new(sched),
@@ -118,6 +148,8 @@ impl Bond {
             accept_src,
             icmp_source: Mutex::new(None),
             clock0: now,
+            to_tun,
+            tun_overflow: AtomicU64::new(0),
             health_cfg: HealthConfig::default(),
             bad_frames: AtomicU64::new(0),
             too_big: AtomicU64::new(0),
@@ -150,6 +182,7 @@ impl Bond {
             conn: None,
             generation: 0,
             wake: Arc::new(Notify::new()),
+            control: std::collections::VecDeque::new(),
             backup,
             absent: false,
             tx_packets: 0,
@@ -327,7 +360,6 @@ impl Bond {
             }
             let now = Instant::now();
             let echo = now.duration_since(self.clock0).as_micros() as u64;
-            let mut probes = Vec::new();
             {
                 let mut st = self.lock();
                 for l in st.links.iter_mut().flatten() {
@@ -336,24 +368,22 @@ impl Bond {
                         let s = c.stats();
                         l.health.on_path_stats(s.path.cwnd, s.path.rtt);
                         if let Some(id) = l.health.poll_probe(now) {
-                            probes.push((c.clone(), Frame::Probe { id, echo }.to_vec()));
+                            l.push_control(Frame::Probe { id, echo }.to_vec());
                         }
                     }
                 }
                 Self::refresh(&mut st, now);
                 st.reorder.handle_timeout(now, &mut out);
+                self.release(&mut out);
             }
-            for (c, p) in probes {
-                let _ = c.send_datagram(Bytes::from(p));
-            }
-            self.write_tun(&mut out).await;
         }
     }
 
-    async fn write_tun(&self, out: &mut Vec<Bytes>) {
+    /// Hands released packets to the TUN writer, in order. Call with the state locked.
+    fn release(&self, out: &mut Vec<Bytes>) {
         for p in out.drain(..) {
-            if let Err(e) = self.tun.send(&p).await {
-                tracing::debug!("tun write: {e}");
+            if self.to_tun.try_send(p).is_err() {
+                self.tun_overflow.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -370,7 +400,24 @@ impl Bond {
                     return;
                 }
                 let wake = l.wake.clone();
-                (st.sched.poll(id, Instant::now()), wake)
+                match st
+                    .links
+                    .get_mut(id)
+                    .and_then(|l| l.as_mut()?.control.pop_front())
+                {
+                    Some(c) => (Err(c), wake),
+                    None => (Ok(st.sched.poll(id, Instant::now())), wake),
+                }
+            };
+            let q = match q {
+                Err(control) => {
+                    if conn.send_datagram_wait(control).await.is_err() {
+                        self.detach(id, generation);
+                        return;
+                    }
+                    continue;
+                }
+                Ok(q) => q,
             };
             let Some(q) = q else {
                 tokio::select! {
@@ -433,8 +480,10 @@ impl Bond {
                     tracing::debug!(link = id, "bad frame: {e}");
                 }
                 Ok(Frame::Probe { id: pid, echo }) => {
-                    let ack = Frame::ProbeAck { id: pid, echo }.to_vec();
-                    let _ = conn.send_datagram(Bytes::from(ack));
+                    let mut st = self.lock();
+                    if let Some(Some(l)) = st.links.get_mut(id) {
+                        l.push_control(Frame::ProbeAck { id: pid, echo }.to_vec());
+                    }
                 }
                 Ok(Frame::ProbeAck { id: pid, .. }) => {
                     let mut st = self.lock();
@@ -457,9 +506,9 @@ impl Bond {
                         l.rx_bytes += d.len() as u64;
                     }
                     st.reorder.push(seq, id, payload, now, &mut out);
+                    self.release(&mut out);
                 }
             }
-            self.write_tun(&mut out).await;
         }
     }
 
@@ -517,6 +566,7 @@ impl Bond {
             bad_frames: self.bad_frames.load(Ordering::Relaxed),
             too_big: self.too_big.load(Ordering::Relaxed),
             spoofed: self.spoofed.load(Ordering::Relaxed),
+            tun_overflow: self.tun_overflow.load(Ordering::Relaxed),
         }
     }
 }

@@ -1,1 +1,241 @@
-fn main() {}
+//! `stallnet-bench`: the benchmark runner. Builds the netns topology, measures, and prints
+//! a Markdown table (and JSON with `--json`). Median of `--runs` runs (default 3).
+//!
+//! Benchmarks: `aggregation`, `blackhole`, `carrier`, `unshaped`, `rss`. Run all, or name
+//! some: `stallnet-bench --runs 3 aggregation blackhole`. Needs root. Build in release
+//! first (`cargo build --release --workspace --bins`); the runner uses the binaries next to
+//! itself.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use stallnet_tests::topo::{Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER};
+
+fn main() -> Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let json = take_flag(&mut args, "--json");
+    let runs: usize = match args.iter().position(|a| a == "--runs") {
+        Some(i) => {
+            let v = args.get(i + 1).context("--runs N")?.parse()?;
+            args.drain(i..=i + 1);
+            v
+        }
+        None => 3,
+    };
+    if std::env::var("STALLNET_BIN_DIR").is_err() {
+        if let Some(dir) = std::env::current_exe()?.parent() {
+            std::env::set_var("STALLNET_BIN_DIR", dir);
+        }
+    }
+    let all = ["aggregation", "blackhole", "carrier", "unshaped", "rss"];
+    let chosen: Vec<&str> = if args.is_empty() {
+        all.to_vec()
+    } else {
+        all.iter()
+            .copied()
+            .filter(|b| args.iter().any(|a| a == b))
+            .collect()
+    };
+    let mut rows: Vec<(String, f64, String, Vec<f64>)> = Vec::new();
+    for b in chosen {
+        for (name, unit, samples) in bench(b, runs)? {
+            let m = median(&samples);
+            eprintln!("{name}: median {m:.1} {unit} of {samples:?}");
+            rows.push((name, m, unit.to_string(), samples));
+        }
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(
+                |(n, m, u, s)| serde_json::json!({"name": n, "median": m, "unit": u, "samples": s}),
+            )
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("| benchmark | median | unit | runs |\n|---|---|---|---|");
+        for (n, m, u, s) in rows {
+            let s: Vec<String> = s.iter().map(|x| format!("{x:.1}")).collect();
+            println!("| {n} | {m:.1} | {u} | {} |", s.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn take_flag(args: &mut Vec<String>, f: &str) -> bool {
+    let had = args.iter().any(|a| a == f);
+    args.retain(|a| a != f);
+    had
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        f64::NAN
+    } else {
+        s[s.len() / 2]
+    }
+}
+
+type Figures = Vec<(String, &'static str, Vec<f64>)>;
+
+fn bench(name: &str, runs: usize) -> Result<Figures> {
+    let mut acc: Vec<(String, &'static str, Vec<f64>)> = Vec::new();
+    for _ in 0..runs {
+        let figs = match name {
+            "aggregation" => aggregation()?,
+            "blackhole" => fault_gap(true)?,
+            "carrier" => fault_gap(false)?,
+            "unshaped" => unshaped()?,
+            "rss" => rss()?,
+            other => anyhow::bail!("unknown benchmark {other}"),
+        };
+        for (n, u, v) in figs {
+            match acc.iter_mut().find(|a| a.0 == n) {
+                Some(a) => a.2.push(v),
+                None => acc.push((n, u, vec![v])),
+            }
+        }
+    }
+    Ok(acc)
+}
+
+fn iperf(t: &mut Topology, reverse: bool, secs: u32, streams: u32) -> Result<f64> {
+    if t.pid("iperf").is_none() {
+        t.spawn("iperf", "inet", &["iperf3", "-s", "-B", SERVER])?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (secs, streams) = (secs.to_string(), streams.to_string());
+    let mut args = vec![
+        "iperf3", "-c", SERVER, "-t", &secs, "-P", &streams, "-C", "cubic", "-J", "-O", "1",
+    ];
+    if reverse {
+        args.push("-R");
+    }
+    let out = t.exec("lan", &args)?;
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6)
+}
+
+/// TCP goodput over 20 + 10 Mbit/s (20 and 45 ms base RTT), 4 cubic flows, as % of 30.
+fn aggregation() -> Result<Vec<(String, &'static str, f64)>> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options::default(),
+    )?;
+    t.start()?;
+    let up = iperf(&mut t, false, 10, 4)?;
+    let down = iperf(&mut t, true, 10, 4)?;
+    Ok(vec![
+        (
+            "aggregation upload goodput".into(),
+            "% of 30 Mbit/s",
+            up / 30.0 * 100.0,
+        ),
+        (
+            "aggregation download goodput".into(),
+            "% of 30 Mbit/s",
+            down / 30.0 * 100.0,
+        ),
+    ])
+}
+
+/// Longest gap in a 200 packet/s UDP flow and POS packets lost when the busiest uplink
+/// (wifi) is black-holed (silently) or loses carrier mid-flow.
+fn fault_gap(silent: bool) -> Result<Vec<(String, &'static str, f64)>> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options::default(),
+    )?;
+    t.start()?;
+    t.start_echo(7001)?;
+    t.start_echo(7002)?;
+    let (pos, bulk) = std::thread::scope(|s| -> Result<_> {
+        let tr = &t;
+        let pos = s.spawn(move || tr.udp_flow(POS_CLIENT, 7001, 100, 6.0));
+        let bulk = s.spawn(move || tr.udp_flow(LAN_CLIENT, 7002, 200, 6.0));
+        std::thread::sleep(Duration::from_millis(2000));
+        if silent {
+            tr.isp_blackhole(1, true)?;
+        } else {
+            tr.carrier(1, false)?;
+        }
+        let pos = pos.join().map_err(|_| anyhow::anyhow!("pos flow"))??;
+        let bulk = bulk.join().map_err(|_| anyhow::anyhow!("flow"))??;
+        Ok((pos, bulk))
+    })?;
+    let kind = if silent {
+        "silent black hole"
+    } else {
+        "carrier loss"
+    };
+    Ok(vec![
+        (
+            format!("{kind}: longest gap, 200 pkt/s flow"),
+            "ms",
+            bulk["max_gap_ms"].as_f64().unwrap_or(f64::NAN),
+        ),
+        (
+            format!("{kind}: POS packets lost"),
+            "packets",
+            pos["lost"].as_f64().unwrap_or(f64::NAN),
+        ),
+    ])
+}
+
+/// iperf3 through stallnet vs plain routing over the same unshaped emulated path.
+fn unshaped() -> Result<Vec<(String, &'static str, f64)>> {
+    let fast = UplinkSpec {
+        name: "wifi",
+        kind: "ethernet",
+        rate_kbit: 0,
+        delay_ms: 0.0,
+        queue_ms: 50,
+    };
+    let mut t = Topology::build(vec![fast.clone()], Options::default())?;
+    t.start()?;
+    let tunnel = iperf(&mut t, false, 8, 4)?;
+    drop(t);
+    let mut p = Topology::build(vec![fast], Options::default())?;
+    // Plain routing: the edge namespace forwards LAN traffic out of wan1 with NAT.
+    p.nft("edge", "table ip plain { chain post { type nat hook postrouting priority srcnat; oifname \"wan1\" masquerade; }\n}")?;
+    let plain = iperf(&mut p, false, 8, 4)?;
+    Ok(vec![
+        ("unshaped: iperf3 through stallnet".into(), "Mbit/s", tunnel),
+        ("unshaped: iperf3 plain routing".into(), "Mbit/s", plain),
+    ])
+}
+
+fn rss_mb(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Edge resident memory idle and under 4-flow TCP load in both directions.
+fn rss() -> Result<Vec<(String, &'static str, f64)>> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options::default(),
+    )?;
+    t.start()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = t.pid("edge").context("edge pid")?;
+    let idle = rss_mb(pid)?;
+    iperf(&mut t, false, 5, 4)?;
+    let up = rss_mb(pid)?;
+    iperf(&mut t, true, 5, 4)?;
+    let load = up.max(rss_mb(pid)?);
+    Ok(vec![
+        ("edge RSS idle".into(), "MB", idle),
+        ("edge RSS after load".into(), "MB", load),
+    ])
+}

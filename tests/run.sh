@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it lacks (Debian packages), builds every binary,
+# then runs unit, simulator and end-to-end tests. Needs root (network namespaces, TUN).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "tests/run.sh: the end-to-end tests need root (network namespaces, TUN devices)" >&2
+  exit 1
+fi
+
+need=()
+command -v nft >/dev/null || need+=(nftables)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v ethtool >/dev/null || need+=(ethtool)
+command -v conntrack >/dev/null || need+=(conntrack)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v ip >/dev/null || need+=(iproute2)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+modprobe tun 2>/dev/null || true
+[ -c /dev/net/tun ] || { echo "tests/run.sh: /dev/net/tun is missing" >&2; exit 1; }
+
+cargo build --workspace --bins
+# End-to-end tests each build a topology of ~10 namespaces; two at a time fit 2 cores.
+cargo test --workspace -- --test-threads 2
