@@ -27,4 +27,4 @@ modprobe tun 2>/dev/null || true
 
 cargo build --workspace --bins
 # End-to-end tests each build a topology of ~10 namespaces; two at a time fit 2 cores.
-cargo test --workspace -- --test-threads 2
+cargo test --workspace --no-fail-fast -- --test-threads 2

@@ -253,7 +253,7 @@ pub fn transport() -> quinn::TransportConfig {
         .max_concurrent_bidi_streams(4u32.into())
         // BBR paces at the measured bottleneck rate instead of filling the modem's buffer
         // (Cubic would add the whole queue to every tunnelled packet's delay).
-        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));
     }

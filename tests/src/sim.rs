@@ -179,7 +179,7 @@ pub fn run(sc: &Scenario) -> Outcome {
                 backup: false,
                 srtt: h.srtt(),
                 disabled: !carrier[i],
-                queue_delay: Duration::ZERO,
+                room: true,
             };
             sched.update_link(ids[i], view);
         }

@@ -4,6 +4,8 @@
 //! byte 0      version (high nibble, = 1) | type (low nibble)
 //! Data:       class u8 | seq u64 BE | IP packet
 //! Probe/Ack:  id u32 BE | echo u64 BE (sender's timestamp, returned unchanged)
+//! Report:     rx_bytes u64 BE | at_us u64 BE (the receiver's UDP byte count on this
+//!             connection and its clock, for the sender's in-flight and rate estimate)
 //! ```
 //!
 //! Decoding is strict: a wrong version, an unknown type or class, a short header or an
@@ -15,10 +17,12 @@ pub const VERSION: u8 = 1;
 /// Bytes a Data frame adds in front of the IP packet.
 pub const DATA_OVERHEAD: usize = 10;
 const PROBE_LEN: usize = 13;
+const REPORT_LEN: usize = 17;
 
 const T_DATA: u8 = 0;
 const T_PROBE: u8 = 1;
 const T_PROBE_ACK: u8 = 2;
+const T_REPORT: u8 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -37,6 +41,11 @@ pub enum Frame<'a> {
         id: u32,
         echo: u64,
     },
+    /// What the receiver has received on this connection, and when (its clock).
+    Report {
+        rx_bytes: u64,
+        at_us: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -53,6 +62,8 @@ pub enum FrameError {
     Short(usize),
     #[error("probe frame of {0} bytes, expected 13")]
     ProbeLength(usize),
+    #[error("report frame of {0} bytes, expected 17")]
+    ReportLength(usize),
 }
 
 impl<'a> Frame<'a> {
@@ -87,6 +98,15 @@ impl<'a> Frame<'a> {
                     Frame::ProbeAck { id, echo }
                 })
             }
+            T_REPORT => {
+                if buf.len() != REPORT_LEN {
+                    return Err(FrameError::ReportLength(buf.len()));
+                }
+                Ok(Frame::Report {
+                    rx_bytes: u64::from_be_bytes(array(&buf[1..9])),
+                    at_us: u64::from_be_bytes(array(&buf[9..17])),
+                })
+            }
             other => Err(FrameError::Type(other)),
         }
     }
@@ -110,6 +130,11 @@ impl<'a> Frame<'a> {
                 out.push(VERSION << 4 | ty);
                 out.extend_from_slice(&id.to_be_bytes());
                 out.extend_from_slice(&echo.to_be_bytes());
+            }
+            Frame::Report { rx_bytes, at_us } => {
+                out.push(VERSION << 4 | T_REPORT);
+                out.extend_from_slice(&rx_bytes.to_be_bytes());
+                out.extend_from_slice(&at_us.to_be_bytes());
             }
         }
     }
@@ -153,6 +178,10 @@ mod tests {
                 id: u32::MAX,
                 echo: u64::MAX,
             },
+            Frame::Report {
+                rx_bytes: 123_456,
+                at_us: 42,
+            },
         ] {
             assert_eq!(Frame::decode(&f.to_vec()), Ok(f));
         }
@@ -169,6 +198,7 @@ mod tests {
             Err(FrameError::Class(9))
         );
         assert_eq!(Frame::decode(&[0x11, 0]), Err(FrameError::ProbeLength(2)));
+        assert_eq!(Frame::decode(&[0x13; 5]), Err(FrameError::ReportLength(5)));
         // A data frame must carry a packet.
         assert_eq!(Frame::decode(&[0x10; 10]), Err(FrameError::Short(10)));
     }

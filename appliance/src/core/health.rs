@@ -132,14 +132,6 @@ impl LinkHealth {
     pub fn loss(&self) -> f64 {
         self.loss
     }
-    /// How far the transport's RTT stands above the link's minimum: the standing queue.
-    pub fn queue_delay(&self) -> Duration {
-        match (self.transport_rtt, self.min_rtt) {
-            (Some(r), Some(m)) => r.saturating_sub(m),
-            _ => Duration::ZERO,
-        }
-    }
-
     pub fn capacity_bps(&self) -> f64 {
         self.capacity_bps
     }
@@ -481,17 +473,6 @@ mod tests {
             t += ms(5);
         }
         assert_eq!(h.state(), LinkState::Up);
-    }
-
-    #[test]
-    fn queue_delay_is_rtt_above_the_minimum() {
-        let mut t = Instant::now();
-        let mut h = up_link(&mut t);
-        h.on_path_stats(100_000, ms(41));
-        assert!(h.queue_delay() <= ms(1));
-        h.on_path_stats(100_000, ms(95));
-        let q = h.queue_delay();
-        assert!(q >= ms(54) && q <= ms(56), "{q:?}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod frame;
 pub mod health;
+pub mod inflight;
 pub mod packet;
 pub mod reorder;
 pub mod scheduler;

@@ -8,11 +8,11 @@
 //!   each of the best two usable uplinks (lowest RTT first), same sequence number, so the
 //!   receiver keeps whichever arrives first. A silent black hole on one uplink loses nothing.
 //! - `aggregate`: one shared queue pulled by every eligible uplink: usable, not a backup while
-//!   a non-backup is usable, with an RTT not far above the best one, and not already holding
-//!   a standing queue (its transport RTT more than `queue_budget` above its minimum) while
-//!   another link has none. A link whose queue grows stops pulling until it drains, so each
-//!   link is fed at the rate it delivers and no modem buffer fills: aggregation weighted by
-//!   what each link really carries.
+//!   a non-backup is usable, with an RTT not far above the best one, and with room under its
+//!   in-flight cap. A link at its cap stops pulling until deliveries free room, so each link
+//!   is fed at the rate it delivers and no modem buffer fills: aggregation weighted by what
+//!   each link really carries. When every link is at its cap, packets wait here (bounded by
+//!   `max_sojourn`), not in a modem.
 //!
 //! Sequence numbers are given when a packet is *sent* (polled), not when it is queued, so
 //! that every uplink carries strictly increasing numbers even though POS overtakes bulk:
@@ -41,8 +41,9 @@ pub struct LinkView {
     pub srtt: Option<Duration>,
     /// Administratively disabled or interface absent.
     pub disabled: bool,
-    /// Standing queue the link adds now (transport RTT above its minimum).
-    pub queue_delay: Duration,
+    /// False while the link has its in-flight cap's worth of data out (see
+    /// [`super::inflight`]): it then takes no shared traffic.
+    pub room: bool,
 }
 
 impl LinkView {
@@ -52,7 +53,7 @@ impl LinkView {
             backup: false,
             srtt: None,
             disabled: false,
-            queue_delay: Duration::ZERO,
+            room: true,
         }
     }
     fn usable(&self) -> bool {
@@ -74,8 +75,6 @@ pub struct SchedulerConfig {
     pub mode: Mode,
     pub max_queue_bytes: usize,
     pub max_sojourn: Duration,
-    /// Standing queue a link may hold and still pull shared traffic.
-    pub queue_budget: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -84,7 +83,6 @@ impl Default for SchedulerConfig {
             mode: Mode::Aggregate,
             max_queue_bytes: 512 * 1024,
             max_sojourn: Duration::from_millis(250),
-            queue_budget: Duration::from_millis(15),
         }
     }
 }
@@ -302,14 +300,8 @@ impl Scheduler {
             return wake;
         }
         let best = pool.iter().filter_map(|(_, s)| s.view.srtt).min();
-        let least_queue = pool
-            .iter()
-            .map(|(_, s)| s.view.queue_delay)
-            .min()
-            .unwrap_or_default();
-        let budget = self.cfg.queue_budget.max(least_queue);
         for (i, s) in pool {
-            if s.view.queue_delay > budget {
+            if !s.view.room {
                 continue;
             }
             let near = match (best, s.view.srtt) {
@@ -390,12 +382,16 @@ mod tests {
             backup,
             srtt: Some(Duration::from_millis(rtt_ms)),
             disabled: false,
-            queue_delay: Duration::ZERO,
+            room: true,
         }
     }
 
+    fn pkt(n: u8) -> Bytes {
+        Bytes::from(vec![n; 100])
+    }
+
     #[test]
-    fn a_link_with_a_standing_queue_stops_pulling_while_another_has_none() {
+    fn a_link_at_its_in_flight_cap_stops_pulling() {
         let t = Instant::now();
         let mut s = Scheduler::new(SchedulerConfig::default());
         let (a, b) = (s.add_link(), s.add_link());
@@ -403,28 +399,30 @@ mod tests {
         s.update_link(
             b,
             LinkView {
-                queue_delay: Duration::from_millis(60),
+                room: false,
                 ..up(45, false)
             },
         );
         s.enqueue(Class::Bulk, pkt(0), t);
         assert_eq!(s.poll(b, t), None);
         assert!(s.poll(a, t).is_some());
-        // Both queued: the least queued one still pulls (work-conserving).
+        // Every link full: packets wait in the scheduler, POS copies still go.
         s.update_link(
             a,
             LinkView {
-                queue_delay: Duration::from_millis(40),
+                room: false,
                 ..up(20, false)
             },
         );
         s.enqueue(Class::Bulk, pkt(1), t);
+        assert_eq!(s.poll(a, t), None);
         assert_eq!(s.poll(b, t), None);
+        s.enqueue(Class::Pos, pkt(2), t);
         assert!(s.poll(a, t).is_some());
-    }
-
-    fn pkt(n: u8) -> Bytes {
-        Bytes::from(vec![n; 100])
+        // Room again: the waiting bulk packet goes.
+        let wake = s.update_link(b, up(45, false));
+        assert!(wake.contains(b));
+        assert!(s.poll(b, t).is_some());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::frame::{Frame, DATA_OVERHEAD};
 use crate::core::health::{HealthConfig, LinkHealth, LinkState};
+use crate::core::inflight::Inflight;
 use crate::core::packet;
 use crate::core::reorder::{self, Reorder, ReorderStats};
 use crate::core::scheduler::{LinkId, LinkView, SchedStats, Scheduler, SchedulerConfig};
@@ -29,6 +30,8 @@ pub type Tun = Arc<tun::AsyncDevice>;
 const TICK: Duration = Duration::from_millis(5);
 const REORDER_MAX: usize = 2048;
 const TUN_QUEUE: usize = 4096;
+/// How often each end reports its received bytes on a busy connection.
+const REPORT_EVERY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkStatus {
@@ -41,6 +44,7 @@ pub struct LinkStatus {
     pub jitter_ms: f64,
     pub loss: f64,
     pub capacity_mbps: f64,
+    pub in_flight_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -72,6 +76,9 @@ struct Link {
     /// Probes and probe answers waiting for the sender (sent before data; never through
     /// `send_datagram`, which would evict queued data when quinn's buffer is full).
     control: std::collections::VecDeque<Bytes>,
+    inflight: Inflight,
+    /// When we last reported our received byte count to the peer, and that count.
+    reported: (Instant, u64),
     backup: bool,
     absent: bool,
     tx_packets: u64,
@@ -183,6 +190,8 @@ impl Bond {
             generation: 0,
             wake: Arc::new(Notify::new()),
             control: std::collections::VecDeque::new(),
+            inflight: Inflight::new(),
+            reported: (Instant::now(), 0),
             backup,
             absent: false,
             tx_packets: 0,
@@ -324,7 +333,7 @@ impl Bond {
                 backup: l.backup,
                 srtt: l.health.srtt(),
                 disabled: l.absent,
-                queue_delay: l.health.queue_delay(),
+                room: l.inflight.has_room(),
             };
             let wake = st.sched.update_link(id, view);
             wakes.push(wake);
@@ -367,6 +376,23 @@ impl Bond {
                     if let Some(c) = &l.conn {
                         let s = c.stats();
                         l.health.on_path_stats(s.path.cwnd, s.path.rtt);
+                        l.inflight.on_transport(
+                            s.udp_tx.bytes,
+                            s.path.lost_bytes,
+                            l.health.min_rtt(),
+                        );
+                        if s.udp_rx.bytes != l.reported.1
+                            && now.duration_since(l.reported.0) >= REPORT_EVERY
+                        {
+                            l.reported = (now, s.udp_rx.bytes);
+                            l.push_control(
+                                Frame::Report {
+                                    rx_bytes: s.udp_rx.bytes,
+                                    at_us: echo,
+                                }
+                                .to_vec(),
+                            );
+                        }
                         if let Some(id) = l.health.poll_probe(now) {
                             l.push_control(Frame::Probe { id, echo }.to_vec());
                         }
@@ -494,6 +520,12 @@ impl Bond {
                     }
                     Self::refresh(&mut st, now);
                 }
+                Ok(Frame::Report { rx_bytes, at_us }) => {
+                    let mut st = self.lock();
+                    if let Some(Some(l)) = st.links.get_mut(id) {
+                        l.inflight.on_report(rx_bytes, at_us, now);
+                    }
+                }
                 Ok(Frame::Data { seq, packet, .. }) => {
                     if !self.source_ok(packet) {
                         self.spoofed.fetch_add(1, Ordering::Relaxed);
@@ -546,7 +578,8 @@ impl Bond {
                     rtt_ms: l.health.srtt().map(|d| d.as_secs_f64() * 1e3),
                     jitter_ms: l.health.jitter().as_secs_f64() * 1e3,
                     loss: l.health.loss(),
-                    capacity_mbps: l.health.capacity_bps() / 1e6,
+                    capacity_mbps: l.inflight.capacity() * 8.0 / 1e6,
+                    in_flight_bytes: l.inflight.in_flight(),
                     tx_packets: l.tx_packets,
                     tx_bytes: l.tx_bytes,
                     rx_packets: l.rx_packets,

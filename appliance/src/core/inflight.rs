@@ -1,0 +1,126 @@
+//! How much one uplink may have in flight: a cap of about one and a half bandwidth-delay
+//! products, from the link's own delivery rate.
+//!
+//! The receiver reports, every few milliseconds, how many UDP bytes it has received on
+//! the connection. From two reports the sender learns the delivery rate (a windowed
+//! maximum is the capacity estimate); from the latest report, its own byte count and the
+//! transport's lost bytes it learns what is in flight. A link whose in-flight bytes reach
+//! the cap stops taking shared traffic: its bottleneck queue (a modem's buffer) never
+//! fills, so the tunnel adds no loss of its own and aggregation follows what each link
+//! really carries. Growth is 1.5x per round trip while the link keeps up, so a fresh
+//! link ramps up like slow start.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+const WINDOW: Duration = Duration::from_secs(2);
+const GAIN: f64 = 1.5;
+/// Never cap below this: a link must be able to start.
+const FLOOR: u64 = 24 * 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct Inflight {
+    /// Latest report: receiver's byte count and its clock (µs).
+    last: Option<(u64, u64)>,
+    /// Delivery-rate samples (bytes/s) with the time they were taken.
+    samples: VecDeque<(Instant, f64)>,
+    sent: u64,
+    lost: u64,
+    min_rtt: Option<Duration>,
+}
+
+impl Inflight {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The receiver's report.
+    pub fn on_report(&mut self, rx_bytes: u64, at_us: u64, now: Instant) {
+        if let Some((rx0, t0)) = self.last {
+            if at_us <= t0 || rx_bytes < rx0 {
+                if rx_bytes < rx0 {
+                    self.last = Some((rx_bytes, at_us)); // peer restarted its counter
+                }
+                return;
+            }
+            let dt = (at_us - t0) as f64 / 1e6;
+            self.samples.push_back((now, (rx_bytes - rx0) as f64 / dt));
+            while self
+                .samples
+                .front()
+                .is_some_and(|(t, _)| now.saturating_duration_since(*t) > WINDOW)
+            {
+                self.samples.pop_front();
+            }
+        }
+        self.last = Some((rx_bytes, at_us));
+    }
+
+    /// Totals from the transport: UDP bytes sent and bytes declared lost.
+    pub fn on_transport(&mut self, sent_bytes: u64, lost_bytes: u64, min_rtt: Option<Duration>) {
+        self.sent = sent_bytes;
+        self.lost = lost_bytes;
+        self.min_rtt = min_rtt;
+    }
+
+    /// Windowed maximum delivery rate, bytes per second.
+    pub fn capacity(&self) -> f64 {
+        self.samples.iter().map(|s| s.1).fold(0.0, f64::max)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        let delivered = self.last.map_or(0, |l| l.0);
+        self.sent
+            .saturating_sub(delivered)
+            .saturating_sub(self.lost)
+    }
+
+    pub fn cap(&self) -> u64 {
+        let rtt = self.min_rtt.unwrap_or(Duration::from_millis(100));
+        let bdp = self.capacity() * (rtt + Duration::from_millis(5)).as_secs_f64();
+        ((bdp * GAIN) as u64).max(FLOOR)
+    }
+
+    /// True while the link may take more shared traffic. Without reports yet (a new link,
+    /// an old peer) there is no cap.
+    pub fn has_room(&self) -> bool {
+        self.last.is_none() || self.in_flight() < self.cap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_follows_the_delivery_rate() {
+        let t = Instant::now();
+        let mut f = Inflight::new();
+        assert!(f.has_room());
+        // 10 Mbit/s = 1.25 MB/s delivered, 45 ms RTT.
+        for i in 0..=10u64 {
+            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
+        }
+        f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
+        let cap = f.cap();
+        assert!((85_000..=100_000).contains(&cap), "cap {cap}");
+        assert!(f.has_room(), "40 kB in flight");
+        f.on_transport(250_000 + 120_000, 0, Some(Duration::from_millis(45)));
+        assert!(!f.has_room(), "120 kB in flight");
+        // Lost bytes are no longer in flight.
+        f.on_transport(250_000 + 120_000, 60_000, Some(Duration::from_millis(45)));
+        assert!(f.has_room());
+    }
+
+    #[test]
+    fn old_samples_age_out_and_a_reset_counter_is_survived() {
+        let t = Instant::now();
+        let mut f = Inflight::new();
+        f.on_report(0, 0, t);
+        f.on_report(1_000_000, 100_000, t); // 10 MB/s burst
+        f.on_report(1_010_000, 200_000, t + Duration::from_secs(3));
+        assert!(f.capacity() < 200_000.0, "{}", f.capacity());
+        f.on_report(5, 300_000, t + Duration::from_secs(3));
+        assert_eq!(f.in_flight(), 0);
+    }
+}
