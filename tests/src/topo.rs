@@ -99,6 +99,8 @@ pub struct Options {
     /// Leave uplink N's edge-side interface out at start (added later by the test).
     pub missing_uplink: Option<usize>,
     pub edge_mode: Option<&'static str>,
+    /// TUN MTU of the edge (default: the config's default).
+    pub edge_mtu: Option<u16>,
 }
 
 pub struct Topology {
@@ -447,11 +449,12 @@ impl Topology {
         let edge = format!(
             "role = \"edge\"\nstate_dir = \"{d}/edge-state\"\nruntime_dir = \"{d}/edge-run\"\n\n[edge]\n\
              hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
-             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n\n{uplinks}",
+             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{uplinks}",
             d = self.dir.display(),
             hub = self.hub_id,
             fb = if opts.fallback_direct { "direct" } else { "none" },
             mode = opts.edge_mode.unwrap_or("aggregate"),
+            mtu = opts.edge_mtu.map(|m| format!("mtu = {m}\n")).unwrap_or_default(),
         );
         std::fs::write(self.dir.join("edge.toml"), edge)?;
         let hub = format!(
@@ -630,6 +633,15 @@ fn terminate(c: &mut Child) {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        // Debugging aid: STALLNET_HOLD_SECS=N keeps the topology up N seconds before
+        // teardown so it can be inspected (`ip netns exec …`).
+        if let Some(secs) = std::env::var("STALLNET_HOLD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            eprintln!("holding topology {} for {secs} s", self.prefix);
+            std::thread::sleep(Duration::from_secs(secs));
+        }
         for (_, c) in self.children.iter_mut().rev() {
             terminate(c);
         }

@@ -292,3 +292,54 @@ fn tcp_is_aggregated_over_both_uplinks() -> Result<()> {
     assert!(mbps > 20.0, "aggregate goodput {mbps:.1} Mbit/s");
     Ok(())
 }
+
+#[test]
+fn a_packet_too_big_for_the_uplinks_gets_icmp_frag_needed_and_is_counted() -> Result<()> {
+    // A TUN MTU larger than what the uplink path carries (its MTU is 1400, so a QUIC
+    // datagram holds well under 1400 bytes of tunnelled packet).
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi()],
+        Options {
+            edge_mtu: Some(1400),
+            ..Default::default()
+        },
+    )?;
+    t.exec("edge", &["ip", "link", "set", "dev", "wan1", "mtu", "1400"])?;
+    t.start()?;
+    // 1372 bytes of ICMP payload: a 1400-byte packet with DF set.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns("lan"),
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.3",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            "1372",
+            SERVER,
+        ])
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let s = t.status("edge")?;
+    assert!(
+        text.contains("Frag needed") || text.contains("mtu"),
+        "{text}\n{s}"
+    );
+    let s = t.status("edge")?;
+    assert!(
+        s["bonds"]["hub"]["too_big"].as_u64().unwrap_or(0) >= 1,
+        "{s}"
+    );
+    // Small packets still pass.
+    let out = t.exec("lan", &["ping", "-c", "2", "-W", "2", "-s", "1000", SERVER])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" 0% packet loss"));
+    Ok(())
+}

@@ -92,6 +92,14 @@ fn tcp_offset(packet: &[u8]) -> Option<usize> {
     }
 }
 
+/// True for ICMPv4 error messages, which never get an ICMP error in reply (RFC 1812).
+fn is_icmpv4_error(packet: &[u8], ip: &Ipv4Header) -> bool {
+    ip.protocol == IpNumber::ICMP
+        && packet
+            .get(ip.header_len())
+            .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12))
+}
+
 /// Builds the ICMP answer telling the sender of `packet` that at most `mtu` bytes fit:
 /// IPv4 "fragmentation needed" (only for DF packets) or IPv6 "packet too big". The answer
 /// comes from `from` (the tunnel address). None when no answer is due.
@@ -101,7 +109,7 @@ pub fn too_big_reply(packet: &[u8], mtu: u16, from: IpAddr) -> Option<Vec<u8>> {
     match packet.first()? >> 4 {
         4 => {
             let (ip, _) = Ipv4Header::from_slice(packet).ok()?;
-            if !ip.dont_fragment || ip.protocol == IpNumber::ICMP {
+            if !ip.dont_fragment || is_icmpv4_error(packet, &ip) {
                 return None;
             }
             let IpAddr::V4(src) = from else { return None };
@@ -191,6 +199,20 @@ mod tests {
             let _ = addrs(&junk);
             let _ = too_big_reply(&junk, 1200, IpAddr::from([10, 99, 0, 2]));
         }
+    }
+
+    #[test]
+    fn echo_requests_get_an_answer_but_icmp_errors_do_not() {
+        let mut echo = Vec::new();
+        let b = PacketBuilder::ipv4([10, 1, 0, 2], [198, 18, 0, 1], 64).icmpv4_echo_request(1, 1);
+        b.write(&mut echo, &[0u8; 100]).expect("write");
+        let from = IpAddr::from([10, 99, 0, 2]);
+        assert!(too_big_reply(&echo, 1270, from).is_some());
+        let reply = too_big_reply(&syn(1460), 1270, from).expect("reply");
+        assert!(
+            too_big_reply(&reply, 1270, from).is_none(),
+            "no error about an error"
+        );
     }
 
     #[test]

@@ -1,0 +1,84 @@
+//! The `stallnet` command as a field tech meets it: identities, config checks, refusals.
+//! No root needed.
+
+use std::process::Command;
+
+use anyhow::Result;
+use stallnet_tests::topo::bin;
+
+fn stallnet(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(bin("stallnet")).args(args).output()?)
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("stallnet-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+#[test]
+fn keygen_then_id_prints_the_same_identity() -> Result<()> {
+    let d = tmp("id");
+    let state = d.join("state");
+    let state = state.to_str().expect("utf-8");
+    let k = stallnet(&["keygen", "--state-dir", state])?;
+    assert!(k.status.success(), "{k:?}");
+    let id = stallnet(&["id", "--state-dir", state, "--json"])?;
+    let doc: serde_json::Value = serde_json::from_slice(&id.stdout)?;
+    assert_eq!(
+        doc["identity"].as_str(),
+        Some(String::from_utf8(k.stdout)?.trim())
+    );
+    // A second keygen refuses to change the identity silently.
+    let again = stallnet(&["keygen", "--state-dir", state])?;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    Ok(())
+}
+
+#[test]
+fn a_bad_config_is_refused_with_positions_and_nothing_starts() -> Result<()> {
+    let d = tmp("bad");
+    let f = d.join("stall.toml");
+    std::fs::write(
+        &f,
+        "role = \"edge\"\n[edge]\nlan = [\"10.1.0.0/24\"]\nhubs = []\nmtu = 100\n[[edge.uplinks]]\nname = \"wifi\"\ninterface = \"wan0\"\nkind = \"wifi\"\n",
+    )?;
+    let path = f.to_str().expect("utf-8");
+    let check = stallnet(&["check", path, "--json"])?;
+    assert_eq!(check.status.code(), Some(2));
+    let doc: serde_json::Value = serde_json::from_slice(&check.stdout)?;
+    let paths: Vec<&str> = doc["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["edge.hubs", "edge.mtu"], "{doc}");
+    let run = stallnet(&["run", "--config", path])?;
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains(&format!("{path}:2:1: edge.hubs: expected at least one hub")),
+        "{err}"
+    );
+    // A typo is a parse error with its line and column.
+    std::fs::write(&f, "role = \"edge\"\nstate_dri = \"/tmp\"\n")?;
+    let run = stallnet(&["run", "--config", path])?;
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains(&format!("{path}:2:1:")) && err.contains("unknown field `state_dri`"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn status_without_a_daemon_says_so() -> Result<()> {
+    let d = tmp("status");
+    let out = stallnet(&["status", "--runtime-dir", d.to_str().expect("utf-8")])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is stallnet running?"));
+    Ok(())
+}
