@@ -1,7 +1,9 @@
 //! `stallnet-bench`: the benchmark runner. Builds the netns topology, measures, and prints
 //! a Markdown table (and JSON with `--json`). Median of `--runs` runs (default 3).
 //!
-//! Benchmarks: `aggregation`, `blackhole`, `carrier`, `unshaped`, `rss`. Run all, or name
+//! Benchmarks: `aggregation`, `blackhole`, `carrier`, `unshaped` (stallnet vs plain
+//! routing vs wireguard-go), `rss`, `mptcp` (kernel MPTCP over the same emulated links,
+//! beside stallnet, for aggregation and the black-hole stall of a TCP transfer). Run all, or name
 //! some: `stallnet-bench --runs 3 aggregation blackhole`. Needs root. Build in release
 //! first (`cargo build --release --workspace --bins`); the runner uses the binaries next to
 //! itself.
@@ -26,7 +28,14 @@ fn main() -> Result<()> {
             std::env::set_var("STALLNET_BIN_DIR", dir);
         }
     }
-    let all = ["aggregation", "blackhole", "carrier", "unshaped", "rss"];
+    let all = [
+        "aggregation",
+        "blackhole",
+        "carrier",
+        "unshaped",
+        "rss",
+        "mptcp",
+    ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
     } else {
@@ -88,6 +97,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "carrier" => fault_gap(false)?,
             "unshaped" => unshaped()?,
             "rss" => rss()?,
+            "mptcp" => mptcp()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -203,9 +213,264 @@ fn unshaped() -> Result<Vec<(String, &'static str, f64)>> {
     // Plain routing: the edge namespace forwards LAN traffic out of wan1 with NAT.
     p.nft("edge", "table ip plain { chain post { type nat hook postrouting priority srcnat; oifname \"wan1\" masquerade; }\n}")?;
     let plain = iperf(&mut p, false, 8, 4)?;
+    drop(p);
+    let mut w = Topology::build(
+        vec![UplinkSpec {
+            name: "wifi",
+            kind: "ethernet",
+            rate_kbit: 0,
+            delay_ms: 0.0,
+            queue_ms: 50,
+        }],
+        Options::default(),
+    )?;
+    wireguard(&mut w)?;
+    let wg = iperf(&mut w, false, 8, 4)?;
     Ok(vec![
         ("unshaped: iperf3 through stallnet".into(), "Mbit/s", tunnel),
         ("unshaped: iperf3 plain routing".into(), "Mbit/s", plain),
+        ("unshaped: iperf3 through wireguard-go".into(), "Mbit/s", wg),
+    ])
+}
+
+/// A wireguard-go tunnel from the edge (over wan1) to the hub, carrying the LAN.
+fn wireguard(t: &mut Topology) -> Result<()> {
+    std::env::set_var("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+    let key = |name: &str| -> Result<String> {
+        let out = std::process::Command::new("wg").arg("genkey").output()?;
+        let k = String::from_utf8(out.stdout)?.trim().to_string();
+        std::fs::write(t.dir.join(name), &k)?;
+        let mut c = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        use std::io::Write;
+        c.stdin.take().context("stdin")?.write_all(k.as_bytes())?;
+        Ok(String::from_utf8(c.wait_with_output()?.stdout)?
+            .trim()
+            .to_string())
+    };
+    let (edge_pub, hub_pub) = (key("wg-edge.key")?, key("wg-hub.key")?);
+    let dir = t.dir.clone();
+    // wireguard-go's control sockets live in /var/run/wireguard, shared by every
+    // namespace: the names must differ.
+    let (wh, we) = (format!("{}h", t.prefix), format!("{}e", t.prefix));
+    t.spawn("wg-hub", "hub", &["wireguard-go", "-f", &wh])?;
+    t.spawn("wg-edge", "edge", &["wireguard-go", "-f", &we])?;
+    for (role, dev) in [("hub", &wh), ("edge", &we)] {
+        stallnet_tests::topo::wait_for(Duration::from_secs(10), || {
+            Ok(t.exec(role, &["ip", "link", "show", dev]).is_ok())
+        })
+        .with_context(|| {
+            format!(
+                "wireguard-go did not start in {role}: {}",
+                t.log(&format!("wg-{role}"))
+            )
+        })?;
+    }
+    let hk = dir.join("wg-hub.key");
+    let ek = dir.join("wg-edge.key");
+    t.exec(
+        "hub",
+        &[
+            "wg",
+            "set",
+            &wh,
+            "private-key",
+            hk.to_str().context("path")?,
+            "listen-port",
+            "51820",
+            "peer",
+            &edge_pub,
+            "allowed-ips",
+            "10.1.0.0/24,10.98.0.1/32",
+        ],
+    )?;
+    t.exec("hub", &["ip", "addr", "add", "10.98.0.2/24", "dev", &wh])?;
+    t.exec(
+        "hub",
+        &["ip", "link", "set", "dev", &wh, "mtu", "1420", "up"],
+    )?;
+    t.exec("hub", &["ip", "route", "add", "10.1.0.0/24", "dev", &wh])?;
+    t.exec(
+        "edge",
+        &[
+            "wg",
+            "set",
+            &we,
+            "private-key",
+            ek.to_str().context("path")?,
+            "peer",
+            &hub_pub,
+            "endpoint",
+            "172.31.0.2:51820",
+            "allowed-ips",
+            "0.0.0.0/0",
+        ],
+    )?;
+    t.exec("edge", &["ip", "addr", "add", "10.98.0.1/24", "dev", &we])?;
+    t.exec(
+        "edge",
+        &["ip", "link", "set", "dev", &we, "mtu", "1420", "up"],
+    )?;
+    t.exec(
+        "edge",
+        &["ip", "route", "add", "default", "dev", &we, "table", "300"],
+    )?;
+    t.exec(
+        "edge",
+        &["ip", "rule", "add", "from", "10.1.0.0/24", "lookup", "300"],
+    )?;
+    Ok(())
+}
+
+/// Bytes per 100 ms interval of an iperf3 JSON report, and the longest run of intervals
+/// that carried nothing (the stall), in ms.
+fn longest_stall_ms(report: &serde_json::Value) -> f64 {
+    let mut longest = 0.0f64;
+    let mut run = 0.0f64;
+    for i in report["intervals"].as_array().into_iter().flatten() {
+        let bytes = i["sum"]["bytes"].as_f64().unwrap_or(0.0);
+        let secs = i["sum"]["seconds"].as_f64().unwrap_or(0.0);
+        if bytes < 1500.0 {
+            run += secs * 1000.0;
+            longest = longest.max(run);
+        } else {
+            run = 0.0;
+        }
+    }
+    longest
+}
+
+/// A 4-flow TCP upload with 100 ms intervals; wifi is black-holed after 3 s.
+fn tcp_through_blackhole(t: &mut Topology, prefix: &[&str], role: &str) -> Result<(f64, f64)> {
+    let agg = {
+        let mut a: Vec<&str> = prefix.to_vec();
+        a.extend([
+            "iperf3", "-c", SERVER, "-t", "8", "-P", "4", "-C", "cubic", "-J", "-O", "1",
+        ]);
+        let out = t.exec(role, &a)?;
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        j["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6
+    };
+    let stall = std::thread::scope(|s| -> Result<f64> {
+        let tr = &*t;
+        let mut a: Vec<&str> = prefix.to_vec();
+        a.extend([
+            "iperf3", "-c", SERVER, "-t", "8", "-P", "4", "-C", "cubic", "-J", "-i", "0.1",
+        ]);
+        let h = s.spawn(move || tr.exec(role, &a));
+        std::thread::sleep(Duration::from_secs(3));
+        tr.isp_blackhole(1, true)?;
+        let out = h.join().map_err(|_| anyhow::anyhow!("iperf"))??;
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(longest_stall_ms(&j))
+    })?;
+    Ok((agg, stall))
+}
+
+/// Kernel MPTCP (mptcpize + iperf3, run on the edge box itself with both uplinks as
+/// subflows) beside stallnet, over the same emulated links.
+fn mptcp() -> Result<Vec<(String, &'static str, f64)>> {
+    let specs = vec![UplinkSpec::wifi(), UplinkSpec::cell()];
+    let mut m = Topology::build(specs.clone(), Options::default())?;
+    for role in ["edge", "inet"] {
+        m.exec(role, &["sysctl", "-qw", "net.mptcp.enabled=1"])?;
+        m.exec(
+            role,
+            &[
+                "ip",
+                "mptcp",
+                "limits",
+                "set",
+                "subflow",
+                "4",
+                "add_addr_accepted",
+                "4",
+            ],
+        )?;
+    }
+    m.exec(
+        "edge",
+        &[
+            "ip",
+            "mptcp",
+            "endpoint",
+            "add",
+            "100.64.2.2",
+            "dev",
+            "wan2",
+            "subflow",
+        ],
+    )?;
+    for i in 1..=2 {
+        let table = format!("{}", 300 + i);
+        m.exec(
+            "edge",
+            &[
+                "ip",
+                "rule",
+                "add",
+                "from",
+                &format!("100.64.{i}.2"),
+                "lookup",
+                &table,
+            ],
+        )?;
+        m.exec(
+            "edge",
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("100.64.{i}.1"),
+                "dev",
+                &format!("wan{i}"),
+                "table",
+                &table,
+            ],
+        )?;
+    }
+    m.spawn(
+        "iperf",
+        "inet",
+        &["mptcpize", "run", "iperf3", "-s", "-B", SERVER],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (mp_agg, mp_stall) = tcp_through_blackhole(&mut m, &["mptcpize", "run"], "edge")?;
+    drop(m);
+    let mut s = Topology::build(specs, Options::default())?;
+    s.start()?;
+    s.spawn("iperf", "inet", &["iperf3", "-s", "-B", SERVER])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (sn_agg, sn_stall) = tcp_through_blackhole(&mut s, &[], "lan")?;
+    Ok(vec![
+        (
+            "MPTCP: TCP upload goodput".into(),
+            "% of 30 Mbit/s",
+            mp_agg / 30.0 * 100.0,
+        ),
+        (
+            "MPTCP: longest stall, wifi black-holed".into(),
+            "ms",
+            mp_stall,
+        ),
+        (
+            "stallnet: TCP upload goodput (same run)".into(),
+            "% of 30 Mbit/s",
+            sn_agg / 30.0 * 100.0,
+        ),
+        (
+            "stallnet: longest stall, wifi black-holed".into(),
+            "ms",
+            sn_stall,
+        ),
     ])
 }
 
