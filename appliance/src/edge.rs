@@ -142,6 +142,12 @@ async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
         }
         let now = Instant::now();
         let b = ctx.bond.status();
+        if b.online && offline_since.is_some() {
+            tracing::info!("hub reachable again");
+        }
+        if !b.online && offline_since.is_none() {
+            tracing::warn!("offline: no uplink reaches the hub");
+        }
         if b.online {
             offline_since = None;
             if let Some(i) = fallback.take() {

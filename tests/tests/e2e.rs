@@ -343,3 +343,46 @@ fn a_packet_too_big_for_the_uplinks_gets_icmp_frag_needed_and_is_counted() -> Re
     assert!(String::from_utf8_lossy(&out.stdout).contains(" 0% packet loss"));
     Ok(())
 }
+
+#[test]
+fn a_new_address_on_an_uplink_keeps_the_bond() -> Result<()> {
+    let mut t = Topology::build(vec![UplinkSpec::wifi()], Options::default())?;
+    t.start()?;
+    t.start_echo(7001)?;
+    // Wifi re-associates and DHCP hands out another address (same gateway).
+    t.exec(
+        "edge",
+        &["ip", "addr", "del", "100.64.1.2/24", "dev", "wan1"],
+    )?;
+    t.exec(
+        "edge",
+        &["ip", "addr", "add", "100.64.1.3/24", "dev", "wan1"],
+    )?;
+    t.exec(
+        "edge",
+        &[
+            "ip",
+            "route",
+            "replace",
+            "default",
+            "via",
+            "100.64.1.1",
+            "dev",
+            "wan1",
+            "metric",
+            "100",
+        ],
+    )?;
+    let s = t.wait_status("edge", Duration::from_secs(15), |s| {
+        link_state(s, "wifi") == "up"
+    })?;
+    assert_eq!(s["state"], "online", "{s}");
+    let flow = t.udp_flow(LAN_CLIENT, 7001, 200, 2.0)?;
+    assert!(flow["received"].as_u64().unwrap_or(0) >= 380, "{flow}");
+    assert!(
+        t.log("edge").contains("rebinding") || t.log("edge").contains("connected to hub"),
+        "{}",
+        t.log("edge")
+    );
+    Ok(())
+}
