@@ -29,7 +29,9 @@ pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
     let Some(tcp_off) = tcp_offset(packet) else {
         return false;
     };
-    let tcp = &packet[tcp_off..];
+    let Some(tcp) = packet.get(tcp_off..) else {
+        return false; // header length points past the end
+    };
     if tcp.len() < 20 || tcp[13] & 0x02 == 0 {
         return false; // not a SYN
     }
@@ -189,6 +191,15 @@ mod tests {
         let mut q = syn(1000);
         assert!(!clamp_mss(&mut q, 1200));
         assert_eq!(mss_and_checksum_ok(&q), (1000, true));
+    }
+
+    #[test]
+    fn a_header_length_past_the_end_is_left_alone() {
+        // Found by the fuzzer: IHL 15 (60 bytes) in a 16-byte packet claiming TCP.
+        let mut p = vec![0x4f, 0, 0, 16, 0, 0, 0, 0, 64, 6, 0, 0, 10, 1, 0, 2];
+        assert!(!clamp_mss(&mut p, 1200));
+        let mut v6 = vec![0x60, 0, 0, 0, 0, 0, 6, 64];
+        assert!(!clamp_mss(&mut v6, 1200));
     }
 
     #[test]
