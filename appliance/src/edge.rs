@@ -12,6 +12,7 @@ use stallnet_netconf::{Config, EdgeConfig, Fallback, SchedMode, Uplink, UplinkPr
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
 use crate::core::scheduler::{LinkId, Mode, SchedulerConfig};
 use crate::core::Class;
@@ -132,47 +133,50 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
 
 /// Publishes status and drives the direct fallback until cancelled.
 async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
-    let mut offline_since: Option<Instant> = None;
-    let mut fallback: Option<usize> = None;
+    let mut fallback = DirectFallback::new(ctx.cfg.fallback == Fallback::Direct, FALLBACK_AFTER);
+    let mut was_online = true;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = ctx.cancel.cancelled() => return Ok(()),
         }
-        let now = Instant::now();
         let b = ctx.bond.status();
-        if b.online && offline_since.is_some() {
-            tracing::info!("hub reachable again");
+        if b.online != was_online {
+            if b.online {
+                tracing::info!("hub reachable again");
+            } else {
+                tracing::warn!("offline: no uplink reaches the hub");
+            }
+            was_online = b.online;
         }
-        if !b.online && offline_since.is_none() {
-            tracing::warn!("offline: no uplink reaches the hub");
-        }
-        if b.online {
-            offline_since = None;
-            if let Some(i) = fallback.take() {
-                tracing::info!("hub reachable again; leaving direct fallback via uplink {i}");
+        let seen = ctx.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let candidates: Vec<Candidate> = seen
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Candidate {
+                uplink: i,
+                carrier: s.carrier && s.index != 0,
+                backup: ctx.cfg.uplinks[i].get_ref().priority == UplinkPriority::Backup,
+            })
+            .collect();
+        match fallback.update(b.online, &candidates, Instant::now()) {
+            Some(Action::Use(i)) => {
+                let u = ctx.cfg.uplinks[i].get_ref();
+                tracing::warn!(uplink = %u.name, "hub unreachable on every uplink: direct fallback");
+                ctx.nl
+                    .set_default_route(ctx.cfg.table_base, seen[i].index, seen[i].gateway)
+                    .await?;
+                nft_masquerade(&u.interface, &ctx.cfg.lan).await?;
+            }
+            Some(Action::Leave) => {
+                tracing::info!("leaving the direct fallback");
                 ctx.nl
                     .set_default_route(ctx.cfg.table_base, tun_index, None)
                     .await?;
                 nft_delete().await?;
             }
-        } else {
-            let since = *offline_since.get_or_insert(now);
-            if fallback.is_none()
-                && ctx.cfg.fallback == Fallback::Direct
-                && now.duration_since(since) >= FALLBACK_AFTER
-            {
-                if let Some((i, s)) = best_direct(ctx) {
-                    let u = ctx.cfg.uplinks[i].get_ref();
-                    tracing::warn!(uplink = %u.name, "hub unreachable on every uplink: direct fallback");
-                    ctx.nl
-                        .set_default_route(ctx.cfg.table_base, s.index, s.gateway)
-                        .await?;
-                    nft_masquerade(&u.interface, &ctx.cfg.lan).await?;
-                    fallback = Some(i);
-                }
-            }
+            None => {}
         }
         let up = b.links.iter().filter(|l| l.state == "up").count();
         let state = if !b.online {
@@ -186,7 +190,7 @@ async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
             version: 1,
             role: "edge".into(),
             state: state.into(),
-            fallback_active: fallback.is_some(),
+            fallback_active: fallback.active().is_some(),
             tunnel_address: ctx
                 .tunnel_address
                 .lock()
@@ -199,22 +203,6 @@ async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
             tracing::warn!("status: {e:#}");
         }
     }
-}
-
-/// The uplink to use for the direct fallback: carrier up, primary before backup.
-fn best_direct(ctx: &Ctx) -> Option<(usize, Seen)> {
-    let seen = ctx.seen.lock().ok()?.clone();
-    let mut c: Vec<(bool, usize, Seen)> = seen
-        .into_iter()
-        .enumerate()
-        .filter(|(_, s)| s.carrier && s.index != 0)
-        .map(|(i, s)| {
-            let backup = ctx.cfg.uplinks[i].get_ref().priority == UplinkPriority::Backup;
-            (backup, i, s)
-        })
-        .collect();
-    c.sort_by_key(|x| (x.0, x.1));
-    c.first().map(|x| (x.1, x.2))
 }
 
 async fn nft(script: &str) -> Result<()> {
