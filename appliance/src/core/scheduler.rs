@@ -19,6 +19,12 @@
 //! the receiver relies on that to tell a lost packet from a slow one. Both copies of a
 //! redundant packet carry the number the first copy was given.
 //!
+//! A dying uplink costs nothing visible: when a usable link stops being usable (a probe
+//! overdue, carrier lost), what it sent in the last `resend_window` may be lost in flight,
+//! so those packets go out again, first in line, on the remaining links with their original
+//! sequence numbers; the receiver keeps whichever copy arrives first. A TCP flow then sees
+//! reordering instead of loss and never waits for a retransmission timeout.
+//!
 //! No usable uplink: links that are Suspect or Probing may still pull (better a chance than
 //! nothing); Down links never do. A queued packet older than `max_sojourn` is dropped, and the
 //! queue is bounded in bytes.
@@ -75,7 +81,12 @@ pub struct SchedulerConfig {
     pub mode: Mode,
     pub max_queue_bytes: usize,
     pub max_sojourn: Duration,
+    /// How far back a failing link's packets are sent again on the others.
+    pub resend_window: Duration,
 }
+
+/// Packets remembered per link for a resend (bounded memory).
+const MAX_RECENT: usize = 1024;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -83,6 +94,7 @@ impl Default for SchedulerConfig {
             mode: Mode::Aggregate,
             max_queue_bytes: 512 * 1024,
             max_sojourn: Duration::from_millis(250),
+            resend_window: Duration::from_millis(300),
         }
     }
 }
@@ -93,6 +105,8 @@ pub struct Queued {
     pub seq: u64,
     /// Shared by the two copies of a redundant packet.
     twin: Option<u64>,
+    /// A resend of a packet already numbered: keeps `seq`.
+    resend: bool,
     pub class: Class,
     pub packet: Bytes,
     pub enqueued: Instant,
@@ -104,6 +118,7 @@ pub struct SchedStats {
     pub duplicated: u64,
     pub dropped_full: u64,
     pub dropped_sojourn: u64,
+    pub resent: u64,
 }
 
 /// Set of links that have new work, as a bit mask over [`LinkId`]s.
@@ -125,6 +140,8 @@ impl Wake {
 struct Slot {
     view: LinkView,
     private: VecDeque<Queued>,
+    /// What this link sent lately, with when, for a resend if it fails.
+    recent: VecDeque<(Instant, Queued)>,
     present: bool,
 }
 
@@ -171,6 +188,7 @@ impl Scheduler {
         let slot = Slot {
             view: LinkView::down(),
             private: VecDeque::new(),
+            recent: VecDeque::new(),
             present: true,
         };
         if let Some(id) = self.links.iter().position(|s| !s.present) {
@@ -203,8 +221,35 @@ impl Scheduler {
         slot.view = view;
         if !view.usable() && was.usable() {
             // Copies waiting for a link that just failed move to the shared queue, where a
-            // healthy link picks them up.
-            let orphans: Vec<_> = slot.private.drain(..).collect();
+            // healthy link picks them up; so do the packets it sent lately.
+            let mut orphans: Vec<Queued> = slot.private.drain(..).collect();
+            let last = slot.recent.back().map(|r| r.0);
+            let window = self.cfg.resend_window;
+            let mut resend: Vec<Queued> = slot
+                .recent
+                .drain(..)
+                .filter(|(at, _)| last.is_some_and(|l| l.saturating_duration_since(*at) <= window))
+                .map(|(at, mut q)| {
+                    q.resend = true;
+                    q.twin = None;
+                    q.enqueued = last.unwrap_or(at);
+                    q
+                })
+                .collect();
+            // Only what fits: the newest packets are the ones most likely still missing.
+            let mut room = self.cfg.max_queue_bytes.saturating_sub(self.queued_bytes);
+            let mut keep = resend.len();
+            for (i, q) in resend.iter().enumerate().rev() {
+                if q.packet.len() > room {
+                    break;
+                }
+                room -= q.packet.len();
+                keep = i;
+            }
+            resend.drain(..keep);
+            self.stats.resent += resend.len() as u64;
+            self.queued_bytes += resend.iter().map(|q| q.packet.len()).sum::<usize>();
+            orphans.splice(0..0, resend);
             for q in orphans.into_iter().rev() {
                 self.shared.push_front(q);
             }
@@ -224,7 +269,8 @@ impl Scheduler {
     /// Queues an IP packet. Returns the links that have new work.
     pub fn enqueue(&mut self, class: Class, packet: Bytes, now: Instant) -> Wake {
         let len = packet.len();
-        if self.queued_bytes + len > self.cfg.max_queue_bytes {
+        // POS is small and rare: it is never refused for lack of room (sojourn still bounds it).
+        if class != Class::Pos && self.queued_bytes + len > self.cfg.max_queue_bytes {
             self.stats.dropped_full += 1;
             return Wake::default();
         }
@@ -245,6 +291,7 @@ impl Scheduler {
         let q = Queued {
             seq: 0,
             twin,
+            resend: false,
             class,
             packet,
             enqueued: now,
@@ -319,7 +366,29 @@ impl Scheduler {
     /// that waited too long.
     pub fn poll(&mut self, link: LinkId, now: Instant) -> Option<Queued> {
         let mut q = self.next_for(link, now)?;
-        q.seq = match q.twin {
+        if !q.resend {
+            q.seq = self.number(q.twin);
+        }
+        if let Some(slot) = self.links.get_mut(link) {
+            if slot.recent.len() == MAX_RECENT {
+                slot.recent.pop_front();
+            }
+            slot.recent.push_back((now, q.clone()));
+            let window = self.cfg.resend_window;
+            while slot
+                .recent
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > window)
+            {
+                slot.recent.pop_front();
+            }
+        }
+        Some(q)
+    }
+
+    /// The sequence number for a packet about to be sent (twins share one).
+    fn number(&mut self, twin: Option<u64>) -> u64 {
+        match twin {
             Some(t) => match self.twin_seqs.iter().position(|(id, _)| *id == t) {
                 Some(i) => self.twin_seqs.remove(i).map_or(0, |(_, seq)| seq),
                 None => {
@@ -332,8 +401,7 @@ impl Scheduler {
                 }
             },
             None => self.take_seq(),
-        };
-        Some(q)
+        }
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -499,6 +567,40 @@ mod tests {
         }
         // POS went out first on both links with one shared number.
         assert_eq!(per_link[0][0], per_link[1][0], "{per_link:?}");
+    }
+
+    #[test]
+    fn what_a_failing_link_sent_lately_goes_out_again_on_another() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(b, up(30, false));
+        s.enqueue(Class::Bulk, pkt(0), t);
+        let old = s.poll(a, t).expect("sent long ago").seq;
+        for i in 1..4 {
+            s.enqueue(Class::Bulk, pkt(i), t + ms(500));
+        }
+        let recent: Vec<u64> = (0..2)
+            .map(|_| s.poll(a, t + ms(500)).expect("sent").seq)
+            .collect();
+        let on_b = s.poll(b, t + ms(500)).expect("b").seq;
+        s.update_link(
+            a,
+            LinkView {
+                state: LinkState::Suspect,
+                ..up(20, false)
+            },
+        );
+        assert_eq!(s.stats().resent, 2);
+        let again: Vec<u64> = (0..2)
+            .map(|_| s.poll(b, t + ms(520)).expect("resent").seq)
+            .collect();
+        assert_eq!(again, recent, "same numbers, same order");
+        assert!(!again.contains(&old) && !again.contains(&on_b));
+        assert_eq!(s.poll(b, t + ms(520)), None);
+        assert_eq!(s.queued_bytes(), 0);
     }
 
     #[test]

@@ -193,6 +193,11 @@ fn fault_gap(silent: bool) -> Result<Vec<(String, &'static str, f64)>> {
             "packets",
             pos["lost"].as_f64().unwrap_or(f64::NAN),
         ),
+        (
+            format!("{kind}: 200 pkt/s flow, packets lost"),
+            "packets",
+            bulk["lost"].as_f64().unwrap_or(f64::NAN),
+        ),
     ])
 }
 
