@@ -1,8 +1,8 @@
-//! Per-uplink health: RTT, jitter, loss and capacity estimates, and the state machine
+//! Per-uplink health: RTT, jitter and loss estimates, and the state machine
 //! `Up → Suspect → Down → Probing → Up` with hysteresis.
 //!
 //! The driver calls [`LinkHealth::poll_probe`] to learn when to send a probe, feeds back
-//! acknowledgements, carrier and connection events and QUIC path statistics, and calls
+//! acknowledgements, carrier and connection events and the transport's RTT, and calls
 //! [`LinkHealth::handle_timeout`] at [`LinkHealth::poll_timeout`]. Probes are sent on every
 //! active uplink every `probe_interval`; a backup uplink that carries no traffic probes only
 //! every `backup_probe_interval` so a capped SIM does not drain while idle.
@@ -70,7 +70,6 @@ pub struct LinkHealth {
     rttvar: Duration,
     min_rtt: Option<Duration>,
     loss: f64,
-    capacity_bps: f64,
     /// Latest smoothed RTT reported by QUIC (updated on every acknowledgement).
     transport_rtt: Option<Duration>,
     outstanding: VecDeque<(u32, Instant)>,
@@ -95,7 +94,6 @@ impl LinkHealth {
             rttvar: Duration::ZERO,
             min_rtt: None,
             loss: 0.0,
-            capacity_bps: 0.0,
             transport_rtt: None,
             outstanding: VecDeque::new(),
             next_probe_id: 1,
@@ -131,9 +129,6 @@ impl LinkHealth {
     /// Smoothed probe loss, 0.0 to 1.0.
     pub fn loss(&self) -> f64 {
         self.loss
-    }
-    pub fn capacity_bps(&self) -> f64 {
-        self.capacity_bps
     }
     pub fn flaps(&self) -> u32 {
         self.flaps
@@ -248,20 +243,13 @@ impl LinkHealth {
         }
     }
 
-    /// Congestion window and RTT from QUIC's path statistics: a capacity estimate, and
-    /// the queueing delay this link currently adds (RTT above its minimum).
-    pub fn on_path_stats(&mut self, cwnd_bytes: u64, rtt: Duration) {
+    /// The transport's smoothed RTT (QUIC path statistics, updated per acknowledgement).
+    pub fn on_transport_rtt(&mut self, rtt: Duration) {
         if rtt.is_zero() {
             return;
         }
         self.transport_rtt = Some(rtt);
         self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
-        let sample = cwnd_bytes as f64 * 8.0 / rtt.as_secs_f64();
-        self.capacity_bps = if self.capacity_bps == 0.0 {
-            sample
-        } else {
-            0.8 * self.capacity_bps + 0.2 * sample
-        };
     }
 
     fn go_down(&mut self, now: Instant) {

@@ -432,12 +432,6 @@ impl Scheduler {
         }
         None
     }
-
-    /// True when `link` has something to send.
-    pub fn has_work(&self, link: LinkId) -> bool {
-        self.links.get(link).is_some_and(|s| !s.private.is_empty())
-            || (!self.shared.is_empty() && self.eligible().contains(link))
-    }
 }
 
 #[cfg(test)]

@@ -375,7 +375,7 @@ impl Bond {
                     l.health.handle_timeout(now);
                     if let Some(c) = &l.conn {
                         let s = c.stats();
-                        l.health.on_path_stats(s.path.cwnd, s.path.rtt);
+                        l.health.on_transport_rtt(s.path.rtt);
                         l.inflight.on_transport(
                             s.udp_tx.bytes,
                             s.path.lost_bytes,
