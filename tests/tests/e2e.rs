@@ -397,7 +397,10 @@ fn a_tcp_transfer_completes_through_a_silent_black_hole() -> Result<()> {
         let tr = &t;
         // 12 MB upload: about 5 s at the bonded rate, 10 s on the cell alone.
         let h = s.spawn(move || {
-            tr.exec("lan", &["iperf3", "-c", SERVER, "-n", "12M", "-C", "cubic", "-J"])
+            tr.exec(
+                "lan",
+                &["iperf3", "-c", SERVER, "-n", "12M", "-C", "cubic", "-J"],
+            )
         });
         std::thread::sleep(Duration::from_secs(2));
         tr.isp_blackhole(1, true)?;
@@ -408,11 +411,23 @@ fn a_tcp_transfer_completes_through_a_silent_black_hole() -> Result<()> {
     // sender's end-of-test message arrives) is short by at most what was still in flight.
     let total = 12.0 * 1024.0 * 1024.0;
     let sent = report["end"]["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);
-    let got = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let got = report["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .unwrap_or(0.0);
     assert!(sent >= total, "sent {sent} bytes: {}", report["end"]);
-    assert!(got >= 0.95 * total, "received {got} bytes: {}", report["end"]);
+    assert!(
+        got >= 0.95 * total,
+        "received {got} bytes: {}",
+        report["end"]
+    );
     let s = t.status("edge")?;
     assert_ne!(link_state(&s, "wifi"), "up", "{s}");
-    assert!(s["bonds"]["hub"]["scheduler"]["resent"].as_u64().unwrap_or(0) > 0, "{s}");
+    assert!(
+        s["bonds"]["hub"]["scheduler"]["resent"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{s}"
+    );
     Ok(())
 }
