@@ -135,6 +135,18 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Shared set of identities the hub admits, replaceable on reload.
 pub type AllowList = Arc<RwLock<HashSet<String>>>;
 
+/// QUIC is TLS 1.3 only; both verifiers refuse a TLS 1.2 signature.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls13RequiredForQuic,
+    ))
+}
+
+/// A certificate that is not the pinned (or an allowed) identity.
+fn not_pinned() -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
+}
+
 #[derive(Debug)]
 struct PinnedServer {
     pins: HashSet<String>,
@@ -153,9 +165,7 @@ impl ServerCertVerifier for PinnedServer {
         if self.pins.contains(&identity_of(end_entity)) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
+            Err(not_pinned())
         }
     }
 
@@ -165,9 +175,7 @@ impl ServerCertVerifier for PinnedServer {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -209,9 +217,7 @@ impl ClientCertVerifier for AllowedClients {
         } else {
             self.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(identity = %id, "refused unknown device");
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
+            Err(not_pinned())
         }
     }
 
@@ -221,9 +227,7 @@ impl ClientCertVerifier for AllowedClients {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(

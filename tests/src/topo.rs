@@ -51,6 +51,25 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` with `input` on its standard input, failing on a non-zero exit.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Result<Output> {
+    let mut c = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    c.stdin.take().context("stdin")?.write_all(input)?;
+    let out = c.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
 fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
@@ -370,18 +389,11 @@ impl Topology {
     }
 
     pub fn nft(&self, role: &str, script: &str) -> Result<()> {
-        let mut c = Command::new("ip")
-            .args(["netns", "exec", &self.ns(role), "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .context("nft (apt-get install nftables)")?;
-        c.stdin
-            .take()
-            .context("stdin")?
-            .write_all(script.as_bytes())?;
-        if !c.wait()?.success() {
-            bail!("nft failed in {role}: {script}");
-        }
+        run_with_input(
+            Command::new("ip").args(["netns", "exec", &self.ns(role), "nft", "-f", "-"]),
+            script.as_bytes(),
+        )
+        .with_context(|| format!("nft in {role} (apt-get install nftables): {script}"))?;
         Ok(())
     }
 

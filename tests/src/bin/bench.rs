@@ -245,16 +245,11 @@ fn wireguard(t: &mut Topology) -> Result<()> {
         let out = std::process::Command::new("wg").arg("genkey").output()?;
         let k = String::from_utf8(out.stdout)?.trim().to_string();
         std::fs::write(t.dir.join(name), &k)?;
-        let mut c = std::process::Command::new("wg")
-            .arg("pubkey")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        use std::io::Write;
-        c.stdin.take().context("stdin")?.write_all(k.as_bytes())?;
-        Ok(String::from_utf8(c.wait_with_output()?.stdout)?
-            .trim()
-            .to_string())
+        let out = stallnet_tests::topo::run_with_input(
+            std::process::Command::new("wg").arg("pubkey"),
+            k.as_bytes(),
+        )?;
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
     };
     let (edge_pub, hub_pub) = (key("wg-edge.key")?, key("wg-hub.key")?);
     let dir = t.dir.clone();
