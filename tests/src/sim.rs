@@ -180,6 +180,7 @@ pub fn run(sc: &Scenario) -> Outcome {
                 srtt: h.srtt(),
                 disabled: !carrier[i],
                 room: true,
+                verified_until: h.verified_until(),
             };
             sched.update_link(ids[i], view);
         }

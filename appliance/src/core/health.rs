@@ -75,6 +75,8 @@ pub struct LinkHealth {
     outstanding: VecDeque<(u32, Instant)>,
     next_probe_id: u32,
     next_probe_at: Instant,
+    /// Send time of the newest answered probe.
+    verified: Option<Instant>,
     flaps: u32,
     probes_sent: u64,
     probes_lost: u64,
@@ -98,6 +100,7 @@ impl LinkHealth {
             outstanding: VecDeque::new(),
             next_probe_id: 1,
             next_probe_at: now,
+            verified: None,
             flaps: 0,
             probes_sent: 0,
             probes_lost: 0,
@@ -114,6 +117,12 @@ impl LinkHealth {
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
     }
+    /// Everything this link carried before this instant has reached the far end: the
+    /// newest answered probe was sent then, behind it on the same in-order connection.
+    pub fn verified_until(&self) -> Option<Instant> {
+        self.verified
+    }
+
     /// The most recent RTT estimate: QUIC's (updated per acknowledgement) when it has one,
     /// else the probes'.
     pub fn current_rtt(&self) -> Option<Duration> {
@@ -193,6 +202,7 @@ impl LinkHealth {
             return;
         };
         self.resolve(false);
+        self.verified = Some(self.verified.map_or(sent, |v| v.max(sent)));
         self.rtt_sample(now.saturating_duration_since(sent));
         match self.state {
             LinkState::Suspect => self.set_state(LinkState::Up, now),
@@ -405,6 +415,21 @@ mod tests {
         run(&mut h, &mut t, until, None);
         assert_eq!(h.state(), LinkState::Down);
         assert!(h.loss() > 0.5);
+    }
+
+    #[test]
+    fn verified_until_is_the_newest_answered_probe() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        let v = h.verified_until().expect("answered probes");
+        assert!(t - v <= ms(150), "{:?}", t - v);
+        let until = t + ms(500);
+        run(&mut h, &mut t, until, None);
+        assert_eq!(
+            h.verified_until(),
+            Some(v),
+            "nothing answered in the black hole"
+        );
     }
 
     #[test]

@@ -20,9 +20,10 @@
 //! redundant packet carry the number the first copy was given.
 //!
 //! A dying uplink costs nothing visible: when a usable link stops being usable (a probe
-//! overdue, carrier lost), what it sent in the last `resend_window` may be lost in flight,
-//! so those packets go out again, first in line, on the remaining links with their original
-//! sequence numbers; the receiver keeps whichever copy arrives first. A TCP flow then sees
+//! overdue, carrier lost), what it sent after its newest answered probe (at most
+//! `resend_window` back) may be lost in flight, so those packets go out again, first in
+//! line, on the remaining links with their original sequence numbers; the receiver keeps
+//! whichever copy arrives first. A TCP flow then sees
 //! reordering instead of loss and never waits for a retransmission timeout.
 //!
 //! No usable uplink: links that are Suspect or Probing may still pull (better a chance than
@@ -50,6 +51,10 @@ pub struct LinkView {
     /// False while the link has its in-flight cap's worth of data out (see
     /// [`super::inflight`]): it then takes no shared traffic.
     pub room: bool,
+    /// What the link sent before this instant is known to have arrived (see
+    /// [`super::health::LinkHealth::verified_until`]); only later packets are resent when
+    /// it fails.
+    pub verified_until: Option<Instant>,
 }
 
 impl LinkView {
@@ -60,6 +65,7 @@ impl LinkView {
             srtt: None,
             disabled: false,
             room: true,
+            verified_until: None,
         }
     }
     fn usable(&self) -> bool {
@@ -225,9 +231,11 @@ impl Scheduler {
             let mut orphans: Vec<Queued> = slot.private.drain(..).collect();
             let last = slot.recent.back().map(|r| r.0);
             let window = self.cfg.resend_window;
+            let verified = was.verified_until;
             let mut resend: Vec<Queued> = slot
                 .recent
                 .drain(..)
+                .filter(|(at, _)| verified.is_none_or(|v| *at >= v))
                 .filter(|(at, _)| last.is_some_and(|l| l.saturating_duration_since(*at) <= window))
                 .map(|(at, mut q)| {
                     q.resend = true;
@@ -445,6 +453,7 @@ mod tests {
             srtt: Some(Duration::from_millis(rtt_ms)),
             disabled: false,
             room: true,
+            verified_until: None,
         }
     }
 
@@ -595,6 +604,38 @@ mod tests {
         assert!(!again.contains(&old) && !again.contains(&on_b));
         assert_eq!(s.poll(b, t + ms(520)), None);
         assert_eq!(s.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn only_what_was_sent_after_the_last_answered_probe_is_resent() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(b, up(30, false));
+        for i in 0..3 {
+            s.enqueue(Class::Bulk, pkt(i), t);
+        }
+        s.update_link(a, up(20, false));
+        let first = s.poll(a, t).expect("p0").seq;
+        let later: Vec<u64> = (0..2)
+            .map(|_| s.poll(a, t + ms(50)).expect("p").seq)
+            .collect();
+        // A probe sent at t + 10 ms was answered: p0 arrived.
+        s.update_link(
+            a,
+            LinkView {
+                verified_until: Some(t + ms(10)),
+                ..up(20, false)
+            },
+        );
+        s.update_link(a, LinkView::down());
+        assert_eq!(s.stats().resent, 2);
+        let again: Vec<u64> = (0..2)
+            .map(|_| s.poll(b, t + ms(60)).expect("r").seq)
+            .collect();
+        assert_eq!(again, later);
+        assert!(!again.contains(&first));
     }
 
     #[test]

@@ -334,6 +334,7 @@ impl Bond {
                 srtt: l.health.srtt(),
                 disabled: l.absent,
                 room: l.inflight.has_room(),
+                verified_until: l.health.verified_until(),
             };
             let wake = st.sched.update_link(id, view);
             wakes.push(wake);
