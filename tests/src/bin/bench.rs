@@ -212,7 +212,11 @@ fn unshaped() -> Result<Vec<(String, &'static str, f64)>> {
     };
     let mut t = Topology::build(vec![fast.clone()], Options::default())?;
     t.start()?;
+    let pids = [t.pid("edge"), t.pid("hub")];
+    let cpu0 = cpu_seconds(&pids);
+    let started = std::time::Instant::now();
     let tunnel = iperf(&mut t, false, 8, 4)?;
+    let sn_cores = (cpu_seconds(&pids) - cpu0) / started.elapsed().as_secs_f64();
     drop(t);
     let mut p = Topology::build(vec![fast], Options::default())?;
     // Plain routing: the edge namespace forwards LAN traffic out of wan1 with NAT.
@@ -230,12 +234,43 @@ fn unshaped() -> Result<Vec<(String, &'static str, f64)>> {
         Options::default(),
     )?;
     wireguard(&mut w)?;
+    let pids = [w.pid("wg-edge"), w.pid("wg-hub")];
+    let cpu0 = cpu_seconds(&pids);
+    let started = std::time::Instant::now();
     let wg = iperf(&mut w, false, 8, 4)?;
+    let wg_cores = (cpu_seconds(&pids) - cpu0) / started.elapsed().as_secs_f64();
     Ok(vec![
         ("unshaped: iperf3 through stallnet".into(), "Mbit/s", tunnel),
         ("unshaped: iperf3 plain routing".into(), "Mbit/s", plain),
         ("unshaped: iperf3 through wireguard-go".into(), "Mbit/s", wg),
+        (
+            "unshaped: stallnet per core (edge + hub CPU)".into(),
+            "Mbit/s per core",
+            tunnel / sn_cores.max(1e-3),
+        ),
+        (
+            "unshaped: wireguard-go per core (both ends' CPU)".into(),
+            "Mbit/s per core",
+            wg / wg_cores.max(1e-3),
+        ),
     ])
+}
+
+/// User + system CPU seconds consumed so far by these processes (and their threads).
+fn cpu_seconds(pids: &[Option<u32>]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    pids.iter()
+        .flatten()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may contain spaces) start after ')'.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / tick)
+        })
+        .sum()
 }
 
 /// A wireguard-go tunnel from the edge (over wan1) to the hub, carrying the LAN.
