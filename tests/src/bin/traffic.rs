@@ -4,6 +4,11 @@
 //! - `udp-flow TO BIND PPS SECS`: sends PPS datagrams per second for SECS seconds (each
 //!   carries a sequence number), listens for the echoes, and prints a JSON summary: sent,
 //!   received, lost, duplicates, the longest gap between echoes and the RTT percentiles.
+//! - `tcp-sink BIND`: for each connection, reads to the end, answers with the byte count
+//!   (8 bytes), closes (runs until killed).
+//! - `tcp-send TO BYTES`: sends BYTES over one TCP connection (cubic), half-closes, waits
+//!   for the sink's count and prints a JSON summary: sent, acknowledged (by the sink,
+//!   after it read everything), seconds. Gives up after 60 s.
 use std::collections::HashSet;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -29,8 +34,67 @@ fn main() -> Result<()> {
             let secs: f64 = secs.parse()?;
             flow(to, bind, pps, secs)
         }
-        _ => bail!("usage: stallnet-traffic udp-echo BIND | udp-flow TO BIND PPS SECS"),
+        Some("tcp-sink") => {
+            let l = std::net::TcpListener::bind(args.get(1).context("BIND")?)?;
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+                    let mut buf = vec![0u8; 65536];
+                    let mut total = 0u64;
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    let _ = c.write_all(&total.to_be_bytes());
+                });
+            }
+            Ok(())
+        }
+        Some("tcp-send") => {
+            let [to, bytes] = &args[1..] else {
+                bail!("usage: tcp-send TO BYTES");
+            };
+            tcp_send(to, bytes.parse()?)
+        }
+        _ => bail!(
+            "usage: stallnet-traffic udp-echo BIND | udp-flow TO BIND PPS SECS | tcp-sink BIND | tcp-send TO BYTES"
+        ),
     }
+}
+
+fn tcp_send(to: &str, bytes: u64) -> Result<()> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = to.parse()?;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_tcp_congestion(b"cubic")?;
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    let mut s: std::net::TcpStream = sock.into();
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let start = Instant::now();
+    let chunk = vec![0x5au8; 65536];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "sent": bytes,
+            "acknowledged": u64::from_be_bytes(ack),
+            "seconds": start.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
 }
 
 fn flow(to: &str, bind: &str, pps: u64, secs: f64) -> Result<()> {
