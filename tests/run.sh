@@ -27,4 +27,11 @@ modprobe tun 2>/dev/null || true
 
 cargo build --workspace --bins
 # End-to-end tests each build a topology of ~10 namespaces; two at a time fit 2 cores.
-cargo test --workspace --no-fail-fast -- --test-threads 2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads 2 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
