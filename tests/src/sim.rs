@@ -7,7 +7,7 @@
 //! [`LinkHealth`] per link with probes answered by the far end; the receiver runs
 //! [`Reorder`]. The run records every delivery for property checks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -128,7 +128,6 @@ pub fn run(sc: &Scenario) -> Outcome {
     let mut events: BTreeMap<(Duration, u64), Ev> = BTreeMap::new();
     let mut ev_n = 0u64;
     let mut out = Outcome::default();
-    let mut payloads: HashMap<u64, Class> = HashMap::new();
     let mut next_pos = Duration::ZERO;
     let mut next_bulk = Duration::ZERO;
     let mut released = Vec::new();
@@ -150,14 +149,12 @@ pub fn run(sc: &Scenario) -> Outcome {
         if now + sc.drain < sc.duration {
             while next_pos <= now {
                 sched.enqueue(Class::Pos, tagged(seq_counter, 300), at(now));
-                payloads.insert(seq_counter, Class::Pos);
                 out.sent.insert(seq_counter, (Class::Pos, now));
                 seq_counter += 1;
                 next_pos += sc.pos_interval;
             }
             while next_bulk <= now {
                 sched.enqueue(Class::Bulk, tagged(seq_counter, 1200), at(now));
-                payloads.insert(seq_counter, Class::Bulk);
                 out.sent.insert(seq_counter, (Class::Bulk, now));
                 seq_counter += 1;
                 next_bulk += sc.bulk_interval;
@@ -252,7 +249,7 @@ pub fn run(sc: &Scenario) -> Outcome {
             let mut a = [0u8; 8];
             a.copy_from_slice(&p[..8]);
             let seq = u64::from_be_bytes(a);
-            let class = payloads.get(&seq).copied().unwrap_or(Class::Bulk);
+            let class = out.sent.get(&seq).map_or(Class::Bulk, |s| s.0);
             out.delivered.push((seq, class, now));
         }
         now += step;

@@ -165,14 +165,19 @@ impl Netlink {
         if let Some(gw) = gateway {
             b = b.gateway(gw);
         }
-        let msg = b.build();
+        self.replace_route(b.build())
+            .await
+            .with_context(|| format!("default route in table {table}"))
+    }
+
+    /// Adds or replaces a route and records it for [`Self::revert`]. Call serialized.
+    async fn replace_route(&self, msg: RouteMessage) -> Result<()> {
         self.handle
             .route()
             .add(msg.clone())
             .replace()
             .execute()
-            .await
-            .with_context(|| format!("default route in table {table}"))?;
+            .await?;
         self.record(Added::Route(msg));
         Ok(())
     }
@@ -192,15 +197,9 @@ impl Netlink {
                 .table_id(table)
                 .build(),
         };
-        self.handle
-            .route()
-            .add(msg.clone())
-            .replace()
-            .execute()
+        self.replace_route(msg)
             .await
-            .with_context(|| format!("route {prefix} table {table}"))?;
-        self.record(Added::Route(msg));
-        Ok(())
+            .with_context(|| format!("route {prefix} table {table}"))
     }
 
     /// Policy rule: packets carrying `mark` look up `table`.
