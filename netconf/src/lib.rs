@@ -3,14 +3,17 @@
 //!
 //! Layout:
 //! - [`schema`]: the typed configuration (serde, unknown fields refused).
+//! - [`classes`]: traffic classes, classification rules and their built-in defaults.
 //! - [`load`]: reading a file, turning parse and semantic errors into [`ConfigError`]s that
 //!   carry the file, line, column, field path and what was expected.
 //!
 //! Invariant: a config is either accepted whole or refused whole; every error is reported
 //! at once, never only the first.
 
+pub mod classes;
 pub mod load;
 pub mod schema;
 
+pub use classes::{ClassMode, ClassName, ClassPath, ClassSpec, Rule};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};
 pub use schema::*;

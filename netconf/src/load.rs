@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_spanned::Spanned;
 
+use crate::classes::{is_host_pattern, parse_mac, ClassName, ClassPath};
 use crate::schema::{is_identity, Config, Role};
 
 /// One thing wrong with a config, with its position.
@@ -167,6 +168,7 @@ impl Validator<'_> {
                 );
             }
         }
+        self.check_classes(edge);
         let mut names = HashSet::new();
         let mut ifaces = HashSet::new();
         for (i, u) in e.uplinks.iter().enumerate() {
@@ -198,6 +200,109 @@ impl Validator<'_> {
                     format!("edge.uplinks[{i}].interface"),
                     format!("interface {:?} is used by two uplinks", r.interface),
                 );
+            }
+        }
+    }
+
+    fn check_classes(&mut self, edge: &Spanned<crate::EdgeConfig>) {
+        let e = edge.get_ref();
+        let uplinks: HashSet<&str> = e
+            .uplinks
+            .iter()
+            .map(|u| u.get_ref().name.as_str())
+            .collect();
+        for name in ClassName::ALL {
+            let Some(c) = e.classes.get(name) else {
+                continue;
+            };
+            let at = c.span();
+            let path = format!("edge.classes.{}", name.as_str());
+            let r = c.get_ref();
+            if r.weight == Some(0) || r.weight.is_some_and(|w| w > 1000) {
+                self.err(
+                    at.clone(),
+                    format!("{path}.weight"),
+                    "expected a weight from 1 to 1000",
+                );
+            }
+            if let (Some(lo), Some(hi)) = (r.min_rate, r.max_rate) {
+                if lo > hi {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.min_rate"),
+                        format!("min_rate {lo} is above max_rate {hi}"),
+                    );
+                }
+            }
+            for u in r.uplinks.iter().flatten() {
+                if !uplinks.contains(u.as_str()) {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.uplinks"),
+                        format!("no uplink is named {u:?}"),
+                    );
+                }
+            }
+            if r.path == Some(ClassPath::Direct) {
+                self.err(
+                    at.clone(),
+                    format!("{path}.path"),
+                    "path = \"direct\" per class is not available in this version; \
+                     use fallback = \"direct\" for traffic that may leave untunnelled",
+                );
+            }
+        }
+        for (i, rule) in e.rules.iter().enumerate() {
+            let at = rule.span();
+            let path = format!("edge.rules[{i}]");
+            let r = rule.get_ref();
+            if r.is_empty() {
+                self.err(at.clone(), path.clone(), "expected at least one match field (mac, hostname, interface, src, dst, host, proto, src_port, dst_port, dscp)");
+            }
+            for m in &r.mac {
+                if parse_mac(m).is_none() {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.mac"),
+                        format!("expected a MAC address like \"aa:bb:cc:dd:ee:ff\", got {m:?}"),
+                    );
+                }
+            }
+            for h in &r.host {
+                if !is_host_pattern(h) {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.host"),
+                        format!("expected a host name or \"*.domain\", got {h:?}"),
+                    );
+                }
+            }
+            for h in &r.hostname {
+                if h.is_empty() || h.len() > 63 {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.hostname"),
+                        "expected a DHCP host name of 1 to 63 characters",
+                    );
+                }
+            }
+            for n in &r.interface {
+                if n.is_empty() || n.len() > 15 {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.interface"),
+                        "expected an interface name of 1 to 15 characters",
+                    );
+                }
+            }
+            for d in &r.dscp {
+                if *d > 63 {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.dscp"),
+                        format!("expected a DSCP code point 0-63, got {d}"),
+                    );
+                }
             }
         }
     }
@@ -326,5 +431,49 @@ kind = "wifi"
     fn role_needs_its_section() {
         let err = parse_str(Path::new("h.toml"), "role = \"hub\"\n").expect_err("no hub");
         assert_eq!(err.0[0].path, "hub");
+    }
+
+    #[test]
+    fn rules_and_classes_are_checked_with_positions() {
+        let text = edge(
+            r#"[edge.classes.guest]
+max_rate = "2mbit"
+uplinks = ["lte"]
+[[edge.rules]]
+class = "pos"
+host = ["*.squareup.com", "bad host"]
+mac = ["aa:bb"]
+[[edge.rules]]
+class = "guest"
+[[edge.rules]]
+class = "stream"
+dst_port = ["2000-1000"]
+"#,
+        );
+        let err = parse_str(Path::new("s.toml"), &text).expect_err("bad rules");
+        // Ports are checked while parsing: that error comes alone, with its position.
+        assert!(err.0[0].message.contains("8000-8999"), "{err}");
+        let text = text.replace("\"2000-1000\"", "1935");
+        let err = parse_str(Path::new("s.toml"), &text).expect_err("bad rules");
+        let got: Vec<_> = err.0.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            [
+                ("edge.classes.guest.uplinks", 5),
+                ("edge.rules[0].mac", 8),
+                ("edge.rules[0].host", 8),
+                ("edge.rules[1]", 12),
+            ],
+            "{err}"
+        );
+        let ok = parse_str(
+            Path::new("s.toml"),
+            &edge("[edge.classes.stream]\nmin_rate = \"6mbit\"\n[[edge.rules]]\nclass = \"pos\"\nsrc = [\"10.1.0.7/32\"]\ndst_port = [443, \"8443-8444\"]\n"),
+        )
+        .expect("valid");
+        let e = ok.edge().expect("edge");
+        let classes = crate::classes::effective_classes(&e.classes);
+        assert_eq!(classes[1].min_rate, Some(6_000_000));
+        assert_eq!(e.rules[0].get_ref().dst_port.len(), 2);
     }
 }

@@ -8,6 +8,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_spanned::Spanned;
 
+use crate::classes::{ClassesConfig, Rate, Rule};
+
 /// Which half of the bond this box is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,13 +83,32 @@ pub struct EdgeConfig {
     /// Scheduling mode for traffic that is not POS.
     #[serde(default)]
     pub mode: SchedMode,
-    /// LAN sources whose traffic is point-of-sale (duplicated on the two best uplinks).
+    /// LAN sources whose traffic is point-of-sale (a shortcut for a `pos` rule by `src`).
     #[serde(default)]
     pub pos_sources: Vec<IpNet>,
+    /// Per-class overrides of the built-in class settings.
+    #[serde(default)]
+    pub classes: ClassesConfig,
+    /// Classification rules, tried in order before the built-in ones; first match wins.
+    #[serde(default)]
+    pub rules: Vec<Spanned<Rule>>,
+    /// Whether the built-in rules (payment hosts, stream and interactive ports) apply.
+    #[serde(default = "yes")]
+    pub default_rules: bool,
+    /// dnsmasq's leases file, for rules by `hostname` and `mac`.
+    #[serde(default = "default_leases")]
+    pub dhcp_leases: PathBuf,
     /// First routing table number used for per-uplink tables (one per uplink from here).
     #[serde(default = "default_table_base")]
     pub table_base: u32,
     pub uplinks: Vec<Spanned<Uplink>>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_leases() -> PathBuf {
+    PathBuf::from("/var/lib/misc/dnsmasq.leases")
 }
 
 fn default_edge_tun() -> String {
@@ -138,6 +159,12 @@ pub struct Uplink {
     pub priority: UplinkPriority,
     /// Next hop; when absent, learned from the kernel's default route on the interface.
     pub gateway: Option<IpAddr>,
+    /// Traffic costs money (a capped SIM): classes that avoid `metered` stay off it.
+    #[serde(default)]
+    pub metered: bool,
+    /// Lower and upper bounds for the uplink's estimated capacity (either direction).
+    pub min_rate: Option<Rate>,
+    pub max_rate: Option<Rate>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
