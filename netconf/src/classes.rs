@@ -253,7 +253,8 @@ pub struct ClassConfig {
     pub max_rate: Option<Rate>,
     /// Only these uplinks (by name); absent means all.
     pub uplinks: Option<Vec<String>>,
-    /// Never on uplinks of these kinds while another uplink is usable.
+    /// Never on uplinks of these kinds (a backup uplink otherwise carries every class
+    /// while no other uplink is usable).
     pub avoid: Option<Vec<UplinkTag>>,
     pub path: Option<ClassPath>,
 }
@@ -420,7 +421,7 @@ impl ClassSpec {
                 ClassMode::LowestLatency,
                 Some(4_000_000),
                 None,
-                vec![UplinkTag::Backup],
+                vec![],
             ),
             ClassName::Interactive => (4, ClassMode::LowestLatency, None, None, vec![]),
             ClassName::Bulk => (
@@ -428,7 +429,7 @@ impl ClassSpec {
                 ClassMode::Aggregate,
                 None,
                 None,
-                vec![UplinkTag::Backup, UplinkTag::Metered],
+                vec![UplinkTag::Metered],
             ),
             ClassName::Guest => (
                 1,
@@ -474,7 +475,7 @@ impl ClassSpec {
         }
     }
 
-    /// May this class use an uplink with these properties (while another is usable)?
+    /// May this class use an uplink with these properties at all?
     pub fn allows(&self, name: &str, backup: bool, metered: bool, cellular: bool) -> bool {
         if let Some(u) = &self.uplinks {
             if !u.iter().any(|n| n == name) {
@@ -564,7 +565,8 @@ mod tests {
         let c = effective_classes(&ClassesConfig::default());
         let bulk = &c[ClassName::Bulk as usize];
         assert!(!bulk.allows("cell", false, true, true));
-        assert!(!bulk.allows("lte", true, false, true));
+        assert!(bulk.allows("lte", true, false, true));
+        assert!(!c[ClassName::Guest as usize].allows("lte", true, false, true));
         assert!(bulk.allows("wifi", false, false, false));
         assert!(c[ClassName::Pos as usize].allows("lte", true, true, true));
         assert!(default_rules()

@@ -3,6 +3,7 @@
 //! Invariant: nothing in this module tree does IO, spawns tasks or reads the clock. Time
 //! comes in as `now: Instant` arguments; results come out as return values.
 
+pub mod classify;
 pub mod fallback;
 pub mod frame;
 pub mod health;
@@ -11,8 +12,7 @@ pub mod packet;
 pub mod reorder;
 pub mod scheduler;
 
-/// Traffic class of a packet. Issue-2 scope: POS (from the configured POS sources) and
-/// everything else as bulk; the classifier brings the rest.
+/// Traffic class of a packet (decided by [`classify`], queued by [`qos`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum Class {
