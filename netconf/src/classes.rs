@@ -416,13 +416,7 @@ impl ClassSpec {
     pub fn default_for(name: ClassName) -> Self {
         let (weight, mode, min_rate, max_rate, avoid) = match name {
             ClassName::Pos => (100, ClassMode::Redundant, None, None, vec![]),
-            ClassName::Stream => (
-                8,
-                ClassMode::LowestLatency,
-                Some(4_000_000),
-                None,
-                vec![],
-            ),
+            ClassName::Stream => (8, ClassMode::LowestLatency, Some(4_000_000), None, vec![]),
             ClassName::Interactive => (4, ClassMode::LowestLatency, None, None, vec![]),
             ClassName::Bulk => (
                 2,

@@ -9,6 +9,7 @@ pub mod frame;
 pub mod health;
 pub mod inflight;
 pub mod packet;
+pub mod qos;
 pub mod reorder;
 pub mod scheduler;
 

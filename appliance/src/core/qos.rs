@@ -1,0 +1,688 @@
+//! Per-class queues: strict priority for `pos`, then classes under their guaranteed
+//! minimum rate, then deficit round robin by weight; per-class maximum rates; a CoDel
+//! sojourn-time controller per queue (RFC 8289) plus a hard sojourn limit, so no queue
+//! holds more than a few tens of milliseconds; bounded memory, dropping from the lowest
+//! class first when full.
+//!
+//! Items may be *targeted* at one uplink (a redundant copy, a flow pinned to its uplink)
+//! or free for any uplink allowed to take their class; [`Qos::dequeue`] is asked on behalf
+//! of one uplink and takes only what that uplink may carry.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::Class;
+
+pub const CLASSES: usize = 5;
+
+/// What the queues need to know of an item.
+pub trait QItem {
+    fn class(&self) -> Class;
+    fn size(&self) -> usize;
+    fn enqueued(&self) -> Instant;
+    fn target(&self) -> Option<usize>;
+    fn set_target(&mut self, t: Option<usize>);
+}
+
+/// Bit mask over classes.
+pub type ClassMask = u8;
+pub const ALL_CLASSES: ClassMask = 0b1_1111;
+
+pub fn bit(c: Class) -> ClassMask {
+    1 << c as u8
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClassParams {
+    pub weight: u32,
+    /// Bytes per second.
+    pub min_rate: Option<f64>,
+    pub max_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QosConfig {
+    pub classes: [ClassParams; CLASSES],
+    /// All queues together (POS has its own small bound and is never dropped for others).
+    pub max_bytes: usize,
+    pub max_pos_bytes: usize,
+    pub codel_target: Duration,
+    pub codel_interval: Duration,
+    /// Hard limit: older packets are dropped whatever CoDel thinks.
+    pub max_sojourn: Duration,
+    /// POS waits longer before it is given up (it is tiny and precious).
+    pub max_pos_sojourn: Duration,
+}
+
+impl Default for QosConfig {
+    fn default() -> Self {
+        let p = |weight| ClassParams {
+            weight,
+            min_rate: None,
+            max_rate: None,
+        };
+        Self {
+            classes: [p(100), p(8), p(4), p(2), p(1)],
+            max_bytes: 1024 * 1024,
+            max_pos_bytes: 128 * 1024,
+            codel_target: Duration::from_millis(5),
+            codel_interval: Duration::from_millis(100),
+            max_sojourn: Duration::from_millis(60),
+            max_pos_sojourn: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Queue delay histogram (upper bounds in milliseconds).
+const BOUNDS_MS: [f64; 28] = [
+    0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0,
+    60.0, 80.0, 100.0, 150.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0,
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct DelayHist {
+    counts: [u64; BOUNDS_MS.len() + 1],
+    total: u64,
+}
+
+impl DelayHist {
+    pub fn record(&mut self, d: Duration) {
+        let ms = d.as_secs_f64() * 1e3;
+        let i = BOUNDS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(BOUNDS_MS.len());
+        self.counts[i] += 1;
+        self.total += 1;
+    }
+    /// Upper bound (ms) of the bucket holding quantile `q`; None when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.total == 0 {
+            return None;
+        }
+        let want = ((self.total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClassStats {
+    pub class: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub dropped_full: u64,
+    pub dropped_codel: u64,
+    pub dropped_sojourn: u64,
+    pub queued_packets: usize,
+    pub queued_bytes: usize,
+    pub delay_p50_ms: Option<f64>,
+    pub delay_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst_time: Duration) -> Self {
+        let burst = (rate * burst_time.as_secs_f64()).max(3000.0);
+        Self {
+            tokens: burst,
+            rate,
+            burst,
+        }
+    }
+    fn refill(&mut self, dt: Duration) {
+        self.tokens = (self.tokens + self.rate * dt.as_secs_f64()).min(self.burst);
+    }
+}
+
+/// RFC 8289 CoDel state of one queue.
+#[derive(Debug, Clone, Default)]
+struct Codel {
+    first_above: Option<Instant>,
+    drop_next: Option<Instant>,
+    count: u32,
+    last_count: u32,
+    dropping: bool,
+}
+
+impl Codel {
+    fn control_law(t: Instant, interval: Duration, count: u32) -> Instant {
+        t + interval.div_f64(f64::from(count.max(1)).sqrt())
+    }
+
+    /// Called for each packet leaving the queue; true means drop it.
+    fn should_drop(
+        &mut self,
+        sojourn: Duration,
+        backlog: usize,
+        now: Instant,
+        target: Duration,
+        interval: Duration,
+    ) -> bool {
+        let ok_to_drop = if sojourn < target || backlog <= 1500 {
+            self.first_above = None;
+            false
+        } else {
+            match self.first_above {
+                None => {
+                    self.first_above = Some(now + interval);
+                    false
+                }
+                Some(t) => now >= t,
+            }
+        };
+        if self.dropping {
+            if !ok_to_drop {
+                self.dropping = false;
+                return false;
+            }
+            if self.drop_next.is_some_and(|t| now >= t) {
+                self.count += 1;
+                self.drop_next = Some(Self::control_law(
+                    self.drop_next.unwrap_or(now),
+                    interval,
+                    self.count,
+                ));
+                return true;
+            }
+            return false;
+        }
+        if ok_to_drop {
+            self.dropping = true;
+            let delta = self.count.saturating_sub(self.last_count);
+            let recent = self
+                .drop_next
+                .is_some_and(|t| now.saturating_duration_since(t) < interval * 16);
+            self.count = if delta > 1 && recent { delta } else { 1 };
+            self.drop_next = Some(Self::control_law(now, interval, self.count));
+            self.last_count = self.count;
+            return true;
+        }
+        false
+    }
+}
+
+#[derive(Debug)]
+struct ClassQueue<T> {
+    items: VecDeque<T>,
+    bytes: usize,
+    deficit: i64,
+    codel: Codel,
+    min: Option<Bucket>,
+    max: Option<Bucket>,
+    stats: ClassStats,
+    delay: DelayHist,
+}
+
+/// The class queues of one direction of one bond.
+#[derive(Debug)]
+pub struct Qos<T> {
+    cfg: QosConfig,
+    queues: [ClassQueue<T>; CLASSES],
+    bytes: usize,
+    rr: usize,
+    last_refill: Option<Instant>,
+}
+
+const QUANTUM: i64 = 1500;
+
+impl<T: QItem> Qos<T> {
+    pub fn new(cfg: QosConfig) -> Self {
+        let queues = std::array::from_fn(|i| {
+            let p = cfg.classes[i];
+            ClassQueue {
+                items: VecDeque::new(),
+                bytes: 0,
+                deficit: 0,
+                codel: Codel::default(),
+                min: p
+                    .min_rate
+                    .map(|r| Bucket::new(r, Duration::from_millis(50))),
+                max: p
+                    .max_rate
+                    .map(|r| Bucket::new(r, Duration::from_millis(10))),
+                stats: ClassStats {
+                    class: Class::from_u8(i as u8).map_or("?", Class::name),
+                    ..Default::default()
+                },
+                delay: DelayHist::default(),
+            }
+        });
+        Self {
+            cfg,
+            queues,
+            bytes: 0,
+            rr: 1,
+            last_refill: None,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.iter().all(|q| q.items.is_empty())
+    }
+
+    /// Queues an item; false when it (or nothing else) could be kept.
+    pub fn enqueue(&mut self, item: T) -> bool {
+        let c = item.class() as usize;
+        let len = item.size();
+        if c == Class::Pos as usize {
+            if self.queues[c].bytes + len > self.cfg.max_pos_bytes {
+                self.queues[c].stats.dropped_full += 1;
+                return false;
+            }
+        } else {
+            // Full: make room by dropping the oldest packets of the lowest classes, never of
+            // a class above the newcomer's.
+            while self.bytes - self.queues[0].bytes + len > self.cfg.max_bytes {
+                let Some(victim) = (c..CLASSES)
+                    .rev()
+                    .find(|&v| !self.queues[v].items.is_empty())
+                else {
+                    self.queues[c].stats.dropped_full += 1;
+                    return false;
+                };
+                if let Some(old) = self.queues[victim].items.pop_front() {
+                    self.account_out(victim, old.size());
+                    self.queues[victim].stats.dropped_full += 1;
+                }
+            }
+        }
+        let q = &mut self.queues[c];
+        q.bytes += len;
+        q.items.push_back(item);
+        self.bytes += len;
+        true
+    }
+
+    /// Puts items back at the head of their class queues (resends), keeping their order.
+    pub fn requeue_front(&mut self, items: Vec<T>) {
+        for item in items.into_iter().rev() {
+            let c = item.class() as usize;
+            let len = item.size();
+            self.queues[c].bytes += len;
+            self.queues[c].items.push_front(item);
+            self.bytes += len;
+        }
+    }
+
+    /// Items targeted at `link` become free for any uplink.
+    pub fn untarget(&mut self, link: usize) {
+        for q in &mut self.queues {
+            for i in q.items.iter_mut() {
+                if i.target() == Some(link) {
+                    i.set_target(None);
+                }
+            }
+        }
+    }
+
+    /// Classes with an item `link` could take now (targeted at it, or free and in `free`).
+    pub fn has_work(&self, link: usize, free: ClassMask) -> bool {
+        self.queues
+            .iter()
+            .enumerate()
+            .any(|(c, q)| q.items.iter().any(|i| fits(i, link, free & (1 << c) != 0)))
+    }
+
+    fn account_out(&mut self, c: usize, len: usize) {
+        self.queues[c].bytes -= len;
+        self.bytes -= len;
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = self
+            .last_refill
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_refill = Some(now);
+        for q in &mut self.queues {
+            if let Some(b) = &mut q.min {
+                b.refill(dt);
+            }
+            if let Some(b) = &mut q.max {
+                b.refill(dt);
+            }
+        }
+    }
+
+    /// Drops items at the head of class `c` that waited past the hard limit.
+    fn expire(&mut self, c: usize, now: Instant) {
+        let limit = if c == Class::Pos as usize {
+            self.cfg.max_pos_sojourn
+        } else {
+            self.cfg.max_sojourn
+        };
+        while let Some(front) = self.queues[c].items.front() {
+            if now.saturating_duration_since(front.enqueued()) <= limit {
+                break;
+            }
+            let len = front.size();
+            self.queues[c].items.pop_front();
+            self.account_out(c, len);
+            self.queues[c].stats.dropped_sojourn += 1;
+        }
+    }
+
+    /// The next item for `link`: among classes in `allowed`, items targeted at `link`, and
+    /// free items of classes in `free` (the classes `link` may carry right now).
+    pub fn dequeue(
+        &mut self,
+        now: Instant,
+        link: usize,
+        allowed: ClassMask,
+        free: ClassMask,
+    ) -> Option<T> {
+        self.refill(now);
+        for c in 0..CLASSES {
+            self.expire(c, now);
+        }
+        for _attempt in 0..64 {
+            let c = self.pick(link, allowed, free)?;
+            let q = &mut self.queues[c];
+            let take_free = free & (1 << c) != 0;
+            let i = q.items.iter().position(|i| fits(i, link, take_free))?;
+            let item = q.items.remove(i)?;
+            let len = item.size();
+            self.account_out(c, len);
+            let q = &mut self.queues[c];
+            let sojourn = now.saturating_duration_since(item.enqueued());
+            if c != Class::Pos as usize
+                && q.codel.should_drop(
+                    sojourn,
+                    q.bytes,
+                    now,
+                    self.cfg.codel_target,
+                    self.cfg.codel_interval,
+                )
+            {
+                q.stats.dropped_codel += 1;
+                continue;
+            }
+            q.delay.record(sojourn);
+            q.stats.packets += 1;
+            q.stats.bytes += len as u64;
+            q.deficit -= len as i64;
+            for b in [&mut q.min, &mut q.max].into_iter().flatten() {
+                b.tokens -= len as f64;
+            }
+            if let Some(b) = &mut q.min {
+                b.tokens = b.tokens.max(0.0);
+            }
+            return Some(item);
+        }
+        None
+    }
+
+    /// Which class serves next.
+    fn pick(&mut self, link: usize, allowed: ClassMask, free: ClassMask) -> Option<usize> {
+        let candidate = |c: usize, q: &ClassQueue<T>| {
+            allowed & (1 << c) != 0
+                && q.max.is_none_or(|b| b.tokens > 0.0)
+                && q.items.iter().any(|i| fits(i, link, free & (1 << c) != 0))
+        };
+        let cand: [bool; CLASSES] = std::array::from_fn(|c| candidate(c, &self.queues[c]));
+        if cand[Class::Pos as usize] {
+            return Some(Class::Pos as usize);
+        }
+        // Guaranteed minimum rates first, most important class first.
+        if let Some(c) =
+            (1..CLASSES).find(|&c| cand[c] && self.queues[c].min.is_some_and(|b| b.tokens > 0.0))
+        {
+            return Some(c);
+        }
+        if !cand.iter().any(|x| *x) {
+            return None;
+        }
+        for _ in 0..4 * 64 {
+            let c = self.rr;
+            if cand[c] {
+                if self.queues[c].deficit > 0 {
+                    return Some(c);
+                }
+                let w = i64::from(self.cfg.classes[c].weight.max(1));
+                self.queues[c].deficit += w * QUANTUM;
+            } else if self.queues[c].items.is_empty() {
+                self.queues[c].deficit = 0;
+            }
+            self.rr = if c + 1 >= CLASSES { 1 } else { c + 1 };
+        }
+        (1..CLASSES).find(|&c| cand[c])
+    }
+
+    pub fn stats(&self) -> Vec<ClassStats> {
+        self.queues
+            .iter()
+            .map(|q| ClassStats {
+                queued_packets: q.items.len(),
+                queued_bytes: q.bytes,
+                delay_p50_ms: q.delay.quantile(0.5),
+                delay_p99_ms: q.delay.quantile(0.99),
+                ..q.stats.clone()
+            })
+            .collect()
+    }
+
+    /// Total packets dropped (any reason) across classes.
+    pub fn dropped(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|q| q.stats.dropped_full + q.stats.dropped_codel + q.stats.dropped_sojourn)
+            .sum()
+    }
+}
+
+fn fits<T: QItem>(i: &T, link: usize, take_free: bool) -> bool {
+    match i.target() {
+        Some(t) => t == link,
+        None => take_free,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct It {
+        class: Class,
+        size: usize,
+        at: Instant,
+        target: Option<usize>,
+        n: u32,
+    }
+
+    impl QItem for It {
+        fn class(&self) -> Class {
+            self.class
+        }
+        fn size(&self) -> usize {
+            self.size
+        }
+        fn enqueued(&self) -> Instant {
+            self.at
+        }
+        fn target(&self) -> Option<usize> {
+            self.target
+        }
+        fn set_target(&mut self, t: Option<usize>) {
+            self.target = t;
+        }
+    }
+
+    fn it(class: Class, at: Instant, n: u32) -> It {
+        It {
+            class,
+            size: 1000,
+            at,
+            target: None,
+            n,
+        }
+    }
+
+    #[test]
+    fn pos_is_served_first_then_weights_share_the_rest() {
+        let t = Instant::now();
+        let mut q = Qos::new(QosConfig::default());
+        for n in 0..40 {
+            q.enqueue(it(Class::Bulk, t, n));
+            q.enqueue(it(Class::Stream, t, n));
+        }
+        q.enqueue(it(Class::Pos, t, 99));
+        let first = q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES).expect("pos");
+        assert_eq!(first.class, Class::Pos);
+        let mut counts = [0u32; CLASSES];
+        for _ in 0..40 {
+            let i = q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES).expect("item");
+            counts[i.class as usize] += 1;
+        }
+        // Weights 8 (stream) : 2 (bulk).
+        assert!(counts[1] >= 30 && counts[3] >= 6, "{counts:?}");
+    }
+
+    #[test]
+    fn a_class_under_its_minimum_rate_goes_before_heavier_weights() {
+        let t = Instant::now();
+        let mut cfg = QosConfig::default();
+        cfg.classes[Class::Bulk as usize].min_rate = Some(1_000_000.0);
+        cfg.classes[Class::Bulk as usize].weight = 1;
+        let mut q = Qos::new(cfg);
+        for n in 0..20 {
+            q.enqueue(it(Class::Stream, t, n));
+            q.enqueue(it(Class::Bulk, t, n));
+        }
+        // The bucket's burst (50 ms at 1 MB/s = 50 kB) lets bulk go first.
+        let i = q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES).expect("item");
+        assert_eq!(i.class, Class::Bulk);
+    }
+
+    #[test]
+    fn a_capped_class_waits_for_its_tokens() {
+        let t = Instant::now();
+        let mut cfg = QosConfig::default();
+        cfg.classes[Class::Guest as usize].max_rate = Some(100_000.0); // 3000 B burst
+        let mut q = Qos::new(cfg);
+        for n in 0..10 {
+            q.enqueue(it(Class::Guest, t, n));
+        }
+        let mut sent = 0;
+        while q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES).is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, 3);
+        // 20 ms later, 2000 more bytes of tokens.
+        let later = t + Duration::from_millis(20);
+        let mut more = 0;
+        while q.dequeue(later, 0, ALL_CLASSES, ALL_CLASSES).is_some() {
+            more += 1;
+        }
+        assert_eq!(more, 2);
+    }
+
+    #[test]
+    fn full_queues_drop_the_lowest_class_first() {
+        let t = Instant::now();
+        let mut q = Qos::new(QosConfig {
+            max_bytes: 5000,
+            ..Default::default()
+        });
+        for n in 0..5 {
+            assert!(q.enqueue(it(Class::Guest, t, n)));
+        }
+        assert!(q.enqueue(it(Class::Stream, t, 9)));
+        assert_eq!(q.stats()[Class::Guest as usize].dropped_full, 1);
+        assert_eq!(q.stats()[Class::Guest as usize].queued_packets, 4);
+        // A guest packet cannot push out stream.
+        for n in 0..4 {
+            q.enqueue(it(Class::Stream, t, n));
+        }
+        assert!(!q.enqueue(it(Class::Guest, t, 50)));
+        assert_eq!(q.stats()[Class::Stream as usize].queued_packets, 5);
+        assert!(q.bytes() <= 5000);
+    }
+
+    #[test]
+    fn codel_and_the_hard_limit_keep_queues_short() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = Qos::new(QosConfig::default());
+        // A standing queue: 1 packet in every 2 ms, 1 out every 3 ms, for 2 s.
+        let mut sojourns = Vec::new();
+        let mut n = 0;
+        for step in 0..6000u64 {
+            let now = t + ms(step) / 3;
+            if step % 6 == 0 || step % 6 == 3 {
+                // two packets in per 2 ms
+                q.enqueue(it(Class::Bulk, now, n));
+                n += 1;
+            }
+            if step % 9 == 0 {
+                if let Some(i) = q.dequeue(now, 0, ALL_CLASSES, ALL_CLASSES) {
+                    sojourns.push(now.duration_since(i.at));
+                }
+            }
+        }
+        let s = &q.stats()[Class::Bulk as usize];
+        assert!(s.dropped_codel > 0, "{s:?}");
+        let late = &sojourns[sojourns.len() / 2..];
+        let worst = late.iter().max().copied().unwrap_or_default();
+        assert!(worst <= ms(60), "worst sojourn {worst:?}");
+    }
+
+    #[test]
+    fn targeted_items_go_only_to_their_link_and_free_ones_to_allowed_links() {
+        let t = Instant::now();
+        let mut q = Qos::new(QosConfig::default());
+        q.enqueue(It {
+            target: Some(1),
+            ..it(Class::Stream, t, 1)
+        });
+        q.enqueue(it(Class::Bulk, t, 2));
+        // Link 0 may not carry bulk: nothing for it.
+        assert_eq!(q.dequeue(t, 0, ALL_CLASSES, !bit(Class::Bulk)), None);
+        assert_eq!(q.dequeue(t, 1, ALL_CLASSES, 0).map(|i| i.n), Some(1));
+        q.enqueue(It {
+            target: Some(1),
+            ..it(Class::Stream, t, 3)
+        });
+        q.untarget(1);
+        assert_eq!(
+            q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES).map(|i| i.n),
+            Some(3)
+        );
+        // A paced link takes only POS.
+        assert_eq!(q.dequeue(t, 0, bit(Class::Pos), ALL_CLASSES), None);
+        assert_eq!(
+            q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES).map(|i| i.n),
+            Some(2)
+        );
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn histogram_quantiles() {
+        let mut h = DelayHist::default();
+        for i in 0..100 {
+            h.record(Duration::from_micros(100 + i * 10));
+        }
+        h.record(Duration::from_millis(45));
+        assert_eq!(h.quantile(0.5), Some(1.0));
+        assert_eq!(h.quantile(1.0), Some(50.0));
+    }
+}
