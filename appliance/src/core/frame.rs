@@ -3,7 +3,10 @@
 //! ```text
 //! byte 0      version (high nibble, = 1) | type (low nibble)
 //! Data:       class u8 | seq u64 BE | IP packet
-//! Probe/Ack:  id u32 BE | echo u64 BE (sender's timestamp, returned unchanged)
+//! Probe:      id u32 BE | echo u64 BE (sender's timestamp)
+//! ProbeAck:   id u32 BE | echo u64 BE (returned unchanged) | rx_us u64 BE (the answering
+//!             end's clock when the probe arrived: a one-way delay sample, up to a constant
+//!             clock offset, for the prober's rate control)
 //! Report:     rx_bytes u64 BE | at_us u64 BE (the receiver's UDP byte count on this
 //!             connection and its clock, for the sender's in-flight and rate estimate)
 //! ```
@@ -17,6 +20,7 @@ pub const VERSION: u8 = 1;
 /// Bytes a Data frame adds in front of the IP packet.
 pub const DATA_OVERHEAD: usize = 10;
 const PROBE_LEN: usize = 13;
+const PROBE_ACK_LEN: usize = 21;
 const REPORT_LEN: usize = 17;
 
 const T_DATA: u8 = 0;
@@ -40,6 +44,7 @@ pub enum Frame<'a> {
     ProbeAck {
         id: u32,
         echo: u64,
+        rx_us: u64,
     },
     /// What the receiver has received on this connection, and when (its clock).
     Report {
@@ -87,7 +92,12 @@ impl<'a> Frame<'a> {
                 })
             }
             T_PROBE | T_PROBE_ACK => {
-                if buf.len() != PROBE_LEN {
+                let want = if ty == T_PROBE {
+                    PROBE_LEN
+                } else {
+                    PROBE_ACK_LEN
+                };
+                if buf.len() != want {
                     return Err(FrameError::ProbeLength(buf.len()));
                 }
                 let id = u32::from_be_bytes(array(&buf[1..5]));
@@ -95,7 +105,8 @@ impl<'a> Frame<'a> {
                 Ok(if ty == T_PROBE {
                     Frame::Probe { id, echo }
                 } else {
-                    Frame::ProbeAck { id, echo }
+                    let rx_us = u64::from_be_bytes(array(&buf[13..21]));
+                    Frame::ProbeAck { id, echo, rx_us }
                 })
             }
             T_REPORT => {
@@ -121,15 +132,16 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(&seq.to_be_bytes());
                 out.extend_from_slice(packet);
             }
-            Frame::Probe { id, echo } | Frame::ProbeAck { id, echo } => {
-                let ty = if matches!(self, Frame::Probe { .. }) {
-                    T_PROBE
-                } else {
-                    T_PROBE_ACK
-                };
-                out.push(VERSION << 4 | ty);
+            Frame::Probe { id, echo } => {
+                out.push(VERSION << 4 | T_PROBE);
                 out.extend_from_slice(&id.to_be_bytes());
                 out.extend_from_slice(&echo.to_be_bytes());
+            }
+            Frame::ProbeAck { id, echo, rx_us } => {
+                out.push(VERSION << 4 | T_PROBE_ACK);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&echo.to_be_bytes());
+                out.extend_from_slice(&rx_us.to_be_bytes());
             }
             Frame::Report { rx_bytes, at_us } => {
                 out.push(VERSION << 4 | T_REPORT);
@@ -177,6 +189,7 @@ mod tests {
             Frame::ProbeAck {
                 id: u32::MAX,
                 echo: u64::MAX,
+                rx_us: 5,
             },
             Frame::Report {
                 rx_bytes: 123_456,

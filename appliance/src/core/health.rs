@@ -80,7 +80,21 @@ pub struct LinkHealth {
     flaps: u32,
     probes_sent: u64,
     probes_lost: u64,
+    /// Outcomes of the latest probes (true = lost), for the degraded verdict.
+    outcomes: VecDeque<bool>,
+    degraded: bool,
+    /// Since when the link has looked clean again while degraded.
+    clean_since: Option<Instant>,
 }
+
+/// Probes looked at for the degraded verdict, and how many of them lost makes a link
+/// degraded (about 5 %).
+const DEGRADE_WINDOW: usize = 50;
+const DEGRADE_LOST: usize = 3;
+/// RTT deviation that makes a link degraded.
+const DEGRADE_JITTER: Duration = Duration::from_millis(80);
+/// A degraded link must look clean this long before it is trusted with POS again.
+const DEGRADE_CLEAR: Duration = Duration::from_secs(10);
 
 impl LinkHealth {
     /// A new link starts Down until the connection is up and probes are answered.
@@ -104,6 +118,36 @@ impl LinkHealth {
             flaps: 0,
             probes_sent: 0,
             probes_lost: 0,
+            outcomes: VecDeque::new(),
+            degraded: false,
+            clean_since: None,
+        }
+    }
+
+    /// Alive but lossy (about 5 % of recent probes lost) or with wild RTT swings (a
+    /// deviation over 80 ms, or an RTT far above its minimum): fit for bulk, not for POS
+    /// or the stream. Clears after 10 s of clean behaviour.
+    pub fn degraded(&self) -> bool {
+        self.degraded
+    }
+
+    fn judge(&mut self, now: Instant) {
+        let lost = self.outcomes.iter().filter(|l| **l).count();
+        let swinging = self.rttvar >= DEGRADE_JITTER
+            || match (self.srtt, self.min_rtt) {
+                (Some(s), Some(m)) => s > m * 4 + Duration::from_millis(150),
+                _ => false,
+            };
+        let bad = lost >= DEGRADE_LOST || swinging;
+        if bad {
+            self.degraded = true;
+            self.clean_since = None;
+        } else if self.degraded {
+            let since = *self.clean_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= DEGRADE_CLEAR {
+                self.degraded = false;
+                self.clean_since = None;
+            }
         }
     }
 
@@ -188,31 +232,36 @@ impl LinkHealth {
         Some(id)
     }
 
-    /// The peer answered probe `id`.
-    pub fn on_probe_ack(&mut self, id: u32, now: Instant) {
+    /// The peer answered probe `id`; returns the RTT sample it gave.
+    pub fn on_probe_ack(&mut self, id: u32, now: Instant) -> Option<Duration> {
         let Some(pos) = self.outstanding.iter().position(|(i, _)| *i == id) else {
-            return; // late answer to a probe already counted lost, or a stray
+            return None; // late answer to a probe already counted lost, or a stray
         };
         // Older probes still outstanding were overtaken: count them lost.
         for _ in 0..pos {
             self.outstanding.pop_front();
             self.resolve(true);
         }
-        let Some((_, sent)) = self.outstanding.pop_front() else {
-            return;
-        };
+        let (_, sent) = self.outstanding.pop_front()?;
         self.resolve(false);
         self.verified = Some(self.verified.map_or(sent, |v| v.max(sent)));
-        self.rtt_sample(now.saturating_duration_since(sent));
+        let rtt = now.saturating_duration_since(sent);
+        self.rtt_sample(rtt);
+        self.judge(now);
         match self.state {
             LinkState::Suspect => self.set_state(LinkState::Up, now),
             LinkState::Down => self.set_state(LinkState::Probing, now),
             LinkState::Up | LinkState::Probing => {}
         }
         self.handle_timeout(now);
+        Some(rtt)
     }
 
     fn resolve(&mut self, lost: bool) {
+        if self.outcomes.len() == DEGRADE_WINDOW {
+            self.outcomes.pop_front();
+        }
+        self.outcomes.push_back(lost);
         let sample = if lost { 1.0 } else { 0.0 };
         self.loss = 0.9 * self.loss + 0.1 * sample;
         if lost {
@@ -301,6 +350,7 @@ impl LinkHealth {
         {
             self.outstanding.pop_front();
             self.resolve(true);
+            self.judge(now);
         }
         match self.state {
             LinkState::Up => {
@@ -499,5 +549,58 @@ mod tests {
         let sent = h.probes().0 - before;
         assert!(sent <= 31, "{sent} probes in a minute");
         assert_eq!(h.state(), LinkState::Up);
+    }
+
+    #[test]
+    fn a_lossy_or_swinging_link_is_degraded_until_clean_for_a_while() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut h = LinkHealth::new(HealthConfig::default(), t0);
+        h.on_connected(true, t0);
+        let mut t = t0;
+        // Clean 40 ms link.
+        for _ in 0..50 {
+            if let Some(id) = h.poll_probe(t) {
+                h.on_probe_ack(id, t + ms(40));
+            }
+            t += ms(100);
+            h.handle_timeout(t);
+        }
+        assert!(h.usable() && !h.degraded());
+        // 10 % loss: still up, but degraded.
+        for i in 0..60 {
+            if let Some(id) = h.poll_probe(t) {
+                if i % 10 != 0 {
+                    h.on_probe_ack(id, t + ms(40));
+                }
+            }
+            t += ms(100);
+            h.handle_timeout(t);
+        }
+        assert!(h.degraded(), "loss {}", h.loss());
+        assert!(h.usable());
+        // Clean again: degraded until the window forgets the losses and 10 s pass.
+        let mut cleared_at = None;
+        for _ in 0..300 {
+            if let Some(id) = h.poll_probe(t) {
+                h.on_probe_ack(id, t + ms(40));
+            }
+            t += ms(100);
+            h.handle_timeout(t);
+            if !h.degraded() && cleared_at.is_none() {
+                cleared_at = Some(t);
+            }
+        }
+        let cleared = cleared_at.expect("clears").duration_since(t0);
+        assert!(cleared >= Duration::from_secs(5 + 6 + 10), "{cleared:?}");
+        // RTT swinging between 100 and 1200 ms, no loss.
+        for i in 0..40u64 {
+            if let Some(id) = h.poll_probe(t) {
+                h.on_probe_ack(id, t + ms(if i % 2 == 0 { 100 } else { 1200 }));
+            }
+            t += ms(100);
+            h.handle_timeout(t);
+        }
+        assert!(h.degraded());
     }
 }

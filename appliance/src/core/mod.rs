@@ -10,6 +10,7 @@ pub mod health;
 pub mod inflight;
 pub mod packet;
 pub mod qos;
+pub mod rate;
 pub mod reorder;
 pub mod scheduler;
 

@@ -1,18 +1,26 @@
 //! Which uplink(s) each packet goes to.
 //!
-//! A pull model: the scheduler holds the queues; each uplink's sender asks [`Scheduler::poll`]
-//! for the next packet when its QUIC connection has room, so every link is fed at the rate
-//! its congestion controller allows and aggregation follows capacity by itself. Modes:
+//! A pull model: the scheduler holds the class queues ([`super::qos`]); each uplink's
+//! sender asks [`Scheduler::poll`] for the next packet when its QUIC connection has room
+//! and its pacer allows, so every link is fed at the rate it can carry. Each class has a
+//! mode:
 //!
-//! - `redundant` (POS, or everything in redundant mode): a copy goes to the private queue of
-//!   each of the best two usable uplinks (lowest RTT first), same sequence number, so the
-//!   receiver keeps whichever arrives first. A silent black hole on one uplink loses nothing.
-//! - `aggregate`: one shared queue pulled by every eligible uplink: usable, not a backup while
-//!   a non-backup is usable, with an RTT not far above the best one, and with room under its
-//!   in-flight cap. A link at its cap stops pulling until deliveries free room, so each link
-//!   is fed at the rate it delivers and no modem buffer fills: aggregation weighted by what
-//!   each link really carries. When every link is at its cap, packets wait here (bounded by
-//!   `max_sojourn`), not in a modem.
+//! - `redundant` (POS): a copy targeted at each of the best two usable uplinks (lowest RTT
+//!   first, healthy before degraded), same sequence number, so the receiver keeps whichever
+//!   arrives first. A silent black hole on one uplink loses nothing.
+//! - `lowest-latency` (stream, interactive): a flow sticks to the lowest-RTT usable uplink
+//!   with room and moves only when that uplink stops being usable, degrades or is no longer
+//!   allowed for the class (so it never flaps on RTT noise); when its uplink is momentarily
+//!   full, a packet spills to whichever link has room.
+//! - `aggregate` (bulk, guest): free for every eligible uplink: usable, allowed for the
+//!   class, not a backup while a non-backup is usable, with an RTT not far above the best
+//!   one, and with room under its in-flight cap. A link at its cap stops pulling until
+//!   deliveries free room, so each link is fed at the rate it delivers and no modem buffer
+//!   fills: aggregation weighted by what each link really carries. When every link is
+//!   full, packets wait in the class queues (CoDel-controlled), not in a modem.
+//!
+//! Degraded links (alive, but lossy or with wild RTT swings) are not chosen for redundant
+//! or lowest-latency classes while a healthy link is usable.
 //!
 //! Sequence numbers are given when a packet is *sent* (polled), not when it is queued, so
 //! that every uplink carries strictly increasing numbers even though POS overtakes bulk:
@@ -27,15 +35,15 @@
 //! reordering instead of loss and never waits for a retransmission timeout.
 //!
 //! No usable uplink: links that are Suspect or Probing may still pull (better a chance than
-//! nothing); Down links never do. A queued packet older than `max_sojourn` is dropped, and the
-//! queue is bounded in bytes.
+//! nothing); Down links never do.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::health::LinkState;
+use super::qos::{bit, ClassMask, ClassStats, QItem, Qos, QosConfig, ALL_CLASSES, CLASSES};
 use super::Class;
 
 pub type LinkId = usize;
@@ -55,6 +63,11 @@ pub struct LinkView {
     /// [`super::health::LinkHealth::verified_until`]); only later packets are resent when
     /// it fails.
     pub verified_until: Option<Instant>,
+    /// Alive but lossy or with wild RTT swings: kept away from redundant and
+    /// lowest-latency classes while a healthy link is usable.
+    pub degraded: bool,
+    /// Classes this link may carry (the classes' allowed uplinks).
+    pub classes: ClassMask,
 }
 
 impl LinkView {
@@ -66,6 +79,8 @@ impl LinkView {
             disabled: false,
             room: true,
             verified_until: None,
+            degraded: false,
+            classes: ALL_CLASSES,
         }
     }
     fn usable(&self) -> bool {
@@ -74,33 +89,47 @@ impl LinkView {
     fn last_resort(&self) -> bool {
         !self.disabled && matches!(self.state, LinkState::Suspect | LinkState::Probing)
     }
+    fn carries(&self, c: Class) -> bool {
+        self.classes & bit(c) != 0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Redundant,
+    LowestLatency,
     Aggregate,
 }
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    pub mode: Mode,
-    pub max_queue_bytes: usize,
-    pub max_sojourn: Duration,
+    /// Mode of each class, indexed by [`Class`].
+    pub modes: [Mode; CLASSES],
+    pub qos: QosConfig,
     /// How far back a failing link's packets are sent again on the others.
     pub resend_window: Duration,
+    /// A flow unseen this long forgets its uplink.
+    pub sticky_idle: Duration,
 }
 
 /// Packets remembered per link for a resend (bounded memory).
 const MAX_RECENT: usize = 1024;
+/// Flows remembered with their uplink (bounded memory).
+const MAX_STICKY: usize = 16_384;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            mode: Mode::Aggregate,
-            max_queue_bytes: 512 * 1024,
-            max_sojourn: Duration::from_millis(250),
+            modes: [
+                Mode::Redundant,
+                Mode::LowestLatency,
+                Mode::LowestLatency,
+                Mode::Aggregate,
+                Mode::Aggregate,
+            ],
+            qos: QosConfig::default(),
             resend_window: Duration::from_millis(300),
+            sticky_idle: Duration::from_secs(30),
         }
     }
 }
@@ -114,17 +143,40 @@ pub struct Queued {
     /// A resend of a packet already numbered: keeps `seq`.
     resend: bool,
     pub class: Class,
+    pub flow: u64,
     pub packet: Bytes,
     pub enqueued: Instant,
+    target: Option<LinkId>,
+}
+
+impl QItem for Queued {
+    fn class(&self) -> Class {
+        self.class
+    }
+    fn size(&self) -> usize {
+        self.packet.len()
+    }
+    fn enqueued(&self) -> Instant {
+        self.enqueued
+    }
+    fn target(&self) -> Option<usize> {
+        self.target
+    }
+    fn set_target(&mut self, t: Option<usize>) {
+        self.target = t;
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SchedStats {
     pub enqueued: u64,
     pub duplicated: u64,
-    pub dropped_full: u64,
-    pub dropped_sojourn: u64,
+    pub dropped: u64,
     pub resent: u64,
+    /// Lowest-latency flows that had to leave their uplink.
+    pub flow_moves: u64,
+    /// Packets of a pinned flow sent elsewhere because its uplink was full.
+    pub spilled: u64,
 }
 
 /// Set of links that have new work, as a bit mask over [`LinkId`]s.
@@ -140,23 +192,31 @@ impl Wake {
             self.0 |= 1 << id;
         }
     }
+    fn union(self, o: Wake) -> Wake {
+        Wake(self.0 | o.0)
+    }
 }
 
 #[derive(Debug)]
 struct Slot {
     view: LinkView,
-    private: VecDeque<Queued>,
     /// What this link sent lately, with when, for a resend if it fails.
     recent: VecDeque<(Instant, Queued)>,
     present: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sticky {
+    link: LinkId,
+    last: Instant,
 }
 
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     links: Vec<Slot>,
-    shared: VecDeque<Queued>,
-    queued_bytes: usize,
+    qos: Qos<Queued>,
+    sticky: HashMap<u64, Sticky>,
     next_seq: u64,
     next_twin: u64,
     /// Sequence numbers given to the first-sent copy of redundant packets, oldest first.
@@ -170,10 +230,10 @@ const MAX_TWINS: usize = 4096;
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         Self {
+            qos: Qos::new(cfg.qos.clone()),
             cfg,
             links: Vec::new(),
-            shared: VecDeque::new(),
-            queued_bytes: 0,
+            sticky: HashMap::new(),
             next_seq: 0,
             next_twin: 0,
             twin_seqs: VecDeque::new(),
@@ -182,18 +242,28 @@ impl Scheduler {
     }
 
     pub fn stats(&self) -> SchedStats {
-        self.stats
+        let mut s = self.stats;
+        s.dropped = self.qos.dropped();
+        s
+    }
+
+    pub fn class_stats(&self) -> Vec<ClassStats> {
+        self.qos.stats()
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.qos.bytes()
+    }
+
+    /// The uplink a lowest-latency flow is pinned to.
+    pub fn flow_link(&self, flow: u64) -> Option<LinkId> {
+        self.sticky.get(&flow).map(|s| s.link)
     }
 
     /// Adds an uplink (Down until told otherwise); ids are reused after removal.
     pub fn add_link(&mut self) -> LinkId {
         let slot = Slot {
             view: LinkView::down(),
-            private: VecDeque::new(),
             recent: VecDeque::new(),
             present: true,
         };
@@ -206,15 +276,14 @@ impl Scheduler {
         }
     }
 
-    /// Removes an uplink; its private copies go back to the shared queue (the receiver drops
-    /// whichever copy arrives second).
+    /// Removes an uplink; its targeted copies become free for the others (the receiver
+    /// drops whichever copy arrives second).
     pub fn remove_link(&mut self, id: LinkId) {
         if let Some(slot) = self.links.get_mut(id) {
             slot.present = false;
-            let orphans: Vec<_> = slot.private.drain(..).collect();
-            for q in orphans.into_iter().rev() {
-                self.shared.push_front(q);
-            }
+            slot.recent.clear();
+            self.qos.untarget(id);
+            self.sticky.retain(|_, s| s.link != id);
         }
     }
 
@@ -226,13 +295,12 @@ impl Scheduler {
         let was = slot.view;
         slot.view = view;
         if !view.usable() && was.usable() {
-            // Copies waiting for a link that just failed move to the shared queue, where a
-            // healthy link picks them up; so do the packets it sent lately.
-            let mut orphans: Vec<Queued> = slot.private.drain(..).collect();
+            // Copies waiting for a link that just failed become free for a healthy link; so
+            // do the packets it sent lately.
             let last = slot.recent.back().map(|r| r.0);
             let window = self.cfg.resend_window;
             let verified = was.verified_until;
-            let mut resend: Vec<Queued> = slot
+            let resend: Vec<Queued> = slot
                 .recent
                 .drain(..)
                 .filter(|(at, _)| verified.is_none_or(|v| *at >= v))
@@ -240,12 +308,13 @@ impl Scheduler {
                 .map(|(at, mut q)| {
                     q.resend = true;
                     q.twin = None;
+                    q.target = None;
                     q.enqueued = last.unwrap_or(at);
                     q
                 })
                 .collect();
             // Only what fits: the newest packets are the ones most likely still missing.
-            let mut room = self.cfg.max_queue_bytes.saturating_sub(self.queued_bytes);
+            let mut room = self.cfg.qos.max_bytes.saturating_sub(self.qos.bytes());
             let mut keep = resend.len();
             for (i, q) in resend.iter().enumerate().rev() {
                 if q.packet.len() > room {
@@ -254,19 +323,26 @@ impl Scheduler {
                 room -= q.packet.len();
                 keep = i;
             }
-            resend.drain(..keep);
+            let resend: Vec<Queued> = resend.into_iter().skip(keep).collect();
             self.stats.resent += resend.len() as u64;
-            self.queued_bytes += resend.iter().map(|q| q.packet.len()).sum::<usize>();
-            orphans.splice(0..0, resend);
-            for q in orphans.into_iter().rev() {
-                self.shared.push_front(q);
-            }
+            self.qos.untarget(id);
+            self.qos.requeue_front(resend);
         }
-        if self.shared.is_empty() {
+        if self.qos.is_empty() {
             Wake::default()
         } else {
-            self.eligible()
+            self.all_links()
         }
+    }
+
+    fn all_links(&self) -> Wake {
+        let mut w = Wake::default();
+        for (i, s) in self.links.iter().enumerate() {
+            if s.present {
+                w.add(i);
+            }
+        }
+        w
     }
 
     /// True when at least one uplink can carry traffic.
@@ -274,73 +350,137 @@ impl Scheduler {
         self.links.iter().any(|s| s.present && s.view.usable())
     }
 
-    /// Queues an IP packet. Returns the links that have new work.
-    pub fn enqueue(&mut self, class: Class, packet: Bytes, now: Instant) -> Wake {
-        let len = packet.len();
-        // POS is small and rare: it is never refused for lack of room (sojourn still bounds it).
-        if class != Class::Pos && self.queued_bytes + len > self.cfg.max_queue_bytes {
-            self.stats.dropped_full += 1;
-            return Wake::default();
-        }
+    /// Queues an IP packet of `class` in flow `flow`. Returns the links that have new work.
+    pub fn enqueue(&mut self, class: Class, flow: u64, packet: Bytes, now: Instant) -> Wake {
         self.stats.enqueued += 1;
-        let mut wake = Wake::default();
-        let redundant = class == Class::Pos || self.cfg.mode == Mode::Redundant;
-        let best = if redundant {
-            self.best_two()
-        } else {
-            [None, None]
-        };
-        let twin = if best[1].is_some() {
-            self.next_twin += 1;
-            Some(self.next_twin)
-        } else {
-            None
-        };
-        let q = Queued {
+        let mut q = Queued {
             seq: 0,
-            twin,
+            twin: None,
             resend: false,
             class,
+            flow,
             packet,
             enqueued: now,
+            target: None,
         };
-        match best {
-            [Some(a), second] => {
-                if let Some(b) = second {
-                    self.links[b].private.push_back(q.clone());
-                    self.queued_bytes += len;
-                    self.stats.duplicated += 1;
-                    wake.add(b);
+        let mut wake = Wake::default();
+        match self.cfg.modes[class as usize] {
+            Mode::Redundant => {
+                let best = self.best_two(class);
+                if let [Some(a), Some(b)] = best {
+                    self.next_twin += 1;
+                    q.twin = Some(self.next_twin);
+                    let mut copy = q.clone();
+                    copy.target = Some(b);
+                    if self.qos.enqueue(copy) {
+                        self.stats.duplicated += 1;
+                        wake.add(b);
+                    }
+                    q.target = Some(a);
+                } else if let [Some(a), None] = best {
+                    q.target = Some(a);
                 }
-                self.links[a].private.push_back(q);
-                self.queued_bytes += len;
-                wake.add(a);
             }
-            [None, _] => {
-                self.shared.push_back(q);
-                self.queued_bytes += len;
-                wake = self.eligible();
+            Mode::LowestLatency => {
+                if let Some(l) = self.pinned(class, flow, now) {
+                    if self.links[l].view.room {
+                        q.target = Some(l);
+                    } else {
+                        self.stats.spilled += 1;
+                    }
+                }
             }
+            Mode::Aggregate => {}
         }
-        wake
+        let target = q.target;
+        if !self.qos.enqueue(q) {
+            return wake;
+        }
+        match target {
+            Some(t) => {
+                wake.add(t);
+                wake
+            }
+            None => wake.union(self.eligible(class)),
+        }
     }
 
-    /// The best two usable links by RTT, non-backup first.
-    fn best_two(&self) -> [Option<LinkId>; 2] {
-        let mut c: Vec<(bool, Duration, LinkId)> = self
+    /// Links usable for `class`, best first: healthy before degraded, non-backup before
+    /// backup, then by RTT. Falls back to every usable link when none is allowed.
+    fn ranked(&self, class: Class) -> Vec<LinkId> {
+        let mut c: Vec<(bool, bool, Duration, LinkId)> = self
             .links
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.present && s.view.usable())
-            .map(|(i, s)| (s.view.backup, s.view.srtt.unwrap_or(Duration::MAX), i))
+            .filter(|(_, s)| s.present && s.view.usable() && s.view.carries(class))
+            .map(|(i, s)| {
+                (
+                    s.view.degraded,
+                    s.view.backup,
+                    s.view.srtt.unwrap_or(Duration::MAX),
+                    i,
+                )
+            })
             .collect();
         c.sort();
-        [c.first().map(|x| x.2), c.get(1).map(|x| x.2)]
+        c.into_iter().map(|x| x.3).collect()
     }
 
-    /// Links allowed to pull from the shared queue right now.
-    pub fn eligible(&self) -> Wake {
-        let present = || self.links.iter().enumerate().filter(|(_, s)| s.present);
+    /// The best two links for a redundant class; a degraded link only when there is no
+    /// second healthy one.
+    fn best_two(&self, class: Class) -> [Option<LinkId>; 2] {
+        let r = self.ranked(class);
+        [r.first().copied(), r.get(1).copied()]
+    }
+
+    /// The uplink of a lowest-latency flow: kept while it stays usable, healthy (when a
+    /// healthy one exists) and allowed; otherwise the best link, preferring one with room.
+    fn pinned(&mut self, class: Class, flow: u64, now: Instant) -> Option<LinkId> {
+        let ranked = self.ranked(class);
+        let first = *ranked.first()?;
+        let healthy_exists = !self.links[first].view.degraded;
+        if let Some(s) = self.sticky.get_mut(&flow) {
+            let v = self.links.get(s.link).map(|l| (l.present, l.view));
+            let keep = v.is_some_and(|(present, v)| {
+                present && v.usable() && v.carries(class) && !(v.degraded && healthy_exists)
+            });
+            if keep {
+                s.last = now;
+                return Some(s.link);
+            }
+            self.stats.flow_moves += 1;
+        }
+        let pick = ranked
+            .iter()
+            .copied()
+            .find(|&l| self.links[l].view.room)
+            .unwrap_or(first);
+        if self.sticky.len() >= MAX_STICKY && !self.sticky.contains_key(&flow) {
+            let idle = self.cfg.sticky_idle;
+            self.sticky
+                .retain(|_, s| now.saturating_duration_since(s.last) < idle);
+            if self.sticky.len() >= MAX_STICKY {
+                return Some(pick);
+            }
+        }
+        self.sticky.insert(
+            flow,
+            Sticky {
+                link: pick,
+                last: now,
+            },
+        );
+        Some(pick)
+    }
+
+    /// Links allowed to pull free packets of `class` right now.
+    pub fn eligible(&self, class: Class) -> Wake {
+        let present = || {
+            self.links
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.present && s.view.carries(class))
+        };
         let mut wake = Wake::default();
         let primary_up = present().any(|(_, s)| s.view.usable() && !s.view.backup);
         let pool: Vec<(LinkId, &Slot)> = present()
@@ -370,10 +510,29 @@ impl Scheduler {
         wake
     }
 
-    /// The next packet for `link` to send, if any, with its sequence number. Drops packets
-    /// that waited too long.
-    pub fn poll(&mut self, link: LinkId, now: Instant) -> Option<Queued> {
-        let mut q = self.next_for(link, now)?;
+    /// Classes whose free packets `link` may take now.
+    fn free_mask(&self, link: LinkId) -> ClassMask {
+        let mut m = 0;
+        for c in 0..CLASSES as u8 {
+            if let Some(class) = Class::from_u8(c) {
+                if self.eligible(class).contains(link) {
+                    m |= bit(class);
+                }
+            }
+        }
+        m
+    }
+
+    /// True when `link` would get a packet from [`Self::poll`].
+    pub fn has_work(&self, link: LinkId) -> bool {
+        self.qos.has_work(link, self.free_mask(link))
+    }
+
+    /// The next packet for `link` to send, if any, with its sequence number. `allowed`
+    /// limits the classes (a link held back by its pacer still sends POS).
+    pub fn poll(&mut self, link: LinkId, allowed: ClassMask, now: Instant) -> Option<Queued> {
+        let free = self.free_mask(link);
+        let mut q = self.qos.dequeue(now, link, allowed, free)?;
         if !q.resend {
             q.seq = self.number(q.twin);
         }
@@ -417,29 +576,6 @@ impl Scheduler {
         self.next_seq += 1;
         s
     }
-
-    fn next_for(&mut self, link: LinkId, now: Instant) -> Option<Queued> {
-        let max = self.cfg.max_sojourn;
-        let slot = self.links.get_mut(link)?;
-        while let Some(q) = slot.private.pop_front() {
-            self.queued_bytes -= q.packet.len();
-            if now.saturating_duration_since(q.enqueued) <= max {
-                return Some(q);
-            }
-            self.stats.dropped_sojourn += 1;
-        }
-        if !self.eligible().contains(link) {
-            return None;
-        }
-        while let Some(q) = self.shared.pop_front() {
-            self.queued_bytes -= q.packet.len();
-            if now.saturating_duration_since(q.enqueued) <= max {
-                return Some(q);
-            }
-            self.stats.dropped_sojourn += 1;
-        }
-        None
-    }
 }
 
 #[cfg(test)]
@@ -454,6 +590,8 @@ mod tests {
             disabled: false,
             room: true,
             verified_until: None,
+            degraded: false,
+            classes: ALL_CLASSES,
         }
     }
 
@@ -474,9 +612,9 @@ mod tests {
                 ..up(45, false)
             },
         );
-        s.enqueue(Class::Bulk, pkt(0), t);
-        assert_eq!(s.poll(b, t), None);
-        assert!(s.poll(a, t).is_some());
+        s.enqueue(Class::Bulk, 0, pkt(0), t);
+        assert_eq!(s.poll(b, ALL_CLASSES, t), None);
+        assert!(s.poll(a, ALL_CLASSES, t).is_some());
         // Every link full: packets wait in the scheduler, POS copies still go.
         s.update_link(
             a,
@@ -485,15 +623,15 @@ mod tests {
                 ..up(20, false)
             },
         );
-        s.enqueue(Class::Bulk, pkt(1), t);
-        assert_eq!(s.poll(a, t), None);
-        assert_eq!(s.poll(b, t), None);
-        s.enqueue(Class::Pos, pkt(2), t);
-        assert!(s.poll(a, t).is_some());
+        s.enqueue(Class::Bulk, 0, pkt(1), t);
+        assert_eq!(s.poll(a, ALL_CLASSES, t), None);
+        assert_eq!(s.poll(b, ALL_CLASSES, t), None);
+        s.enqueue(Class::Pos, 0, pkt(2), t);
+        assert!(s.poll(a, ALL_CLASSES, t).is_some());
         // Room again: the waiting bulk packet goes.
         let wake = s.update_link(b, up(45, false));
         assert!(wake.contains(b));
-        assert!(s.poll(b, t).is_some());
+        assert!(s.poll(b, ALL_CLASSES, t).is_some());
     }
 
     #[test]
@@ -504,12 +642,12 @@ mod tests {
         s.update_link(a, up(80, false));
         s.update_link(b, up(20, false));
         s.update_link(c, up(45, false));
-        let wake = s.enqueue(Class::Pos, pkt(1), t);
+        let wake = s.enqueue(Class::Pos, 0, pkt(1), t);
         assert!(wake.contains(b) && wake.contains(c) && !wake.contains(a));
-        let qb = s.poll(b, t).expect("copy on b");
-        let qc = s.poll(c, t).expect("copy on c");
+        let qb = s.poll(b, ALL_CLASSES, t).expect("copy on b");
+        let qc = s.poll(c, ALL_CLASSES, t).expect("copy on c");
         assert_eq!(qb.seq, qc.seq);
-        assert_eq!(s.poll(a, t), None);
+        assert_eq!(s.poll(a, ALL_CLASSES, t), None);
     }
 
     #[test]
@@ -520,11 +658,11 @@ mod tests {
         s.update_link(a, up(20, false));
         s.update_link(b, up(45, false));
         for i in 0..4 {
-            s.enqueue(Class::Bulk, pkt(i), t);
+            s.enqueue(Class::Bulk, 0, pkt(i), t);
         }
         let seqs: Vec<u64> = [a, b, a, b]
             .iter()
-            .map(|&l| s.poll(l, t).expect("pkt").seq)
+            .map(|&l| s.poll(l, ALL_CLASSES, t).expect("pkt").seq)
             .collect();
         assert_eq!(seqs, [0, 1, 2, 3]);
     }
@@ -537,15 +675,15 @@ mod tests {
         s.update_link(a, up(20, false));
         s.update_link(slow, up(900, false));
         s.update_link(bk, up(10, true));
-        s.enqueue(Class::Bulk, pkt(0), t);
-        assert_eq!(s.poll(slow, t), None);
-        assert_eq!(s.poll(bk, t), None);
-        assert!(s.poll(a, t).is_some());
+        s.enqueue(Class::Bulk, 0, pkt(0), t);
+        assert_eq!(s.poll(slow, ALL_CLASSES, t), None);
+        assert_eq!(s.poll(bk, ALL_CLASSES, t), None);
+        assert!(s.poll(a, ALL_CLASSES, t).is_some());
         // Without any primary, the backup carries traffic.
         s.update_link(a, LinkView::down());
         s.update_link(slow, LinkView::down());
-        s.enqueue(Class::Bulk, pkt(1), t);
-        assert!(s.poll(bk, t).is_some());
+        s.enqueue(Class::Bulk, 0, pkt(1), t);
+        assert!(s.poll(bk, ALL_CLASSES, t).is_some());
     }
 
     #[test]
@@ -556,12 +694,12 @@ mod tests {
         s.update_link(a, up(20, false));
         s.update_link(b, up(30, false));
         for i in 0..3 {
-            s.enqueue(Class::Bulk, pkt(i), t);
+            s.enqueue(Class::Bulk, 0, pkt(i), t);
         }
-        s.enqueue(Class::Pos, pkt(9), t);
+        s.enqueue(Class::Pos, 0, pkt(9), t);
         let mut per_link: [Vec<u64>; 2] = [vec![], vec![]];
         for l in [a, b, a, b, a, b] {
-            if let Some(q) = s.poll(l, t) {
+            if let Some(q) = s.poll(l, ALL_CLASSES, t) {
                 per_link[l].push(q.seq);
             }
         }
@@ -580,15 +718,15 @@ mod tests {
         let (a, b) = (s.add_link(), s.add_link());
         s.update_link(a, up(20, false));
         s.update_link(b, up(30, false));
-        s.enqueue(Class::Bulk, pkt(0), t);
-        let old = s.poll(a, t).expect("sent long ago").seq;
+        s.enqueue(Class::Bulk, 0, pkt(0), t);
+        let old = s.poll(a, ALL_CLASSES, t).expect("sent long ago").seq;
         for i in 1..4 {
-            s.enqueue(Class::Bulk, pkt(i), t + ms(500));
+            s.enqueue(Class::Bulk, 0, pkt(i), t + ms(500));
         }
         let recent: Vec<u64> = (0..2)
-            .map(|_| s.poll(a, t + ms(500)).expect("sent").seq)
+            .map(|_| s.poll(a, ALL_CLASSES, t + ms(500)).expect("sent").seq)
             .collect();
-        let on_b = s.poll(b, t + ms(500)).expect("b").seq;
+        let on_b = s.poll(b, ALL_CLASSES, t + ms(500)).expect("b").seq;
         s.update_link(
             a,
             LinkView {
@@ -598,11 +736,11 @@ mod tests {
         );
         assert_eq!(s.stats().resent, 2);
         let again: Vec<u64> = (0..2)
-            .map(|_| s.poll(b, t + ms(520)).expect("resent").seq)
+            .map(|_| s.poll(b, ALL_CLASSES, t + ms(520)).expect("resent").seq)
             .collect();
         assert_eq!(again, recent, "same numbers, same order");
         assert!(!again.contains(&old) && !again.contains(&on_b));
-        assert_eq!(s.poll(b, t + ms(520)), None);
+        assert_eq!(s.poll(b, ALL_CLASSES, t + ms(520)), None);
         assert_eq!(s.queued_bytes(), 0);
     }
 
@@ -614,12 +752,12 @@ mod tests {
         let (a, b) = (s.add_link(), s.add_link());
         s.update_link(b, up(30, false));
         for i in 0..3 {
-            s.enqueue(Class::Bulk, pkt(i), t);
+            s.enqueue(Class::Bulk, 0, pkt(i), t);
         }
         s.update_link(a, up(20, false));
-        let first = s.poll(a, t).expect("p0").seq;
+        let first = s.poll(a, ALL_CLASSES, t).expect("p0").seq;
         let later: Vec<u64> = (0..2)
-            .map(|_| s.poll(a, t + ms(50)).expect("p").seq)
+            .map(|_| s.poll(a, ALL_CLASSES, t + ms(50)).expect("p").seq)
             .collect();
         // A probe sent at t + 10 ms was answered: p0 arrived.
         s.update_link(
@@ -632,7 +770,7 @@ mod tests {
         s.update_link(a, LinkView::down());
         assert_eq!(s.stats().resent, 2);
         let again: Vec<u64> = (0..2)
-            .map(|_| s.poll(b, t + ms(60)).expect("r").seq)
+            .map(|_| s.poll(b, ALL_CLASSES, t + ms(60)).expect("r").seq)
             .collect();
         assert_eq!(again, later);
         assert!(!again.contains(&first));
@@ -642,33 +780,36 @@ mod tests {
     fn copies_of_a_failed_link_move_to_a_healthy_one() {
         let t = Instant::now();
         let mut s = Scheduler::new(SchedulerConfig {
-            mode: Mode::Redundant,
+            modes: [Mode::Redundant; CLASSES],
             ..Default::default()
         });
         let (a, b, c) = (s.add_link(), s.add_link(), s.add_link());
         s.update_link(a, up(20, false));
         s.update_link(b, up(30, false));
         s.update_link(c, up(60, false));
-        s.enqueue(Class::Bulk, pkt(0), t);
+        s.enqueue(Class::Bulk, 0, pkt(0), t);
         s.update_link(a, LinkView::down());
-        assert_eq!(s.poll(c, t).map(|q| q.seq), Some(0));
+        assert_eq!(s.poll(c, ALL_CLASSES, t).map(|q| q.seq), Some(0));
     }
 
     #[test]
     fn old_packets_and_overflow_are_dropped() {
         let t = Instant::now();
         let mut s = Scheduler::new(SchedulerConfig {
-            max_queue_bytes: 250,
+            qos: QosConfig {
+                max_bytes: 250,
+                ..Default::default()
+            },
             ..Default::default()
         });
         let a = s.add_link();
-        s.enqueue(Class::Bulk, pkt(0), t);
-        s.enqueue(Class::Bulk, pkt(1), t);
-        s.enqueue(Class::Bulk, pkt(2), t);
-        assert_eq!(s.stats().dropped_full, 1);
+        s.enqueue(Class::Bulk, 0, pkt(0), t);
+        s.enqueue(Class::Bulk, 0, pkt(1), t);
+        s.enqueue(Class::Bulk, 0, pkt(2), t);
+        assert_eq!(s.class_stats()[Class::Bulk as usize].dropped_full, 1);
         s.update_link(a, up(20, false));
-        assert_eq!(s.poll(a, t + Duration::from_secs(1)), None);
-        assert_eq!(s.stats().dropped_sojourn, 2);
+        assert_eq!(s.poll(a, ALL_CLASSES, t + Duration::from_secs(1)), None);
+        assert_eq!(s.class_stats()[Class::Bulk as usize].dropped_sojourn, 2);
         assert_eq!(s.queued_bytes(), 0);
     }
 
@@ -686,8 +827,8 @@ mod tests {
         );
         s.update_link(b, LinkView::down());
         assert!(!s.online());
-        s.enqueue(Class::Pos, pkt(0), t);
-        assert_eq!(s.poll(b, t), None);
-        assert!(s.poll(a, t).is_some());
+        s.enqueue(Class::Pos, 0, pkt(0), t);
+        assert_eq!(s.poll(b, ALL_CLASSES, t), None);
+        assert!(s.poll(a, ALL_CLASSES, t).is_some());
     }
 }

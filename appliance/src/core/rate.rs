@@ -1,0 +1,287 @@
+//! Per-uplink rate control: never send faster than the uplink can carry.
+//!
+//! The idea of cake-autorate with the hub as the reflector (ICMP reflectors do not answer
+//! through carrier NAT): every probe answered by the far end carries the far end's clock
+//! at arrival, a one-way delay sample in our sending direction (up to a constant clock
+//! offset, which the baseline cancels), so a saturated opposite direction does not slow
+//! this one down; every receiver report is a delivery-rate sample. The delay over its
+//! baseline (a slowly rising minimum) tells when a queue is building in front of the
+//! uplink (a modem's buffer); the delivery rate tells what the link carried meanwhile.
+//!
+//! - Bufferbloat (2 of the last 4 samples more than `bloat` above the baseline): the rate
+//!   drops to 90 % of what was delivered, less what drains the standing queue within about
+//!   a second (or by 20 % if the link was barely used), at most once per `hold`.
+//! - Loaded (delivered ≥ 75 % of the rate) and no bloat: the rate grows by 8 % per sample,
+//!   probing for capacity that has come back.
+//! - Otherwise the rate holds.
+//!
+//! [`Pacer`] turns the rate into send times (a token bucket with a small burst).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct RateConfig {
+    /// Bytes per second.
+    pub min: f64,
+    pub max: f64,
+    pub initial: f64,
+    pub bloat: Duration,
+    pub hold: Duration,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        Self {
+            min: 62_500.0,        // 500 kbit/s
+            max: 125_000_000.0,   // 1 Gbit/s
+            initial: 6_250_000.0, // 50 Mbit/s
+            bloat: Duration::from_millis(20),
+            hold: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RateControl {
+    cfg: RateConfig,
+    rate: f64,
+    /// One-way delay baseline, µs (with the clocks' offset in it).
+    baseline: Option<i64>,
+    recent: VecDeque<bool>,
+    last_decrease: Option<Instant>,
+    decreases: u64,
+    last_excess: i64,
+}
+
+impl RateControl {
+    pub fn new(cfg: RateConfig) -> Self {
+        let rate = cfg.initial.clamp(cfg.min, cfg.max);
+        Self {
+            cfg,
+            rate,
+            baseline: None,
+            recent: VecDeque::new(),
+            last_decrease: None,
+            decreases: 0,
+            last_excess: 0,
+        }
+    }
+
+    /// Bytes per second the uplink may be fed.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// Current queueing delay estimate: the latest sample over the baseline.
+    pub fn queue_delay(&self) -> Duration {
+        Duration::from_micros(self.last_excess.max(0) as u64)
+    }
+
+    pub fn decreases(&self) -> u64 {
+        self.decreases
+    }
+
+    /// One one-way delay sample (µs, any constant offset) in our sending direction, with
+    /// the delivery rate (bytes/s) measured over the last moments.
+    pub fn on_sample(&mut self, now: Instant, owd_us: i64, delivered: f64) {
+        let base = match self.baseline {
+            None => owd_us,
+            // The baseline follows a lower delay at once and a higher one very slowly (a
+            // route change, clock drift), so a standing queue is not taken for the normal.
+            Some(b) if owd_us < b => owd_us,
+            Some(b) => b + ((owd_us - b) as f64 * 0.002) as i64,
+        };
+        self.baseline = Some(base);
+        let excess = owd_us - base;
+        self.last_excess = excess;
+        let threshold = self.cfg.bloat.as_micros() as i64;
+        let bloated = excess > threshold;
+        if self.recent.len() == 4 {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(bloated);
+        let bloat_now = self.recent.iter().filter(|b| **b).count() >= 2 && bloated;
+        if bloat_now {
+            let hold = self
+                .cfg
+                .hold
+                .max(Duration::from_micros((excess + threshold).max(0) as u64));
+            if self
+                .last_decrease
+                .is_none_or(|t| now.saturating_duration_since(t) >= hold)
+            {
+                let target = if delivered >= 0.2 * self.rate {
+                    // Below what was delivered by enough to drain the standing queue
+                    // (about `excess` worth of delivery) within a second.
+                    let drain = (1.0 - excess as f64 / 1e6).clamp(0.5, 1.0);
+                    delivered * 0.9 * drain
+                } else {
+                    self.rate * 0.8
+                };
+                self.rate = target.min(self.rate).clamp(self.cfg.min, self.cfg.max);
+                self.last_decrease = Some(now);
+                self.decreases += 1;
+            }
+        } else if !bloated && delivered >= 0.75 * self.rate {
+            self.rate = (self.rate * 1.08).clamp(self.cfg.min, self.cfg.max);
+        }
+    }
+}
+
+/// Token bucket pacing at a given rate.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pacer {
+    pub fn new() -> Self {
+        Self {
+            tokens: 0.0,
+            last: None,
+        }
+    }
+
+    fn burst(rate: f64) -> f64 {
+        (rate * 0.005).max(3000.0)
+    }
+
+    /// None when a packet may go now, else how long to wait.
+    pub fn wait(&mut self, now: Instant, rate: f64) -> Option<Duration> {
+        let burst = Self::burst(rate);
+        self.tokens = match self.last {
+            None => burst,
+            Some(t) => {
+                let dt = now.saturating_duration_since(t).as_secs_f64();
+                (self.tokens + rate * dt).min(burst)
+            }
+        };
+        self.last = Some(now);
+        if self.tokens > 0.0 {
+            None
+        } else {
+            Some(Duration::from_secs_f64(
+                (-self.tokens + 1.0) / rate.max(1.0),
+            ))
+        }
+    }
+
+    /// `bytes` went out (may go into debt: a POS packet never waits for the pacer).
+    pub fn spend(&mut self, bytes: usize) {
+        self.tokens -= bytes as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A link of `cap` bytes/s with a deep FIFO: returns the RTT a probe sees when the
+    /// sender has been sending at `rate` (queue grows while rate > cap).
+    struct Modem {
+        cap: f64,
+        queue: f64,
+        base: Duration,
+    }
+
+    impl Modem {
+        fn step(&mut self, rate: f64, dt: Duration) -> (Duration, f64) {
+            let inflow = rate * dt.as_secs_f64();
+            let out = (self.queue + inflow).min(self.cap * dt.as_secs_f64());
+            self.queue = (self.queue + inflow - out).min(self.cap * 2.0); // ≥ 2 s deep
+            let delay = Duration::from_secs_f64(self.queue / self.cap);
+            (self.base + delay, out / dt.as_secs_f64())
+        }
+    }
+
+    fn run(rc: &mut RateControl, m: &mut Modem, t: &mut Instant, secs: u64) -> Vec<Duration> {
+        let mut rtts = Vec::new();
+        for _ in 0..secs * 10 {
+            *t += 100 * MS;
+            let (rtt, delivered) = m.step(rc.rate(), 100 * MS);
+            // One-way delay with a clock offset of -7 s.
+            rc.on_sample(*t, rtt.as_micros() as i64 / 2 - 7_000_000, delivered);
+            rtts.push(rtt);
+        }
+        rtts
+    }
+
+    #[test]
+    fn finds_the_capacity_and_follows_it_down_and_up() {
+        let mut t = Instant::now();
+        let mut rc = RateControl::new(RateConfig::default());
+        let mut m = Modem {
+            cap: 1_250_000.0, // 10 Mbit/s
+            queue: 0.0,
+            base: 50 * MS,
+        };
+        run(&mut rc, &mut m, &mut t, 20);
+        let r = rc.rate();
+        assert!((0.7..=1.3).contains(&(r / m.cap)), "rate {r}");
+        // Capacity falls to 3 Mbit/s: within a few seconds the queue is short again.
+        m.cap = 375_000.0;
+        let rtts = run(&mut rc, &mut m, &mut t, 20);
+        let settled = &rtts[50..];
+        let p99 = {
+            let mut v = settled.to_vec();
+            v.sort();
+            v[v.len() * 99 / 100]
+        };
+        assert!(p99 < 200 * MS, "p99 rtt {p99:?} at 3 Mbit/s");
+        assert!(rc.rate() < 500_000.0, "rate {}", rc.rate());
+        // Back to 10 Mbit/s: the rate climbs back.
+        m.cap = 1_250_000.0;
+        run(&mut rc, &mut m, &mut t, 20);
+        assert!(rc.rate() > 0.7 * m.cap, "rate {}", rc.rate());
+    }
+
+    #[test]
+    fn an_idle_link_keeps_its_rate_and_bounds_hold() {
+        let t = Instant::now();
+        let mut rc = RateControl::new(RateConfig {
+            min: 100_000.0,
+            max: 200_000.0,
+            initial: 1e9,
+            ..Default::default()
+        });
+        assert_eq!(rc.rate(), 200_000.0);
+        for i in 0..100 {
+            rc.on_sample(t + i * 100 * MS, 30_000, 0.0);
+        }
+        assert_eq!(rc.rate(), 200_000.0);
+        for i in 100..200 {
+            rc.on_sample(t + i * 100 * MS, 900_000, 0.0);
+        }
+        assert_eq!(rc.rate(), 100_000.0);
+    }
+
+    #[test]
+    fn the_pacer_spaces_packets_at_the_rate() {
+        let t = Instant::now();
+        let mut p = Pacer::new();
+        let rate = 1_000_000.0; // 1 MB/s: a 1000-byte packet per ms
+        let mut sent = 0;
+        let mut now = t;
+        while now < t + 100 * MS {
+            match p.wait(now, rate) {
+                None => {
+                    p.spend(1000);
+                    sent += 1;
+                }
+                Some(d) => now += d,
+            }
+        }
+        // 100 ms at 1 MB/s plus the initial burst (5 ms).
+        assert!((100..=106).contains(&sent), "sent {sent}");
+    }
+}
