@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use ipnet::IpNet;
-use stallnet_netconf::{Config, EdgeConfig, Fallback, SchedMode, Uplink, UplinkPriority};
+use stallnet_netconf::{Config, EdgeConfig, Fallback, Uplink, UplinkPriority};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::classes;
+use crate::core::classify::{Classifier, ClassifyConfig, DeviceRef};
 use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
-use crate::core::scheduler::{LinkId, Mode, SchedulerConfig};
-use crate::core::Class;
-use crate::driver::bond::Bond;
+use crate::core::scheduler::LinkId;
+use crate::driver::bond::{Bond, BondConfig, Sent, Side};
 use crate::driver::netlink::Netlink;
 use crate::driver::session::{self, Hello};
 use crate::driver::sys;
@@ -46,13 +47,6 @@ struct Ctx {
     cancel: CancellationToken,
 }
 
-pub fn sched_mode(m: SchedMode) -> Mode {
-    match m {
-        SchedMode::Redundant => Mode::Redundant,
-        SchedMode::Aggregate => Mode::Aggregate,
-    }
-}
-
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let e = cfg.edge().context("config has no [edge] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
@@ -80,11 +74,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             nl.rule_from(*p, tunnel_table, 1000).await?;
         }
     }
+    let specs = classes::specs(&e);
+    let classifier = Classifier::new(&classes::rules(&e), ClassifyConfig::default());
+    let device_rules: Vec<(usize, DeviceRef)> = classifier
+        .rules()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.devices.clone().map(|d| (i, d)))
+        .collect();
     let bond = Bond::new(
         tun.clone(),
-        SchedulerConfig {
-            mode: sched_mode(e.mode),
-            ..Default::default()
+        BondConfig {
+            side: Side::Edge,
+            sched: classes::sched_config(&specs, e.mode),
+            classifier,
         },
         None,
         cancel.child_token(),
@@ -113,14 +116,21 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     });
     for (i, u) in e.uplinks.iter().enumerate() {
         let u = u.get_ref().clone();
-        let id = ctx
-            .bond
-            .add_link(&u.name, u.priority == UplinkPriority::Backup);
+        let id = ctx.bond.add_link(
+            &u.name,
+            u.priority == UplinkPriority::Backup,
+            classes::link_mask(&specs, &u),
+            Some(classes::rate_config(&u)),
+        );
         let (c, rx) = (ctx.clone(), change_rx.clone());
         tokio::spawn(async move { uplink_task(c, i, id, u, rx).await });
     }
     let c = ctx.clone();
     let reader = tokio::spawn(async move { tun_reader(c, tun).await });
+    if !device_rules.is_empty() {
+        let c = ctx.clone();
+        tokio::spawn(async move { resolve_devices(c, device_rules).await });
+    }
     tracing::info!(identity = %me.id, "edge running");
 
     let result = supervise(&ctx, &cfg, tun_index).await;
@@ -244,20 +254,67 @@ async fn nft_delete() -> Result<()> {
 
 async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
     let mss = ctx.cfg.mtu.saturating_sub(40);
+    // Without a direct fallback, POS apps are told at once when nothing gets out.
+    let fail_fast = ctx.cfg.fallback == Fallback::None;
     let mut buf = vec![0u8; 65536];
     loop {
         let n = tun.recv(&mut buf).await.context("TUN read")?;
         let pkt = &mut buf[..n];
-        let Some((src, _)) = packet::addrs(pkt) else {
+        let Some((_, dst)) = packet::addrs(pkt) else {
             continue;
         };
         packet::clamp_mss(pkt, mss);
-        let class = if ctx.cfg.pos_sources.iter().any(|p| p.contains(&src)) {
-            Class::Pos
-        } else {
-            Class::Bulk
-        };
-        ctx.bond.send(class, Bytes::copy_from_slice(pkt));
+        if let Ok(Sent::Offline(_)) = ctx.bond.send(Bytes::copy_from_slice(pkt), fail_fast) {
+            let from = ctx
+                .tunnel_address
+                .lock()
+                .ok()
+                .and_then(|a| *a)
+                .filter(|a| a.is_ipv4() == dst.is_ipv4())
+                .unwrap_or(dst);
+            if let Some(reply) = packet::offline_reply(pkt, from) {
+                if let Err(e) = tun.send(&reply).await {
+                    tracing::debug!("offline answer: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the addresses of the LAN devices named by rules (MAC, DHCP host name, interface)
+/// current: the interface's prefixes from netlink, MACs from the neighbour table and the
+/// DHCP leases, host names from the DHCP leases.
+async fn resolve_devices(ctx: Arc<Ctx>, rules: Vec<(usize, DeviceRef)>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.cancel.cancelled() => return,
+        }
+        let leases = std::fs::read_to_string(&ctx.cfg.dhcp_leases).unwrap_or_default();
+        let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+        let neighbours = crate::driver::lan::neighbours(&leases, &arp);
+        for (i, d) in &rules {
+            let mut prefixes = Vec::new();
+            for name in &d.interfaces {
+                match ctx.nl.link(name).await {
+                    Ok(Some(l)) => prefixes.extend(l.prefixes),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(interface = %name, "netlink: {e:#}"),
+                }
+            }
+            for n in &neighbours {
+                let by_mac = n.mac.is_some_and(|m| d.macs.contains(&m));
+                let by_name = n
+                    .hostname
+                    .as_ref()
+                    .is_some_and(|h| d.hostnames.iter().any(|x| x == h));
+                if by_mac || by_name {
+                    prefixes.push(IpNet::from(n.ip));
+                }
+            }
+            ctx.bond.set_resolved(*i, prefixes);
+        }
     }
 }
 
@@ -405,6 +462,7 @@ fn ensure_endpoint(
 }
 
 async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, u: &Uplink) -> Result<quinn::Connection> {
+    let specs = classes::specs(&ctx.cfg);
     let mut last = None;
     for hub in &ctx.cfg.hubs {
         let addr: SocketAddr = hub.address;
@@ -420,6 +478,15 @@ async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, u: &Uplink) -> Result<quinn::C
                     version: 1,
                     epoch: ctx.epoch,
                     link: u.name.clone(),
+                    backup: u.priority == UplinkPriority::Backup,
+                    link_classes: Some(
+                        specs
+                            .iter()
+                            .filter(|s| classes::link_mask(std::slice::from_ref(s), u) != 0)
+                            .map(|s| s.name)
+                            .collect(),
+                    ),
+                    classes: Some(specs.clone()),
                 },
             )
             .await?;

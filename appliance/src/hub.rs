@@ -13,14 +13,15 @@ use ipnet::IpNet;
 use stallnet_netconf::Config;
 use tokio_util::sync::CancellationToken;
 
+use crate::classes;
+use crate::core::classify::{Classifier, ClassifyConfig};
 use crate::core::packet;
-use crate::core::scheduler::SchedulerConfig;
+use crate::core::qos::{bit, ALL_CLASSES};
 use crate::core::Class;
-use crate::driver::bond::Bond;
+use crate::driver::bond::{Bond, BondConfig, Side};
 use crate::driver::netlink::Netlink;
 use crate::driver::session::{self, Welcome};
 use crate::driver::sys;
-use crate::edge::sched_mode;
 use crate::identity;
 use crate::status::{self, Status};
 
@@ -29,8 +30,8 @@ struct Device {
     identity: String,
     address: IpAddr,
     lan: Vec<IpNet>,
-    pos: Vec<IpNet>,
     bond: Arc<Bond>,
+    mode: stallnet_netconf::SchedMode,
 }
 
 impl Device {
@@ -63,11 +64,24 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         }
         let mut accept = d.lan.clone();
         accept.push(IpNet::from(address));
+        // Downloads follow the class the edge gave each flow; flows the edge did not start
+        // are classified by the device's POS sources and the built-in rules.
+        let mut rules = Vec::new();
+        if !d.pos_sources.is_empty() {
+            rules.push(stallnet_netconf::Rule {
+                class: stallnet_netconf::ClassName::Pos,
+                dst: d.pos_sources.clone(),
+                ..Default::default()
+            });
+        }
+        rules.extend(stallnet_netconf::classes::default_rules());
+        let specs = stallnet_netconf::classes::effective_classes(&Default::default());
         let bond = Bond::new(
             tun.clone(),
-            SchedulerConfig {
-                mode: sched_mode(h.mode),
-                ..Default::default()
+            BondConfig {
+                side: Side::Hub,
+                sched: classes::sched_config(&specs, h.mode),
+                classifier: Classifier::new(&rules, ClassifyConfig::default()),
             },
             Some(accept),
             cancel.child_token(),
@@ -78,8 +92,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             identity: d.identity.clone(),
             address,
             lan: d.lan.clone(),
-            pos: d.pos_sources.clone(),
             bond,
+            mode: h.mode,
         }));
     }
     let devices = Arc::new(devices);
@@ -174,7 +188,13 @@ async fn serve(
     .await?;
     tracing::info!(device = %dev.name, link = %hello.link, remote = %conn.remote_address(), "uplink joined");
     dev.bond.peer_epoch(hello.epoch);
-    let id = dev.bond.add_link(&hello.link, false);
+    if let Some(specs) = &hello.classes {
+        dev.bond.configure(classes::sched_config(specs, dev.mode));
+    }
+    let mask = hello.link_classes.as_ref().map_or(ALL_CLASSES, |names| {
+        names.iter().fold(0, |m, n| m | bit(Class::from_name(*n)))
+    });
+    let id = dev.bond.add_link(&hello.link, hello.backup, mask, None);
     dev.bond.attach(id, conn.clone());
     let reason = conn.closed().await;
     tracing::info!(device = %dev.name, link = %hello.link, "uplink left: {reason}");
@@ -198,11 +218,7 @@ async fn tun_reader(
             continue;
         };
         packet::clamp_mss(pkt, mss);
-        let class = if dev.pos.iter().any(|p| p.contains(&dst)) {
-            Class::Pos
-        } else {
-            Class::Bulk
-        };
-        dev.bond.send(class, Bytes::copy_from_slice(pkt));
+        // Malformed packets are counted by the bond and dropped.
+        let _ = dev.bond.send(Bytes::copy_from_slice(pkt), false);
     }
 }

@@ -1,13 +1,15 @@
 //! stallnet: the appliance daemon (edge and hub roles) and its CLI.
 //!
 //! Layout:
-//! - [`core`]: sans-IO state machines (frame codec, link health, scheduler, reorder, packet
-//!   edits). No IO, no clock.
+//! - [`core`]: sans-IO state machines (frame codec, classifier, class queues, link health,
+//!   rate control, scheduler, reorder, packet edits). No IO, no clock.
+//! - [`classes`]: the config's classes, rules and uplinks turned into core parameters.
 //! - [`identity`]: device keys, certificates and the pinned-identity TLS configuration.
 //! - [`driver`]: tokio code that moves bytes between the TUN device, QUIC and the kernel.
 //! - [`edge`], [`hub`]: the two roles, wiring drivers to cores.
 //! - [`status`]: the status document both roles publish.
 
+pub mod classes;
 pub mod core;
 pub mod driver;
 pub mod edge;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use stallnet::core::health::{HealthConfig, LinkHealth};
+use stallnet::core::qos::ALL_CLASSES;
 use stallnet::core::reorder::{hold_for, Reorder};
 use stallnet::core::scheduler::{LinkView, Mode, Scheduler, SchedulerConfig};
 use stallnet::core::Class;
@@ -102,10 +103,11 @@ pub fn run(sc: &Scenario) -> Outcome {
     let mut rng = rand::rngs::StdRng::seed_from_u64(sc.seed);
     let base = Instant::now();
     let at = |d: Duration| base + d;
-    let mut sched = Scheduler::new(SchedulerConfig {
-        mode: sc.mode,
-        ..Default::default()
-    });
+    let mut cfg = SchedulerConfig::default();
+    if sc.mode == Mode::Redundant {
+        cfg.modes = [Mode::Redundant; 5];
+    }
+    let mut sched = Scheduler::new(cfg);
     let ids: Vec<usize> = sc.links.iter().map(|_| sched.add_link()).collect();
     let mut health: Vec<LinkHealth> = sc
         .links
@@ -148,13 +150,13 @@ pub fn run(sc: &Scenario) -> Outcome {
         // Traffic.
         if now + sc.drain < sc.duration {
             while next_pos <= now {
-                sched.enqueue(Class::Pos, tagged(seq_counter, 300), at(now));
+                sched.enqueue(Class::Pos, seq_counter, tagged(seq_counter, 300), at(now));
                 out.sent.insert(seq_counter, (Class::Pos, now));
                 seq_counter += 1;
                 next_pos += sc.pos_interval;
             }
             while next_bulk <= now {
-                sched.enqueue(Class::Bulk, tagged(seq_counter, 1200), at(now));
+                sched.enqueue(Class::Bulk, 0, tagged(seq_counter, 1200), at(now));
                 out.sent.insert(seq_counter, (Class::Bulk, now));
                 seq_counter += 1;
                 next_bulk += sc.bulk_interval;
@@ -178,13 +180,15 @@ pub fn run(sc: &Scenario) -> Outcome {
                 disabled: !carrier[i],
                 room: true,
                 verified_until: h.verified_until(),
+                degraded: h.degraded(),
+                classes: ALL_CLASSES,
             };
             sched.update_link(ids[i], view);
         }
         // Links pull while their wire is free.
         for (i, l) in sc.links.iter().enumerate() {
             while wires[i].busy_until <= now {
-                let Some(q) = sched.poll(ids[i], at(now)) else {
+                let Some(q) = sched.poll(ids[i], ALL_CLASSES, at(now)) else {
                     break;
                 };
                 let bits = (q.packet.len() as u64 + 60) * 8;
@@ -234,7 +238,9 @@ pub fn run(sc: &Scenario) -> Outcome {
                         events.insert((now + link.delay, ev_n), Ev::Ack { l, id });
                     }
                 }
-                Ev::Ack { l, id } => health[l].on_probe_ack(id, at(now)),
+                Ev::Ack { l, id } => {
+                    health[l].on_probe_ack(id, at(now));
+                }
             }
         }
         let paths = health

@@ -587,7 +587,7 @@ impl Classifier {
     pub fn top_flows(&self, n: usize) -> Vec<(FlowKey, FlowEntry)> {
         let mut v: Vec<(FlowKey, FlowEntry)> =
             self.flows.iter().map(|(k, e)| (*k, e.clone())).collect();
-        v.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1.bytes));
         v.truncate(n);
         v
     }

@@ -63,6 +63,21 @@ impl Inflight {
         self.min_rtt = min_rtt;
     }
 
+    /// Mean delivery rate (bytes/s) over the samples of the last `window`.
+    pub fn delivery_rate(&self, now: Instant, window: Duration) -> f64 {
+        let recent: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now.saturating_duration_since(*t) <= window)
+            .map(|s| s.1)
+            .collect();
+        if recent.is_empty() {
+            0.0
+        } else {
+            recent.iter().sum::<f64>() / recent.len() as f64
+        }
+    }
+
     /// Windowed maximum delivery rate, bytes per second.
     pub fn capacity(&self) -> f64 {
         self.samples.iter().map(|s| s.1).fold(0.0, f64::max)

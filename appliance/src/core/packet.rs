@@ -1,5 +1,6 @@
-//! Small edits and facts about IP packets on the tunnel path: source address for the POS
-//! list, TCP MSS clamping on SYNs, and ICMP "too big" answers for packets that do not fit.
+//! Small edits and facts about IP packets on the tunnel path: addresses, TCP MSS clamping
+//! on SYNs, ICMP "too big" answers for packets that do not fit, and the fail-fast answers
+//! given while offline (a TCP RST for a SYN, ICMP unreachable for UDP).
 
 use std::net::IpAddr;
 
@@ -141,6 +142,65 @@ pub fn too_big_reply(packet: &[u8], mtu: u16, from: IpAddr) -> Option<Vec<u8>> {
     }
 }
 
+/// The answer that makes a LAN application give up at once while nothing reaches the
+/// internet: a RST (with ACK) for a TCP SYN, as if from the destination; an ICMP
+/// unreachable (from `from`) for UDP. None for anything else (no answer to an answer).
+pub fn offline_reply(packet: &[u8], from: IpAddr) -> Option<Vec<u8>> {
+    let ip = etherparse::IpSlice::from_slice(packet).ok()?;
+    let p = ip.payload();
+    if p.fragmented {
+        return None;
+    }
+    match p.ip_number {
+        IpNumber::TCP => {
+            let t = etherparse::TcpSlice::from_slice(p.payload).ok()?;
+            if !t.syn() || t.ack() || t.rst() {
+                return None;
+            }
+            let ack = t.sequence_number().wrapping_add(1);
+            let b = match (ip.destination_addr(), ip.source_addr()) {
+                (IpAddr::V4(d), IpAddr::V4(s)) => PacketBuilder::ipv4(d.octets(), s.octets(), 64),
+                (IpAddr::V6(d), IpAddr::V6(s)) => PacketBuilder::ipv6(d.octets(), s.octets(), 64),
+                _ => return None,
+            };
+            let b = b
+                .tcp(t.destination_port(), t.source_port(), 0, 0)
+                .rst()
+                .ack(ack);
+            let mut out = Vec::with_capacity(b.size(0));
+            b.write(&mut out, &[]).ok()?;
+            Some(out)
+        }
+        IpNumber::UDP => {
+            let quote = &packet[..packet.len().min(548)];
+            match (from, ip.source_addr()) {
+                (IpAddr::V4(f), IpAddr::V4(s)) => {
+                    let b = PacketBuilder::ipv4(f.octets(), s.octets(), 64).icmpv4(
+                        Icmpv4Type::DestinationUnreachable(
+                            etherparse::icmpv4::DestUnreachableHeader::Host,
+                        ),
+                    );
+                    let mut out = Vec::with_capacity(b.size(quote.len()));
+                    b.write(&mut out, quote).ok()?;
+                    Some(out)
+                }
+                (IpAddr::V6(f), IpAddr::V6(s)) => {
+                    let b = PacketBuilder::ipv6(f.octets(), s.octets(), 64).icmpv6(
+                        Icmpv6Type::DestinationUnreachable(
+                            etherparse::icmpv6::DestUnreachableCode::Address,
+                        ),
+                    );
+                    let mut out = Vec::with_capacity(b.size(quote.len()));
+                    b.write(&mut out, quote).ok()?;
+                    Some(out)
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +306,34 @@ mod tests {
                 }
             )
         ));
+    }
+
+    #[test]
+    fn offline_answers_a_syn_with_a_reset_and_udp_with_unreachable() {
+        let from = IpAddr::from([10, 1, 0, 1]);
+        let rst = offline_reply(&syn(1460), from).expect("rst");
+        let p = SlicedPacket::from_ip(&rst).expect("parse");
+        let Some(TransportSlice::Tcp(t)) = p.transport else {
+            panic!("tcp")
+        };
+        assert!(t.rst() && t.ack());
+        assert_eq!((t.source_port(), t.destination_port()), (443, 40000));
+        assert_eq!(t.acknowledgment_number(), 2);
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!("v4")
+        };
+        assert_eq!(ip.header().source(), [198, 18, 0, 1]);
+        // Not for a RST or an established segment.
+        assert_eq!(offline_reply(&rst, from), None);
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4([10, 1, 0, 2], [198, 18, 0, 1], 64)
+            .udp(5000, 53)
+            .write(&mut udp, &[1, 2, 3])
+            .expect("udp");
+        let icmp = offline_reply(&udp, from).expect("icmp");
+        let p = SlicedPacket::from_ip(&icmp).expect("parse");
+        assert!(matches!(p.transport, Some(TransportSlice::Icmpv4(_))));
+        // Garbage gets nothing.
+        assert_eq!(offline_reply(&[0x45, 0, 0], from), None);
     }
 }

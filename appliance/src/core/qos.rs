@@ -42,7 +42,7 @@ pub struct ClassParams {
     pub max_rate: Option<f64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QosConfig {
     pub classes: [ClassParams; CLASSES],
     /// All queues together (POS has its own small bound and is never dropped for others).

@@ -241,6 +241,15 @@ impl Scheduler {
         }
     }
 
+    /// New class modes and queue parameters; the queues are rebuilt (and emptied) only
+    /// when their parameters change.
+    pub fn reconfigure(&mut self, cfg: SchedulerConfig) {
+        if cfg.qos != self.cfg.qos {
+            self.qos = Qos::new(cfg.qos.clone());
+        }
+        self.cfg = cfg;
+    }
+
     pub fn stats(&self) -> SchedStats {
         let mut s = self.stats;
         s.dropped = self.qos.dropped();
@@ -343,6 +352,16 @@ impl Scheduler {
             }
         }
         w
+    }
+
+    /// True when no uplink can carry anything: none is up, and none is merely suspect
+    /// (a probe overdue, which may be a moment's hiccup).
+    pub fn hopeless(&self) -> bool {
+        !self.links.iter().any(|s| {
+            s.present
+                && !s.view.disabled
+                && matches!(s.view.state, LinkState::Up | LinkState::Suspect)
+        })
     }
 
     /// True when at least one uplink can carry traffic.

@@ -2,8 +2,13 @@
 //! with the cores that drive them. Used by both roles, for both directions.
 //!
 //! Tasks per connection: a sender that pulls packets from the scheduler while quinn has
-//! room, and a receiver that decodes frames, answers probes and feeds the reorder buffer.
-//! One ticker per bond pumps the cores' timers (probes, health transitions, reorder holds).
+//! room and the uplink's pacer allows, and a receiver that decodes frames, answers probes
+//! and feeds the reorder buffer. One ticker per bond pumps the cores' timers (probes,
+//! health transitions, reorder holds, capped classes, flow expiry).
+//!
+//! Packets are classified here, under the same lock as the scheduler: the edge by its
+//! rules (learning host names from the DNS answers that come down the tunnel), the hub by
+//! mirroring the class the edge gave each flow.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,10 +21,13 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::classify::{Classifier, ClassifyStats, Malformed, Verdict};
 use crate::core::frame::{Frame, DATA_OVERHEAD};
 use crate::core::health::{HealthConfig, LinkHealth, LinkState};
 use crate::core::inflight::Inflight;
 use crate::core::packet;
+use crate::core::qos::{bit, ClassMask, ClassStats, ALL_CLASSES};
+use crate::core::rate::{Pacer, RateConfig, RateControl};
 use crate::core::reorder::{self, Reorder, ReorderStats};
 use crate::core::scheduler::{LinkId, LinkView, SchedStats, Scheduler, SchedulerConfig};
 use crate::core::Class;
@@ -32,6 +40,29 @@ const REORDER_MAX: usize = 2048;
 const TUN_QUEUE: usize = 4096;
 /// How often each end reports its received bytes on a busy connection.
 const REPORT_EVERY: Duration = Duration::from_millis(10);
+/// What QUIC adds around a datagram, for pacing.
+const QUIC_OVERHEAD: usize = 40;
+/// Window over which the delivery rate is taken for rate control.
+const DELIVERY_WINDOW: Duration = Duration::from_millis(200);
+/// Flows listed in the status.
+const TOP_FLOWS: usize = 10;
+
+/// Which end of the bond this is: how packets are classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Classifies by the rules; learns host names from DNS answers coming down the tunnel.
+    Edge,
+    /// Mirrors the class the edge gave each flow; learns DNS answers it sends down.
+    Hub,
+}
+
+/// How a packet handed to [`Bond::send`] fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Queued(Verdict),
+    /// Not queued: nothing reaches the peer and the caller asked to be told (fail fast).
+    Offline(Verdict),
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkStatus {
@@ -52,6 +83,22 @@ pub struct LinkStatus {
     pub probes_sent: u64,
     pub probes_lost: u64,
     pub flaps: u32,
+    pub degraded: bool,
+    /// What rate control lets this end send on the uplink.
+    pub rate_mbps: f64,
+    pub queue_delay_ms: f64,
+    pub rate_decreases: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowStatus {
+    pub flow: String,
+    pub class: &'static str,
+    pub bytes: u64,
+    pub packets: u64,
+    pub age_s: f64,
+    /// The uplink a lowest-latency flow is pinned to; absent for spread or duplicated ones.
+    pub uplink: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +106,10 @@ pub struct BondStatus {
     pub online: bool,
     pub links: Vec<LinkStatus>,
     pub scheduler: SchedStats,
+    pub classes: Vec<ClassStats>,
+    pub classify: ClassifyStats,
+    pub top_flows: Vec<FlowStatus>,
+    pub malformed: u64,
     pub reorder: ReorderStats,
     pub reorder_hold_ms: f64,
     pub bad_frames: u64,
@@ -77,6 +128,10 @@ struct Link {
     /// `send_datagram`, which would evict queued data when quinn's buffer is full).
     control: std::collections::VecDeque<Bytes>,
     inflight: Inflight,
+    rate: RateControl,
+    pacer: Pacer,
+    /// Classes this uplink may carry.
+    classes: ClassMask,
     /// When we last reported our received byte count to the peer, and that count.
     reported: (Instant, u64),
     backup: bool,
@@ -100,6 +155,8 @@ impl Link {
 
 struct State {
     sched: Scheduler,
+    classifier: Classifier,
+    last_sweep: Instant,
     reorder: Reorder,
     links: Vec<Option<Link>>,
     peer_epoch: Option<u64>,
@@ -115,6 +172,9 @@ pub struct Bond {
     icmp_source: Mutex<Option<IpAddr>>,
     clock0: Instant,
     health_cfg: HealthConfig,
+    side: Side,
+    rate_cfg: RateConfig,
+    malformed: AtomicU64,
     /// Released packets in release order; one writer task empties it into the TUN device.
     /// Filled only under the state lock, so no two tasks can reorder what the reorder
     /// buffer put in order.
@@ -126,10 +186,17 @@ pub struct Bond {
     cancel: CancellationToken,
 }
 
+/// What a bond is built from.
+pub struct BondConfig {
+    pub side: Side,
+    pub sched: SchedulerConfig,
+    pub classifier: Classifier,
+}
+
 impl Bond {
     pub fn new(
         tun: Tun,
-        sched: SchedulerConfig,
+        cfg: BondConfig,
         accept_src: Option<Vec<IpNet>>,
         cancel: CancellationToken,
     ) -> Arc<Self> {
@@ -145,7 +212,9 @@ impl Bond {
         });
         let bond = Arc::new(Self {
             state: Mutex::new(State {
-                sched: Scheduler::new(sched),
+                sched: Scheduler::new(cfg.sched),
+                classifier: cfg.classifier,
+                last_sweep: now,
                 reorder: Reorder::new(REORDER_MAX, Duration::from_millis(40)),
                 links: Vec::new(),
                 peer_epoch: None,
@@ -158,6 +227,9 @@ impl Bond {
             to_tun,
             tun_overflow: AtomicU64::new(0),
             health_cfg: HealthConfig::default(),
+            side: cfg.side,
+            rate_cfg: RateConfig::default(),
+            malformed: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             too_big: AtomicU64::new(0),
             spoofed: AtomicU64::new(0),
@@ -179,8 +251,15 @@ impl Bond {
         }
     }
 
-    /// Adds an uplink slot; it carries nothing until a connection is attached.
-    pub fn add_link(&self, name: &str, backup: bool) -> LinkId {
+    /// Adds an uplink slot that may carry `classes`, with bounds for its rate control; it
+    /// carries nothing until a connection is attached.
+    pub fn add_link(
+        &self,
+        name: &str,
+        backup: bool,
+        classes: ClassMask,
+        rate: Option<RateConfig>,
+    ) -> LinkId {
         let mut st = self.lock();
         let id = st.sched.add_link();
         let link = Link {
@@ -191,6 +270,9 @@ impl Bond {
             wake: Arc::new(Notify::new()),
             control: std::collections::VecDeque::new(),
             inflight: Inflight::new(),
+            rate: RateControl::new(rate.unwrap_or_else(|| self.rate_cfg.clone())),
+            pacer: Pacer::new(),
+            classes,
             reported: (Instant::now(), 0),
             backup,
             absent: false,
@@ -295,24 +377,51 @@ impl Bond {
         self.lock().sched.online()
     }
 
-    /// Queues an IP packet read from the TUN device for the peer.
-    pub fn send(&self, class: Class, packet: Bytes) {
-        let wake = {
+    /// Classifies an IP packet read from the TUN device and queues it for the peer. With
+    /// `fail_fast`, a POS packet is not queued when no uplink reaches the peer at all, so
+    /// the caller can answer it at once.
+    pub fn send(&self, packet: Bytes, fail_fast: bool) -> Result<Sent, Malformed> {
+        let now = Instant::now();
+        let (sent, wake) = {
             let mut st = self.lock();
-            let wake = st.sched.enqueue(class, packet, Instant::now());
-            if wake.0 == 0 {
-                return;
+            if self.side == Side::Hub {
+                st.classifier.learn_dns(&packet, now);
             }
-            st.links
+            let v = match st.classifier.classify(&packet, now) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            if fail_fast && v.flow_class == Class::Pos && st.sched.hopeless() {
+                return Ok(Sent::Offline(v));
+            }
+            let wake = st.sched.enqueue(v.class, v.flow, packet, now);
+            let wake: Vec<_> = st
+                .links
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| wake.contains(*i))
                 .filter_map(|(_, l)| l.as_ref().map(|l| l.wake.clone()))
-                .collect::<Vec<_>>()
+                .collect();
+            (Sent::Queued(v), wake)
         };
         for w in wake {
             w.notify_one();
         }
+        Ok(sent)
+    }
+
+    /// New class settings (the edge's, on the hub); queued packets are kept when only
+    /// modes change.
+    pub fn configure(&self, sched: SchedulerConfig) {
+        self.lock().sched.reconfigure(sched);
+    }
+
+    /// The driver's current addresses for the devices classification rule `index` names.
+    pub fn set_resolved(&self, index: usize, prefixes: Vec<IpNet>) {
+        self.lock().classifier.set_resolved(index, prefixes);
     }
 
     /// Pushes each link's health into the scheduler; wakes links that may now pull.
@@ -335,6 +444,8 @@ impl Bond {
                 disabled: l.absent,
                 room: l.inflight.has_room(),
                 verified_until: l.health.verified_until(),
+                degraded: l.health.degraded(),
+                classes: l.classes,
             };
             let wake = st.sched.update_link(id, view);
             wakes.push(wake);
@@ -402,6 +513,20 @@ impl Bond {
                 Self::refresh(&mut st, now);
                 st.reorder.handle_timeout(now, &mut out);
                 self.release(&mut out);
+                // Capped classes and paced links have no event to wake them: look here.
+                if st.sched.queued_bytes() > 0 {
+                    for (i, l) in st.links.iter().enumerate() {
+                        if let Some(l) = l {
+                            if st.sched.has_work(i) {
+                                l.wake.notify_one();
+                            }
+                        }
+                    }
+                }
+                if now.duration_since(st.last_sweep) >= Duration::from_secs(1) {
+                    st.last_sweep = now;
+                    st.classifier.sweep(now);
+                }
             }
         }
     }
@@ -418,25 +543,32 @@ impl Bond {
     async fn sender(self: Arc<Self>, id: LinkId, generation: u64, conn: quinn::Connection) {
         let mut buf = Vec::with_capacity(1500);
         loop {
-            let (q, wake) = {
-                let mut st = self.lock();
-                let Some(Some(l)) = st.links.get(id) else {
+            let (next, wake, paced) = {
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                let Some(Some(l)) = st.links.get_mut(id) else {
                     return;
                 };
                 if l.generation != generation {
                     return;
                 }
                 let wake = l.wake.clone();
-                match st
-                    .links
-                    .get_mut(id)
-                    .and_then(|l| l.as_mut()?.control.pop_front())
-                {
-                    Some(c) => (Err(c), wake),
-                    None => (Ok(st.sched.poll(id, Instant::now())), wake),
+                match l.control.pop_front() {
+                    Some(c) => (Err(c), wake, None),
+                    None => {
+                        let now = Instant::now();
+                        let paced = l.pacer.wait(now, l.rate.rate());
+                        // Held back by the pacer, a link still sends POS at once.
+                        let allowed = if paced.is_some() {
+                            bit(Class::Pos)
+                        } else {
+                            ALL_CLASSES
+                        };
+                        (Ok(st.sched.poll(id, allowed, now)), wake, paced)
+                    }
                 }
             };
-            let q = match q {
+            let q = match next {
                 Err(control) => {
                     if conn.send_datagram_wait(control).await.is_err() {
                         self.detach(id, generation);
@@ -447,8 +579,10 @@ impl Bond {
                 Ok(q) => q,
             };
             let Some(q) = q else {
+                let pause = paced.unwrap_or(Duration::from_secs(3600));
                 tokio::select! {
                     _ = wake.notified() => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = conn.closed() => { self.detach(id, generation); return; }
                 }
                 continue;
@@ -476,6 +610,7 @@ impl Bond {
             if let Some(Some(l)) = st.links.get_mut(id) {
                 l.tx_packets += 1;
                 l.tx_bytes += len;
+                l.pacer.spend(buf.len() + QUIC_OVERHEAD);
             }
         }
     }
@@ -507,16 +642,31 @@ impl Bond {
                     tracing::debug!(link = id, "bad frame: {e}");
                 }
                 Ok(Frame::Probe { id: pid, echo }) => {
+                    let rx_us = now.duration_since(self.clock0).as_micros() as u64;
                     let mut st = self.lock();
                     if let Some(Some(l)) = st.links.get_mut(id) {
-                        l.push_control(Frame::ProbeAck { id: pid, echo }.to_vec());
+                        l.push_control(
+                            Frame::ProbeAck {
+                                id: pid,
+                                echo,
+                                rx_us,
+                            }
+                            .to_vec(),
+                        );
                     }
                 }
-                Ok(Frame::ProbeAck { id: pid, .. }) => {
+                Ok(Frame::ProbeAck {
+                    id: pid,
+                    echo,
+                    rx_us,
+                }) => {
                     let mut st = self.lock();
                     if let Some(Some(l)) = st.links.get_mut(id) {
-                        if l.generation == generation {
-                            l.health.on_probe_ack(pid, now);
+                        if l.generation == generation && l.health.on_probe_ack(pid, now).is_some() {
+                            // One-way delay towards the peer, up to the clocks' offset.
+                            let owd = rx_us as i64 - echo as i64;
+                            let delivered = l.inflight.delivery_rate(now, DELIVERY_WINDOW);
+                            l.rate.on_sample(now, owd, delivered);
                         }
                     }
                     Self::refresh(&mut st, now);
@@ -527,13 +677,17 @@ impl Bond {
                         l.inflight.on_report(rx_bytes, at_us, now);
                     }
                 }
-                Ok(Frame::Data { seq, packet, .. }) => {
+                Ok(Frame::Data { seq, packet, class }) => {
                     if !self.source_ok(packet) {
                         self.spoofed.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     let payload = d.slice(DATA_OVERHEAD..);
                     let mut st = self.lock();
+                    match self.side {
+                        Side::Hub => st.classifier.mirror(packet, class, now),
+                        Side::Edge => st.classifier.learn_dns(packet, now),
+                    }
                     if let Some(Some(l)) = st.links.get_mut(id) {
                         l.rx_packets += 1;
                         l.rx_bytes += d.len() as u64;
@@ -588,13 +742,40 @@ impl Bond {
                     probes_sent,
                     probes_lost,
                     flaps: l.health.flaps(),
+                    degraded: l.health.degraded(),
+                    rate_mbps: l.rate.rate() * 8.0 / 1e6,
+                    queue_delay_ms: l.rate.queue_delay().as_secs_f64() * 1e3,
+                    rate_decreases: l.rate.decreases(),
                 }
+            })
+            .collect();
+        let now = Instant::now();
+        let top_flows = st
+            .classifier
+            .top_flows(TOP_FLOWS)
+            .into_iter()
+            .map(|(k, e)| FlowStatus {
+                flow: k.to_string(),
+                class: e.class.name(),
+                bytes: e.bytes,
+                packets: e.packets,
+                age_s: now.saturating_duration_since(e.first).as_secs_f64(),
+                uplink: st
+                    .sched
+                    .flow_link(e.id)
+                    .and_then(|i| st.links.get(i))
+                    .and_then(|l| l.as_ref())
+                    .map(|l| l.name.clone()),
             })
             .collect();
         BondStatus {
             online: st.sched.online(),
             links,
             scheduler: st.sched.stats(),
+            classes: st.sched.class_stats(),
+            classify: st.classifier.stats(),
+            top_flows,
+            malformed: self.malformed.load(Ordering::Relaxed),
             reorder: st.reorder.stats(),
             reorder_hold_ms: st.reorder.hold().as_secs_f64() * 1e3,
             bad_frames: self.bad_frames.load(Ordering::Relaxed),

@@ -23,6 +23,8 @@ pub struct LinkInfo {
     /// Administratively up and carrier present.
     pub carrier: bool,
     pub ipv4: Vec<Ipv4Addr>,
+    /// The prefixes of every address on the interface (IPv4 and IPv6).
+    pub prefixes: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +94,7 @@ impl Netlink {
         let flags = msg.header.flags;
         let carrier = flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp);
         let mut ipv4 = Vec::new();
+        let mut prefixes = Vec::new();
         let mut addrs = self
             .handle
             .address()
@@ -103,12 +106,21 @@ impl Netlink {
                 if let AddressAttribute::Local(IpAddr::V4(v4)) = attr {
                     ipv4.push(*v4);
                 }
+                // IPv4 carries its address as Local (and Address), IPv6 only as Address.
+                if let AddressAttribute::Address(ip) = attr {
+                    if let Ok(n) = IpNet::new(*ip, a.header.prefix_len) {
+                        if !prefixes.contains(&n.trunc()) {
+                            prefixes.push(n.trunc());
+                        }
+                    }
+                }
             }
         }
         Ok(Some(LinkInfo {
             index,
             carrier,
             ipv4,
+            prefixes,
         }))
     }
 

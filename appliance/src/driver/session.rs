@@ -1,15 +1,18 @@
 //! The session handshake on each new QUIC connection: one small JSON document each way on
 //! a bidirectional stream. The edge says which uplink this is and its epoch (a random
 //! number per process start, so the hub knows when the edge's sequence space restarts);
-//! the hub answers with the device's tunnel address and its own epoch.
+//! it also says whether the uplink is a backup, which classes it may carry and the edge's
+//! class settings, so the hub queues downloads by the same rules. The hub answers with the
+//! device's tunnel address and its own epoch.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use stallnet_netconf::{ClassName, ClassSpec};
 
-const MAX_DOC: usize = 4096;
+const MAX_DOC: usize = 16 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -18,6 +21,15 @@ pub struct Hello {
     pub version: u32,
     pub epoch: u64,
     pub link: String,
+    /// A backup uplink: the hub sends on it only when no other uplink is usable.
+    #[serde(default)]
+    pub backup: bool,
+    /// The classes this uplink may carry (the edge's class settings decide).
+    #[serde(default)]
+    pub link_classes: Option<Vec<ClassName>>,
+    /// The edge's classes, so downloads are queued and shaped as the edge's config says.
+    #[serde(default)]
+    pub classes: Option<Vec<ClassSpec>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
