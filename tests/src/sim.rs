@@ -67,6 +67,8 @@ pub struct Outcome {
     pub sent: BTreeMap<u64, (Class, Duration)>,
     pub late: u64,
     pub duplicates_suppressed: u64,
+    /// The scheduler's figures at the end (drops per class and why).
+    pub sched: String,
 }
 
 enum Ev {
@@ -263,5 +265,6 @@ pub fn run(sc: &Scenario) -> Outcome {
     let st = reorder.stats();
     out.late = st.late;
     out.duplicates_suppressed = st.duplicates;
+    out.sched = format!("{:?} {:?}", sched.stats(), sched.class_stats()[Class::Bulk as usize]);
     out
 }

@@ -175,7 +175,8 @@ fn bulk_recovers_after_a_black_hole() {
             .count();
         assert!(
             lost * 100 <= around,
-            "seed {seed}: {lost} of {around} lost around the fault"
+            "seed {seed}: {lost} of {around} lost around the fault: {}",
+            out.sched
         );
     }
 }

@@ -165,6 +165,9 @@ impl QItem for Queued {
     fn set_target(&mut self, t: Option<usize>) {
         self.target = t;
     }
+    fn resend(&self) -> bool {
+        self.resend
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
