@@ -265,6 +265,10 @@ pub fn run(sc: &Scenario) -> Outcome {
     let st = reorder.stats();
     out.late = st.late;
     out.duplicates_suppressed = st.duplicates;
-    out.sched = format!("{:?} {:?}", sched.stats(), sched.class_stats()[Class::Bulk as usize]);
+    out.sched = format!(
+        "{:?} {:?}",
+        sched.stats(),
+        sched.class_stats()[Class::Bulk as usize]
+    );
     out
 }

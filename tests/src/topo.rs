@@ -24,6 +24,8 @@ pub const SERVER: &str = "198.18.0.1";
 pub const HUB_ADDR: &str = "172.31.0.2";
 pub const LAN_CLIENT: &str = "10.1.0.2";
 pub const POS_CLIENT: &str = "10.1.0.10";
+/// A LAN address the tests may classify as they like (a guest device).
+pub const GUEST_CLIENT: &str = "10.1.0.20";
 
 /// Path of a binary built by this workspace (`STALLNET_BIN_DIR` overrides).
 pub fn bin(name: &str) -> PathBuf {
@@ -120,6 +122,8 @@ pub struct Options {
     pub edge_mode: Option<&'static str>,
     /// TUN MTU of the edge (default: the config's default).
     pub edge_mtu: Option<u16>,
+    /// TOML tables appended to the edge's config (`[edge.classes.guest]`, `[[edge.rules]]`).
+    pub edge_extra: Option<String>,
 }
 
 pub struct Topology {
@@ -269,6 +273,7 @@ impl Topology {
         self.veth(("lan", "eth0"), ("edge", "lan0"))?;
         self.addr("lan", "eth0", "10.1.0.2/24")?;
         self.addr("lan", "eth0", "10.1.0.10/24")?;
+        self.addr("lan", "eth0", "10.1.0.20/24")?;
         self.addr("edge", "lan0", "10.1.0.1/24")?;
         self.exec("lan", &["ip", "route", "add", "default", "via", "10.1.0.1"])?;
         // Internet: servers on loopback; the hub on its own segment, NATing tunnel traffic.
@@ -461,12 +466,13 @@ impl Topology {
         let edge = format!(
             "role = \"edge\"\nstate_dir = \"{d}/edge-state\"\nruntime_dir = \"{d}/edge-run\"\n\n[edge]\n\
              hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
-             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{uplinks}",
+             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{uplinks}{extra}",
             d = self.dir.display(),
             hub = self.hub_id,
             fb = if opts.fallback_direct { "direct" } else { "none" },
             mode = opts.edge_mode.unwrap_or("aggregate"),
             mtu = opts.edge_mtu.map(|m| format!("mtu = {m}\n")).unwrap_or_default(),
+            extra = opts.edge_extra.clone().unwrap_or_default(),
         );
         std::fs::write(self.dir.join("edge.toml"), edge)?;
         let hub = format!(
@@ -581,6 +587,18 @@ impl Topology {
         pps: u32,
         secs: f64,
     ) -> Result<serde_json::Value> {
+        self.udp_flow_sized(from, port, pps, secs, 200)
+    }
+
+    /// [`Self::udp_flow`] with datagrams of `size` bytes.
+    pub fn udp_flow_sized(
+        &self,
+        from: &str,
+        port: u16,
+        pps: u32,
+        secs: f64,
+        size: usize,
+    ) -> Result<serde_json::Value> {
         let t = bin("stallnet-traffic");
         let out = self.exec(
             "lan",
@@ -591,9 +609,77 @@ impl Topology {
                 &format!("{from}:0"),
                 &pps.to_string(),
                 &secs.to_string(),
+                &size.to_string(),
             ],
         )?;
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Starts an iperf3 server in the internet namespace on `port`.
+    pub fn start_iperf_server(&mut self, port: u16) -> Result<()> {
+        self.spawn(
+            &format!("iperf-server{port}"),
+            "inet",
+            &["iperf3", "-s", "-B", SERVER, "-p", &port.to_string()],
+        )
+    }
+
+    /// Starts `streams` cubic TCP flows from LAN address `from` to the iperf3 server on
+    /// `port` for `secs` (downloads with `reverse`), in the background as `label`.
+    pub fn start_iperf_load(
+        &mut self,
+        label: &str,
+        from: &str,
+        port: u16,
+        reverse: bool,
+        secs: u32,
+        streams: u32,
+    ) -> Result<()> {
+        let (port, secs, streams) = (port.to_string(), secs.to_string(), streams.to_string());
+        let mut args = vec![
+            "iperf3", "-c", SERVER, "-p", &port, "-B", from, "-t", &secs, "-P", &streams, "-C",
+            "cubic", "-J",
+        ];
+        if reverse {
+            args.push("-R");
+        }
+        self.spawn(label, "lan", &args)
+    }
+
+    /// Runs a one-shot command in `role` and parses its JSON output.
+    pub fn json(&self, role: &str, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.exec(role, args)?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Starts dnsmasq in the internet namespace as the DNS server on `SERVER`, answering
+    /// each `(name, address)` (and nothing else).
+    pub fn start_dns(&mut self, names: &[(&str, &str)]) -> Result<()> {
+        let pid = self.dir.join("dnsmasq.pid");
+        let mut args: Vec<String> = vec![
+            "dnsmasq".into(),
+            "--keep-in-foreground".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--listen-address={SERVER}"),
+            "--port=53".into(),
+            format!("--pid-file={}", pid.display()),
+            "--local-ttl=60".into(),
+        ];
+        for (n, a) in names {
+            args.push(format!("--address=/{n}/{a}"));
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn("dnsmasq", "inet", &refs)?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
     }
 }
 

@@ -1,9 +1,14 @@
 //! `stallnet-traffic`: measured test traffic.
 //!
 //! - `udp-echo BIND`: echoes every datagram back to its sender (runs until killed).
-//! - `udp-flow TO BIND PPS SECS`: sends PPS datagrams per second for SECS seconds (each
-//!   carries a sequence number), listens for the echoes, and prints a JSON summary: sent,
-//!   received, lost, duplicates, the longest gap between echoes and the RTT percentiles.
+//! - `udp-flow TO BIND PPS SECS [SIZE]`: sends PPS datagrams (SIZE bytes, default 200) per
+//!   second for SECS seconds (each carries a sequence number), listens for the echoes, and
+//!   prints a JSON summary: sent, received, lost, duplicates, the longest gap between
+//!   echoes, the RTT percentiles and the jitter (p99 of the change in RTT between
+//!   consecutive echoes).
+//! - `tcp-connect TO`: one TCP connection attempt (3 s limit); prints the outcome
+//!   (`connected`, `refused`, `timeout`, `error`) and how long it took.
+//! - `dns-query SERVER NAME`: an A query over UDP; prints the addresses in the answer.
 //! - `tcp-sink BIND`: for each connection, reads to the end, answers with the byte count
 //!   (8 bytes), closes (runs until killed).
 //! - `tcp-send TO BYTES`: sends BYTES over one TCP connection (cubic), half-closes, waits
@@ -27,12 +32,21 @@ fn main() -> Result<()> {
             }
         }
         Some("udp-flow") => {
-            let [to, bind, pps, secs] = &args[1..] else {
-                bail!("usage: udp-flow TO BIND PPS SECS");
+            let (to, bind, pps, secs, size) = match &args[1..] {
+                [to, bind, pps, secs] => (to, bind, pps, secs, "200"),
+                [to, bind, pps, secs, size] => (to, bind, pps, secs, size.as_str()),
+                _ => bail!("usage: udp-flow TO BIND PPS SECS [SIZE]"),
             };
-            let pps: u64 = pps.parse()?;
-            let secs: f64 = secs.parse()?;
-            flow(to, bind, pps, secs)
+            let size: usize = size.parse()?;
+            anyhow::ensure!((16..=1400).contains(&size), "SIZE must be 16..=1400");
+            flow(to, bind, pps.parse()?, secs.parse()?, size)
+        }
+        Some("tcp-connect") => tcp_connect(args.get(1).context("TO")?),
+        Some("dns-query") => {
+            let [server, name] = &args[1..] else {
+                bail!("usage: dns-query SERVER NAME");
+            };
+            dns_query(server, name)
         }
         Some("tcp-sink") => {
             let l = std::net::TcpListener::bind(args.get(1).context("BIND")?)?;
@@ -61,7 +75,7 @@ fn main() -> Result<()> {
             tcp_send(to, bytes.parse()?)
         }
         _ => bail!(
-            "usage: stallnet-traffic udp-echo BIND | udp-flow TO BIND PPS SECS | tcp-sink BIND | tcp-send TO BYTES"
+            "usage: stallnet-traffic udp-echo BIND | udp-flow TO BIND PPS SECS [SIZE] | tcp-sink BIND | tcp-send TO BYTES | tcp-connect TO | dns-query SERVER NAME"
         ),
     }
 }
@@ -97,7 +111,51 @@ fn tcp_send(to: &str, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn flow(to: &str, bind: &str, pps: u64, secs: f64) -> Result<()> {
+fn tcp_connect(to: &str) -> Result<()> {
+    let addr: std::net::SocketAddr = to.parse()?;
+    let start = Instant::now();
+    let outcome = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        Ok(_) => "connected".to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout".into(),
+        Err(e) => format!("error: {e}"),
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "outcome": outcome, "ms": start.elapsed().as_secs_f64() * 1e3 })
+    );
+    Ok(())
+}
+
+fn dns_query(server: &str, name: &str) -> Result<()> {
+    use simple_dns::{Name, Packet, Question, CLASS, QCLASS, QTYPE, TYPE};
+    let mut q = Packet::new_query(0x5a5a);
+    q.set_flags(simple_dns::PacketFlag::RECURSION_DESIRED);
+    q.questions.push(Question::new(
+        Name::new(name)?,
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.send_to(&q.build_bytes_vec()?, (server, 53))?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = s.recv_from(&mut buf)?;
+    let a = Packet::parse(&buf[..n])?;
+    let addrs: Vec<String> = a
+        .answers
+        .iter()
+        .filter_map(|rr| match &rr.rdata {
+            simple_dns::rdata::RData::A(a) => Some(std::net::Ipv4Addr::from(a.address).to_string()),
+            _ => None,
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "addresses": addrs }));
+    Ok(())
+}
+
+fn flow(to: &str, bind: &str, pps: u64, secs: f64, size: usize) -> Result<()> {
     let s = UdpSocket::bind(bind)?;
     s.connect(to)?;
     s.set_read_timeout(Some(Duration::from_millis(1)))?;
@@ -109,16 +167,17 @@ fn flow(to: &str, bind: &str, pps: u64, secs: f64) -> Result<()> {
     let mut last_rx: Option<Instant> = None;
     let mut max_gap = Duration::ZERO;
     let mut rtts = Vec::new();
+    let mut jitters = Vec::new();
     let mut sent = 0u64;
     let mut buf = [0u8; 2048];
     let end = start + Duration::from_secs_f64(secs) + Duration::from_secs(2);
     while Instant::now() < end {
         let now = Instant::now();
         if sent < total && now >= start + interval * sent as u32 {
-            let mut p = [0u8; 200];
+            let mut p = [0u8; 1400];
             p[..8].copy_from_slice(&sent.to_be_bytes());
             p[8..16].copy_from_slice(&(now - start).as_nanos().to_be_bytes()[8..]);
-            let _ = s.send(&p);
+            let _ = s.send(&p[..size]);
             sent += 1;
         }
         if let Ok(n) = s.recv(&mut buf) {
@@ -132,7 +191,11 @@ fn flow(to: &str, bind: &str, pps: u64, secs: f64) -> Result<()> {
                 dups += 1;
                 continue;
             }
-            rtts.push((now - start).as_nanos() as u64 - t);
+            let rtt = ((now - start).as_nanos() as u64).saturating_sub(t);
+            if let Some(prev) = rtts.last() {
+                jitters.push(rtt.abs_diff(*prev));
+            }
+            rtts.push(rtt);
             if let Some(l) = last_rx {
                 max_gap = max_gap.max(now - l);
             }
@@ -140,18 +203,20 @@ fn flow(to: &str, bind: &str, pps: u64, secs: f64) -> Result<()> {
         }
     }
     rtts.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if rtts.is_empty() {
+    jitters.sort_unstable();
+    let pct = |v: &[u64], p: f64| -> f64 {
+        if v.is_empty() {
             return f64::NAN;
         }
-        rtts[((rtts.len() - 1) as f64 * p) as usize] as f64 / 1e6
+        v[((v.len() - 1) as f64 * p) as usize] as f64 / 1e6
     };
     println!(
         "{}",
         serde_json::json!({
             "sent": sent, "received": seen.len(), "lost": sent - seen.len() as u64,
             "duplicates": dups, "max_gap_ms": max_gap.as_secs_f64() * 1e3,
-            "rtt_p50_ms": pct(0.5), "rtt_p99_ms": pct(0.99),
+            "rtt_p50_ms": pct(&rtts, 0.5), "rtt_p99_ms": pct(&rtts, 0.99),
+            "jitter_p99_ms": pct(&jitters, 0.99),
         })
     );
     Ok(())
