@@ -7,6 +7,11 @@
 //! arrives after its gap was skipped is still delivered once (TCP prefers late to lost); a
 //! second copy of any sequence number inside the window is dropped.
 //!
+//! Urgent packets (POS, the stream, interactive traffic and ACKs: see
+//! [`Reorder::push_urgent`]) are released the moment they arrive, never held behind bulk
+//! still in flight on a slower uplink; their sequence number is still recorded, so a second
+//! copy is dropped and the in-order release of the others does not wait for them.
+//!
 //! Fast loss detection: each uplink delivers in order, so once every uplink that carried
 //! traffic recently has delivered a sequence number beyond a gap, the gap cannot still be
 //! in flight and is skipped at once instead of waiting out the hold. This keeps one lost
@@ -127,6 +132,31 @@ impl Reorder {
         self.skip_known_lost(now, out);
     }
 
+    /// Like [`Self::push`], but the packet is released at once, whatever it overtakes
+    /// (other flows' order does not matter to it, and its own flow is sent on one uplink
+    /// or duplicated on the fastest two). A placeholder keeps its place in the sequence.
+    pub fn push_urgent(
+        &mut self,
+        seq: u64,
+        path: usize,
+        packet: Bytes,
+        now: Instant,
+        out: &mut Vec<Bytes>,
+    ) {
+        let ahead = self.started && seq > self.next && seq - self.next < WINDOW;
+        if !ahead {
+            return self.push(seq, path, packet, now, out);
+        }
+        if self.buf.contains_key(&seq) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        self.stats.delivered += 1;
+        out.push(packet);
+        // An empty placeholder: released in order as nothing.
+        self.push(seq, path, Bytes::new(), now, out);
+    }
+
     /// Every uplink active within twice the hold has delivered beyond this point.
     fn frontier(&self, now: Instant) -> Option<u64> {
         let recent = self.hold * 2;
@@ -201,8 +231,11 @@ impl Reorder {
         // window: overwrite it.
         let (w, b) = Self::bit(seq);
         self.seen[w] |= b;
-        self.stats.delivered += 1;
-        out.push(packet);
+        // An empty packet is the placeholder of an urgent one, released already.
+        if !packet.is_empty() {
+            self.stats.delivered += 1;
+            out.push(packet);
+        }
         self.next = seq + 1;
         // Clear the slot that `next` will describe once delivered, so stale marks from
         // `next - WINDOW` do not look like duplicates.
@@ -402,5 +435,26 @@ mod tests {
         }
         assert_eq!(out.len() as u64, 3 * WINDOW + 5);
         assert_eq!(r.stats().duplicates, 0);
+    }
+
+    #[test]
+    fn urgent_packets_overtake_a_gap_and_keep_their_place() {
+        let t = Instant::now();
+        let mut r = Reorder::new(64, Duration::from_millis(50));
+        let mut out = Vec::new();
+        r.push(0, 0, b(0), t, &mut out);
+        // 1 and 2 are bulk still in flight; 3 is POS: out at once.
+        r.push_urgent(3, 0, b(3), t, &mut out);
+        assert_eq!(seqs(&out), [0, 3]);
+        // The slower uplink delivers 1, 2 and then the second copy of 3: a duplicate.
+        r.push(1, 1, b(1), t, &mut out);
+        r.push(2, 1, b(2), t, &mut out);
+        r.push_urgent(3, 1, b(3), t, &mut out);
+        assert_eq!(r.stats().duplicates, 1);
+        assert_eq!(seqs(&out), [0, 3, 1, 2]);
+        r.push(4, 1, b(4), t, &mut out);
+        assert_eq!(seqs(&out), [0, 3, 1, 2, 4]);
+        assert_eq!(r.held(), 0);
+        assert_eq!(r.stats().delivered, 5);
     }
 }

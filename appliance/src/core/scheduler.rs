@@ -10,8 +10,8 @@
 //!   arrives first. A silent black hole on one uplink loses nothing.
 //! - `lowest-latency` (stream, interactive): a flow sticks to the lowest-RTT usable uplink
 //!   with room and moves only when that uplink stops being usable, degrades or is no longer
-//!   allowed for the class (so it never flaps on RTT noise); when its uplink is momentarily
-//!   full, a packet spills to whichever link has room.
+//!   allowed for the class (so it never flaps on RTT noise). Its packets go ahead of bulk
+//!   on that link, so a link kept full by bulk does not push them elsewhere.
 //! - `aggregate` (bulk, guest): free for every eligible uplink: usable, allowed for the
 //!   class, not a backup while a non-backup is usable, with an RTT not far above the best
 //!   one, and with room under its in-flight cap. A link at its cap stops pulling until
@@ -178,8 +178,6 @@ pub struct SchedStats {
     pub resent: u64,
     /// Lowest-latency flows that had to leave their uplink.
     pub flow_moves: u64,
-    /// Packets of a pinned flow sent elsewhere because its uplink was full.
-    pub spilled: u64,
 }
 
 /// Set of links that have new work, as a bit mask over [`LinkId`]s.
@@ -404,13 +402,9 @@ impl Scheduler {
                 }
             }
             Mode::LowestLatency => {
-                if let Some(l) = self.pinned(class, flow, now) {
-                    if self.links[l].view.room {
-                        q.target = Some(l);
-                    } else {
-                        self.stats.spilled += 1;
-                    }
-                }
+                // Targeted packets do not need the link's in-flight room (bulk fills that);
+                // they go ahead of bulk on their link.
+                q.target = self.pinned(class, flow, now);
             }
             Mode::Aggregate => {}
         }
@@ -852,5 +846,89 @@ mod tests {
         s.enqueue(Class::Pos, 0, pkt(0), t);
         assert_eq!(s.poll(b, ALL_CLASSES, t), None);
         assert!(s.poll(a, ALL_CLASSES, t).is_some());
+    }
+
+    #[test]
+    fn a_lowest_latency_flow_sticks_to_its_link_until_it_degrades() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(b, up(45, false));
+        let w = s.enqueue(Class::Stream, 7, pkt(0), t);
+        assert!(w.contains(a) && !w.contains(b));
+        assert_eq!(s.poll(b, ALL_CLASSES, t), None, "pinned to a");
+        assert!(s.poll(a, ALL_CLASSES, t).is_some());
+        // RTTs cross: the flow does not move (no flapping on RTT noise).
+        s.update_link(a, up(50, false));
+        s.update_link(b, up(30, false));
+        s.enqueue(Class::Stream, 7, pkt(1), t);
+        assert_eq!(s.flow_link(7), Some(a));
+        assert!(s.poll(a, ALL_CLASSES, t).is_some());
+        // A new flow picks the now-better link.
+        s.enqueue(Class::Stream, 8, pkt(2), t);
+        assert_eq!(s.flow_link(8), Some(b));
+        // a degrades: flow 7 moves to b, once.
+        s.update_link(
+            a,
+            LinkView {
+                degraded: true,
+                ..up(50, false)
+            },
+        );
+        s.enqueue(Class::Stream, 7, pkt(3), t);
+        assert_eq!(s.flow_link(7), Some(b));
+        assert_eq!(s.stats().flow_moves, 1);
+    }
+
+    #[test]
+    fn degraded_links_lose_pos_while_a_healthy_pair_exists() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b, c) = (s.add_link(), s.add_link(), s.add_link());
+        s.update_link(
+            a,
+            LinkView {
+                degraded: true,
+                ..up(10, false)
+            },
+        );
+        s.update_link(b, up(40, false));
+        s.update_link(c, up(60, false));
+        let w = s.enqueue(Class::Pos, 0, pkt(1), t);
+        assert!(!w.contains(a) && w.contains(b) && w.contains(c));
+        // With only one healthy link, the degraded one is the second copy (better than one).
+        s.update_link(c, LinkView::down());
+        let w = s.enqueue(Class::Pos, 0, pkt(2), t);
+        assert!(w.contains(a) && w.contains(b));
+        // Bulk may still use the degraded link.
+        assert!(s.eligible(Class::Bulk).contains(a));
+    }
+
+    #[test]
+    fn a_class_stays_off_links_it_may_not_use() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (wifi, lte) = (s.add_link(), s.add_link());
+        s.update_link(wifi, up(20, false));
+        s.update_link(
+            lte,
+            LinkView {
+                classes: ALL_CLASSES & !bit(Class::Bulk),
+                ..up(20, false)
+            },
+        );
+        for i in 0..4 {
+            s.enqueue(Class::Bulk, 0, pkt(i), t);
+        }
+        assert_eq!(s.poll(lte, ALL_CLASSES, t), None);
+        // Even with wifi gone, bulk never goes on the metered link.
+        s.update_link(wifi, LinkView::down());
+        assert_eq!(s.poll(lte, ALL_CLASSES, t), None);
+        s.enqueue(Class::Pos, 0, pkt(9), t);
+        assert!(s.poll(lte, ALL_CLASSES, t).is_some());
+        assert!(!s.hopeless());
+        s.update_link(lte, LinkView::down());
+        assert!(s.hopeless());
     }
 }

@@ -692,7 +692,11 @@ impl Bond {
                         l.rx_packets += 1;
                         l.rx_bytes += d.len() as u64;
                     }
-                    st.reorder.push(seq, id, payload, now, &mut out);
+                    if matches!(class, Class::Bulk | Class::Guest) {
+                        st.reorder.push(seq, id, payload, now, &mut out);
+                    } else {
+                        st.reorder.push_urgent(seq, id, payload, now, &mut out);
+                    }
                     self.release(&mut out);
                 }
             }

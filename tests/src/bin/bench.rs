@@ -35,6 +35,8 @@ fn main() -> Result<()> {
         "unshaped",
         "rss",
         "mptcp",
+        "classes",
+        "variable",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -98,6 +100,8 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "unshaped" => unshaped()?,
             "rss" => rss()?,
             "mptcp" => mptcp()?,
+            "classes" => classes()?,
+            "variable" => variable()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -108,6 +112,223 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
         }
     }
     Ok(acc)
+}
+
+/// The traffic-class benchmark's links: wifi 20 Mbit/s 20 ms and cellular 10 Mbit/s
+/// 45 ms round trips, both with 500 ms bottleneck queues.
+fn deep_links() -> Vec<UplinkSpec> {
+    let mut wifi = UplinkSpec::wifi();
+    wifi.queue_ms = 500;
+    let mut cell = UplinkSpec::cell();
+    cell.queue_ms = 500;
+    vec![wifi, cell]
+}
+
+/// Idle POS, then POS, the stream and saturating bulk both ways together; returns the
+/// figures with `label` in their names. `t` must have its echo servers (7001, 9000) and
+/// iperf3 servers (5201, 5202) running.
+fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
+    let idle = t.udp_flow_sized(POS_CLIENT, 7001, 10, 10.0, 600)?;
+    t.start_iperf_load("up", LAN_CLIENT, 5201, false, secs + 6, 4)?;
+    t.start_iperf_load("down", LAN_CLIENT, 5202, true, secs + 6, 4)?;
+    std::thread::sleep(Duration::from_secs(4));
+    let (pos, stream) = std::thread::scope(|s| {
+        let tr = &*t;
+        let stream =
+            s.spawn(move || tr.udp_flow_sized(LAN_CLIENT, 9000, 500, f64::from(secs), 1000));
+        let pos = tr.udp_flow_sized(POS_CLIENT, 7001, 10, f64::from(secs), 600);
+        let stream = stream
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream flow panicked"))?;
+        anyhow::Ok((pos?, stream?))
+    })?;
+    // iperf3 prints its report when it ends.
+    std::thread::sleep(Duration::from_secs(3));
+    let goodput = |l: &str| -> f64 {
+        let text = t.log(l);
+        let start = text.find('{').unwrap_or(0);
+        serde_json::from_str::<serde_json::Value>(&text[start..])
+            .ok()
+            .and_then(|j| j["end"]["sum_received"]["bits_per_second"].as_f64())
+            .unwrap_or(f64::NAN)
+            / 1e6
+    };
+    let (up, down) = (goodput("up"), goodput("down"));
+    t.stop("up");
+    t.stop("down");
+    let g = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let sent = g(&stream, "sent");
+    Ok(vec![
+        (
+            format!("{label}: POS RTT idle p50"),
+            "ms",
+            g(&idle, "rtt_p50_ms"),
+        ),
+        (
+            format!("{label}: POS RTT idle p99"),
+            "ms",
+            g(&idle, "rtt_p99_ms"),
+        ),
+        (
+            format!("{label}: POS RTT loaded p50"),
+            "ms",
+            g(&pos, "rtt_p50_ms"),
+        ),
+        (
+            format!("{label}: POS RTT loaded p99"),
+            "ms",
+            g(&pos, "rtt_p99_ms"),
+        ),
+        (format!("{label}: POS lost"), "packets", g(&pos, "lost")),
+        (
+            format!("{label}: stream delivered"),
+            "%",
+            100.0 * g(&stream, "received") / sent,
+        ),
+        (
+            format!("{label}: stream jitter p99"),
+            "ms",
+            g(&stream, "jitter_p99_ms"),
+        ),
+        (format!("{label}: bulk goodput up"), "Mbit/s", up),
+        (format!("{label}: bulk goodput down"), "Mbit/s", down),
+    ])
+}
+
+type Figures1 = Vec<(String, &'static str, f64)>;
+
+fn class_servers(t: &mut Topology) -> Result<()> {
+    t.start_echo(7001)?;
+    t.start_echo(9000)?;
+    t.start_iperf_server(5201)?;
+    t.start_iperf_server(5202)?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+/// POS, stream and bulk through stallnet over wifi + cellular, and the same load through
+/// plain routing over wifi alone (the bufferbloat baseline).
+fn classes() -> Result<Figures1> {
+    let mut t = Topology::build(deep_links(), Options::default())?;
+    t.start()?;
+    class_servers(&mut t)?;
+    let mut figs = class_load(&mut t, "stallnet", 20)?;
+    // Capacity left for bulk: 30 Mbit/s of links less the 4 Mbit/s stream, per direction.
+    let up = figs
+        .iter()
+        .find(|f| f.0.ends_with("goodput up"))
+        .map_or(0.0, |f| f.2);
+    let down = figs
+        .iter()
+        .find(|f| f.0.ends_with("goodput down"))
+        .map_or(0.0, |f| f.2);
+    figs.push((
+        "stallnet: bulk goodput up of leftover".into(),
+        "%",
+        up / 26.0 * 100.0,
+    ));
+    figs.push((
+        "stallnet: bulk goodput down of leftover".into(),
+        "%",
+        down / 26.0 * 100.0,
+    ));
+    drop(t);
+    let mut p = Topology::build(deep_links()[..1].to_vec(), Options::default())?;
+    p.nft("edge", "table ip plain { chain post { type nat hook postrouting priority srcnat; oifname \"wan1\" masquerade; }\n}")?;
+    class_servers(&mut p)?;
+    figs.extend(class_load(&mut p, "plain wifi", 20)?);
+    Ok(figs)
+}
+
+/// The class load while the cellular capacity steps 10 → 3 → 10 Mbit/s every 20 s.
+fn variable() -> Result<Figures1> {
+    let mut t = Topology::build(deep_links(), Options::default())?;
+    t.start()?;
+    class_servers(&mut t)?;
+    let figs = std::thread::scope(|s| {
+        let tr = &t;
+        // Idle POS takes 10 s, the load starts then and POS is measured from 12 s to 64 s:
+        // 10 Mbit/s until 24 s, 3 Mbit/s until 44 s, 10 Mbit/s again.
+        let stepper = s.spawn(move || -> Result<()> {
+            std::thread::sleep(Duration::from_secs(24));
+            tr.emu(2, "set rate_kbit=3000")?;
+            std::thread::sleep(Duration::from_secs(20));
+            tr.emu(2, "set rate_kbit=10000")?;
+            Ok(())
+        });
+        let figs = variable_load(tr);
+        stepper
+            .join()
+            .map_err(|_| anyhow::anyhow!("stepper panicked"))??;
+        figs
+    })?;
+    Ok(figs)
+}
+
+fn variable_load(t: &Topology) -> Result<Figures1> {
+    let idle = t.udp_flow_sized(POS_CLIENT, 7001, 10, 8.0, 600)?;
+    let iperf = |reverse: bool| -> Result<()> {
+        let mut args = vec![
+            "iperf3",
+            "-c",
+            SERVER,
+            "-p",
+            if reverse { "5202" } else { "5201" },
+            "-B",
+            LAN_CLIENT,
+            "-t",
+            "58",
+            "-P",
+            "4",
+            "-C",
+            "cubic",
+            "-J",
+        ];
+        if reverse {
+            args.push("-R");
+        }
+        t.exec("lan", &args)?;
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let up = s.spawn(move || iperf(false));
+        let down = s.spawn(move || iperf(true));
+        std::thread::sleep(Duration::from_secs(2));
+        let stream = s.spawn(move || t.udp_flow_sized(LAN_CLIENT, 9000, 500, 52.0, 1000));
+        let pos = t.udp_flow_sized(POS_CLIENT, 7001, 10, 52.0, 600)?;
+        let stream = stream.join().map_err(|_| anyhow::anyhow!("stream"))??;
+        up.join().map_err(|_| anyhow::anyhow!("iperf"))??;
+        down.join().map_err(|_| anyhow::anyhow!("iperf"))??;
+        let g = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        Ok(vec![
+            (
+                "variable: POS RTT idle p99".into(),
+                "ms",
+                g(&idle, "rtt_p99_ms"),
+            ),
+            (
+                "variable: POS RTT loaded p50".into(),
+                "ms",
+                g(&pos, "rtt_p50_ms"),
+            ),
+            (
+                "variable: POS RTT loaded p99".into(),
+                "ms",
+                g(&pos, "rtt_p99_ms"),
+            ),
+            ("variable: POS lost".into(), "packets", g(&pos, "lost")),
+            (
+                "variable: stream delivered".into(),
+                "%",
+                100.0 * g(&stream, "received") / g(&stream, "sent"),
+            ),
+            (
+                "variable: stream jitter p99".into(),
+                "ms",
+                g(&stream, "jitter_p99_ms"),
+            ),
+        ])
+    })
 }
 
 fn iperf(t: &mut Topology, reverse: bool, secs: u32, streams: u32) -> Result<f64> {
