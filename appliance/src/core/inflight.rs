@@ -1,4 +1,4 @@
-//! How much one uplink may have in flight: a cap of about one and a half bandwidth-delay
+//! How much one uplink may have in flight: a cap of about 1.25 bandwidth-delay
 //! products, from the link's own delivery rate.
 //!
 //! The receiver reports, every few milliseconds, how many UDP bytes it has received on
@@ -7,14 +7,17 @@
 //! transport's lost bytes it learns what is in flight. A link whose in-flight bytes reach
 //! the cap stops taking shared traffic: its bottleneck queue (a modem's buffer) never
 //! fills, so the tunnel adds no loss of its own and aggregation follows what each link
-//! really carries. Growth is 1.5x per round trip while the link keeps up, so a fresh
+//! really carries. Growth is 1.25x per round trip while the link keeps up, so a fresh
 //! link ramps up like slow start.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(2);
-const GAIN: f64 = 1.5;
+/// Delivery-rate samples span at least this (µs): shorter ones are mostly noise from
+/// report timing, and a maximum over noise overestimates the capacity.
+const SAMPLE_US: u64 = 40_000;
+const GAIN: f64 = 1.25;
 /// Never cap below this: a link must be able to start.
 const FLOOR: u64 = 24 * 1024;
 
@@ -22,6 +25,8 @@ const FLOOR: u64 = 24 * 1024;
 pub struct Inflight {
     /// Latest report: receiver's byte count and its clock (µs).
     last: Option<(u64, u64)>,
+    /// Start of the current delivery-rate sample (a report at least `SAMPLE` old).
+    anchor: Option<(u64, u64)>,
     /// Delivery-rate samples (bytes/s) with the time they were taken.
     samples: VecDeque<(Instant, f64)>,
     sent: u64,
@@ -39,21 +44,32 @@ impl Inflight {
         if let Some((rx0, t0)) = self.last {
             if at_us <= t0 || rx_bytes < rx0 {
                 if rx_bytes < rx0 {
-                    self.last = Some((rx_bytes, at_us)); // peer restarted its counter
+                    // The peer restarted its counter.
+                    self.last = Some((rx_bytes, at_us));
+                    self.anchor = self.last;
                 }
                 return;
             }
-            let dt = (at_us - t0) as f64 / 1e6;
-            self.samples.push_back((now, (rx_bytes - rx0) as f64 / dt));
-            while self
-                .samples
-                .front()
-                .is_some_and(|(t, _)| now.saturating_duration_since(*t) > WINDOW)
-            {
-                self.samples.pop_front();
-            }
         }
         self.last = Some((rx_bytes, at_us));
+        let Some((rx0, t0)) = self.anchor else {
+            self.anchor = self.last;
+            return;
+        };
+        if at_us.saturating_sub(t0) < SAMPLE_US {
+            return;
+        }
+        let dt = (at_us - t0) as f64 / 1e6;
+        self.samples
+            .push_back((now, rx_bytes.saturating_sub(rx0) as f64 / dt));
+        self.anchor = self.last;
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > WINDOW)
+        {
+            self.samples.pop_front();
+        }
     }
 
     /// Totals from the transport: UDP bytes sent and bytes declared lost.
@@ -118,7 +134,7 @@ mod tests {
         }
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
         let cap = f.cap();
-        assert!((85_000..=100_000).contains(&cap), "cap {cap}");
+        assert!((70_000..=85_000).contains(&cap), "cap {cap}");
         assert!(f.has_room(), "40 kB in flight");
         f.on_transport(250_000 + 120_000, 0, Some(Duration::from_millis(45)));
         assert!(!f.has_room(), "120 kB in flight");

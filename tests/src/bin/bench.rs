@@ -136,7 +136,12 @@ fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
         let tr = &*t;
         let stream =
             s.spawn(move || tr.udp_flow_sized(LAN_CLIENT, 9000, 500, f64::from(secs), 1000));
+        let mid = s.spawn(move || {
+            std::thread::sleep(Duration::from_secs(u64::from(secs) / 2));
+            print_links(tr);
+        });
         let pos = tr.udp_flow_sized(POS_CLIENT, 7001, 10, f64::from(secs), 600);
+        let _ = mid.join();
         let stream = stream
             .join()
             .map_err(|_| anyhow::anyhow!("stream flow panicked"))?;
@@ -196,6 +201,22 @@ fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
 }
 
 type Figures1 = Vec<(String, &'static str, f64)>;
+
+/// Prints each uplink's figures from both ends' status (diagnostics on stderr).
+fn print_links(t: &Topology) {
+    for (role, bond) in [("edge", "hub"), ("hub", "stall")] {
+        if let Ok(st) = t.status(role) {
+            for l in st["bonds"][bond]["links"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "  {role} {}: rtt {:.1} ms, capacity {:.1}, rate {:.1} Mbit/s, queue {:.1} ms, decreases {}",
+                    l["name"], l["rtt_ms"].as_f64().unwrap_or(0.0),
+                    l["capacity_mbps"].as_f64().unwrap_or(0.0), l["rate_mbps"].as_f64().unwrap_or(0.0),
+                    l["queue_delay_ms"].as_f64().unwrap_or(0.0), l["rate_decreases"]
+                );
+            }
+        }
+    }
+}
 
 fn class_servers(t: &mut Topology) -> Result<()> {
     t.start_echo(7001)?;
