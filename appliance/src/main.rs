@@ -199,15 +199,35 @@ fn print_status(s: &status::Status) {
         println!("{name}:");
         for l in b["links"].as_array().into_iter().flatten() {
             println!(
-                "  {:<10} {:<8} rtt {:>7} loss {:>5.1}%  tx {:>10} rx {:>10}",
+                "  {:<10} {:<8}{} rtt {:>7} loss {:>5.1}%  rate {:>6.1} Mbit/s  tx {:>10} rx {:>10}",
                 l["name"].as_str().unwrap_or("?"),
                 l["state"].as_str().unwrap_or("?"),
+                if l["degraded"].as_bool() == Some(true) {
+                    " (degraded)"
+                } else {
+                    ""
+                },
                 l["rtt_ms"]
                     .as_f64()
                     .map_or("-".into(), |r| format!("{r:.1}ms")),
                 l["loss"].as_f64().unwrap_or(0.0) * 100.0,
+                l["rate_mbps"].as_f64().unwrap_or(0.0),
                 l["tx_bytes"].as_u64().unwrap_or(0),
                 l["rx_bytes"].as_u64().unwrap_or(0),
+            );
+        }
+        for c in b["classes"].as_array().into_iter().flatten() {
+            let ms = |k: &str| c[k].as_f64().map_or("-".into(), |v| format!("{v}ms"));
+            println!(
+                "  {:<12} {:>9} pkts {:>12} bytes  dropped {:>6}  delay p50 {:>7} p99 {:>7}",
+                c["class"].as_str().unwrap_or("?"),
+                c["packets"].as_u64().unwrap_or(0),
+                c["bytes"].as_u64().unwrap_or(0),
+                c["dropped_full"].as_u64().unwrap_or(0)
+                    + c["dropped_codel"].as_u64().unwrap_or(0)
+                    + c["dropped_sojourn"].as_u64().unwrap_or(0),
+                ms("delay_p50_ms"),
+                ms("delay_p99_ms"),
             );
         }
     }

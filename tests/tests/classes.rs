@@ -213,3 +213,64 @@ fn offline_a_syn_to_a_pos_host_learned_from_dns_is_refused_at_once() -> Result<(
     assert_eq!(other["outcome"], "timeout", "{other}");
     Ok(())
 }
+
+#[test]
+fn a_degraded_uplink_loses_the_stream_before_it_dies() -> Result<()> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options::default(),
+    )?;
+    t.start()?;
+    t.start_echo(9000)?;
+    let link_of_stream = |t: &Topology| -> Result<Option<String>> {
+        let st = t.status("edge")?;
+        Ok(st["bonds"]["hub"]["top_flows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["flow"].as_str().is_some_and(|s| s.contains(":9000")))
+            .and_then(|f| f["uplink"].as_str().map(str::to_string)))
+    };
+    std::thread::scope(|s| -> Result<()> {
+        let tr = &t;
+        let flow = s.spawn(move || tr.udp_flow_sized(LAN_CLIENT, 9000, 100, 14.0, 600));
+        wait_for(Duration::from_secs(3), || {
+            Ok(link_of_stream(tr)?.as_deref() == Some("wifi"))
+        })?;
+        // wifi turns lossy (10 %) but stays up.
+        tr.emu(1, "set loss=0.1")?;
+        wait_for(Duration::from_secs(10), || {
+            let st = tr.status("edge")?;
+            let wifi = st["bonds"]["hub"]["links"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| l["name"] == "wifi")
+                .cloned()
+                .unwrap_or_default();
+            Ok(wifi["degraded"] == true && wifi["state"] == "up")
+        })?;
+        wait_for(Duration::from_secs(3), || {
+            Ok(link_of_stream(tr)?.as_deref() == Some("cell"))
+        })?;
+        let out = flow
+            .join()
+            .map_err(|_| anyhow::anyhow!("flow panicked"))??;
+        // Only what wifi lost before the move is missing.
+        assert!(
+            out["received"].as_u64().unwrap_or(0) as f64 >= 0.9 * 1400.0,
+            "{out}"
+        );
+        Ok(())
+    })?;
+    let st = t.status("edge")?;
+    assert!(
+        st["bonds"]["hub"]["scheduler"]["flow_moves"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{}",
+        st["bonds"]["hub"]["scheduler"]
+    );
+    Ok(())
+}
