@@ -208,6 +208,9 @@ fn offline_a_syn_to_a_pos_host_learned_from_dns_is_refused_at_once() -> Result<(
     let pos = t.json("lan", &[traffic, "tcp-connect", &format!("{SERVER}:443")])?;
     assert_eq!(pos["outcome"], "refused", "{pos}");
     assert!(f(&pos, "ms") < 1000.0, "{pos}");
+    t.wait_status("edge", Duration::from_secs(2), |s| {
+        s["bonds"]["hub"]["refused_offline"].as_u64().unwrap_or(0) >= 1
+    })?;
     // Not a POS host: no answer is made up for it; the connection attempt just waits.
     let other = t.json("lan", &[traffic, "tcp-connect", "198.18.0.99:443"])?;
     assert_eq!(other["outcome"], "timeout", "{other}");

@@ -495,6 +495,22 @@ impl Classifier {
         });
     }
 
+    /// Edge side: a packet that came down the tunnel for the LAN. Counts it to its flow
+    /// (so the busiest flows include downloads) and learns host names from DNS answers.
+    pub fn observe_download(&mut self, packet: &[u8], now: Instant) {
+        let Ok(f) = facts(packet) else {
+            return;
+        };
+        if let Some(e) = self.flows.get_mut(&FlowKey::of(&f).reversed()) {
+            e.last = now;
+            e.packets += 1;
+            e.bytes += packet.len() as u64;
+        }
+        if f.proto == UDP && f.sport == 53 {
+            self.learn_dns(packet, now);
+        }
+    }
+
     /// Learns host names from a DNS answer (UDP from port 53) headed for the LAN. Anything
     /// else is ignored; a malformed answer is counted.
     pub fn learn_dns(&mut self, packet: &[u8], now: Instant) {
@@ -890,6 +906,23 @@ mod tests {
         assert_eq!(c.stats().flow_table_full, 10);
         // The newest answers were kept.
         assert!(!c.names_of(IpAddr::from([192, 0, 2, 19]), t).is_empty());
+    }
+
+    #[test]
+    fn downloads_count_to_their_flow_on_the_edge() {
+        let t = Instant::now();
+        let mut c = Classifier::new(&default_rules(), ClassifyConfig::default());
+        c.classify(&tcp4(LAN, NET, 40000, 443, true, &[]), t)
+            .expect("ok");
+        let down = tcp4(NET, LAN, 443, 40000, false, &[0; 1000]);
+        for _ in 0..10 {
+            c.observe_download(&down, t);
+        }
+        let top = c.top_flows(1);
+        assert_eq!(top[0].1.packets, 11);
+        assert!(top[0].1.bytes > 10_000);
+        c.observe_download(&dns_answer("api.stripe.com", [203, 0, 113, 7], 60), t);
+        assert_eq!(c.stats().dns_answers, 1);
     }
 
     #[test]

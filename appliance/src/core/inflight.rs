@@ -1,4 +1,4 @@
-//! How much one uplink may have in flight: a cap of about 1.25 bandwidth-delay
+//! How much one uplink may have in flight: a cap of about 1.4 bandwidth-delay
 //! products, from the link's own delivery rate.
 //!
 //! The receiver reports, every few milliseconds, how many UDP bytes it has received on
@@ -7,7 +7,7 @@
 //! transport's lost bytes it learns what is in flight. A link whose in-flight bytes reach
 //! the cap stops taking shared traffic: its bottleneck queue (a modem's buffer) never
 //! fills, so the tunnel adds no loss of its own and aggregation follows what each link
-//! really carries. Growth is 1.25x per round trip while the link keeps up, so a fresh
+//! really carries. Growth is 1.4x per round trip while the link keeps up, so a fresh
 //! link ramps up like slow start.
 
 use std::collections::VecDeque;
@@ -17,7 +17,7 @@ const WINDOW: Duration = Duration::from_secs(2);
 /// Delivery-rate samples span at least this (µs): shorter ones are mostly noise from
 /// report timing, and a maximum over noise overestimates the capacity.
 const SAMPLE_US: u64 = 40_000;
-const GAIN: f64 = 1.25;
+const GAIN: f64 = 1.4;
 /// Never cap below this: a link must be able to start.
 const FLOOR: u64 = 24 * 1024;
 
@@ -134,7 +134,7 @@ mod tests {
         }
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
         let cap = f.cap();
-        assert!((70_000..=85_000).contains(&cap), "cap {cap}");
+        assert!((80_000..=95_000).contains(&cap), "cap {cap}");
         assert!(f.has_room(), "40 kB in flight");
         f.on_transport(250_000 + 120_000, 0, Some(Duration::from_millis(45)));
         assert!(!f.has_room(), "120 kB in flight");

@@ -109,7 +109,10 @@ pub struct BondStatus {
     pub classes: Vec<ClassStats>,
     pub classify: ClassifyStats,
     pub top_flows: Vec<FlowStatus>,
+    /// Packets that could not be classified (not IP, truncated): dropped.
     pub malformed: u64,
+    /// POS packets answered at once (RST / unreachable) because nothing reached the peer.
+    pub refused_offline: u64,
     pub reorder: ReorderStats,
     pub reorder_hold_ms: f64,
     pub bad_frames: u64,
@@ -175,6 +178,7 @@ pub struct Bond {
     side: Side,
     rate_cfg: RateConfig,
     malformed: AtomicU64,
+    refused_offline: AtomicU64,
     /// Released packets in release order; one writer task empties it into the TUN device.
     /// Filled only under the state lock, so no two tasks can reorder what the reorder
     /// buffer put in order.
@@ -230,6 +234,7 @@ impl Bond {
             side: cfg.side,
             rate_cfg: RateConfig::default(),
             malformed: AtomicU64::new(0),
+            refused_offline: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             too_big: AtomicU64::new(0),
             spoofed: AtomicU64::new(0),
@@ -395,6 +400,7 @@ impl Bond {
                 }
             };
             if fail_fast && v.flow_class == Class::Pos && st.sched.hopeless() {
+                self.refused_offline.fetch_add(1, Ordering::Relaxed);
                 return Ok(Sent::Offline(v));
             }
             let wake = st.sched.enqueue(v.class, v.flow, packet, now);
@@ -686,7 +692,7 @@ impl Bond {
                     let mut st = self.lock();
                     match self.side {
                         Side::Hub => st.classifier.mirror(packet, class, now),
-                        Side::Edge => st.classifier.learn_dns(packet, now),
+                        Side::Edge => st.classifier.observe_download(packet, now),
                     }
                     if let Some(Some(l)) = st.links.get_mut(id) {
                         l.rx_packets += 1;
@@ -780,6 +786,7 @@ impl Bond {
             classify: st.classifier.stats(),
             top_flows,
             malformed: self.malformed.load(Ordering::Relaxed),
+            refused_offline: self.refused_offline.load(Ordering::Relaxed),
             reorder: st.reorder.stats(),
             reorder_hold_ms: st.reorder.hold().as_secs_f64() * 1e3,
             bad_frames: self.bad_frames.load(Ordering::Relaxed),

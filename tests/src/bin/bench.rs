@@ -353,23 +353,32 @@ fn variable_load(t: &Topology) -> Result<Figures1> {
 }
 
 fn iperf(t: &mut Topology, reverse: bool, secs: u32, streams: u32) -> Result<f64> {
-    if t.pid("iperf").is_none() {
-        t.spawn("iperf", "inet", &["iperf3", "-s", "-B", SERVER])?;
+    // One iperf3 server per direction: a server still closing the previous test refuses
+    // the next one (iperf3 serves one test at a time).
+    let port: u16 = if reverse { 5302 } else { 5301 };
+    let label = format!("iperf{port}");
+    if t.pid(&label).is_none() {
+        t.spawn(&label, "inet", &["iperf3", "-s", "-B", SERVER, "-p", &port.to_string()])?;
         std::thread::sleep(Duration::from_millis(300));
     }
-    let (secs, streams) = (secs.to_string(), streams.to_string());
+    let (secs, streams, port) = (secs.to_string(), streams.to_string(), port.to_string());
     let mut args = vec![
-        "iperf3", "-c", SERVER, "-t", &secs, "-P", &streams, "-C", "cubic", "-J", "-O", "1",
+        "iperf3", "-c", SERVER, "-p", &port, "-t", &secs, "-P", &streams, "-C", "cubic", "-J",
+        "-O", "1",
     ];
     if reverse {
         args.push("-R");
     }
     let out = t.exec("lan", &args)?;
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e6)
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    match j["end"]["sum_received"]["bits_per_second"].as_f64() {
+        Some(bps) => Ok(bps / 1e6),
+        None => anyhow::bail!(
+            "iperf3 {args:?} gave no result: {} {}",
+            j["error"],
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
 }
 
 /// TCP goodput over 20 + 10 Mbit/s (20 and 45 ms base RTT), 4 cubic flows, as % of 30.
