@@ -358,7 +358,11 @@ fn iperf(t: &mut Topology, reverse: bool, secs: u32, streams: u32) -> Result<f64
     let port: u16 = if reverse { 5302 } else { 5301 };
     let label = format!("iperf{port}");
     if t.pid(&label).is_none() {
-        t.spawn(&label, "inet", &["iperf3", "-s", "-B", SERVER, "-p", &port.to_string()])?;
+        t.spawn(
+            &label,
+            "inet",
+            &["iperf3", "-s", "-B", SERVER, "-p", &port.to_string()],
+        )?;
         std::thread::sleep(Duration::from_millis(300));
     }
     let (secs, streams, port) = (secs.to_string(), streams.to_string(), port.to_string());
