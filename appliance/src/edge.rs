@@ -127,6 +127,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     }
     let c = ctx.clone();
     let reader = tokio::spawn(async move { tun_reader(c, tun).await });
+    if let Some(com) = cfg.commerce().cloned() {
+        let bond = ctx.bond.clone();
+        let online: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || bond.online());
+        let (key, dir, c) = (me.signing_key()?, cfg.state_dir.clone(), cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::commerce::run(com, &dir, key, online, c).await {
+                tracing::error!("commerce service: {e:#}");
+            }
+        });
+    }
     if !device_rules.is_empty() {
         let c = ctx.clone();
         tokio::spawn(async move { resolve_devices(c, device_rules).await });

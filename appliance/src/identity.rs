@@ -34,6 +34,14 @@ pub struct Identity {
     pub id: String,
 }
 
+impl Identity {
+    /// The device's Ed25519 key for signing (receipts).
+    pub fn signing_key(&self) -> Result<ring::signature::Ed25519KeyPair> {
+        ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(self.key.secret_pkcs8_der())
+            .map_err(|e| anyhow::anyhow!("device key is not an Ed25519 key: {e}"))
+    }
+}
+
 /// `sn1:` + hex SHA-256 of a certificate.
 pub fn identity_of(cert: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, cert);

@@ -10,6 +10,7 @@
 //! - [`status`]: the status document both roles publish.
 
 pub mod classes;
+pub mod commerce;
 pub mod core;
 pub mod driver;
 pub mod edge;

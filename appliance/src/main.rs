@@ -45,6 +45,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the SHA-256 of a commerce client key (what `commerce.clients` holds).
+    HashKey {
+        /// The key; read from standard input when absent (keeps it out of shell history).
+        key: Option<String>,
+    },
+    /// Verify receipts offline: a JSON array of receipts (from `GET /v1/receipts`) against
+    /// the device's public key (`GET /v1/receipts/public-key`). Exit 1 on any problem.
+    VerifyReceipts {
+        file: PathBuf,
+        #[arg(long)]
+        public_key: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the running daemon's status.
     Status {
         #[arg(long, default_value = "/run/stallnet")]
@@ -169,6 +183,61 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Cmd::HashKey { key } => {
+            let key = match key {
+                Some(k) => k,
+                None => {
+                    let mut k = String::new();
+                    std::io::stdin().read_line(&mut k)?;
+                    k
+                }
+            };
+            let key = key.trim();
+            anyhow::ensure!(
+                key.len() >= 16,
+                "a client key should be at least 16 characters"
+            );
+            println!(
+                "{}",
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::VerifyReceipts {
+            file,
+            public_key,
+            json,
+        } => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let receipts: Vec<stallnet::commerce::model::Receipt> = serde_json::from_slice(&text)
+                .with_context(|| {
+                format!("{}: expected a JSON array of receipts", file.display())
+            })?;
+            let pk = hex::decode(public_key.trim()).context("--public-key: expected hex")?;
+            let errors = stallnet::commerce::receipt::verify(&pk, &receipts);
+            if json {
+                let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "version": 1, "receipts": receipts.len(), "valid": errors.is_empty(), "errors": list })
+                );
+            } else if errors.is_empty() {
+                println!(
+                    "{} receipts: the chain is complete, unforked and unedited",
+                    receipts.len()
+                );
+            } else {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+            }
+            Ok(if errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Cmd::Status { runtime_dir, json } => {
             let s = status::read(&runtime_dir)?;
             if json {

@@ -130,6 +130,9 @@ impl Validator<'_> {
         if let Some(hub) = &cfg.hub {
             self.check_hub(hub);
         }
+        if let Some(c) = &cfg.commerce {
+            self.check_commerce(c);
+        }
     }
 
     fn check_edge(&mut self, edge: &Spanned<crate::EdgeConfig>) {
@@ -304,6 +307,51 @@ impl Validator<'_> {
                     );
                 }
             }
+        }
+    }
+
+    fn check_commerce(&mut self, c: &Spanned<crate::CommerceConfig>) {
+        let r = c.get_ref();
+        let mut names = HashSet::new();
+        for (i, cl) in r.clients.iter().enumerate() {
+            let v = cl.get_ref();
+            if v.key_sha256.len() != 64 || !v.key_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                self.err(
+                    cl.span(),
+                    format!("commerce.clients[{i}].key_sha256"),
+                    "expected 64 hex digits (the SHA-256 of the key; `stallnet commerce hash-key`)",
+                );
+            }
+            if v.name.is_empty() || v.name.len() > 64 || !v.name.bytes().all(name_byte) {
+                self.err(
+                    cl.span(),
+                    format!("commerce.clients[{i}].name"),
+                    "expected 1 to 64 letters, digits, '-' or '_'",
+                );
+            }
+            if !names.insert(v.name.clone()) {
+                self.err(
+                    cl.span(),
+                    format!("commerce.clients[{i}].name"),
+                    format!("duplicate client name {:?}", v.name),
+                );
+            }
+        }
+        if let Some(u) = &r.upstream {
+            if !(u.url.starts_with("https://") || u.url.starts_with("http://")) {
+                self.err(
+                    c.span(),
+                    "commerce.upstream.url",
+                    format!("expected an https:// (or http://) URL, got {:?}", u.url),
+                );
+            }
+        }
+        if r.limits.max_body_bytes < 1024 || r.limits.max_body_bytes > 16 * 1024 * 1024 {
+            self.err(
+                c.span(),
+                "commerce.limits.max_body_bytes",
+                "expected 1024 to 16777216",
+            );
         }
     }
 

@@ -33,6 +33,89 @@ pub struct Config {
     pub runtime_dir: PathBuf,
     pub edge: Option<Spanned<EdgeConfig>>,
     pub hub: Option<Spanned<HubConfig>>,
+    /// The local commerce service (tokens, carts, receipts, outbox) on the edge.
+    pub commerce: Option<Spanned<CommerceConfig>>,
+}
+
+/// `[commerce]`: the LAN API for the shop's apps and the outbox's upstream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommerceConfig {
+    /// Address the API listens on: the edge's LAN address and a port.
+    pub listen: SocketAddr,
+    /// Source prefixes refused whatever key they show (the guest network).
+    #[serde(default)]
+    pub deny_from: Vec<IpNet>,
+    /// POS clients and their keys (only the SHA-256 of each key, hex).
+    pub clients: Vec<Spanned<CommerceClient>>,
+    /// Where outbox records are delivered; without it they wait on the box.
+    pub upstream: Option<Upstream>,
+    #[serde(default)]
+    pub limits: CommerceLimits,
+    /// Ages (hours) of the oldest undelivered record that raise an alert.
+    #[serde(default = "default_alert_hours")]
+    pub alert_hours: Vec<u32>,
+}
+
+fn default_alert_hours() -> Vec<u32> {
+    vec![12, 20]
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommerceClient {
+    pub name: String,
+    /// Hex SHA-256 of the client's bearer key (`stallnet commerce hash-key`).
+    pub key_sha256: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `https://…` (or `http://` for a backend on a trusted network).
+    pub url: String,
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout_ms: u64,
+    /// Extra request header, e.g. an API key the backend wants.
+    pub authorization: Option<String>,
+}
+
+fn default_upstream_timeout() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommerceLimits {
+    /// Largest request body.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Entries (tokens + carts) one client may keep.
+    #[serde(default = "default_max_entries")]
+    pub max_entries_per_client: u64,
+    /// Stored bytes one client may keep.
+    #[serde(default = "default_max_client_bytes")]
+    pub max_bytes_per_client: u64,
+}
+
+impl Default for CommerceLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body(),
+            max_entries_per_client: default_max_entries(),
+            max_bytes_per_client: default_max_client_bytes(),
+        }
+    }
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_max_entries() -> u64 {
+    200_000
+}
+fn default_max_client_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 fn default_state_dir() -> PathBuf {
@@ -207,6 +290,10 @@ impl Config {
     /// The edge section; present whenever `role = "edge"` validated.
     pub fn edge(&self) -> Option<&EdgeConfig> {
         self.edge.as_ref().map(|s| s.get_ref())
+    }
+    /// The commerce section, when the box runs the local commerce service.
+    pub fn commerce(&self) -> Option<&CommerceConfig> {
+        self.commerce.as_ref().map(|s| s.get_ref())
     }
     /// The hub section; present whenever `role = "hub"` validated.
     pub fn hub(&self) -> Option<&HubConfig> {

@@ -1,0 +1,577 @@
+//! The LAN API (axum): tokens, carts and checkout, receipts, the outbox and a status, for
+//! the shop's apps. Every request names its client by a bearer key (only the keys'
+//! SHA-256 are configured); sources in `deny_from` (the guest network) are refused
+//! whatever they show. Errors are JSON `{code, message}` with a stable `code`. A write is
+//! acknowledged only after the store has flushed it to disk.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::model::{self, Cart, CartIn, StoredToken, TokenIn};
+use super::seal::Sealer;
+use super::store::{CommerceStore, Limits, StoreError};
+
+/// Everything a request handler needs.
+pub struct Service<S: CommerceStore> {
+    pub store: S,
+    pub sealer: Sealer,
+    /// Hex SHA-256 of a key → client name.
+    pub clients: HashMap<String, String>,
+    pub deny_from: Vec<IpNet>,
+    pub limits: Limits,
+    pub max_body: usize,
+    pub public_key: String,
+    pub online: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub alert_hours: Vec<u32>,
+}
+
+/// A JSON error with a stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "code": self.code, "message": self.message });
+        if let Some(x) = self.extra {
+            body["current"] = x;
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such entry")
+            }
+            StoreError::Conflict(current) => {
+                let mut err = ApiError::new(
+                    StatusCode::CONFLICT,
+                    "version_conflict",
+                    "the stored version differs from If-Match; the current one is included",
+                );
+                err.extra = current.map(|c| serde_json::to_value(*c).unwrap_or_default());
+                err
+            }
+            StoreError::Redeemed => ApiError::new(
+                StatusCode::CONFLICT,
+                "already_redeemed",
+                "the token was already redeemed",
+            ),
+            StoreError::Expired => {
+                ApiError::new(StatusCode::NOT_FOUND, "expired", "the token has expired")
+            }
+            StoreError::OverLimit(m) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "over_limit", m)
+            }
+            StoreError::Io(m) => {
+                tracing::error!("commerce store: {m}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage",
+                    "the store failed; nothing was written",
+                )
+            }
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn hash_key(key: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()))
+}
+
+fn auth<S: CommerceStore>(
+    svc: &Service<S>,
+    headers: &HeaderMap,
+    from: SocketAddr,
+) -> Result<String, ApiError> {
+    if svc.deny_from.iter().any(|n| n.contains(&from.ip())) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_network",
+            "this network may not use the commerce API",
+        ));
+    }
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer key",
+            )
+        })?;
+    svc.clients
+        .get(&hash_key(key.trim()))
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown key"))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("malformed request body: {e}"),
+        )
+    })
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if model::valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+            "ids are 1 to 128 letters, digits, '-', '_', '.', ':'",
+        ))
+    }
+}
+
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get("if-match") else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .map(|s| s.trim().trim_matches('"'))
+        .and_then(|s| s.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_if_match",
+                "If-Match must be a version number",
+            )
+        })
+}
+
+fn with_etag(cart: &Cart, status: StatusCode) -> Response {
+    let mut r = (status, Json(cart)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", cart.version)) {
+        r.headers_mut().insert("etag", v);
+    }
+    r
+}
+
+async fn durable<S: CommerceStore>(svc: &Service<S>) -> Result<(), ApiError> {
+    svc.store.flush().await.map_err(ApiError::from)
+}
+
+type Svc<S> = State<Arc<Service<S>>>;
+type Peer = ConnectInfo<SocketAddr>;
+
+async fn put_token<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    let t: TokenIn = parse(&body)?;
+    if t.value.is_empty() || t.value.len() > 4096 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_token",
+            "value must be 1 to 4096 bytes",
+        ));
+    }
+    let aad = format!("{client}/{id}");
+    let sealed = svc
+        .sealer
+        .seal(aad.as_bytes(), t.value.as_bytes())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "seal", e.to_string()))?;
+    let stored = StoredToken {
+        sealed,
+        kind: t.kind,
+        scope: t.scope,
+        expires_at: t.expires_at,
+        redeemed_at: None,
+    };
+    svc.store.put_token(&client, &id, &stored, svc.limits)?;
+    durable(&svc).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn token_view<S: CommerceStore>(
+    svc: &Service<S>,
+    client: &str,
+    id: &str,
+    t: &StoredToken,
+) -> Result<serde_json::Value, ApiError> {
+    let value = svc
+        .sealer
+        .open(format!("{client}/{id}").as_bytes(), &t.sealed)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unseal",
+                "the token cannot be opened with this box's key",
+            )
+        })?;
+    Ok(serde_json::json!({
+        "id": id, "value": String::from_utf8_lossy(&value), "kind": t.kind, "scope": t.scope,
+        "expires_at": t.expires_at, "redeemed_at": t.redeemed_at,
+    }))
+}
+
+async fn get_token<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    let t = svc.store.get_token(&client, &id)?;
+    if t.expires_at <= now() {
+        return Err(StoreError::Expired.into());
+    }
+    Ok(Json(token_view(&svc, &client, &id, &t)?).into_response())
+}
+
+async fn delete_token<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    svc.store.delete_token(&client, &id)?;
+    durable(&svc).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn redeem_token<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    let t = svc.store.redeem_token(&client, &id, now())?;
+    durable(&svc).await?;
+    Ok(Json(token_view(&svc, &client, &id, &t)?).into_response())
+}
+
+async fn get_cart<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    Ok(with_etag(
+        &svc.store.get_cart(&client, &id)?,
+        StatusCode::OK,
+    ))
+}
+
+async fn put_cart<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    let want = if_match(&headers)?;
+    let c: CartIn = parse(&body)?;
+    let total = model::total(&c)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_cart", e.to_string()))?;
+    let cart = Cart {
+        id,
+        version: 0,
+        currency: c.currency,
+        items: c.items,
+        total,
+        updated_at: now(),
+    };
+    let saved = svc.store.put_cart(&client, cart, want, svc.limits)?;
+    durable(&svc).await?;
+    Ok(with_etag(&saved, StatusCode::OK))
+}
+
+async fn delete_cart<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    svc.store.delete_cart(&client, &id, if_match(&headers)?)?;
+    durable(&svc).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutIn {
+    payment: String,
+}
+
+async fn checkout<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    check_id(&id)?;
+    let c: CheckoutIn = parse(&body)?;
+    let idem = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        Some(k) if model::valid_id(k) => k.to_string(),
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_idempotency_key",
+                "Idempotency-Key must be 1 to 128 letters, digits, '-', '_', '.', ':'",
+            ))
+        }
+        None => new_key(),
+    };
+    let r = svc
+        .store
+        .checkout(&client, &id, if_match(&headers)?, &c.payment, &idem, now())?;
+    durable(&svc).await?;
+    let mut resp = (StatusCode::CREATED, Json(&r)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&idem) {
+        resp.headers_mut().insert("idempotency-key", v);
+    }
+    Ok(resp)
+}
+
+/// A fresh idempotency key (128 random bits).
+pub fn new_key() -> String {
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    hex::encode(b)
+}
+
+#[derive(Deserialize)]
+struct Page {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn receipts<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    headers: HeaderMap,
+    Query(p): Query<Page>,
+) -> ApiResult {
+    auth(&svc, &headers, from)?;
+    let list = svc
+        .store
+        .receipts(p.from.unwrap_or(1), p.limit.unwrap_or(1000).min(10_000))?;
+    Ok(Json(list).into_response())
+}
+
+async fn public_key<S: CommerceStore>(State(svc): Svc<S>) -> Response {
+    Json(serde_json::json!({ "algorithm": "ed25519", "public_key": svc.public_key }))
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventIn {
+    group: String,
+    body: serde_json::Value,
+}
+
+async fn post_event<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let client = auth(&svc, &headers, from)?;
+    let e: EventIn = parse(&body)?;
+    check_id(&e.group)?;
+    let key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        Some(k) if model::valid_id(k) => k.to_string(),
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_idempotency_key",
+                "Idempotency-Key must be 1 to 128 letters, digits, '-', '_', '.', ':'",
+            ))
+        }
+        None => new_key(),
+    };
+    let rec = svc
+        .store
+        .enqueue_event(&client, &e.group, &key, e.body, now())?;
+    durable(&svc).await?;
+    Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
+}
+
+async fn list_outbox<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    headers: HeaderMap,
+) -> ApiResult {
+    auth(&svc, &headers, from)?;
+    Ok(Json(svc.store.outbox(1000)?).into_response())
+}
+
+async fn list_dead<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    headers: HeaderMap,
+) -> ApiResult {
+    auth(&svc, &headers, from)?;
+    Ok(Json(svc.store.dead_letters()?).into_response())
+}
+
+async fn retry_dead<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> ApiResult {
+    auth(&svc, &headers, from)?;
+    svc.store.retry_dead(id)?;
+    durable(&svc).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn drop_dead<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> ApiResult {
+    auth(&svc, &headers, from)?;
+    svc.store.drop_dead(id)?;
+    durable(&svc).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The status document: online/offline, what waits upstream and since when.
+pub fn status<S: CommerceStore>(svc: &Service<S>) -> Result<serde_json::Value, StoreError> {
+    let t = now();
+    let oldest = svc.store.outbox(1)?.first().map(|r| r.created_at);
+    let age = oldest.map(|o| (t - o).max(0));
+    let alerts: Vec<u32> = svc
+        .alert_hours
+        .iter()
+        .copied()
+        .filter(|h| age.is_some_and(|a| a >= i64::from(*h) * 3600))
+        .collect();
+    Ok(serde_json::json!({
+        "online": (svc.online)(),
+        "undelivered": svc.store.outbox_len(),
+        "oldest_undelivered_age_s": age,
+        "dead_letters": svc.store.dead_letters()?.len(),
+        "alerts_hours_passed": alerts,
+        "last_sync": svc.store.last_sync()?.into_iter()
+            .map(|(c, at)| (c, serde_json::json!({ "at": at, "age_s": t - at })))
+            .collect::<serde_json::Map<_, _>>(),
+    }))
+}
+
+async fn get_status<S: CommerceStore>(
+    State(svc): Svc<S>,
+    ConnectInfo(from): Peer,
+    headers: HeaderMap,
+) -> ApiResult {
+    auth(&svc, &headers, from)?;
+    Ok(Json(status(&svc)?).into_response())
+}
+
+async fn openapi() -> Response {
+    (
+        [("content-type", "application/json")],
+        include_str!("../../../docs/commerce-openapi.json"),
+    )
+        .into_response()
+}
+
+async fn fallback() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        "no such endpoint; see /v1/openapi.json",
+    )
+}
+
+/// The router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn router<S: CommerceStore + 'static>(svc: Arc<Service<S>>) -> Router {
+    let max = svc.max_body;
+    Router::new()
+        .route(
+            "/v1/tokens/{id}",
+            put(put_token::<S>)
+                .get(get_token::<S>)
+                .delete(delete_token::<S>),
+        )
+        .route("/v1/tokens/{id}/redeem", post(redeem_token::<S>))
+        .route(
+            "/v1/carts/{id}",
+            put(put_cart::<S>)
+                .get(get_cart::<S>)
+                .delete(delete_cart::<S>),
+        )
+        .route("/v1/carts/{id}/checkout", post(checkout::<S>))
+        .route("/v1/receipts", get(receipts::<S>))
+        .route("/v1/receipts/public-key", get(public_key::<S>))
+        .route("/v1/outbox", get(list_outbox::<S>).post(post_event::<S>))
+        .route("/v1/outbox/dead", get(list_dead::<S>))
+        .route("/v1/outbox/dead/{id}/retry", post(retry_dead::<S>))
+        .route(
+            "/v1/outbox/dead/{id}",
+            axum::routing::delete(drop_dead::<S>),
+        )
+        .route("/v1/status", get(get_status::<S>))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(max))
+        .with_state(svc)
+}

@@ -1,0 +1,125 @@
+//! Offline commerce on the box: tokens, carts, checkout with signed receipts, and an
+//! outbox delivered exactly once (idempotency keys) when the box is online.
+//!
+//! - [`model`]: the records; money in integer minor units.
+//! - [`receipt`]: the signed, hash-linked receipt chain and its offline verification.
+//! - [`seal`]: token values encrypted at rest.
+//! - [`sync`]: the delivery policy (sans-IO): order per group, backoff, what answers mean.
+//! - [`store`]: the durable store (sled) behind our own trait.
+//! - [`api`]: the LAN HTTP API (axum).
+//! - [`worker`]: the delivery worker.
+
+pub mod api;
+pub mod model;
+pub mod receipt;
+pub mod seal;
+pub mod store;
+pub mod sync;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ring::signature::KeyPair;
+use stallnet_netconf::CommerceConfig;
+use tokio_util::sync::CancellationToken;
+
+use api::Service;
+use store::{Limits, SledStore};
+
+/// Builds the service from the config: the store in `state_dir/commerce`, the sealing
+/// key, the receipt key (the device's own Ed25519 identity key).
+pub fn service(
+    cfg: &CommerceConfig,
+    state_dir: &Path,
+    signing: ring::signature::Ed25519KeyPair,
+    online: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> Result<Service<SledStore>> {
+    let public_key = hex::encode(signing.public_key().as_ref());
+    let store = SledStore::open(&state_dir.join("commerce"), signing)
+        .map_err(|e| anyhow::anyhow!("opening the commerce store: {e}"))?;
+    let sealer = seal::Sealer::load_or_create(state_dir)?;
+    let clients: HashMap<String, String> = cfg
+        .clients
+        .iter()
+        .map(|c| {
+            let c = c.get_ref();
+            (c.key_sha256.to_ascii_lowercase(), c.name.clone())
+        })
+        .collect();
+    Ok(Service {
+        store,
+        sealer,
+        clients,
+        deny_from: cfg.deny_from.clone(),
+        limits: Limits {
+            max_entries: cfg.limits.max_entries_per_client,
+            max_bytes: cfg.limits.max_bytes_per_client,
+        },
+        max_body: cfg.limits.max_body_bytes,
+        public_key,
+        online,
+        alert_hours: cfg.alert_hours.clone(),
+    })
+}
+
+/// Serves the API and runs the delivery worker and the token sweep until cancelled.
+pub async fn run(
+    cfg: CommerceConfig,
+    state_dir: &Path,
+    signing: ring::signature::Ed25519KeyPair,
+    online: Arc<dyn Fn() -> bool + Send + Sync>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let svc = Arc::new(service(&cfg, state_dir, signing, online)?);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("commerce API on {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, "commerce API running");
+    if let Some(up) = cfg.upstream.clone() {
+        let (s, c) = (svc.clone(), cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = worker::run(s, up, c).await {
+                tracing::error!("outbox worker: {e:#}");
+            }
+        });
+    }
+    let (s, c) = (svc.clone(), cancel.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        let mut alerted = 0usize;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = c.cancelled() => return,
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            if let Err(e) = store::CommerceStore::sweep_tokens(&s.store, now) {
+                tracing::warn!("token sweep: {e}");
+            }
+            if let Ok(st) = api::status(&s) {
+                let passed = st["alerts_hours_passed"].as_array().map_or(0, Vec::len);
+                if passed > alerted {
+                    tracing::warn!(
+                        age_s = %st["oldest_undelivered_age_s"],
+                        "the oldest undelivered sale is older than {} h: get the box online",
+                        st["alerts_hours_passed"]
+                    );
+                }
+                alerted = passed;
+            }
+        }
+    });
+    axum::serve(
+        listener,
+        api::router(svc).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { cancel.cancelled().await })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! The outbox's delivery worker: while the box is online, posts due records (see
+//! [`super::sync`]) to the upstream with their `Idempotency-Key`, at most a few at once and
+//! never two of one key, and records each outcome durably before moving on.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stallnet_netconf::Upstream;
+use tokio_util::sync::CancellationToken;
+
+use super::api::Service;
+use super::store::CommerceStore;
+use super::sync::{self, Outcome};
+
+/// Deliveries in flight at once.
+const PARALLEL: usize = 8;
+const POLL: Duration = Duration::from_millis(200);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub async fn run<S: CommerceStore + 'static>(
+    svc: Arc<Service<S>>,
+    upstream: Upstream,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(upstream.timeout_ms))
+        .build()?;
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = cancel.cancelled() => break,
+        }
+        if !(svc.online)() {
+            continue;
+        }
+        let flying = in_flight.lock().map(|f| f.clone()).unwrap_or_default();
+        if flying.len() >= PARALLEL {
+            continue;
+        }
+        let records = match svc.store.outbox(4096) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("outbox: {e}");
+                continue;
+            }
+        };
+        let due: Vec<_> = sync::due(&records, now_ms(), &flying, PARALLEL - flying.len())
+            .into_iter()
+            .cloned()
+            .collect();
+        for rec in due {
+            if let Ok(mut f) = in_flight.lock() {
+                f.insert(rec.key.clone());
+            }
+            let (svc, http, url, auth, flying) = (
+                svc.clone(),
+                http.clone(),
+                upstream.url.clone(),
+                upstream.authorization.clone(),
+                in_flight.clone(),
+            );
+            tasks.spawn(async move {
+                let mut req = http
+                    .post(&url)
+                    .header("idempotency-key", &rec.key)
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&rec.body).unwrap_or_default());
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
+                }
+                let outcome = match req.send().await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let body = resp.text().await.unwrap_or_default();
+                        sync::outcome_of_status(status, &body)
+                    }
+                    Err(e) => Outcome::Retry(format!("{e}")),
+                };
+                let now = now_ms();
+                let res = match &outcome {
+                    Outcome::Delivered => svc.store.delivered(rec.id, now / 1000),
+                    Outcome::Retry(why) => {
+                        let jitter = 0.5 + rand::random::<f64>();
+                        let wait = sync::backoff(rec.attempts, jitter);
+                        svc.store
+                            .retry_later(rec.id, now + wait.as_millis() as i64, why)
+                    }
+                    Outcome::Dead(why) => {
+                        tracing::warn!(key = %rec.key, "upstream refused a record for good: {why}");
+                        svc.store.dead(rec.id, why, now / 1000)
+                    }
+                };
+                if let Err(e) = res.and(svc.store.flush().await) {
+                    tracing::error!("outbox: {e}");
+                }
+                if let Ok(mut f) = flying.lock() {
+                    f.remove(&rec.key);
+                }
+            });
+        }
+    }
+    tasks.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,650 @@
+//! The commerce API against a real server on loopback with a real sled store on disk, and
+//! the outbox against a real upstream HTTP server on loopback that fails on purpose.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde_json::{json, Value};
+use stallnet::commerce::api::{self, Service};
+use stallnet::commerce::model::Receipt;
+use stallnet::commerce::store::{Limits, SledStore};
+use stallnet::commerce::{receipt, seal, worker};
+use stallnet_netconf::Upstream;
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "till-1-secret-key-0123456789";
+
+/// A state directory removed when the test ends (kept if it panicked, for a look).
+struct TmpDir(std::path::PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn tmpdir(name: &str) -> TmpDir {
+    let d = std::env::temp_dir().join(format!("sn-commerce-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp");
+    TmpDir(d)
+}
+
+fn device_key(dir: &std::path::Path) -> Ed25519KeyPair {
+    // The same key across restarts of one test, like the device key in the state dir.
+    let p = dir.join("device.pk8");
+    let bytes = std::fs::read(&p).unwrap_or_else(|_| {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = Ed25519KeyPair::generate_pkcs8(&rng).expect("keygen");
+        std::fs::write(&p, doc.as_ref()).expect("write key");
+        doc.as_ref().to_vec()
+    });
+    Ed25519KeyPair::from_pkcs8(&bytes).expect("key")
+}
+
+struct TestBox {
+    base: String,
+    online: Arc<AtomicBool>,
+    cancel: CancellationToken,
+    svc: Arc<Service<SledStore>>,
+}
+
+impl Drop for TestBox {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn start(
+    dir: &std::path::Path,
+    limits: Limits,
+    deny: Vec<ipnet::IpNet>,
+    upstream: Option<String>,
+) -> TestBox {
+    let key = device_key(dir);
+    let public_key = hex::encode(key.public_key().as_ref());
+    let online = Arc::new(AtomicBool::new(false));
+    let o = online.clone();
+    let svc = Arc::new(Service {
+        store: SledStore::open(&dir.join("commerce"), key).expect("store"),
+        sealer: seal::Sealer::load_or_create(dir).expect("sealer"),
+        clients: HashMap::from([(
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
+            "till-1".to_string(),
+        )]),
+        deny_from: deny,
+        limits,
+        max_body: 16 * 1024,
+        public_key,
+        online: Arc::new(move || o.load(Ordering::SeqCst)),
+        alert_hours: vec![12, 20],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let router = api::router(svc.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { c.cancelled().await })
+        .await;
+    });
+    if let Some(url) = upstream {
+        let (s, c) = (svc.clone(), cancel.clone());
+        tokio::spawn(worker::run(
+            s,
+            Upstream {
+                url,
+                timeout_ms: 2000,
+                authorization: None,
+            },
+            c,
+        ));
+    }
+    TestBox {
+        base: format!("http://{addr}"),
+        online,
+        cancel,
+        svc,
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_entries: 1000,
+        max_bytes: 1 << 20,
+    }
+}
+
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+fn cart(n: i64) -> Value {
+    json!({ "currency": "EUR", "items": [
+        { "sku": "coffee", "name": "Coffee", "quantity": 2, "unit_price": 250 },
+        { "sku": "cake", "quantity": n, "unit_price": 199 } ] })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_limits_and_bad_input_get_clear_4xx() {
+    let dir = tmpdir("auth");
+    let b = start(
+        &dir,
+        Limits {
+            max_entries: 2,
+            max_bytes: 1 << 20,
+        },
+        vec![],
+        None,
+    )
+    .await;
+    let c = http();
+    let url = format!("{}/v1/carts/a", b.base);
+    assert_eq!(
+        c.get(&url).send().await.expect("req").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let r = c.get(&url).bearer_auth("wrong").send().await.expect("req");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "unauthorized"
+    );
+    // Malformed JSON, wrong types, unknown fields, a huge body, a bad id.
+    for (body, want) in [
+        ("{not json", StatusCode::BAD_REQUEST),
+        (r#"{"currency": 5, "items": []}"#, StatusCode::BAD_REQUEST),
+        (
+            r#"{"currency": "EUR", "items": [], "x": 1}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"currency": "EUR", "items": [{"sku": "a", "quantity": -1, "unit_price": 1}]}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let r = c
+            .put(&url)
+            .bearer_auth(KEY)
+            .body(body)
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(r.status(), want, "{body}");
+        let j: Value = r.json().await.expect("json error");
+        assert!(j["code"].is_string() && j["message"].is_string(), "{j}");
+    }
+    let huge = "x".repeat(64 * 1024);
+    let r = c
+        .put(&url)
+        .bearer_auth(KEY)
+        .body(huge)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let r = c
+        .get(format!("{}/v1/carts/bad%20id", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Limits: two entries fit, the third is refused whole with 507.
+    for id in ["a", "b"] {
+        let r = c
+            .put(format!("{}/v1/carts/{id}", b.base))
+            .bearer_auth(KEY)
+            .json(&cart(1))
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let r = c
+        .put(format!("{}/v1/carts/c", b.base))
+        .bearer_auth(KEY)
+        .json(&cart(1))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let r = c
+        .get(format!("{}/v1/carts/c", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "nothing half-written");
+    // The OpenAPI document is served.
+    let doc: Value = c
+        .get(format!("{}/v1/openapi.json", b.base))
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    drop(b);
+    // The guest network is refused whatever key it shows.
+    let b = start(
+        &tmpdir("guest"),
+        limits(),
+        vec!["127.0.0.0/8".parse().expect("net")],
+        None,
+    )
+    .await;
+    let r = c
+        .get(format!("{}/v1/status", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_sealed_expire_and_redeem_exactly_once() {
+    let dir = tmpdir("tokens");
+    let b = start(&dir, limits(), vec![], None).await;
+    let c = http();
+    let far = 4_000_000_000i64;
+    let r = c.put(format!("{}/v1/tokens/t1", b.base)).bearer_auth(KEY)
+        .json(&json!({ "value": "PLAINTEXT-VOUCHER-42", "kind": "voucher", "scope": "stall", "expires_at": far }))
+        .send().await.expect("req");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let t: Value = c
+        .get(format!("{}/v1/tokens/t1", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(t["value"], "PLAINTEXT-VOUCHER-42");
+    // Two concurrent redeems: exactly one succeeds, the other gets 409.
+    let (a, z) = tokio::join!(
+        c.post(format!("{}/v1/tokens/t1/redeem", b.base))
+            .bearer_auth(KEY)
+            .send(),
+        c.post(format!("{}/v1/tokens/t1/redeem", b.base))
+            .bearer_auth(KEY)
+            .send(),
+    );
+    let mut codes = vec![a.expect("a").status(), z.expect("z").status()];
+    codes.sort();
+    assert_eq!(codes, [StatusCode::OK, StatusCode::CONFLICT]);
+    // Expired: 404 on get, and the sweep removes it.
+    c.put(format!("{}/v1/tokens/old", b.base))
+        .bearer_auth(KEY)
+        .json(&json!({ "value": "v", "kind": "session", "expires_at": 1000 }))
+        .send()
+        .await
+        .expect("req");
+    let r = c
+        .get(format!("{}/v1/tokens/old", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let swept =
+        stallnet::commerce::store::CommerceStore::sweep_tokens(&b.svc.store, 2000).expect("sweep");
+    assert_eq!(swept, 1);
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The value never reaches the disk in clear.
+    let mut found = false;
+    for e in walk(&dir.join("commerce")) {
+        let bytes = std::fs::read(&e).unwrap_or_default();
+        found |= bytes.windows(20).any(|w| w == b"PLAINTEXT-VOUCHER-42");
+    }
+    assert!(!found, "token value stored in clear");
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carts_version_and_checkouts_chain_signed_receipts_that_survive_a_restart() {
+    let dir = tmpdir("carts");
+    let b = start(&dir, limits(), vec![], None).await;
+    let c = http();
+    let url = format!("{}/v1/carts/c1", b.base);
+    let r = c
+        .put(&url)
+        .bearer_auth(KEY)
+        .json(&cart(3))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.headers()["etag"], "\"1\"");
+    let j: Value = r.json().await.expect("json");
+    assert_eq!(j["total"], 2 * 250 + 3 * 199);
+    let r = c
+        .put(&url)
+        .bearer_auth(KEY)
+        .header("if-match", "\"1\"")
+        .json(&cart(4))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.headers()["etag"], "\"2\"");
+    // A stale write: 409 with the current version.
+    let r = c
+        .put(&url)
+        .bearer_auth(KEY)
+        .header("if-match", "\"1\"")
+        .json(&cart(9))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["current"]["version"],
+        2
+    );
+    // Checkout, and the same checkout again (a retry after a lost answer): one receipt.
+    let co = format!("{url}/checkout");
+    let r1: Receipt = c
+        .post(&co)
+        .bearer_auth(KEY)
+        .header("idempotency-key", "sale-1")
+        .json(&json!({ "payment": "card-offline-auth-77" }))
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("receipt");
+    let r2: Receipt = c
+        .post(&co)
+        .bearer_auth(KEY)
+        .header("idempotency-key", "sale-1")
+        .json(&json!({ "payment": "card-offline-auth-77" }))
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("receipt");
+    assert_eq!(r1, r2);
+    assert_eq!(r1.order.total, 2 * 250 + 4 * 199);
+    assert_eq!(
+        c.get(&url)
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("req")
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    for i in 2..=5 {
+        let u = format!("{}/v1/carts/c{i}", b.base);
+        c.put(&u)
+            .bearer_auth(KEY)
+            .json(&cart(i))
+            .send()
+            .await
+            .expect("req");
+        let r = c
+            .post(format!("{u}/checkout"))
+            .bearer_auth(KEY)
+            .json(&json!({ "payment": "cash" }))
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let pk: Value = c
+        .get(format!("{}/v1/receipts/public-key", b.base))
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // After a restart everything acknowledged is there and the chain verifies.
+    let b = start(&dir, limits(), vec![], None).await;
+    let list: Vec<Receipt> = c
+        .get(format!("{}/v1/receipts", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list.len(), 5);
+    let key = hex::decode(pk["public_key"].as_str().expect("pk")).expect("hex");
+    assert_eq!(receipt::verify(&key, &list), vec![]);
+    let out: Vec<Value> = c
+        .get(format!("{}/v1/outbox", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(out.len(), 5, "one outbox record per sale");
+    assert_eq!(out[0]["key"], "sale-1");
+}
+
+/// An upstream that fails on purpose: per key, the first `fail` answers are 500 (or a
+/// dropped connection), one 409, then 200; bodies saying "refuse" get 422.
+#[derive(Default)]
+struct FlakyUpstream {
+    seen: Mutex<Vec<(String, String)>>,
+    delivered: Mutex<HashMap<String, usize>>,
+    attempts: Mutex<HashMap<String, usize>>,
+    in_flight: AtomicUsize,
+}
+
+async fn upstream() -> (String, Arc<FlakyUpstream>) {
+    use axum::http::HeaderMap;
+    let st = Arc::new(FlakyUpstream::default());
+    let s = st.clone();
+    let app = axum::Router::new().route(
+        "/sales",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let s = s.clone();
+            async move {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let body = String::from_utf8_lossy(&body).to_string();
+                s.in_flight.fetch_add(1, Ordering::SeqCst);
+                let n = {
+                    let mut a = s.attempts.lock().expect("lock");
+                    let n = a.entry(key.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                s.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if body.contains("refuse") {
+                    return (
+                        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                        "unknown sku".to_string(),
+                    );
+                }
+                match n {
+                    1 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "oops".into()),
+                    2 => (axum::http::StatusCode::CONFLICT, "in progress".into()),
+                    _ => {
+                        let mut d = s.delivered.lock().expect("lock");
+                        let first = !d.contains_key(&key);
+                        *d.entry(key.clone()).or_insert(0) += 1;
+                        if first {
+                            s.seen.lock().expect("lock").push((key, body));
+                        }
+                        (axum::http::StatusCode::CREATED, "ok".into())
+                    }
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let a = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (format!("http://{a}/sales"), st)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_waits_offline_then_delivers_each_record_once_in_order_per_cart() {
+    let dir = tmpdir("outbox");
+    let (url, up) = upstream().await;
+    let b = start(&dir, limits(), vec![], Some(url)).await;
+    let c = http();
+    // Offline sales: two carts, and app events in two groups.
+    for i in 0..3 {
+        c.post(format!("{}/v1/outbox", b.base))
+            .bearer_auth(KEY)
+            .header("idempotency-key", format!("ev-a-{i}"))
+            .json(&json!({ "group": "loyalty", "body": { "n": i } }))
+            .send()
+            .await
+            .expect("req");
+    }
+    for i in 1..=3 {
+        let u = format!("{}/v1/carts/k{i}", b.base);
+        c.put(&u)
+            .bearer_auth(KEY)
+            .json(&cart(i))
+            .send()
+            .await
+            .expect("req");
+        c.post(format!("{u}/checkout"))
+            .bearer_auth(KEY)
+            .header("idempotency-key", format!("sale-{i}"))
+            .json(&json!({ "payment": "cash" }))
+            .send()
+            .await
+            .expect("req");
+    }
+    c.post(format!("{}/v1/outbox", b.base))
+        .bearer_auth(KEY)
+        .header("idempotency-key", "bad-1")
+        .json(&json!({ "group": "misc", "body": { "refuse": true } }))
+        .send()
+        .await
+        .expect("req");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        up.attempts.lock().expect("lock").is_empty(),
+        "nothing leaves while offline"
+    );
+    let st: Value = c
+        .get(format!("{}/v1/status", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(st["online"], false);
+    assert_eq!(st["undelivered"], 7);
+    assert!(st["oldest_undelivered_age_s"].as_i64().is_some());
+    // Online: every record arrives exactly once despite 500s and 409s (backoff 1 s, 2 s).
+    b.online.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = up.delivered.lock().expect("lock").len();
+        if n == 6 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered = up.delivered.lock().expect("lock").clone();
+    assert_eq!(delivered.len(), 6, "{delivered:?}");
+    assert!(
+        delivered.values().all(|n| *n == 1),
+        "a key delivered twice: {delivered:?}"
+    );
+    // Order within the loyalty group.
+    let seen = up.seen.lock().expect("lock").clone();
+    let loyalty: Vec<&str> = seen
+        .iter()
+        .map(|s| s.0.as_str())
+        .filter(|k| k.starts_with("ev-a-"))
+        .collect();
+    assert_eq!(loyalty, ["ev-a-0", "ev-a-1", "ev-a-2"]);
+    // The refused record is a dead letter with its reason; retry puts it back, drop removes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dead: Vec<Value> = c
+        .get(format!("{}/v1/outbox/dead", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("unknown sku"));
+    let id = dead[0]["record"]["id"].as_u64().expect("id");
+    let r = c
+        .delete(format!("{}/v1/outbox/dead/{id}", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let st: Value = c
+        .get(format!("{}/v1/status", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(st["undelivered"], 0, "{st}");
+    assert!(st["last_sync"]["till-1"]["at"].as_i64().is_some(), "{st}");
+}
