@@ -121,6 +121,10 @@ pub struct SledStore {
     checkouts: Tree,
     synced: Tree,
     key: Ed25519KeyPair,
+    /// One flush at a time: sled 0.34's `flush_async` can hang when many callers flush at
+    /// once (seen here with 32 concurrent outbox deliveries), so flushes are serialized and
+    /// run as blocking calls; a flush covers every write made before it.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 fn k(client: &str, id: &str) -> Vec<u8> {
@@ -211,6 +215,7 @@ impl SledStore {
             synced: db.open_tree("synced")?,
             db,
             key,
+            flushing: tokio::sync::Mutex::new(()),
         };
         s.migrate()?;
         Ok(s)
@@ -597,7 +602,11 @@ impl CommerceStore for SledStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let _one = self.flushing.lock().await;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Io(format!("flush task: {e}")))??;
         Ok(())
     }
 }

@@ -14,7 +14,9 @@ use super::store::CommerceStore;
 use super::sync::{self, Outcome};
 
 /// Deliveries in flight at once.
-const PARALLEL: usize = 8;
+const PARALLEL: usize = 32;
+/// Outbox records looked at per round (the oldest).
+const SCAN: usize = 1024;
 const POLL: Duration = Duration::from_millis(200);
 
 fn now_ms() -> i64 {
@@ -34,12 +36,23 @@ pub async fn run<S: CommerceStore + 'static>(
         .build()?;
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut busy = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = cancel.cancelled() => break,
+        // Right away while there is work; otherwise when a delivery ends or every POLL.
+        if !busy {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = cancel.cancelled() => break,
+            }
+        } else {
+            tokio::select! {
+                Some(_) = tasks.join_next(), if tasks.len() >= PARALLEL => {}
+                _ = tokio::task::yield_now() => {}
+                _ = cancel.cancelled() => break,
+            }
         }
+        busy = false;
         if !(svc.online)() {
             continue;
         }
@@ -47,7 +60,7 @@ pub async fn run<S: CommerceStore + 'static>(
         if flying.len() >= PARALLEL {
             continue;
         }
-        let records = match svc.store.outbox(4096) {
+        let records = match svc.store.outbox(SCAN) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("outbox: {e}");
@@ -58,6 +71,7 @@ pub async fn run<S: CommerceStore + 'static>(
             .into_iter()
             .cloned()
             .collect();
+        busy = !due.is_empty();
         for rec in due {
             if let Ok(mut f) = in_flight.lock() {
                 f.insert(rec.key.clone());
