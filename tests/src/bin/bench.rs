@@ -37,6 +37,7 @@ fn main() -> Result<()> {
         "mptcp",
         "classes",
         "variable",
+        "commerce",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -102,6 +103,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "mptcp" => mptcp()?,
             "classes" => classes()?,
             "variable" => variable()?,
+            "commerce" => commerce_bench::run()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -350,6 +352,272 @@ fn variable_load(t: &Topology) -> Result<Figures1> {
             ),
         ])
     })
+}
+
+mod commerce_bench {
+    //! The commerce service in-process on loopback: durable checkouts through the HTTP API
+    //! with 1 and 8 clients, the outbox drain after 10 000 offline sales, and RSS with
+    //! 100 000 tokens and 10 000 carts stored.
+
+    use std::collections::{HashMap, HashSet};
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use anyhow::Result;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    use stallnet::commerce::api::{self, Service};
+    use stallnet::commerce::model::{Cart, StoredToken};
+    use stallnet::commerce::store::{CommerceStore, Limits, SledStore};
+    use stallnet::commerce::{seal, worker};
+
+    const KEY: &str = "bench-client-key-0123456789";
+
+    type Figs = Vec<(String, &'static str, f64)>;
+
+    fn service(dir: &std::path::Path, online: Arc<AtomicBool>) -> Result<Arc<Service<SledStore>>> {
+        let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .map_err(|_| anyhow::anyhow!("keygen"))?;
+        let key = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| anyhow::anyhow!("key"))?;
+        let public_key = hex::encode(key.public_key().as_ref());
+        Ok(Arc::new(Service {
+            store: SledStore::open(&dir.join("commerce"), key)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            sealer: seal::Sealer::load_or_create(dir)?,
+            clients: HashMap::from([(
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
+                "till".to_string(),
+            )]),
+            deny_from: vec![],
+            limits: Limits {
+                max_entries: u64::MAX,
+                max_bytes: u64::MAX,
+            },
+            max_body: 65536,
+            public_key,
+            online: Arc::new(move || online.load(Ordering::SeqCst)),
+            alert_hours: vec![],
+        }))
+    }
+
+    fn cart(id: String) -> Cart {
+        Cart {
+            id,
+            version: 0,
+            currency: "EUR".into(),
+            items: vec![],
+            total: 100,
+            updated_at: 0,
+        }
+    }
+
+    fn pct(v: &mut [f64], p: f64) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(((v.len().saturating_sub(1)) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    }
+
+    fn rss_mb() -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<f64>().ok())
+                })
+            })
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    }
+
+    pub fn run() -> Result<Figs> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(async {
+            let mut figs = Figs::new();
+            for clients in [1usize, 8] {
+                let dir = std::env::temp_dir()
+                    .join(format!("sn-bench-co-{clients}-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)?;
+                let svc = service(&dir, Arc::new(AtomicBool::new(false)))?;
+                let per = 2000 / clients;
+                for c in 0..clients {
+                    for i in 0..per {
+                        svc.store
+                            .put_cart("till", cart(format!("c{c}-{i}")), None, svc.limits)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                }
+                svc.store
+                    .flush()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = l.local_addr()?;
+                let router = api::router(svc.clone());
+                let server = tokio::spawn(async move {
+                    axum::serve(
+                        l,
+                        router.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .await
+                });
+                let http = reqwest::Client::new();
+                let started = Instant::now();
+                let mut joins = Vec::new();
+                for c in 0..clients {
+                    let http = http.clone();
+                    joins.push(tokio::spawn(async move {
+                        let mut lat = Vec::with_capacity(per);
+                        for i in 0..per {
+                            let t = Instant::now();
+                            let r = http
+                                .post(format!("http://{addr}/v1/carts/c{c}-{i}/checkout"))
+                                .bearer_auth(KEY)
+                                .body(r#"{"payment":"cash"}"#)
+                                .send()
+                                .await?;
+                            anyhow::ensure!(r.status().as_u16() == 201, "checkout: {}", r.status());
+                            lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                        anyhow::Ok(lat)
+                    }));
+                }
+                let mut lat = Vec::new();
+                for j in joins {
+                    lat.extend(j.await??);
+                }
+                let secs = started.elapsed().as_secs_f64();
+                server.abort();
+                figs.push((
+                    format!("commerce: durable checkouts, {clients} client(s)"),
+                    "per s",
+                    lat.len() as f64 / secs,
+                ));
+                figs.push((
+                    format!("commerce: checkout latency p50, {clients} client(s)"),
+                    "ms",
+                    pct(&mut lat, 0.5),
+                ));
+                figs.push((
+                    format!("commerce: checkout latency p99, {clients} client(s)"),
+                    "ms",
+                    pct(&mut lat, 0.99),
+                ));
+                drop(svc);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            // Drain after 10 000 offline sales.
+            let dir = std::env::temp_dir().join(format!("sn-bench-drain-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let online = Arc::new(AtomicBool::new(false));
+            let svc = service(&dir, online.clone())?;
+            for i in 0..10_000 {
+                svc.store
+                    .put_cart("till", cart(format!("d{i}")), None, svc.limits)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                svc.store
+                    .checkout("till", &format!("d{i}"), None, "cash", &format!("k{i}"), 0)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            svc.store
+                .flush()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+            let s = seen.clone();
+            let app = axum::Router::new().route(
+                "/sales",
+                axum::routing::post(move |h: axum::http::HeaderMap| {
+                    let s = s.clone();
+                    async move {
+                        if let (Ok(mut v), Some(k)) = (
+                            s.lock(),
+                            h.get("idempotency-key").and_then(|v| v.to_str().ok()),
+                        ) {
+                            v.push(k.to_string());
+                        }
+                        axum::http::StatusCode::CREATED
+                    }
+                }),
+            );
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let up_server = tokio::spawn(async move { axum::serve(l, app).await });
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let up = stallnet_netconf::Upstream {
+                url: format!("http://{addr}/sales"),
+                timeout_ms: 5000,
+                authorization: None,
+            };
+            let w = tokio::spawn(worker::run(svc.clone(), up, cancel.clone()));
+            let started = Instant::now();
+            online.store(true, Ordering::SeqCst);
+            while svc.store.outbox_len() > 0 && started.elapsed() < Duration::from_secs(120) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            cancel.cancel();
+            let _ = w.await;
+            up_server.abort();
+            let keys = seen.lock().map(|v| v.clone()).unwrap_or_default();
+            let unique: HashSet<&String> = keys.iter().collect();
+            figs.push((
+                "commerce: outbox drain, 10 000 sales".into(),
+                "per s",
+                unique.len() as f64 / secs,
+            ));
+            figs.push((
+                "commerce: outbox drain, duplicate deliveries".into(),
+                "records",
+                (keys.len() - unique.len()) as f64,
+            ));
+            drop(svc);
+            let _ = std::fs::remove_dir_all(&dir);
+            // RSS with 100 000 tokens and 10 000 carts stored (store reopened, then read).
+            let dir = std::env::temp_dir().join(format!("sn-bench-rss-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            {
+                let svc = service(&dir, Arc::new(AtomicBool::new(false)))?;
+                for i in 0..100_000 {
+                    let sealed = svc
+                        .sealer
+                        .seal(format!("till/t{i}").as_bytes(), b"voucher-value-0123456789")?;
+                    let t = StoredToken {
+                        sealed,
+                        kind: "voucher".into(),
+                        scope: "stall".into(),
+                        expires_at: 4_000_000_000,
+                        redeemed_at: None,
+                    };
+                    svc.store
+                        .put_token("till", &format!("t{i}"), &t, svc.limits)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                for i in 0..10_000 {
+                    svc.store
+                        .put_cart("till", cart(format!("r{i}")), None, svc.limits)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                svc.store
+                    .flush()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                figs.push((
+                    "commerce: RSS of this process after storing 100k tokens + 10k carts".into(),
+                    "MB",
+                    rss_mb(),
+                ));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(figs)
+        })
+    }
 }
 
 fn iperf(t: &mut Topology, reverse: bool, secs: u32, streams: u32) -> Result<f64> {
