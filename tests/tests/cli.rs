@@ -82,3 +82,69 @@ fn status_without_a_daemon_says_so() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is stallnet running?"));
     Ok(())
 }
+
+#[test]
+fn receipts_verify_offline_and_tampering_is_reported() -> Result<()> {
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    use stallnet::commerce::model::{Order, Receipt};
+    use stallnet::commerce::receipt;
+    let d = tmp("receipts");
+    let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("keygen"))?;
+    let key = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| anyhow::anyhow!("key"))?;
+    let pk = hex::encode(key.public_key().as_ref());
+    let mut chain: Vec<Receipt> = Vec::new();
+    for i in 1..=4u64 {
+        let prev = chain
+            .last()
+            .map_or(receipt::GENESIS.to_string(), receipt::hash);
+        let order = Order {
+            order_id: format!("o{i}"),
+            client: "till".into(),
+            cart_id: format!("c{i}"),
+            cart_version: 1,
+            currency: "EUR".into(),
+            items: vec![],
+            total: 500,
+            payment: "cash".into(),
+            created_at: 1_700_000_000,
+        };
+        chain.push(receipt::sign(&key, i, &prev, order));
+    }
+    let good = d.join("good.json");
+    std::fs::write(&good, serde_json::to_vec(&chain)?)?;
+    let out = stallnet(&[
+        "verify-receipts",
+        good.to_str().unwrap_or(""),
+        "--public-key",
+        &pk,
+    ])?;
+    assert!(out.status.success(), "{out:?}");
+    // A missing receipt and an edited total.
+    chain.remove(1);
+    chain[1].order.total = 1;
+    let bad = d.join("bad.json");
+    std::fs::write(&bad, serde_json::to_vec(&chain)?)?;
+    let out = stallnet(&[
+        "verify-receipts",
+        bad.to_str().unwrap_or(""),
+        "--public-key",
+        &pk,
+        "--json",
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let errors = v["errors"].to_string();
+    assert!(
+        errors.contains("gap") && errors.contains("bad signature"),
+        "{v}"
+    );
+    // Keys are configured by their hash.
+    let out = stallnet(&["hash-key", "till-1-secret-key-0123456789"])?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ea3ead670e15fc93d299c1c33a258df4bc9ea135cb4f44d06d3a034914966531"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+    Ok(())
+}
