@@ -14,6 +14,10 @@ use stallnet_tests::topo::{Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("__commerce_rss") {
+        // A fresh process for the RSS figure (see commerce_bench::rss_fresh).
+        return commerce_bench::rss_child(args.get(1).context("DIR")?, args.get(2).is_some());
+    }
     let json = take_flag(&mut args, "--json");
     let runs: usize = match args.iter().position(|a| a == "--runs") {
         Some(i) => {
@@ -432,6 +436,77 @@ mod commerce_bench {
             .map_or(f64::NAN, |kb| kb / 1024.0)
     }
 
+    /// Runs [`rss_child`] in new processes of this binary: one that stores the data, one
+    /// that opens the stored data as a restarted daemon would; returns both figures.
+    fn rss_fresh() -> Result<(f64, f64)> {
+        let dir = std::env::temp_dir().join(format!("sn-bench-rss-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut figs = Vec::new();
+        for reopen in [false, true] {
+            let mut cmd = std::process::Command::new(std::env::current_exe()?);
+            cmd.arg("__commerce_rss").arg(&dir);
+            if reopen {
+                cmd.arg("reopen");
+            }
+            let out = cmd.output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "rss child: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            figs.push(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()?);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok((figs[0], figs[1]))
+    }
+
+    /// Stores 100 000 sealed tokens and 10 000 carts, flushes, prints VmRSS (MB); with
+    /// `reopen`, opens what is stored, reads a sample of it and prints VmRSS.
+    pub fn rss_child(dir: &str, reopen: bool) -> Result<()> {
+        let dir = std::path::Path::new(dir);
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let svc = service(dir, Arc::new(AtomicBool::new(false)))?;
+        if reopen {
+            for i in (0..100_000).step_by(97) {
+                svc.store
+                    .get_token("till", &format!("t{i}"))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            for i in (0..10_000).step_by(13) {
+                svc.store
+                    .get_cart("till", &format!("r{i}"))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            println!("{:.1}", rss_mb());
+            return Ok(());
+        }
+        for i in 0..100_000 {
+            let sealed = svc
+                .sealer
+                .seal(format!("till/t{i}").as_bytes(), b"voucher-value-0123456789")?;
+            let t = StoredToken {
+                sealed,
+                kind: "voucher".into(),
+                scope: "stall".into(),
+                expires_at: 4_000_000_000,
+                redeemed_at: None,
+            };
+            svc.store
+                .put_token("till", &format!("t{i}"), &t, svc.limits)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        for i in 0..10_000 {
+            svc.store
+                .put_cart("till", cart(format!("r{i}")), None, svc.limits)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        rt.block_on(svc.store.flush())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        println!("{:.1}", rss_mb());
+        Ok(())
+    }
+
     pub fn run() -> Result<Figs> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let rt = tokio::runtime::Runtime::new()?;
@@ -578,43 +653,17 @@ mod commerce_bench {
             ));
             drop(svc);
             let _ = std::fs::remove_dir_all(&dir);
-            // RSS with 100 000 tokens and 10 000 carts stored (store reopened, then read).
-            let dir = std::env::temp_dir().join(format!("sn-bench-rss-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            {
-                let svc = service(&dir, Arc::new(AtomicBool::new(false)))?;
-                for i in 0..100_000 {
-                    let sealed = svc
-                        .sealer
-                        .seal(format!("till/t{i}").as_bytes(), b"voucher-value-0123456789")?;
-                    let t = StoredToken {
-                        sealed,
-                        kind: "voucher".into(),
-                        scope: "stall".into(),
-                        expires_at: 4_000_000_000,
-                        redeemed_at: None,
-                    };
-                    svc.store
-                        .put_token("till", &format!("t{i}"), &t, svc.limits)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                }
-                for i in 0..10_000 {
-                    svc.store
-                        .put_cart("till", cart(format!("r{i}")), None, svc.limits)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                }
-                svc.store
-                    .flush()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                figs.push((
-                    "commerce: RSS of this process after storing 100k tokens + 10k carts".into(),
-                    "MB",
-                    rss_mb(),
-                ));
-            }
-            let _ = std::fs::remove_dir_all(&dir);
+            let (storing, stored) = rss_fresh()?;
+            figs.push((
+                "commerce: RSS, fresh process writing 100k tokens + 10k carts".into(),
+                "MB",
+                storing,
+            ));
+            figs.push((
+                "commerce: RSS, fresh process opening them (a restarted daemon)".into(),
+                "MB",
+                stored,
+            ));
             Ok(figs)
         })
     }
