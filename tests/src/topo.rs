@@ -114,6 +114,16 @@ impl UplinkSpec {
     }
 }
 
+/// Traffic-class shape: wifi and cell as above, both with 500 ms bottleneck queues
+/// (a modem's deep buffer).
+pub fn deep_links() -> Vec<UplinkSpec> {
+    let mut wifi = UplinkSpec::wifi();
+    wifi.queue_ms = 500;
+    let mut cell = UplinkSpec::cell();
+    cell.queue_ms = 500;
+    vec![wifi, cell]
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     pub fallback_direct: bool,

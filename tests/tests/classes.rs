@@ -6,21 +6,23 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use stallnet_tests::topo::{
-    bin, wait_for, Options, Topology, UplinkSpec, GUEST_CLIENT, LAN_CLIENT, POS_CLIENT, SERVER,
+    bin, deep_links, wait_for, Options, Topology, UplinkSpec, GUEST_CLIENT, LAN_CLIENT, POS_CLIENT,
+    SERVER,
 };
-
-/// The benchmark shape: wifi 20 Mbit/s 20 ms, cellular 10 Mbit/s 50 ms (round
-/// trips), both with 500 ms bottleneck queues.
-fn deep_links() -> Vec<UplinkSpec> {
-    let mut wifi = UplinkSpec::wifi();
-    wifi.queue_ms = 500;
-    let mut cell = UplinkSpec::cell();
-    cell.queue_ms = 500;
-    vec![wifi, cell]
-}
 
 fn f(v: &serde_json::Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// The edge's busiest-flows entry for the stream flow to port 9000, if listed.
+fn stream_flow(t: &Topology) -> Result<Option<serde_json::Value>> {
+    let st = t.status("edge")?;
+    Ok(st["bonds"]["hub"]["top_flows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| f["flow"].as_str().is_some_and(|s| s.contains(":9000")))
+        .cloned())
 }
 
 fn class<'a>(status: &'a serde_json::Value, bond: &str, name: &str) -> &'a serde_json::Value {
@@ -144,15 +146,7 @@ fn a_lowest_latency_flow_stays_on_its_uplink() -> Result<()> {
         let flow = s.spawn(move || tr.udp_flow_sized(LAN_CLIENT, 9000, 200, 6.0, 600));
         std::thread::sleep(Duration::from_millis(800));
         for _ in 0..10 {
-            let st = tr.status("edge")?;
-            let top = st["bonds"]["hub"]["top_flows"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if let Some(fl) = top
-                .iter()
-                .find(|f| f["flow"].as_str().is_some_and(|s| s.contains(":9000")))
-            {
+            if let Some(fl) = stream_flow(tr)? {
                 seen.push((fl["class"].clone(), fl["uplink"].clone()));
             }
             std::thread::sleep(Duration::from_millis(400));
@@ -226,13 +220,7 @@ fn a_degraded_uplink_loses_the_stream_before_it_dies() -> Result<()> {
     t.start()?;
     t.start_echo(9000)?;
     let link_of_stream = |t: &Topology| -> Result<Option<String>> {
-        let st = t.status("edge")?;
-        Ok(st["bonds"]["hub"]["top_flows"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|f| f["flow"].as_str().is_some_and(|s| s.contains(":9000")))
-            .and_then(|f| f["uplink"].as_str().map(str::to_string)))
+        Ok(stream_flow(t)?.and_then(|f| f["uplink"].as_str().map(str::to_string)))
     };
     std::thread::scope(|s| -> Result<()> {
         let tr = &t;

@@ -365,17 +365,7 @@ async fn checkout<S: CommerceStore>(
     let client = auth(&svc, &headers, from)?;
     check_id(&id)?;
     let c: CheckoutIn = parse(&body)?;
-    let idem = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        Some(k) if model::valid_id(k) => k.to_string(),
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_idempotency_key",
-                "Idempotency-Key must be 1 to 128 letters, digits, '-', '_', '.', ':'",
-            ))
-        }
-        None => new_key(),
-    };
+    let idem = idempotency_key(&headers)?;
     let r = svc
         .store
         .checkout(&client, &id, if_match(&headers)?, &c.payment, &idem, now())?;
@@ -385,6 +375,19 @@ async fn checkout<S: CommerceStore>(
         resp.headers_mut().insert("idempotency-key", v);
     }
     Ok(resp)
+}
+
+/// The client's `Idempotency-Key`, or a fresh one when it sent none.
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => Ok(new_key()),
+        Some(Ok(k)) if model::valid_id(k) => Ok(k.to_string()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1 to 128 letters, digits, '-', '_', '.', ':'",
+        )),
+    }
 }
 
 /// A fresh idempotency key (128 random bits).
@@ -434,17 +437,7 @@ async fn post_event<S: CommerceStore>(
     let client = auth(&svc, &headers, from)?;
     let e: EventIn = parse(&body)?;
     check_id(&e.group)?;
-    let key = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        Some(k) if model::valid_id(k) => k.to_string(),
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_idempotency_key",
-                "Idempotency-Key must be 1 to 128 letters, digits, '-', '_', '.', ':'",
-            ))
-        }
-        None => new_key(),
-    };
+    let key = idempotency_key(&headers)?;
     let rec = svc
         .store
         .enqueue_event(&client, &e.group, &key, e.body, now())?;

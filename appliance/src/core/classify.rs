@@ -370,8 +370,26 @@ impl Classifier {
     /// Classifies a packet leaving the LAN (edge) or arriving for it (hub).
     pub fn classify(&mut self, packet: &[u8], now: Instant) -> Result<Verdict, Malformed> {
         let f = facts(packet)?;
-        let key = FlowKey::of(&f);
-        let len = packet.len() as u64;
+        Ok(self.classify_facts(&f, packet.len(), now))
+    }
+
+    /// Hub side: [`Self::classify`] a packet going down to the LAN, learning host names
+    /// first if it is a DNS answer (the headers are parsed once).
+    pub fn classify_and_learn(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<Verdict, Malformed> {
+        let f = facts(packet)?;
+        if f.proto == UDP && f.sport == 53 {
+            self.learn_dns_answer(packet, now);
+        }
+        Ok(self.classify_facts(&f, packet.len(), now))
+    }
+
+    fn classify_facts(&mut self, f: &Facts, len: usize, now: Instant) -> Verdict {
+        let key = FlowKey::of(f);
+        let len = len as u64;
         // A flow is known in the direction it started in, or mirrored from the other side.
         let known = if self.flows.contains_key(&key) {
             Some(key)
@@ -387,16 +405,16 @@ impl Classifier {
                 (e.class, e.id)
             }
             None => {
-                let class = self.match_rules(&f, now);
+                let class = self.match_rules(f, now);
                 let id = self.insert(key, class, now, len);
                 (class, id)
             }
         };
-        Ok(Verdict {
-            class: self.refine(flow_class, &f),
+        Verdict {
+            class: self.refine(flow_class, f),
             flow_class,
             flow,
-        })
+        }
     }
 
     /// Hub side: the edge sent this upload packet as `class`; downloads of its flow follow.
@@ -507,19 +525,20 @@ impl Classifier {
             e.bytes += packet.len() as u64;
         }
         if f.proto == UDP && f.sport == 53 {
-            self.learn_dns(packet, now);
+            self.learn_dns_answer(packet, now);
         }
     }
 
     /// Learns host names from a DNS answer (UDP from port 53) headed for the LAN. Anything
     /// else is ignored; a malformed answer is counted.
     pub fn learn_dns(&mut self, packet: &[u8], now: Instant) {
-        let Ok(f) = facts(packet) else {
-            return;
-        };
-        if f.proto != UDP || f.sport != 53 {
-            return;
+        if facts(packet).is_ok_and(|f| f.proto == UDP && f.sport == 53) {
+            self.learn_dns_answer(packet, now);
         }
+    }
+
+    /// [`Self::learn_dns`] for a packet already known to be UDP from port 53.
+    fn learn_dns_answer(&mut self, packet: &[u8], now: Instant) {
         let Ok(ip) = IpSlice::from_slice(packet) else {
             return;
         };

@@ -389,10 +389,11 @@ impl Bond {
         let now = Instant::now();
         let (sent, wake) = {
             let mut st = self.lock();
-            if self.side == Side::Hub {
-                st.classifier.learn_dns(&packet, now);
-            }
-            let v = match st.classifier.classify(&packet, now) {
+            let v = match self.side {
+                Side::Hub => st.classifier.classify_and_learn(&packet, now),
+                Side::Edge => st.classifier.classify(&packet, now),
+            };
+            let v = match v {
                 Ok(v) => v,
                 Err(e) => {
                     self.malformed.fetch_add(1, Ordering::Relaxed);

@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stallnet_tests::topo::{Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER};
+use stallnet_tests::topo::{
+    deep_links, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
+};
 
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -118,16 +120,6 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
         }
     }
     Ok(acc)
-}
-
-/// The traffic-class benchmark's links: wifi 20 Mbit/s 20 ms and cellular 10 Mbit/s
-/// 45 ms round trips, both with 500 ms bottleneck queues.
-fn deep_links() -> Vec<UplinkSpec> {
-    let mut wifi = UplinkSpec::wifi();
-    wifi.queue_ms = 500;
-    let mut cell = UplinkSpec::cell();
-    cell.queue_ms = 500;
-    vec![wifi, cell]
 }
 
 /// Idle POS, then POS, the stream and saturating bulk both ways together; returns the
