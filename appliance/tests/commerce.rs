@@ -12,7 +12,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::{json, Value};
 use stallnet::commerce::api::{self, Service};
 use stallnet::commerce::model::Receipt;
-use stallnet::commerce::store::{Limits, SledStore};
+use stallnet::commerce::store::{CommerceStore, Limits, SledStore};
 use stallnet::commerce::{receipt, seal, worker};
 use stallnet_netconf::Upstream;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +73,7 @@ async fn start(
     dir: &std::path::Path,
     limits: Limits,
     deny: Vec<ipnet::IpNet>,
-    upstream: Option<String>,
+    upstream: Option<Upstream>,
 ) -> TestBox {
     let key = device_key(dir);
     let public_key = hex::encode(key.public_key().as_ref());
@@ -108,17 +108,9 @@ async fn start(
         .with_graceful_shutdown(async move { c.cancelled().await })
         .await;
     });
-    if let Some(url) = upstream {
+    if let Some(up) = upstream {
         let (s, c) = (svc.clone(), cancel.clone());
-        tokio::spawn(worker::run(
-            s,
-            Upstream {
-                url,
-                timeout_ms: 2000,
-                authorization: None,
-            },
-            c,
-        ));
+        tokio::spawn(worker::run(s, up, c));
     }
     TestBox {
         base: format!("http://{addr}"),
@@ -536,7 +528,11 @@ async fn upstream() -> (String, Arc<FlakyUpstream>) {
 async fn the_outbox_waits_offline_then_delivers_each_record_once_in_order_per_cart() {
     let dir = tmpdir("outbox");
     let (url, up) = upstream().await;
-    let b = start(&dir, limits(), vec![], Some(url)).await;
+    let up_cfg = Upstream {
+        timeout_ms: 2000,
+        ..Upstream::new(url)
+    };
+    let b = start(&dir, limits(), vec![], Some(up_cfg)).await;
     let c = http();
     // Offline sales: two carts, and app events in two groups.
     for i in 0..3 {
@@ -647,4 +643,210 @@ async fn the_outbox_waits_offline_then_delivers_each_record_once_in_order_per_ca
         .expect("json");
     assert_eq!(st["undelivered"], 0, "{st}");
     assert!(st["last_sync"]["till-1"]["at"].as_i64().is_some(), "{st}");
+}
+
+/// A real `nats-server -js` on a loopback port with its store on disk; killed on drop.
+struct NatsServer {
+    port: u16,
+    store: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    fn start(store: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut s = Self {
+            port,
+            store: store.to_path_buf(),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    /// Starts the server (again, on the same port and store) and waits until it listens.
+    fn restart(&mut self) {
+        self.stop();
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server (Debian package nats-server; tests/run.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A clean shutdown (SIGTERM), as a server restart or an upgrade does.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_gets_every_record_once_in_order_across_a_server_restart() {
+    use async_nats::jetstream;
+    const GROUPS: usize = 3;
+    const PER_GROUP: usize = 400;
+    let dir = tmpdir("nats");
+    let mut nats = NatsServer::start(&dir.join("jetstream"));
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    // The organiser's stream: every stall's sales under `sales.>`.
+    let js = jetstream::new(async_nats::connect(url.as_str()).await.expect("connect"));
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "SALES".into(),
+        subjects: vec!["sales.>".into()],
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    // A publish of the first record that landed before the box heard the ack (the box
+    // then lost power): the box will publish it again, and the stream must keep one.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", "ev-0-0000");
+    js.publish_with_headers("sales.market.stall-1", h, "landed-before".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+
+    let big = Limits {
+        max_entries: 100_000,
+        max_bytes: 64 << 20,
+    };
+    let up = Upstream {
+        subject: Some("sales.market.stall-1".into()),
+        timeout_ms: 2000,
+        ..Upstream::new(url.clone())
+    };
+    let b = start(&dir, big, vec![], Some(up)).await;
+    let c = http();
+    // Offline: app events in three groups, interleaved, and two checkouts.
+    for i in 0..PER_GROUP {
+        for g in 0..GROUPS {
+            let r = c
+                .post(format!("{}/v1/outbox", b.base))
+                .bearer_auth(KEY)
+                .header("idempotency-key", format!("ev-{g}-{i:04}"))
+                .json(&json!({ "group": format!("g{g}"), "body": { "g": g, "i": i } }))
+                .send()
+                .await
+                .expect("req");
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    }
+    for i in 1..=2 {
+        let u = format!("{}/v1/carts/n{i}", b.base);
+        c.put(&u)
+            .bearer_auth(KEY)
+            .json(&cart(i))
+            .send()
+            .await
+            .expect("req");
+        let r = c
+            .post(format!("{u}/checkout"))
+            .bearer_auth(KEY)
+            .header("idempotency-key", format!("sale-{i}"))
+            .json(&json!({ "payment": "cash" }))
+            .send()
+            .await
+            .expect("req");
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let total = GROUPS * PER_GROUP + 2;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut stream = js.get_stream("SALES").await.expect("stream");
+    assert_eq!(
+        stream.info().await.expect("info").state.messages,
+        1,
+        "nothing is published while offline"
+    );
+
+    // Online; restart the server in the middle of the drain.
+    b.online.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stream.info().await.expect("info").state.messages < 60 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drain did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nats.stop();
+    let left = b.svc.store.outbox_len();
+    assert!(left > 0, "the restart must fall in the middle of the drain");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while b.svc.store.outbox_len() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} records still undelivered",
+            b.svc.store.outbox_len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // What the stream holds: each key once, each group in order.
+    let js = jetstream::new(async_nats::connect(url.as_str()).await.expect("reconnect"));
+    let mut stream = js.get_stream("SALES").await.expect("stream");
+    let state = stream.info().await.expect("info").state.clone();
+    let mut ids: Vec<String> = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let m = stream.get_raw_message(seq).await.expect("message");
+        let id = m
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_string())
+            .expect("every message carries its key");
+        ids.push(id);
+    }
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a key stored twice");
+    assert_eq!(ids.len(), total, "left at the restart: {left}");
+    for g in 0..GROUPS {
+        let order: Vec<&String> = ids
+            .iter()
+            .filter(|k| k.starts_with(&format!("ev-{g}-")))
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "group g{g} out of order");
+        assert_eq!(order.len(), PER_GROUP);
+    }
+    assert!(ids.contains(&"sale-1".to_string()) && ids.contains(&"sale-2".to_string()));
 }

@@ -338,19 +338,56 @@ impl Validator<'_> {
             }
         }
         if let Some(u) = &r.upstream {
-            if !(u.url.starts_with("https://") || u.url.starts_with("http://")) {
-                self.err(
-                    c.span(),
-                    "commerce.upstream.url",
-                    format!("expected an https:// (or http://) URL, got {:?}", u.url),
-                );
-            }
+            self.check_upstream(u.span(), u.get_ref());
         }
         if r.limits.max_body_bytes < 1024 || r.limits.max_body_bytes > 16 * 1024 * 1024 {
             self.err(
                 c.span(),
                 "commerce.limits.max_body_bytes",
                 "expected 1024 to 16777216",
+            );
+        }
+    }
+
+    fn check_upstream(&mut self, span: std::ops::Range<usize>, u: &crate::Upstream) {
+        let http = u.url.starts_with("https://") || u.url.starts_with("http://");
+        if !http && !u.is_nats() {
+            self.err(
+                span.clone(),
+                "commerce.upstream.url",
+                format!(
+                    "expected an https:// (or http://) URL, or nats:// (or tls://) for \
+                     JetStream, got {:?}",
+                    u.url
+                ),
+            );
+        }
+        match (&u.subject, u.is_nats()) {
+            (None, true) => self.err(
+                span.clone(),
+                "commerce.upstream.subject",
+                "a NATS upstream needs the JetStream subject for this stall's records",
+            ),
+            (Some(_), false) => self.err(
+                span.clone(),
+                "commerce.upstream.subject",
+                "subject applies to nats:// upstreams only",
+            ),
+            (Some(s), true) if !valid_subject(s) => self.err(
+                span.clone(),
+                "commerce.upstream.subject",
+                format!(
+                    "expected dot-separated tokens of letters, digits, '-' or '_' (no \
+                     wildcards), got {s:?}"
+                ),
+            ),
+            _ => {}
+        }
+        if !(100..=600_000).contains(&u.timeout_ms) {
+            self.err(
+                span,
+                "commerce.upstream.timeout_ms",
+                "expected 100 to 600000 (milliseconds)",
             );
         }
     }
@@ -408,6 +445,16 @@ impl Validator<'_> {
 
 fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// A concrete NATS subject: dot-separated, non-empty tokens without wildcards.
+fn valid_subject(s: &str) -> bool {
+    s.len() <= 255
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
@@ -523,5 +570,67 @@ dst_port = ["2000-1000"]
         let classes = crate::classes::effective_classes(&e.classes);
         assert_eq!(classes[1].min_rate, Some(6_000_000));
         assert_eq!(e.rules[0].get_ref().dst_port.len(), 2);
+    }
+
+    #[test]
+    fn upstreams_are_checked_with_positions() {
+        let commerce = |up: &str| {
+            edge(&format!(
+                "[commerce]\nlisten = \"10.1.0.1:8080\"\nclients = []\n[commerce.upstream]\n{up}\n"
+            ))
+        };
+        let nats = parse_str(
+            Path::new("s.toml"),
+            &commerce(
+                "url = \"nats://till:pw@198.18.0.1:4222\"\nsubject = \"sales.square.stall-17\"",
+            ),
+        )
+        .expect("valid");
+        let up = nats
+            .commerce
+            .as_ref()
+            .and_then(|c| c.get_ref().upstream.clone());
+        let up = up.expect("upstream").into_inner();
+        assert!(up.is_nats());
+        assert_eq!(up.via, crate::UpstreamPath::Tunnel);
+        for (body, path, says) in [
+            (
+                "url = \"nats://h:4222\"",
+                "commerce.upstream.subject",
+                "needs",
+            ),
+            (
+                "url = \"nats://h:4222\"\nsubject = \"sales.*\"",
+                "commerce.upstream.subject",
+                "wildcards",
+            ),
+            (
+                "url = \"nats://h:4222\"\nsubject = \"a..b\"",
+                "commerce.upstream.subject",
+                "tokens",
+            ),
+            (
+                "url = \"https://h/s\"\nsubject = \"a\"",
+                "commerce.upstream.subject",
+                "nats://",
+            ),
+            ("url = \"ftp://h/s\"", "commerce.upstream.url", "nats://"),
+            (
+                "url = \"https://h/s\"\ntimeout_ms = 5",
+                "commerce.upstream.timeout_ms",
+                "100",
+            ),
+        ] {
+            let err = parse_str(Path::new("s.toml"), &commerce(body)).expect_err(body);
+            let e = &err.0[0];
+            assert_eq!((e.path.as_str(), e.line), (path, 8), "{err}");
+            assert!(e.message.contains(says), "{body}: {err}");
+        }
+        let err = parse_str(
+            Path::new("s.toml"),
+            &commerce("url = \"https://h/s\"\nvia = \"moon\""),
+        )
+        .expect_err("bad via");
+        assert!(err.to_string().contains("tunnel"), "{err}");
     }
 }

@@ -49,7 +49,7 @@ pub struct CommerceConfig {
     /// POS clients and their keys (only the SHA-256 of each key, hex).
     pub clients: Vec<Spanned<CommerceClient>>,
     /// Where outbox records are delivered; without it they wait on the box.
-    pub upstream: Option<Upstream>,
+    pub upstream: Option<Spanned<Upstream>>,
     #[serde(default)]
     pub limits: CommerceLimits,
     /// Ages (hours) of the oldest undelivered record that raise an alert.
@@ -72,12 +72,51 @@ pub struct CommerceClient {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
-    /// `https://…` (or `http://` for a backend on a trusted network).
+    /// `https://…` (or `http://` for a backend on a trusted network): each record is
+    /// POSTed with its `Idempotency-Key`. `nats://host:4222` (or `tls://…`, user and
+    /// password in the URL if the server wants them): each record is published to a
+    /// JetStream stream on `subject` with its key as `Nats-Msg-Id`.
     pub url: String,
+    /// The JetStream subject for this stall's records (NATS upstreams only), e.g.
+    /// `sales.market-square.stall-17`; a stream must capture it.
+    pub subject: Option<String>,
+    /// How long one delivery may take (connect, send, answer or acknowledgement).
     #[serde(default = "default_upstream_timeout")]
     pub timeout_ms: u64,
-    /// Extra request header, e.g. an API key the backend wants.
+    /// HTTP: the `Authorization` header value (e.g. `Bearer …`). NATS: the server's token.
     pub authorization: Option<String>,
+    /// Which way deliveries leave the box: through the bonded tunnel (default: they
+    /// survive an uplink dying and leave from the hub's address) or straight out of the
+    /// box's own default route.
+    #[serde(default)]
+    pub via: UpstreamPath,
+}
+
+/// The path outbox deliveries take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamPath {
+    #[default]
+    Tunnel,
+    Direct,
+}
+
+impl Upstream {
+    /// An upstream at `url` with the defaults (no subject, 10 s, no authorization, tunnel).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            subject: None,
+            timeout_ms: default_upstream_timeout(),
+            authorization: None,
+            via: UpstreamPath::default(),
+        }
+    }
+
+    /// Whether records go to NATS JetStream (rather than HTTP).
+    pub fn is_nats(&self) -> bool {
+        self.url.starts_with("nats://") || self.url.starts_with("tls://")
+    }
 }
 
 fn default_upstream_timeout() -> u64 {

@@ -148,9 +148,8 @@ fn acknowledged_checkouts_survive_sigkill_and_are_delivered_once() -> Result<()>
         });
         let cancel = tokio_util::sync::CancellationToken::new();
         let up = stallnet_netconf::Upstream {
-            url: format!("http://{addr}/sales"),
             timeout_ms: 2000,
-            authorization: None,
+            ..stallnet_netconf::Upstream::new(format!("http://{addr}/sales"))
         };
         let w = tokio::spawn(worker::run(svc.clone(), up, cancel.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

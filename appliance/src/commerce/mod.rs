@@ -7,6 +7,7 @@
 //! - [`sync`]: the delivery policy (sans-IO): order per group, backoff, what answers mean.
 //! - [`store`]: the durable store (sled) behind our own trait.
 //! - [`api`]: the LAN HTTP API (axum).
+//! - [`upstream`]: where records go (HTTP(S) or NATS JetStream).
 //! - [`worker`]: the delivery worker.
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod receipt;
 pub mod seal;
 pub mod store;
 pub mod sync;
+pub mod upstream;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -79,7 +81,7 @@ pub async fn run(
         .await
         .with_context(|| format!("commerce API on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, "commerce API running");
-    if let Some(up) = cfg.upstream.clone() {
+    if let Some(up) = cfg.upstream.as_ref().map(|u| u.get_ref().clone()) {
         let (s, c) = (svc.clone(), cancel.clone());
         tokio::spawn(async move {
             if let Err(e) = worker::run(s, up, c).await {

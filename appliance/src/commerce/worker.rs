@@ -1,6 +1,7 @@
-//! The outbox's delivery worker: while the box is online, posts due records (see
-//! [`super::sync`]) to the upstream with their `Idempotency-Key`, at most a few at once and
-//! never two of one key, and records each outcome durably before moving on.
+//! The outbox's delivery worker: while the box is online, hands due records (see
+//! [`super::sync`]) to the upstream ([`super::upstream`]: HTTP or NATS JetStream) with their
+//! idempotency key, at most a few at once and never two of one key, and records each
+//! outcome durably before moving on.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::api::Service;
 use super::store::CommerceStore;
 use super::sync::{self, Outcome};
+use super::upstream::{self, Sink};
 
 /// Deliveries in flight at once.
 const PARALLEL: usize = 32;
@@ -30,10 +32,8 @@ pub async fn run<S: CommerceStore + 'static>(
     upstream: Upstream,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(upstream.timeout_ms))
-        .build()?;
+    let sink = Sink::connect(&upstream).await?;
+    tracing::info!(upstream = %upstream::redact(&upstream.url), "outbox worker running");
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut busy = false;
@@ -76,30 +76,9 @@ pub async fn run<S: CommerceStore + 'static>(
             if let Ok(mut f) = in_flight.lock() {
                 f.insert(rec.key.clone());
             }
-            let (svc, http, url, auth, flying) = (
-                svc.clone(),
-                http.clone(),
-                upstream.url.clone(),
-                upstream.authorization.clone(),
-                in_flight.clone(),
-            );
+            let (svc, sink, flying) = (svc.clone(), sink.clone(), in_flight.clone());
             tasks.spawn(async move {
-                let mut req = http
-                    .post(&url)
-                    .header("idempotency-key", &rec.key)
-                    .header("content-type", "application/json")
-                    .body(serde_json::to_vec(&rec.body).unwrap_or_default());
-                if let Some(a) = auth {
-                    req = req.header("authorization", a);
-                }
-                let outcome = match req.send().await {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let body = resp.text().await.unwrap_or_default();
-                        sync::outcome_of_status(status, &body)
-                    }
-                    Err(e) => Outcome::Retry(format!("{e}")),
-                };
+                let outcome = sink.deliver(&rec).await;
                 let now = now_ms();
                 let res = match &outcome {
                     Outcome::Delivered => svc.store.delivered(rec.id, now / 1000),

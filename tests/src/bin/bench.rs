@@ -617,9 +617,8 @@ mod commerce_bench {
             let up_server = tokio::spawn(async move { axum::serve(l, app).await });
             let cancel = tokio_util::sync::CancellationToken::new();
             let up = stallnet_netconf::Upstream {
-                url: format!("http://{addr}/sales"),
                 timeout_ms: 5000,
-                authorization: None,
+                ..stallnet_netconf::Upstream::new(format!("http://{addr}/sales"))
             };
             let w = tokio::spawn(worker::run(svc.clone(), up, cancel.clone()));
             let started = Instant::now();
