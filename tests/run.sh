@@ -19,6 +19,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v nats-server >/dev/null || need+=(nats-server)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   apt-get update -qq

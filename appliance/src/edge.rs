@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use ipnet::IpNet;
-use stallnet_netconf::{Config, EdgeConfig, Fallback, Uplink, UplinkPriority};
+use stallnet_netconf::{Config, EdgeConfig, Fallback, Uplink, UplinkPriority, UpstreamPath};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +71,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     nl.set_default_route(tunnel_table, tun_index, None).await?;
     for p in &e.lan {
         if let IpNet::V4(p) = p {
+            // Traffic to the LAN (the box's own answers from its LAN address included)
+            // stays local; traffic from it enters the tunnel.
+            nl.rule_to(*p, 254, 999).await?;
             nl.rule_from(*p, tunnel_table, 1000).await?;
         }
     }
@@ -127,23 +130,43 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     }
     let c = ctx.clone();
     let reader = tokio::spawn(async move { tun_reader(c, tun).await });
-    if let Some(com) = cfg.commerce().cloned() {
-        let bond = ctx.bond.clone();
-        let online: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || bond.online());
-        let (key, dir, c) = (me.signing_key()?, cfg.state_dir.clone(), cancel.clone());
-        tokio::spawn(async move {
-            if let Err(e) = crate::commerce::run(com, &dir, key, online, c).await {
-                tracing::error!("commerce service: {e:#}");
+    let commerce = match cfg.commerce().cloned() {
+        Some(com) => {
+            let bond = ctx.bond.clone();
+            let online: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || bond.online());
+            let svc = Arc::new(crate::commerce::service(
+                &com,
+                &cfg.state_dir,
+                me.signing_key()?,
+                online,
+            )?);
+            let via_tunnel = com
+                .upstream
+                .as_ref()
+                .map(|u| u.get_ref())
+                .filter(|u| u.via == UpstreamPath::Tunnel)
+                .map(|u| u.url.clone());
+            if let Some(url) = via_tunnel {
+                let c = ctx.clone();
+                tokio::spawn(async move { route_upstream(c, tun_index, url).await });
             }
-        });
-    }
+            let (s, c) = (svc.clone(), cancel.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::commerce::run(s, com, c).await {
+                    tracing::error!("commerce service: {e:#}");
+                }
+            });
+            Some(svc)
+        }
+        None => None,
+    };
     if !device_rules.is_empty() {
         let c = ctx.clone();
         tokio::spawn(async move { resolve_devices(c, device_rules).await });
     }
     tracing::info!(identity = %me.id, "edge running");
 
-    let result = supervise(&ctx, &cfg, tun_index).await;
+    let result = supervise(&ctx, &cfg, tun_index, commerce).await;
     reader.abort();
     cancel.cancel();
     ctx.nl.revert().await;
@@ -152,7 +175,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
 }
 
 /// Publishes status and drives the direct fallback until cancelled.
-async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
+async fn supervise(
+    ctx: &Arc<Ctx>,
+    cfg: &Config,
+    tun_index: u32,
+    commerce: Option<Arc<crate::commerce::api::Service<crate::commerce::store::SledStore>>>,
+) -> Result<()> {
+    let mut commerce_doc = None;
+    let mut ticks = 0u64;
     let mut fallback = DirectFallback::new(ctx.cfg.fallback == Fallback::Direct, FALLBACK_AFTER);
     let mut was_online = true;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -206,6 +236,13 @@ async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
         } else {
             "online"
         };
+        // The commerce figures read the store: once a second is plenty.
+        if ticks % 4 == 0 {
+            commerce_doc = commerce
+                .as_ref()
+                .and_then(|s| crate::commerce::api::status(s).ok());
+        }
+        ticks += 1;
         let doc = Status {
             version: 1,
             role: "edge".into(),
@@ -218,6 +255,7 @@ async fn supervise(ctx: &Arc<Ctx>, cfg: &Config, tun_index: u32) -> Result<()> {
                 .and_then(|a| a.map(|a| a.to_string())),
             refused_handshakes: 0,
             bonds: serde_json::json!({ "hub": b }),
+            commerce: commerce_doc.clone(),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
@@ -260,6 +298,77 @@ async fn nft_delete() -> Result<()> {
         "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
     ))
     .await
+}
+
+/// Sends the box's own deliveries to the commerce upstream through the tunnel, like the
+/// LAN's traffic: the tunnel address the hub assigned goes on the TUN device, and host
+/// routes in the main table send the upstream's addresses (re-resolved every minute)
+/// into it with that address as source. The tunnel's QUIC sockets are unaffected: their
+/// marks select the per-uplink tables before the main table is consulted.
+async fn route_upstream(ctx: Arc<Ctx>, tun_index: u32, url: String) {
+    const MAIN: u32 = 254;
+    let Some((host, port)) = crate::commerce::upstream::endpoint(&url) else {
+        tracing::warn!("commerce upstream URL has no host: deliveries go direct");
+        return;
+    };
+    let mut assigned: Option<Ipv4Addr> = None;
+    let mut routed: Vec<Ipv4Addr> = Vec::new();
+    let mut resolved_at: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.cancel.cancelled() => return,
+        }
+        let addr = ctx.tunnel_address.lock().ok().and_then(|a| *a);
+        let Some(IpAddr::V4(addr)) = addr else {
+            continue;
+        };
+        if assigned != Some(addr) {
+            match ctx.nl.set_only_address(tun_index, addr).await {
+                Ok(()) => {
+                    assigned = Some(addr);
+                    routed.clear();
+                    resolved_at = None;
+                }
+                Err(e) => {
+                    tracing::warn!("tunnel address on the TUN device: {e:#}");
+                    continue;
+                }
+            }
+        }
+        if resolved_at.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            continue;
+        }
+        let found = match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(a) => a.map(|s| s.ip()).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::debug!(%host, "resolving the commerce upstream: {e}");
+                continue;
+            }
+        };
+        resolved_at = Some(Instant::now());
+        let want = crate::commerce::upstream::tunnel_targets(found, &ctx.cfg.lan);
+        if want.is_empty() {
+            tracing::info!(%host, "the commerce upstream has no IPv4 address to reach through the tunnel");
+        }
+        for old in routed.iter().filter(|a| !want.contains(a)) {
+            ctx.nl.unroute_host(*old, tun_index, MAIN).await;
+        }
+        routed.retain(|a| want.contains(a));
+        for a in want {
+            if routed.contains(&a) {
+                continue;
+            }
+            match ctx.nl.route_host(a, tun_index, addr, MAIN).await {
+                Ok(()) => {
+                    tracing::info!(upstream = %a, source = %addr, "commerce deliveries go through the tunnel");
+                    routed.push(a);
+                }
+                Err(e) => tracing::warn!("route to the commerce upstream: {e:#}"),
+            }
+        }
+    }
 }
 
 async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {

@@ -146,6 +146,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             tunnel_address: Some(hub_addr.to_string()),
             refused_handshakes: refused.load(Ordering::Relaxed),
             bonds: serde_json::Value::Object(bonds),
+            commerce: None,
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");

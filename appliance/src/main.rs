@@ -261,6 +261,23 @@ fn print_status(s: &status::Status) {
             ""
         }
     );
+    if let Some(c) = &s.commerce {
+        let n = c["undelivered"].as_u64().unwrap_or(0);
+        let age = c["oldest_undelivered_age_s"]
+            .as_i64()
+            .map_or(String::new(), |a| {
+                format!(", oldest {}h{:02}m", a / 3600, (a % 3600) / 60)
+            });
+        let dead = c["dead_letters"].as_u64().unwrap_or(0);
+        println!(
+            "sales: {n} waiting to upload{age}{}",
+            if dead > 0 {
+                format!(", {dead} refused by the backend (dead letters)")
+            } else {
+                String::new()
+            }
+        );
+    }
     let Some(bonds) = s.bonds.as_object() else {
         return;
     };

@@ -18,6 +18,10 @@ pub struct Status {
     pub tunnel_address: Option<String>,
     pub refused_handshakes: u64,
     pub bonds: serde_json::Value,
+    /// The edge's commerce figures (online, undelivered, oldest age, dead letters, alerts,
+    /// per-client last sync), when the commerce service is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commerce: Option<serde_json::Value>,
 }
 
 pub fn path(runtime_dir: &Path) -> PathBuf {

@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ring::signature::KeyPair;
 use stallnet_netconf::CommerceConfig;
 use tokio_util::sync::CancellationToken;
@@ -69,17 +69,25 @@ pub fn service(
 }
 
 /// Serves the API and runs the delivery worker and the token sweep until cancelled.
+/// The API's address may not exist yet at boot (the LAN comes up later): binding is
+/// retried every 2 s, with a warning, until it works.
 pub async fn run(
+    svc: Arc<Service<SledStore>>,
     cfg: CommerceConfig,
-    state_dir: &Path,
-    signing: ring::signature::Ed25519KeyPair,
-    online: Arc<dyn Fn() -> bool + Send + Sync>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let svc = Arc::new(service(&cfg, state_dir, signing, online)?);
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("commerce API on {}", cfg.listen))?;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(cfg.listen).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::warn!(listen = %cfg.listen, "commerce API cannot listen yet ({e}); retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+            }
+        }
+    };
     tracing::info!(listen = %cfg.listen, "commerce API running");
     if let Some(up) = cfg.upstream.as_ref().map(|u| u.get_ref().clone()) {
         let (s, c) = (svc.clone(), cancel.clone());

@@ -129,6 +129,36 @@ pub fn outcome_of_publish_error(kind: PublishErrorKind, text: &str, subject: &st
     }
 }
 
+/// The host and port an upstream URL connects to (NATS defaults to 4222).
+pub fn endpoint(url: &str) -> Option<(String, u16)> {
+    let u = reqwest::Url::parse(url).ok()?;
+    let host = u
+        .host_str()?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let port = u.port_or_known_default().unwrap_or(4222);
+    Some((host, port))
+}
+
+/// Of the upstream's resolved addresses, those to send through the tunnel: IPv4 (the
+/// tunnel's family), not loopback or unspecified, not on the LAN (those stay local).
+pub fn tunnel_targets(
+    resolved: impl IntoIterator<Item = std::net::IpAddr>,
+    lan: &[ipnet::IpNet],
+) -> Vec<std::net::Ipv4Addr> {
+    let mut out: Vec<std::net::Ipv4Addr> = resolved
+        .into_iter()
+        .filter(|a| !lan.iter().any(|n| n.contains(a)))
+        .filter_map(|a| match a {
+            std::net::IpAddr::V4(v) if !v.is_loopback() && !v.is_unspecified() => Some(v),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The URL without its password, for logs and errors.
 pub fn redact(url: &str) -> String {
     match reqwest::Url::parse(url) {
@@ -168,6 +198,42 @@ mod tests {
             panic!("retry expected");
         };
         assert!(why.contains("sales.stall-1"), "{why}");
+    }
+
+    #[test]
+    fn endpoints_and_what_goes_through_the_tunnel() {
+        assert_eq!(
+            endpoint("nats://u:p@sales.example:4333"),
+            Some(("sales.example".into(), 4333))
+        );
+        assert_eq!(
+            endpoint("tls://sales.example"),
+            Some(("sales.example".into(), 4222))
+        );
+        assert_eq!(
+            endpoint("https://api.example/s"),
+            Some(("api.example".into(), 443))
+        );
+        assert_eq!(
+            endpoint("http://[2001:db8::1]/s"),
+            Some(("2001:db8::1".into(), 80))
+        );
+        assert_eq!(endpoint("not a url"), None);
+        let lan: Vec<ipnet::IpNet> = vec!["10.1.0.0/24".parse().expect("net")];
+        let got = tunnel_targets(
+            [
+                "198.18.0.1",
+                "127.0.0.1",
+                "10.1.0.5",
+                "2001:db8::1",
+                "198.18.0.1",
+                "0.0.0.0",
+            ]
+            .iter()
+            .map(|a| a.parse().expect("addr")),
+            &lan,
+        );
+        assert_eq!(got, vec![std::net::Ipv4Addr::new(198, 18, 0, 1)]);
     }
 
     #[test]

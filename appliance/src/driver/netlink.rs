@@ -214,6 +214,70 @@ impl Netlink {
             .with_context(|| format!("route {prefix} table {table}"))
     }
 
+    /// Makes `addr/32` the only IPv4 address of interface `index` (the tunnel address on
+    /// the edge's TUN device, so the box's own sockets can use the tunnel).
+    pub async fn set_only_address(&self, index: u32, addr: Ipv4Addr) -> Result<()> {
+        let _serial = self.serial.lock().await;
+        let old: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .context("reading addresses")?;
+        for m in old {
+            let stale = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a != addr));
+            if stale {
+                let _ = self.handle.address().del(m).execute().await;
+            }
+        }
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr), 32)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("address {addr}/32"))
+    }
+
+    /// Routes `dst/32` out of `oif` with preferred source `src` in `table`.
+    pub async fn route_host(
+        &self,
+        dst: Ipv4Addr,
+        oif: u32,
+        src: Ipv4Addr,
+        table: u32,
+    ) -> Result<()> {
+        let _serial = self.serial.lock().await;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .output_interface(oif)
+            .pref_source(src)
+            .table_id(table)
+            .build();
+        self.replace_route(msg)
+            .await
+            .with_context(|| format!("route {dst}/32 table {table}"))
+    }
+
+    /// Removes the route to `dst/32` out of `oif` in `table`, if there is one.
+    pub async fn unroute_host(&self, dst: Ipv4Addr, oif: u32, table: u32) {
+        let _serial = self.serial.lock().await;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .output_interface(oif)
+            .table_id(table)
+            .build();
+        if let Err(e) = self.handle.route().del(msg).execute().await {
+            tracing::debug!("removing route {dst}/32: {e}");
+        }
+    }
+
     /// Policy rule: packets carrying `mark` look up `table`.
     pub async fn rule_fwmark(&self, mark: u32, table: u32, priority: u32) -> Result<()> {
         let req = self
@@ -236,6 +300,20 @@ impl Netlink {
             .add()
             .v4()
             .source_prefix(prefix.addr(), prefix.prefix_len())
+            .table_id(table)
+            .action(RuleAction::ToTable)
+            .priority(priority);
+        self.add_rule(req.message_mut_clone(), req).await
+    }
+
+    /// Policy rule: packets to `prefix` look up `table`.
+    pub async fn rule_to(&self, prefix: ipnet::Ipv4Net, table: u32, priority: u32) -> Result<()> {
+        let req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .destination_prefix(prefix.addr(), prefix.prefix_len())
             .table_id(table)
             .action(RuleAction::ToTable)
             .priority(priority);

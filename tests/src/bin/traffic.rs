@@ -14,6 +14,9 @@
 //! - `tcp-send TO BYTES`: sends BYTES over one TCP connection (cubic), half-closes, waits
 //!   for the sink's count and prints a JSON summary: sent, acknowledged (by the sink,
 //!   after it read everything), seconds. Gives up after 60 s.
+//! - `http-sink BIND LOG`: an HTTP upstream for the outbox: answers every POST with 201
+//!   and appends `{"key": <Idempotency-Key>, "peer": <source address>, "body": …}` as one
+//!   JSON line to LOG (runs until killed).
 use std::collections::HashSet;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -74,8 +77,14 @@ fn main() -> Result<()> {
             };
             tcp_send(to, bytes.parse()?)
         }
+        Some("http-sink") => {
+            let [bind, log] = &args[1..] else {
+                bail!("usage: http-sink BIND LOG");
+            };
+            http_sink(bind, log)
+        }
         _ => bail!(
-            "usage: stallnet-traffic udp-echo BIND | udp-flow TO BIND PPS SECS [SIZE] | tcp-sink BIND | tcp-send TO BYTES | tcp-connect TO | dns-query SERVER NAME"
+            "usage: stallnet-traffic http-sink BIND LOG | udp-echo BIND | udp-flow TO BIND PPS SECS [SIZE] | tcp-sink BIND | tcp-send TO BYTES | tcp-connect TO | dns-query SERVER NAME"
         ),
     }
 }
@@ -220,4 +229,40 @@ fn flow(to: &str, bind: &str, pps: u64, secs: f64, size: usize) -> Result<()> {
         })
     );
     Ok(())
+}
+
+fn http_sink(bind: &str, log: &str) -> Result<()> {
+    use axum::extract::ConnectInfo;
+    use axum::http::{HeaderMap, StatusCode};
+    use std::io::Write;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {log}"))?;
+    let file = Arc::new(Mutex::new(file));
+    let app = axum::Router::new().fallback(axum::routing::post(
+        move |ConnectInfo(peer): ConnectInfo<SocketAddr>, h: HeaderMap, body: String| {
+            let file = file.clone();
+            async move {
+                let key = h
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let line = serde_json::json!({ "key": key, "peer": peer.ip(), "body": body });
+                if let Ok(mut f) = file.lock() {
+                    let _ = writeln!(f, "{line}");
+                }
+                StatusCode::CREATED
+            }
+        },
+    ));
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind(bind).await?;
+        axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+        anyhow::Ok(())
+    })
 }

@@ -1,0 +1,143 @@
+//! End-to-end: the edge's commerce service in the netns topology. Sales made while every
+//! uplink is black-holed wait on the box; when an uplink returns they reach a real HTTP
+//! upstream in the internet namespace through the bonded tunnel (they arrive from the
+//! hub's address), each exactly once, also while one uplink is dead.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use stallnet_tests::topo::{bin, wait_for, Options, Topology, UplinkSpec, HUB_ADDR, SERVER};
+
+const KEY: &str = "till-e2e-key-0123456789abcdef";
+const API: &str = "10.1.0.1:8080";
+
+fn post_sale(t: &Topology, key: &str) -> Result<()> {
+    let out = t.exec(
+        "lan",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            &format!("http://{API}/v1/outbox"),
+            "-H",
+            &format!("authorization: Bearer {KEY}"),
+            "-H",
+            &format!("idempotency-key: {key}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &format!(r#"{{"group":"sales","body":{{"sale":"{key}"}}}}"#),
+        ],
+    )?;
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(code.starts_with('2'), "POST {key}: HTTP {code}");
+    Ok(())
+}
+
+/// What the upstream received: key → the source addresses it came from.
+fn received(log: &std::path::Path) -> HashMap<String, Vec<String>> {
+    let mut m: HashMap<String, Vec<String>> = HashMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            m.entry(v["key"].as_str().unwrap_or("").to_string())
+                .or_default()
+                .push(v["peer"].as_str().unwrap_or("").to_string());
+        }
+    }
+    m
+}
+
+#[test]
+fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<()> {
+    let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes()));
+    let extra = format!(
+        "\n[commerce]\nlisten = \"{API}\"\nclients = [{{ name = \"till\", key_sha256 = \"{hash}\" }}]\n\
+         [commerce.upstream]\nurl = \"http://{SERVER}:8090/sales\"\ntimeout_ms = 3000\n"
+    );
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options {
+            edge_extra: Some(extra),
+            ..Options::default()
+        },
+    )?;
+    let log = t.dir.join("upstream.jsonl");
+    let traffic = bin("stallnet-traffic");
+    t.spawn(
+        "upstream",
+        "inet",
+        &[
+            traffic.to_str().context("path")?,
+            "http-sink",
+            &format!("{SERVER}:8090"),
+            log.to_str().context("path")?,
+        ],
+    )?;
+    t.start()?;
+
+    // Every uplink silently dead: sales are taken and wait on the box.
+    t.isp_blackhole(1, true)?;
+    t.isp_blackhole(2, true)?;
+    t.wait_status("edge", Duration::from_secs(10), |s| s["state"] == "offline")?;
+    let offline: Vec<String> = (0..20).map(|i| format!("offline-{i:02}")).collect();
+    // The API answers as soon as its address exists (the daemon retries the bind).
+    wait_for(Duration::from_secs(10), || {
+        Ok(post_sale(&t, "probe").is_ok())
+    })
+    .or_else(|_| post_sale(&t, "probe"))?;
+    for k in &offline {
+        post_sale(&t, k)?;
+    }
+    let s = t.wait_status("edge", Duration::from_secs(5), |s| {
+        s["commerce"]["undelivered"] == 21
+    })?;
+    assert_eq!(s["commerce"]["online"], false, "{s}");
+    assert!(received(&log).is_empty(), "nothing may leave while offline");
+
+    // The cellular uplink returns: everything is delivered, through the tunnel.
+    t.isp_blackhole(2, false)?;
+    wait_for(Duration::from_secs(30), || Ok(received(&log).len() >= 21))?;
+    // Then wifi returns and dies again while more sales are made.
+    t.isp_blackhole(1, false)?;
+    let online: Vec<String> = (0..20).map(|i| format!("online-{i:02}")).collect();
+    for (i, k) in online.iter().enumerate() {
+        if i == 5 {
+            t.isp_blackhole(1, true)?;
+        }
+        post_sale(&t, k)?;
+    }
+    wait_for(Duration::from_secs(30), || Ok(received(&log).len() >= 41))?;
+    let s = t.wait_status("edge", Duration::from_secs(5), |s| {
+        s["commerce"]["undelivered"] == 0
+    })?;
+    assert_eq!(s["commerce"]["dead_letters"], 0, "{s}");
+
+    let got = received(&log);
+    for k in offline.iter().chain(&online) {
+        let peers = got.get(k).with_context(|| format!("{k} never arrived"))?;
+        assert_eq!(peers.len(), 1, "{k} delivered {} times", peers.len());
+        // Masqueraded by the hub: the delivery crossed the tunnel, not an ISP directly.
+        assert_eq!(peers[0], HUB_ADDR, "{k} came from {}", peers[0]);
+    }
+    // `stallnet status` says it in words, too.
+    let out = t.exec(
+        "edge",
+        &[
+            bin("stallnet").to_str().context("path")?,
+            "status",
+            "--runtime-dir",
+            t.dir.join("edge-run").to_str().context("path")?,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sales: 0 waiting to upload"), "{text}");
+    Ok(())
+}
