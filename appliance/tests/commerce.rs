@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -465,7 +465,21 @@ struct FlakyUpstream {
     seen: Mutex<Vec<(String, String)>>,
     delivered: Mutex<HashMap<String, usize>>,
     attempts: Mutex<HashMap<String, usize>>,
-    in_flight: AtomicUsize,
+    /// Keys being answered right now; `overlap` if one arrives twice at once.
+    in_flight: Mutex<std::collections::HashSet<String>>,
+    overlap: AtomicBool,
+    /// Keys whose answer came after the box's timeout.
+    late: Mutex<Vec<String>>,
+}
+
+struct InFlight(Arc<FlakyUpstream>, String);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.0.in_flight.lock() {
+            f.remove(&self.1);
+        }
+    }
 }
 
 async fn upstream() -> (String, Arc<FlakyUpstream>) {
@@ -483,7 +497,11 @@ async fn upstream() -> (String, Arc<FlakyUpstream>) {
                     .unwrap_or("")
                     .to_string();
                 let body = String::from_utf8_lossy(&body).to_string();
-                s.in_flight.fetch_add(1, Ordering::SeqCst);
+                if !s.in_flight.lock().expect("lock").insert(key.clone()) {
+                    s.overlap.store(true, Ordering::SeqCst);
+                }
+                // The server drops this future when the box hangs up: leave in any case.
+                let _leave = InFlight(s.clone(), key.clone());
                 let n = {
                     let mut a = s.attempts.lock().expect("lock");
                     let n = a.entry(key.clone()).or_insert(0);
@@ -491,7 +509,31 @@ async fn upstream() -> (String, Arc<FlakyUpstream>) {
                     *n
                 };
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                s.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if body.contains("drop") && n == 1 {
+                    // The connection dies without an answer (the task serving it ends).
+                    panic!("upstream drops the connection on purpose");
+                }
+                if body.contains("stall") && n == 1 {
+                    // Answers after the box gave up (its timeout is 2 s): the backend
+                    // keeps the sale, the box must try again with the same key.
+                    // (Its work is not cancelled when the box hangs up.)
+                    let (s2, k2) = (s.clone(), key.clone());
+                    let _ = tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(2300)).await;
+                        s2.late.lock().expect("lock").push(k2);
+                    })
+                    .await;
+                    return (axum::http::StatusCode::CREATED, "late".into());
+                }
+                if body.contains("stall") || body.contains("drop") {
+                    let mut d = s.delivered.lock().expect("lock");
+                    let first = !d.contains_key(&key);
+                    *d.entry(key.clone()).or_insert(0) += 1;
+                    if first {
+                        s.seen.lock().expect("lock").push((key, body));
+                    }
+                    return (axum::http::StatusCode::CREATED, "ok".into());
+                }
                 if body.contains("refuse") {
                     return (
                         axum::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -560,6 +602,15 @@ async fn the_outbox_waits_offline_then_delivers_each_record_once_in_order_per_ca
             .await
             .expect("req");
     }
+    for (k, what) in [("stall-1", "stall"), ("drop-1", "drop")] {
+        c.post(format!("{}/v1/outbox", b.base))
+            .bearer_auth(KEY)
+            .header("idempotency-key", k)
+            .json(&json!({ "group": k, "body": { what: true } }))
+            .send()
+            .await
+            .expect("req");
+    }
     c.post(format!("{}/v1/outbox", b.base))
         .bearer_auth(KEY)
         .header("idempotency-key", "bad-1")
@@ -582,24 +633,33 @@ async fn the_outbox_waits_offline_then_delivers_each_record_once_in_order_per_ca
         .await
         .expect("json");
     assert_eq!(st["online"], false);
-    assert_eq!(st["undelivered"], 7);
+    assert_eq!(st["undelivered"], 9);
     assert!(st["oldest_undelivered_age_s"].as_i64().is_some());
     // Online: every record arrives exactly once despite 500s and 409s (backoff 1 s, 2 s).
     b.online.store(true, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let n = up.delivered.lock().expect("lock").len();
-        if n == 6 || tokio::time::Instant::now() > deadline {
+        if n == 8 || tokio::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let delivered = up.delivered.lock().expect("lock").clone();
-    assert_eq!(delivered.len(), 6, "{delivered:?}");
+    assert_eq!(delivered.len(), 8, "{delivered:?}");
     assert!(
         delivered.values().all(|n| *n == 1),
         "a key delivered twice: {delivered:?}"
     );
+    assert!(
+        !up.overlap.load(Ordering::SeqCst),
+        "two deliveries of one key were in flight at once"
+    );
+    // The stalled and the dropped record were tried again with the same key.
+    let attempts = up.attempts.lock().expect("lock").clone();
+    assert_eq!(attempts.get("stall-1"), Some(&2), "{attempts:?}");
+    assert_eq!(attempts.get("drop-1"), Some(&2), "{attempts:?}");
+    assert_eq!(*up.late.lock().expect("lock"), ["stall-1"]);
     // Order within the loyalty group.
     let seen = up.seen.lock().expect("lock").clone();
     let loyalty: Vec<&str> = seen

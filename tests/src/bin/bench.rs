@@ -644,6 +644,92 @@ mod commerce_bench {
             ));
             drop(svc);
             let _ = std::fs::remove_dir_all(&dir);
+
+            // The same drain into NATS JetStream (a real nats-server on loopback).
+            let dir = std::env::temp_dir().join(format!("sn-bench-nats-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let online = Arc::new(AtomicBool::new(false));
+            let svc = service(&dir, online.clone())?;
+            for i in 0..10_000 {
+                svc.store
+                    .put_cart("till", cart(format!("d{i}")), None, svc.limits)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                svc.store
+                    .checkout("till", &format!("d{i}"), None, "cash", &format!("k{i}"), 0)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            svc.store
+                .flush()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let mut nats = std::process::Command::new("nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(dir.join("js"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("nats-server (apt-get install nats-server): {e}"))?;
+            let url = format!("nats://127.0.0.1:{port}");
+            let mut client = None;
+            for _ in 0..100 {
+                if let Ok(c) = async_nats::connect(url.as_str()).await {
+                    client = Some(c);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let js = async_nats::jetstream::new(
+                client.ok_or_else(|| anyhow::anyhow!("nats-server did not start"))?,
+            );
+            let mut stream = js
+                .get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: "SALES".into(),
+                    subjects: vec!["sales.>".into()],
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("stream: {e}"))?;
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let up = stallnet_netconf::Upstream {
+                subject: Some("sales.bench.stall-1".into()),
+                timeout_ms: 5000,
+                ..stallnet_netconf::Upstream::new(url)
+            };
+            let w = tokio::spawn(worker::run(svc.clone(), up, cancel.clone()));
+            let started = Instant::now();
+            online.store(true, Ordering::SeqCst);
+            while svc.store.outbox_len() > 0 && started.elapsed() < Duration::from_secs(120) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            cancel.cancel();
+            let _ = w.await;
+            let stored = stream
+                .info()
+                .await
+                .map_err(|e| anyhow::anyhow!("stream info: {e}"))?
+                .state
+                .messages;
+            let left = svc.store.outbox_len();
+            let _ = nats.kill();
+            let _ = nats.wait();
+            figs.push((
+                "commerce: outbox drain into NATS JetStream, 10 000 sales".into(),
+                "per s",
+                (10_000 - left) as f64 / secs,
+            ));
+            figs.push((
+                "commerce: JetStream messages beyond one per sale".into(),
+                "records",
+                stored as f64 - (10_000 - left) as f64,
+            ));
+            drop(svc);
+            let _ = std::fs::remove_dir_all(&dir);
+
             let (storing, stored) = rss_fresh()?;
             figs.push((
                 "commerce: RSS, fresh process writing 100k tokens + 10k carts".into(),
