@@ -2,6 +2,7 @@
 //! uplink, uplinks followed through netlink, and the direct fallback when the hub is gone.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::classes;
+use crate::control::{self, ActionError, Control, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig, DeviceRef};
 use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
@@ -21,6 +23,7 @@ use crate::driver::bond::{Bond, BondConfig, Sent, Side};
 use crate::driver::netlink::Netlink;
 use crate::driver::session::{self, Hello};
 use crate::driver::sys;
+use crate::events::{self, EventLog, Level, LinkSeen};
 use crate::identity;
 use crate::status::{self, Status};
 
@@ -45,9 +48,27 @@ struct Ctx {
     seen: Mutex<Vec<Seen>>,
     tunnel_address: Mutex<Option<IpAddr>>,
     cancel: CancellationToken,
+    /// The operator's overrides (runtime only; the config is the lasting truth).
+    admin: Mutex<Admin>,
+    /// Per uplink: wakes its task when the operator changes something.
+    wake: Vec<Arc<tokio::sync::Notify>>,
+    link_ids: Mutex<Vec<LinkId>>,
+    events: Arc<EventLog>,
+    latest: Mutex<Option<Status>>,
+    config_path: Option<PathBuf>,
 }
 
-pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
+#[derive(Debug, Default)]
+struct Admin {
+    disabled: Vec<bool>,
+    preferred: Option<usize>,
+}
+
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    cancel: CancellationToken,
+) -> Result<()> {
     let e = cfg.edge().context("config has no [edge] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
     let pins: Vec<String> = e
@@ -104,6 +125,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         epoch: rand::random(),
         tunnel_address: Mutex::new(None),
         cancel: cancel.clone(),
+        admin: Mutex::new(Admin {
+            disabled: vec![false; e.uplinks.len()],
+            preferred: None,
+        }),
+        wake: (0..e.uplinks.len()).map(|_| Arc::default()).collect(),
+        link_ids: Mutex::new(Vec::new()),
+        events: Arc::new(EventLog::new()),
+        latest: Mutex::new(None),
+        config_path,
     });
 
     let (change_tx, change_rx) = watch::channel(0u64);
@@ -125,8 +155,23 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             classes::link_mask(&specs, &u),
             Some(classes::rate_config(&u)),
         );
+        if let Ok(mut ids) = ctx.link_ids.lock() {
+            ids.push(id);
+        }
         let (c, rx) = (ctx.clone(), change_rx.clone());
         tokio::spawn(async move { uplink_task(c, i, id, u, rx).await });
+    }
+    {
+        let control = Arc::new(Control {
+            daemon: Arc::new(EdgeDaemon(ctx.clone())),
+            events: ctx.events.clone(),
+        });
+        let (dir, c) = (cfg.runtime_dir.clone(), cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = control::serve(&dir, control, c).await {
+                tracing::error!("{e:#}");
+            }
+        });
     }
     let c = ctx.clone();
     let reader = tokio::spawn(async move { tun_reader(c, tun).await });
@@ -184,7 +229,10 @@ async fn supervise(
     let mut commerce_doc = None;
     let mut ticks = 0u64;
     let mut fallback = DirectFallback::new(ctx.cfg.fallback == Fallback::Direct, FALLBACK_AFTER);
-    let mut was_online = true;
+    let mut was_online = false;
+    let mut links_seen = vec![LinkSeen::default(); ctx.cfg.uplinks.len()];
+    ctx.events
+        .push(Level::Info, "started", None, "stallnet edge started".into());
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -194,11 +242,27 @@ async fn supervise(
         let b = ctx.bond.status();
         if b.online != was_online {
             if b.online {
-                tracing::info!("hub reachable again");
+                ctx.events
+                    .push(Level::Info, "online", None, "the hub is reachable".into());
             } else {
-                tracing::warn!("offline: no uplink reaches the hub");
+                ctx.events.push(
+                    Level::Critical,
+                    "offline",
+                    None,
+                    "offline: no uplink reaches the hub; sales are kept on the box".into(),
+                );
             }
             was_online = b.online;
+        }
+        for (i, l) in b.links.iter().enumerate() {
+            let now = LinkSeen {
+                state: l.state.clone(),
+                degraded: l.degraded,
+            };
+            if let Some(before) = links_seen.get_mut(i) {
+                events::link_change(&ctx.events, &l.name, before, &now);
+                *before = now;
+            }
         }
         let seen = ctx.seen.lock().map(|s| s.clone()).unwrap_or_default();
         let candidates: Vec<Candidate> = seen
@@ -213,14 +277,27 @@ async fn supervise(
         match fallback.update(b.online, &candidates, Instant::now()) {
             Some(Action::Use(i)) => {
                 let u = ctx.cfg.uplinks[i].get_ref();
-                tracing::warn!(uplink = %u.name, "hub unreachable on every uplink: direct fallback");
+                ctx.events.push(
+                    Level::Warning,
+                    "fallback_on",
+                    Some(&u.name),
+                    format!(
+                        "hub unreachable on every uplink: LAN traffic goes directly out of {}",
+                        u.name
+                    ),
+                );
                 ctx.nl
                     .set_default_route(ctx.cfg.table_base, seen[i].index, seen[i].gateway)
                     .await?;
                 nft_masquerade(&u.interface, &ctx.cfg.lan).await?;
             }
             Some(Action::Leave) => {
-                tracing::info!("leaving the direct fallback");
+                ctx.events.push(
+                    Level::Info,
+                    "fallback_off",
+                    None,
+                    "the hub is back: LAN traffic uses the tunnel again".into(),
+                );
                 ctx.nl
                     .set_default_route(ctx.cfg.table_base, tun_index, None)
                     .await?;
@@ -231,7 +308,8 @@ async fn supervise(
         let up = b.links.iter().filter(|l| l.state == "up").count();
         let state = if !b.online {
             "offline"
-        } else if up < b.links.len() {
+        } else if up < b.links.iter().filter(|l| l.state != "disabled").count() {
+            // An uplink the operator switched off does not make the box degraded.
             "degraded"
         } else {
             "online"
@@ -243,6 +321,17 @@ async fn supervise(
                 .and_then(|s| crate::commerce::api::status(s).ok());
         }
         ticks += 1;
+        let (kinds, admin) = (
+            ctx.cfg.uplinks.iter().map(|u| u.get_ref().kind),
+            ctx.admin.lock().map(|a| a.preferred).ok().flatten(),
+        );
+        let mut b = serde_json::to_value(&b).unwrap_or_default();
+        if let Some(links) = b["links"].as_array_mut() {
+            for (i, (l, kind)) in links.iter_mut().zip(kinds).enumerate() {
+                l["kind"] = serde_json::to_value(kind).unwrap_or_default();
+                l["preferred"] = (admin == Some(i)).into();
+            }
+        }
         let doc = Status {
             version: 1,
             role: "edge".into(),
@@ -259,6 +348,9 @@ async fn supervise(
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
+        }
+        if let Ok(mut l) = ctx.latest.lock() {
+            *l = Some(doc);
         }
     }
 }
@@ -452,6 +544,23 @@ async fn uplink_task(
     let mut endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)> = None;
     let mut backoff = Duration::from_millis(200);
     loop {
+        let disabled = ctx
+            .admin
+            .lock()
+            .map(|a| a.disabled.get(idx).copied().unwrap_or(false))
+            .unwrap_or(false);
+        if disabled {
+            if let Some(c) = ctx.bond.connection(id) {
+                c.close(0u32.into(), b"disabled by the operator");
+            }
+            tokio::select! {
+                _ = ctx.wake[idx].notified() => continue,
+                _ = ctx.cancel.cancelled() => {
+                    if let Some((ep, _, _)) = endpoint { ep.close(0u32.into(), b"shutdown"); }
+                    return;
+                }
+            }
+        }
         let info = match ctx.nl.link(&u.interface).await {
             Ok(i) => i,
             Err(e) => {
@@ -534,6 +643,7 @@ async fn uplink_task(
         };
         tokio::select! {
             _ = changes.changed() => {}
+            _ = ctx.wake[idx].notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = async { match conn { Some(c) => { c.closed().await; } None => std::future::pending().await } } => {}
             _ = ctx.cancel.cancelled() => {
@@ -623,4 +733,225 @@ async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, u: &Uplink) -> Result<quinn::C
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no hub configured")))
+}
+
+/// The edge as the control API sees it.
+struct EdgeDaemon(Arc<Ctx>);
+
+impl EdgeDaemon {
+    fn uplink(&self, name: &str) -> Result<usize, ActionError> {
+        self.0
+            .cfg
+            .uplinks
+            .iter()
+            .position(|u| u.get_ref().name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self
+                    .0
+                    .cfg
+                    .uplinks
+                    .iter()
+                    .map(|u| u.get_ref().name.as_str())
+                    .collect();
+                ActionError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "unknown_uplink",
+                    format!(
+                        "no uplink named {name:?}; the uplinks are {}",
+                        names.join(", ")
+                    ),
+                )
+            })
+    }
+
+    fn link_id(&self, idx: usize) -> Option<LinkId> {
+        self.0
+            .link_ids
+            .lock()
+            .ok()
+            .and_then(|l| l.get(idx).copied())
+    }
+
+    /// Backup flags: configured backups, and with a preference every other uplink.
+    fn apply_backups(&self, preferred: Option<usize>) {
+        for (i, u) in self.0.cfg.uplinks.iter().enumerate() {
+            let configured = u.get_ref().priority == UplinkPriority::Backup;
+            let backup = match preferred {
+                Some(p) => p != i,
+                None => configured,
+            };
+            if let Some(id) = self.link_id(i) {
+                self.0.bond.set_backup(id, backup);
+            }
+        }
+    }
+
+    fn set_disabled(&self, name: &str, disabled: bool) -> Result<String, ActionError> {
+        let idx = self.uplink(name)?;
+        let changed = self
+            .0
+            .admin
+            .lock()
+            .map(|mut a| {
+                let was = a.disabled.get(idx).copied().unwrap_or(false);
+                if let Some(d) = a.disabled.get_mut(idx) {
+                    *d = disabled;
+                }
+                was != disabled
+            })
+            .unwrap_or(false);
+        if disabled {
+            let others_usable = self
+                .snapshot()
+                .map(|s| {
+                    s.bonds["hub"]["links"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|l| l["name"] != name && l["state"] == "up")
+                })
+                .unwrap_or(false);
+            if let Some(id) = self.link_id(idx) {
+                self.0.bond.set_disabled(id, true);
+            }
+            self.0.wake[idx].notify_one();
+            let msg = format!(
+                "{name} is disabled until `stallnet uplink enable {name}` or a restart{}",
+                if others_usable {
+                    ""
+                } else {
+                    "; no other uplink is up: the box is offline"
+                }
+            );
+            if changed {
+                self.0
+                    .events
+                    .push(Level::Warning, "uplink_disabled", Some(name), msg.clone());
+            }
+            Ok(msg)
+        } else {
+            if let Some(id) = self.link_id(idx) {
+                self.0.bond.set_disabled(id, false);
+            }
+            self.0.wake[idx].notify_one();
+            let msg = format!("{name} is enabled: it rejoins the bond once it reaches the hub");
+            if changed {
+                self.0
+                    .events
+                    .push(Level::Info, "uplink_enabled", Some(name), msg.clone());
+            }
+            Ok(msg)
+        }
+    }
+
+    fn reload(&self) -> Result<String, ActionError> {
+        let path = self.0.config_path.as_ref().ok_or_else(|| {
+            ActionError::new(
+                axum::http::StatusCode::CONFLICT,
+                "no_config_file",
+                "the daemon was not started from a config file",
+            )
+        })?;
+        let new = stallnet_netconf::load_file(path).map_err(|e| {
+            ActionError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_config",
+                format!("{e}; the running config is unchanged"),
+            )
+        })?;
+        let new_edge = new.edge().cloned().ok_or_else(|| {
+            ActionError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_config",
+                "the file is not an edge config; the running config is unchanged",
+            )
+        })?;
+        let old = &self.0.cfg;
+        let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.json() == b.json();
+        // Applied in place: the class settings (modes, weights, rates) and the mode.
+        let specs = classes::specs(&new_edge);
+        self.0
+            .bond
+            .configure(classes::sched_config(&specs, new_edge.mode));
+        let mut restart = Vec::new();
+        for (name, differs) in [
+            ("edge.hubs", !same(&old.hubs, &new_edge.hubs)),
+            ("edge.lan", !same(&old.lan, &new_edge.lan)),
+            ("edge.uplinks", !same(&old.uplinks, &new_edge.uplinks)),
+            ("edge.rules", !same(&old.rules, &new_edge.rules)),
+            (
+                "edge.tun_name/mtu",
+                old.tun_name != new_edge.tun_name || old.mtu != new_edge.mtu,
+            ),
+            ("edge.fallback", old.fallback != new_edge.fallback),
+        ] {
+            if differs {
+                restart.push(name);
+            }
+        }
+        let msg = if restart.is_empty() {
+            format!("{} is valid; class settings applied", path.display())
+        } else {
+            format!(
+                "{} is valid; class settings applied; these changes need a restart \
+                 (systemctl restart stallnet): {}",
+                path.display(),
+                restart.join(", ")
+            )
+        };
+        self.0
+            .events
+            .push(Level::Info, "config_reloaded", None, msg.clone());
+        Ok(msg)
+    }
+}
+
+/// Comparing config sections by their JSON form (they are `Serialize`, not `PartialEq`).
+mod erased {
+    pub trait Ser {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
+        }
+    }
+}
+
+impl Daemon for EdgeDaemon {
+    fn snapshot(&self) -> Option<Status> {
+        self.0.latest.lock().ok().and_then(|l| l.clone())
+    }
+
+    fn act(&self, action: control::Action) -> Result<String, ActionError> {
+        use control::Action as A;
+        match action {
+            A::Disable(name) => self.set_disabled(&name, true),
+            A::Enable(name) => self.set_disabled(&name, false),
+            A::Prefer(p) => {
+                let idx = p.as_deref().map(|n| self.uplink(n)).transpose()?;
+                if let Ok(mut a) = self.0.admin.lock() {
+                    a.preferred = idx;
+                }
+                self.apply_backups(idx);
+                let msg = match &p {
+                    Some(n) => format!(
+                        "{n} is preferred: the other uplinks carry traffic only when it cannot \
+                         (until a restart or `stallnet uplink prefer --clear`)"
+                    ),
+                    None => "no uplink preferred: the configured priorities apply".into(),
+                };
+                let kind = if p.is_some() {
+                    "uplink_preferred"
+                } else {
+                    "preference_cleared"
+                };
+                self.0
+                    .events
+                    .push(Level::Info, kind, p.as_deref(), msg.clone());
+                Ok(msg)
+            }
+            A::Reload => self.reload(),
+        }
+    }
 }

@@ -14,6 +14,7 @@ use stallnet_netconf::Config;
 use tokio_util::sync::CancellationToken;
 
 use crate::classes;
+use crate::control::{self, ActionError, Control, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig};
 use crate::core::packet;
 use crate::core::qos::{bit, ALL_CLASSES};
@@ -22,6 +23,7 @@ use crate::driver::bond::{Bond, BondConfig, Side};
 use crate::driver::netlink::Netlink;
 use crate::driver::session::{self, Welcome};
 use crate::driver::sys;
+use crate::events::{EventLog, Level};
 use crate::identity;
 use crate::status::{self, Status};
 
@@ -122,6 +124,22 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let mss = h.mtu.saturating_sub(40);
     let reader = tokio::spawn(async move { tun_reader(d, t, mss).await });
 
+    let latest: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+    let events = Arc::new(EventLog::new());
+    events.push(Level::Info, "started", None, "stallnet hub started".into());
+    {
+        let control = Arc::new(Control {
+            daemon: Arc::new(HubDaemon(latest.clone())),
+            events: events.clone(),
+        });
+        let (dir, c) = (cfg.runtime_dir.clone(), cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = control::serve(&dir, control, c).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
+    let mut online: Vec<bool> = vec![false; devices.len()];
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -150,6 +168,25 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
+        }
+        if let Ok(mut l) = latest.lock() {
+            *l = Some(doc);
+        }
+        for (d, was) in devices.iter().zip(online.iter_mut()) {
+            let now = d.bond.online();
+            if now != *was {
+                let (level, kind, what) = if now {
+                    (Level::Info, "online", "connected")
+                } else {
+                    (
+                        Level::Warning,
+                        "offline",
+                        "lost (no uplink reaches the hub)",
+                    )
+                };
+                events.push(level, kind, None, format!("device {}: {what}", d.name));
+                *was = now;
+            }
         }
     }
     endpoint.close(0u32.into(), b"shutdown");
@@ -221,5 +258,22 @@ async fn tun_reader(
         packet::clamp_mss(pkt, mss);
         // Malformed packets are counted by the bond and dropped.
         let _ = dev.bond.send(Bytes::copy_from_slice(pkt), false);
+    }
+}
+
+/// The hub as the control API sees it: status and events; uplink actions belong to edges.
+struct HubDaemon(Arc<std::sync::Mutex<Option<Status>>>);
+
+impl Daemon for HubDaemon {
+    fn snapshot(&self) -> Option<Status> {
+        self.0.lock().ok().and_then(|l| l.clone())
+    }
+
+    fn act(&self, _action: control::Action) -> Result<String, ActionError> {
+        Err(ActionError::new(
+            axum::http::StatusCode::CONFLICT,
+            "not_on_hub",
+            "uplink actions and reloads are done on the edge (the stall's box)",
+        ))
     }
 }

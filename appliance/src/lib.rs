@@ -8,12 +8,16 @@
 //! - [`driver`]: tokio code that moves bytes between the TUN device, QUIC and the kernel.
 //! - [`edge`], [`hub`]: the two roles, wiring drivers to cores.
 //! - [`status`]: the status document both roles publish.
+//! - [`control`]: the control API on a Unix socket; [`events`]: the event log it serves.
 
 pub mod classes;
 pub mod commerce;
+pub mod control;
+pub mod control_client;
 pub mod core;
 pub mod driver;
 pub mod edge;
+pub mod events;
 pub mod hub;
 pub mod identity;
 pub mod status;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use stallnet::{edge, hub, identity, status};
+use stallnet::{edge, hub, identity};
+
+mod ctl;
 use stallnet_netconf::Role;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +17,12 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Print versioned JSON documents (errors as JSON on stderr).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Where the running daemon's control socket is.
+    #[arg(long, global = true, default_value = "/run/stallnet")]
+    runtime_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -36,15 +44,9 @@ enum Cmd {
     Id {
         #[command(flatten)]
         dir: StateDir,
-        #[arg(long)]
-        json: bool,
     },
     /// Validate a config file; every error is printed with file:line:col.
-    Check {
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Check { config: PathBuf },
     /// Print the SHA-256 of a commerce client key (what `commerce.clients` holds).
     HashKey {
         /// The key; read from standard input when absent (keeps it out of shell history).
@@ -56,16 +58,9 @@ enum Cmd {
         file: PathBuf,
         #[arg(long)]
         public_key: String,
-        #[arg(long)]
-        json: bool,
     },
-    /// Show the running daemon's status.
-    Status {
-        #[arg(long, default_value = "/run/stallnet")]
-        runtime_dir: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    #[command(flatten)]
+    Ctl(ctl::Ctl),
 }
 
 #[derive(clap::Args)]
@@ -109,6 +104,7 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    let json = cli.json;
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg = stallnet_netconf::load_file(&config)?;
@@ -130,7 +126,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     c.cancel();
                 });
                 match cfg.role {
-                    Role::Edge => edge::run(cfg, cancel).await,
+                    Role::Edge => edge::run(cfg, Some(config), cancel).await,
                     Role::Hub => hub::run(cfg, cancel).await,
                 }
             })?;
@@ -142,7 +138,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             println!("{}", id.id);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Id { dir, json } => {
+        Cmd::Id { dir } => {
             let id = identity::load(&dir.resolve()?)?;
             if json {
                 println!("{}", serde_json::json!({ "version": 1, "identity": id.id }));
@@ -151,7 +147,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check { config, json } => match stallnet_netconf::load_file(&config) {
+        Cmd::Check { config } => match stallnet_netconf::load_file(&config) {
             Ok(_) => {
                 if json {
                     println!(
@@ -203,11 +199,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::VerifyReceipts {
-            file,
-            public_key,
-            json,
-        } => {
+        Cmd::VerifyReceipts { file, public_key } => {
             let text =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let receipts: Vec<stallnet::commerce::model::Receipt> = serde_json::from_slice(&text)
@@ -238,83 +230,6 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Cmd::Status { runtime_dir, json } => {
-            let s = status::read(&runtime_dir)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print_status(&s);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-fn print_status(s: &status::Status) {
-    println!(
-        "{} ({}){}",
-        s.state.to_uppercase(),
-        s.role,
-        if s.fallback_active {
-            ", direct fallback active"
-        } else {
-            ""
-        }
-    );
-    if let Some(c) = &s.commerce {
-        let n = c["undelivered"].as_u64().unwrap_or(0);
-        let age = c["oldest_undelivered_age_s"]
-            .as_i64()
-            .map_or(String::new(), |a| {
-                format!(", oldest {}h{:02}m", a / 3600, (a % 3600) / 60)
-            });
-        let dead = c["dead_letters"].as_u64().unwrap_or(0);
-        println!(
-            "sales: {n} waiting to upload{age}{}",
-            if dead > 0 {
-                format!(", {dead} refused by the backend (dead letters)")
-            } else {
-                String::new()
-            }
-        );
-    }
-    let Some(bonds) = s.bonds.as_object() else {
-        return;
-    };
-    for (name, b) in bonds {
-        println!("{name}:");
-        for l in b["links"].as_array().into_iter().flatten() {
-            println!(
-                "  {:<10} {:<8}{} rtt {:>7} loss {:>5.1}%  rate {:>6.1} Mbit/s  tx {:>10} rx {:>10}",
-                l["name"].as_str().unwrap_or("?"),
-                l["state"].as_str().unwrap_or("?"),
-                if l["degraded"].as_bool() == Some(true) {
-                    " (degraded)"
-                } else {
-                    ""
-                },
-                l["rtt_ms"]
-                    .as_f64()
-                    .map_or("-".into(), |r| format!("{r:.1}ms")),
-                l["loss"].as_f64().unwrap_or(0.0) * 100.0,
-                l["rate_mbps"].as_f64().unwrap_or(0.0),
-                l["tx_bytes"].as_u64().unwrap_or(0),
-                l["rx_bytes"].as_u64().unwrap_or(0),
-            );
-        }
-        for c in b["classes"].as_array().into_iter().flatten() {
-            let ms = |k: &str| c[k].as_f64().map_or("-".into(), |v| format!("{v}ms"));
-            println!(
-                "  {:<12} {:>9} pkts {:>12} bytes  dropped {:>6}  delay p50 {:>7} p99 {:>7}",
-                c["class"].as_str().unwrap_or("?"),
-                c["packets"].as_u64().unwrap_or(0),
-                c["bytes"].as_u64().unwrap_or(0),
-                c["dropped_full"].as_u64().unwrap_or(0)
-                    + c["dropped_codel"].as_u64().unwrap_or(0)
-                    + c["dropped_sojourn"].as_u64().unwrap_or(0),
-                ms("delay_p50_ms"),
-                ms("delay_p99_ms"),
-            );
-        }
+        Cmd::Ctl(c) => ctl::run(c, cli.runtime_dir, json),
     }
 }

@@ -42,3 +42,79 @@ pub fn read(runtime_dir: &Path) -> Result<Status> {
         .with_context(|| format!("reading {} (is stallnet running?)", p.display()))?;
     serde_json::from_slice(&text).with_context(|| format!("parsing {}", p.display()))
 }
+
+/// The status document for people: the state in words, sales waiting, each uplink and
+/// each class.
+pub fn human(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} ({}){}",
+        s["state"].as_str().unwrap_or("?").to_uppercase(),
+        s["role"].as_str().unwrap_or("?"),
+        if s["fallback_active"].as_bool() == Some(true) {
+            ", direct fallback active"
+        } else {
+            ""
+        }
+    );
+    let c = &s["commerce"];
+    if c.is_object() {
+        let n = c["undelivered"].as_u64().unwrap_or(0);
+        let age = c["oldest_undelivered_age_s"]
+            .as_i64()
+            .map_or(String::new(), |a| {
+                format!(", oldest {}h{:02}m", a / 3600, (a % 3600) / 60)
+            });
+        let dead = c["dead_letters"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "sales: {n} waiting to upload{age}{}",
+            if dead > 0 {
+                format!(", {dead} refused by the backend (dead letters)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    for (name, b) in s["bonds"].as_object().into_iter().flatten() {
+        let _ = writeln!(out, "{name}:");
+        for l in b["links"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  {:<10} {:<8}{} rtt {:>7} loss {:>5.1}%  rate {:>6.1} Mbit/s  tx {:>10} rx {:>10}",
+                l["name"].as_str().unwrap_or("?"),
+                l["state"].as_str().unwrap_or("?"),
+                if l["degraded"].as_bool() == Some(true) {
+                    " (degraded)"
+                } else {
+                    ""
+                },
+                l["rtt_ms"]
+                    .as_f64()
+                    .map_or("-".into(), |r| format!("{r:.1}ms")),
+                l["loss"].as_f64().unwrap_or(0.0) * 100.0,
+                l["rate_mbps"].as_f64().unwrap_or(0.0),
+                l["tx_bytes"].as_u64().unwrap_or(0),
+                l["rx_bytes"].as_u64().unwrap_or(0),
+            );
+        }
+        for c in b["classes"].as_array().into_iter().flatten() {
+            let ms = |k: &str| c[k].as_f64().map_or("-".into(), |v| format!("{v}ms"));
+            let _ = writeln!(
+                out,
+                "  {:<12} {:>9} pkts {:>12} bytes  dropped {:>6}  delay p50 {:>7} p99 {:>7}",
+                c["class"].as_str().unwrap_or("?"),
+                c["packets"].as_u64().unwrap_or(0),
+                c["bytes"].as_u64().unwrap_or(0),
+                c["dropped_full"].as_u64().unwrap_or(0)
+                    + c["dropped_codel"].as_u64().unwrap_or(0)
+                    + c["dropped_sojourn"].as_u64().unwrap_or(0),
+                ms("delay_p50_ms"),
+                ms("delay_p99_ms"),
+            );
+        }
+    }
+    out
+}

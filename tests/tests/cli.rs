@@ -79,7 +79,19 @@ fn status_without_a_daemon_says_so() -> Result<()> {
     let d = tmp("status");
     let out = stallnet(&["status", "--runtime-dir", d.to_str().expect("utf-8")])?;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is stallnet running?"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stallnet is not running"));
+    // Scripts get the error as JSON on stderr, nothing on stdout, and a failure exit.
+    let out = stallnet(&[
+        "uplinks",
+        "--json",
+        "--runtime-dir",
+        d.to_str().expect("utf-8"),
+    ])?;
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    assert_eq!(err["version"], 1);
+    assert_eq!(err["error"]["code"], "not_running");
     Ok(())
 }
 

@@ -67,7 +67,8 @@ pub enum Sent {
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkStatus {
     pub name: String,
-    /// `up`, `suspect`, `down`, `probing`, or `absent` when the interface is missing.
+    /// `up`, `suspect`, `down`, `probing`, `absent` when the interface is missing, or
+    /// `disabled` by the operator.
     pub state: String,
     pub connected: bool,
     pub backup: bool,
@@ -139,6 +140,8 @@ struct Link {
     reported: (Instant, u64),
     backup: bool,
     absent: bool,
+    /// Switched off by the operator: carries nothing, its connection closed.
+    disabled: bool,
     tx_packets: u64,
     tx_bytes: u64,
     rx_packets: u64,
@@ -281,6 +284,7 @@ impl Bond {
             reported: (Instant::now(), 0),
             backup,
             absent: false,
+            disabled: false,
             tx_packets: 0,
             tx_bytes: 0,
             rx_packets: 0,
@@ -325,7 +329,34 @@ impl Bond {
             return;
         };
         l.absent = !present;
-        l.health.on_carrier(present && carrier, now);
+        l.health.on_carrier(present && carrier && !l.disabled, now);
+        Self::refresh(&mut st, now);
+    }
+
+    /// Switches uplink `id` off (it carries nothing and its connection is closed) or on.
+    pub fn set_disabled(&self, id: LinkId, disabled: bool) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(Some(l)) = st.links.get_mut(id) else {
+            return;
+        };
+        l.disabled = disabled;
+        if disabled {
+            if let Some(c) = &l.conn {
+                c.close(0u32.into(), b"disabled by the operator");
+            }
+            l.health.on_carrier(false, now);
+        }
+        Self::refresh(&mut st, now);
+    }
+
+    /// Whether uplink `id` only carries traffic when no other uplink can.
+    pub fn set_backup(&self, id: LinkId, backup: bool) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(Some(l)) = st.links.get_mut(id) {
+            l.backup = backup;
+        }
         Self::refresh(&mut st, now);
     }
 
@@ -448,7 +479,7 @@ impl Bond {
                 state: l.health.state(),
                 backup: l.backup,
                 srtt: l.health.srtt(),
-                disabled: l.absent,
+                disabled: l.absent || l.disabled,
                 room: l.inflight.has_room(),
                 verified_until: l.health.verified_until(),
                 degraded: l.health.degraded(),
@@ -726,6 +757,8 @@ impl Bond {
             .map(|l| {
                 let state = if l.absent {
                     "absent".to_string()
+                } else if l.disabled {
+                    "disabled".to_string()
                 } else {
                     match l.health.state() {
                         LinkState::Up => "up",

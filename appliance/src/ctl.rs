@@ -1,0 +1,287 @@
+//! The CLI's control commands (`status`, `uplinks`, `classes`, `flows`, `events`,
+//! `uplink disable|enable|prefer`, `reload`): one request to the control API each; human
+//! tables by default, the API's versioned JSON document with `--json`; errors as JSON on
+//! stderr with `--json`; a non-zero exit on any failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde_json::{json, Value};
+use stallnet::control_client::{Client, ClientError};
+
+#[derive(clap::Subcommand)]
+pub enum Ctl {
+    /// The daemon's state: online/degraded/offline, uplinks, classes, sales.
+    Status,
+    /// Each uplink: state, RTT, jitter, loss, rate, bytes.
+    Uplinks,
+    /// Each traffic class: packets, bytes, drops, queue delay.
+    Classes,
+    /// The busiest flows.
+    Flows,
+    /// Recent events; `--follow` keeps printing new ones.
+    Events {
+        #[arg(long, short)]
+        follow: bool,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Switch an uplink off or on, or prefer it (until a restart).
+    Uplink {
+        #[command(subcommand)]
+        action: UplinkAction,
+    },
+    /// Re-read the config file: class settings apply at once; says what needs a restart.
+    Reload,
+}
+
+#[derive(clap::Subcommand)]
+pub enum UplinkAction {
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
+    /// Carry traffic on NAME; the others only when it cannot. `--clear` undoes it.
+    Prefer {
+        #[arg(required_unless_present = "clear")]
+        name: Option<String>,
+        #[arg(long)]
+        clear: bool,
+    },
+}
+
+pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = Client::new(&runtime_dir);
+    let result = rt.block_on(async {
+        match cmd {
+            Ctl::Events {
+                follow: true,
+                since,
+            } => {
+                let path = format!("/v1/events/stream?since={since}");
+                client
+                    .follow(&path, |ev| {
+                        if json_out {
+                            println!("{ev}");
+                        } else {
+                            println!("{}", event_line(&ev));
+                        }
+                        true
+                    })
+                    .await?;
+                Ok(None)
+            }
+            Ctl::Events { since, .. } => client
+                .get(&format!("/v1/events?since={since}"))
+                .await
+                .map(Some),
+            Ctl::Status => client.get("/v1/status").await.map(Some),
+            Ctl::Uplinks => client.get("/v1/uplinks").await.map(Some),
+            Ctl::Classes => client.get("/v1/classes").await.map(Some),
+            Ctl::Flows => client.get("/v1/flows").await.map(Some),
+            Ctl::Reload => client
+                .request(hyper::Method::POST, "/v1/reload")
+                .await
+                .map(Some),
+            Ctl::Uplink { action } => {
+                let (method, path) = match &action {
+                    UplinkAction::Disable { name } => {
+                        (hyper::Method::POST, format!("/v1/uplinks/{name}/disable"))
+                    }
+                    UplinkAction::Enable { name } => {
+                        (hyper::Method::POST, format!("/v1/uplinks/{name}/enable"))
+                    }
+                    UplinkAction::Prefer { clear: true, .. } => {
+                        (hyper::Method::DELETE, "/v1/uplinks/preference".to_string())
+                    }
+                    UplinkAction::Prefer { name, .. } => (
+                        hyper::Method::POST,
+                        format!("/v1/uplinks/{}/prefer", name.as_deref().unwrap_or("")),
+                    ),
+                };
+                client.request(method, &path).await.map(Some)
+            }
+        }
+        .map(|doc| (doc, ()))
+    });
+    match result {
+        Ok((None, ())) => Ok(ExitCode::SUCCESS),
+        Ok((Some(doc), ())) => {
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print_human(&doc);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            report(&e, json_out);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn report(e: &ClientError, json_out: bool) {
+    if json_out {
+        eprintln!(
+            "{}",
+            json!({ "version": 1, "error": { "code": e.code(), "message": e.to_string() } })
+        );
+    } else {
+        eprintln!("stallnet: {e}");
+    }
+}
+
+/// Human form of any control document.
+fn print_human(doc: &Value) {
+    if doc.get("state").is_some() && doc.get("bonds").is_some() {
+        print!("{}", stallnet::status::human(doc));
+    } else if let Some(links) = doc.get("uplinks") {
+        print!("{}", uplinks_table(links));
+    } else if let Some(classes) = doc.get("classes") {
+        print!("{}", classes_table(classes));
+    } else if let Some(flows) = doc.get("flows") {
+        print!("{}", flows_table(flows));
+    } else if let Some(events) = doc["events"].as_array() {
+        for e in events {
+            println!("{}", event_line(e));
+        }
+    } else if let Some(m) = doc["message"].as_str() {
+        println!("{m}");
+    } else {
+        println!("{doc}");
+    }
+}
+
+/// Per device on the hub, or the edge's own list.
+fn per_device(v: &Value) -> Vec<(Option<&str>, &Value)> {
+    match v {
+        Value::Object(m) => m.iter().map(|(k, v)| (Some(k.as_str()), v)).collect(),
+        other => vec![(None, other)],
+    }
+}
+
+fn uplinks_table(v: &Value) -> String {
+    let mut out = String::new();
+    for (device, links) in per_device(v) {
+        if let Some(d) = device {
+            out.push_str(&format!("{d}:\n"));
+        }
+        out.push_str(&format!(
+            "{:<10} {:<9} {:<9} {:>8} {:>8} {:>6} {:>9} {:>11} {:>11}\n",
+            "UPLINK", "KIND", "STATE", "RTT", "JITTER", "LOSS", "RATE", "SENT", "RECEIVED"
+        ));
+        for l in links.as_array().into_iter().flatten() {
+            let state = match (l["state"].as_str(), l["degraded"].as_bool()) {
+                (Some("up"), Some(true)) => "degraded",
+                (Some(s), _) => s,
+                _ => "?",
+            };
+            out.push_str(&format!(
+                "{:<10} {:<9} {:<9} {:>8} {:>8} {:>5.1}% {:>9} {:>11} {:>11}{}\n",
+                l["name"].as_str().unwrap_or("?"),
+                l["kind"].as_str().unwrap_or("-"),
+                state,
+                l["rtt_ms"]
+                    .as_f64()
+                    .map_or("-".into(), |r| format!("{r:.1}ms")),
+                format!("{:.1}ms", l["jitter_ms"].as_f64().unwrap_or(0.0)),
+                l["loss"].as_f64().unwrap_or(0.0) * 100.0,
+                format!("{:.1}Mb/s", l["rate_mbps"].as_f64().unwrap_or(0.0)),
+                bytes(l["tx_bytes"].as_u64().unwrap_or(0)),
+                bytes(l["rx_bytes"].as_u64().unwrap_or(0)),
+                if l["preferred"].as_bool() == Some(true) {
+                    "  (preferred)"
+                } else if l["backup"].as_bool() == Some(true) {
+                    "  (backup)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    out
+}
+
+fn classes_table(v: &Value) -> String {
+    let mut out = String::new();
+    for (device, classes) in per_device(v) {
+        if let Some(d) = device {
+            out.push_str(&format!("{d}:\n"));
+        }
+        out.push_str(&format!(
+            "{:<12} {:>10} {:>11} {:>8} {:>9} {:>9}\n",
+            "CLASS", "PACKETS", "BYTES", "DROPPED", "DELAY50", "DELAY99"
+        ));
+        for c in classes.as_array().into_iter().flatten() {
+            let ms = |k: &str| c[k].as_f64().map_or("-".into(), |v| format!("{v:.1}ms"));
+            out.push_str(&format!(
+                "{:<12} {:>10} {:>11} {:>8} {:>9} {:>9}\n",
+                c["class"].as_str().unwrap_or("?"),
+                c["packets"].as_u64().unwrap_or(0),
+                bytes(c["bytes"].as_u64().unwrap_or(0)),
+                c["dropped_full"].as_u64().unwrap_or(0)
+                    + c["dropped_codel"].as_u64().unwrap_or(0)
+                    + c["dropped_sojourn"].as_u64().unwrap_or(0),
+                ms("delay_p50_ms"),
+                ms("delay_p99_ms"),
+            ));
+        }
+    }
+    out
+}
+
+fn flows_table(v: &Value) -> String {
+    let mut out = String::new();
+    for (device, flows) in per_device(v) {
+        if let Some(d) = device {
+            out.push_str(&format!("{d}:\n"));
+        }
+        out.push_str(&format!(
+            "{:<12} {:>11} {:>8} {:<10} FLOW\n",
+            "CLASS", "BYTES", "AGE", "UPLINK"
+        ));
+        for f in flows.as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "{:<12} {:>11} {:>7.0}s {:<10} {}\n",
+                f["class"].as_str().unwrap_or("?"),
+                bytes(f["bytes"].as_u64().unwrap_or(0)),
+                f["age_s"].as_f64().unwrap_or(0.0),
+                f["uplink"].as_str().unwrap_or("-"),
+                f["flow"].as_str().unwrap_or("?"),
+            ));
+        }
+    }
+    out
+}
+
+fn event_line(e: &Value) -> String {
+    let at = e["at_ms"].as_i64().unwrap_or(0) / 1000;
+    let (h, m, s) = ((at / 3600) % 24, (at / 60) % 60, at % 60);
+    format!(
+        "#{:<5} {h:02}:{m:02}:{s:02} UTC {:<8} {}",
+        e["seq"].as_u64().unwrap_or(0),
+        e["level"].as_str().unwrap_or("?"),
+        e["message"].as_str().unwrap_or("")
+    )
+}
+
+/// Bytes for people: 1.2 MB.
+pub fn bytes(n: u64) -> String {
+    let f = n as f64;
+    if f >= 1e9 {
+        format!("{:.1} GB", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.1} MB", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.1} kB", f / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}

@@ -1,0 +1,195 @@
+//! End-to-end: the control API and the CLI against a real edge and hub in the netns
+//! topology: versioned JSON documents, uplink disable/enable/prefer with traffic still
+//! flowing, events (also followed live), reload, and clear errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use stallnet_tests::topo::{bin, wait_for, Options, Topology, UplinkSpec, LAN_CLIENT};
+
+fn cli(t: &Topology, role: &str, args: &[&str]) -> Result<std::process::Output> {
+    let dir = t.dir.join(format!("{role}-run"));
+    Ok(Command::new(bin("stallnet"))
+        .args(args)
+        .arg("--runtime-dir")
+        .arg(dir)
+        .output()?)
+}
+
+fn json(t: &Topology, role: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = cli(t, role, &a)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "stallnet {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn state_of(doc: &serde_json::Value, name: &str) -> String {
+    doc["uplinks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["name"] == name)
+        .and_then(|l| l["state"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options::default(),
+    )?;
+    t.start()?;
+    t.start_echo(7001)?;
+
+    // Documents are versioned and carry what the dashboard needs.
+    let up = json(&t, "edge", &["uplinks"])?;
+    assert_eq!(up["version"], 1);
+    assert_eq!(up["role"], "edge");
+    let links = up["uplinks"].as_array().context("uplinks")?;
+    assert_eq!(links.len(), 2);
+    for l in links {
+        for k in [
+            "name",
+            "kind",
+            "state",
+            "rtt_ms",
+            "jitter_ms",
+            "loss",
+            "tx_bytes",
+            "rx_bytes",
+        ] {
+            assert!(l.get(k).is_some(), "uplink without {k}: {l}");
+        }
+    }
+    assert_eq!(links[0]["kind"], "wifi");
+    let classes = json(&t, "edge", &["classes"])?;
+    assert_eq!(classes["classes"].as_array().map(Vec::len), Some(5));
+    let status = json(&t, "edge", &["status"])?;
+    assert_eq!(status["state"], "online");
+    let human = cli(&t, "edge", &["uplinks"])?;
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("UPLINK") && text.contains("wifi") && text.contains("cell"),
+        "{text}"
+    );
+
+    // Follow events live while the operator disables wifi.
+    let mut follower = Command::new(bin("stallnet"))
+        .args(["events", "--follow", "--json", "--runtime-dir"])
+        .arg(t.dir.join("edge-run"))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = follower.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let msg = json(&t, "edge", &["uplink", "disable", "wifi"])?;
+    assert_eq!(msg["ok"], true, "{msg}");
+    wait_for(Duration::from_secs(3), || {
+        Ok(state_of(&json(&t, "edge", &["uplinks"])?, "wifi") == "disabled")
+    })?;
+    // Traffic goes on over cell, and a disabled uplink does not make the box "degraded".
+    let flow = t.udp_flow(LAN_CLIENT, 7001, 100, 2.0)?;
+    assert_eq!(flow["lost"], 0, "{flow}");
+    let s = t.wait_status("edge", Duration::from_secs(3), |s| s["state"] == "online")?;
+    let wifi_tx = |s: &serde_json::Value| s["bonds"]["hub"]["links"][0]["tx_packets"].as_u64();
+    let before = wifi_tx(&s);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        wifi_tx(&t.status("edge")?),
+        before,
+        "a disabled uplink carries nothing"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut kinds = Vec::new();
+    while Instant::now() < deadline && !kinds.iter().any(|k| k == "uplink_disabled") {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let ev: serde_json::Value = serde_json::from_str(&line)?;
+            kinds.push(ev["kind"].as_str().unwrap_or("").to_string());
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(
+        kinds.iter().any(|k| k == "started"),
+        "backlog first: {kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k == "uplink_disabled"), "{kinds:?}");
+
+    json(&t, "edge", &["uplink", "enable", "wifi"])?;
+    wait_for(Duration::from_secs(10), || {
+        Ok(state_of(&json(&t, "edge", &["uplinks"])?, "wifi") == "up")
+    })?;
+
+    // Prefer cell: wifi becomes a backup until the preference is cleared.
+    json(&t, "edge", &["uplink", "prefer", "cell"])?;
+    wait_for(Duration::from_secs(2), || {
+        let up = json(&t, "edge", &["uplinks"])?;
+        Ok(up["uplinks"][0]["backup"] == true && up["uplinks"][1]["preferred"] == true)
+    })?;
+    json(&t, "edge", &["uplink", "prefer", "--clear"])?;
+    wait_for(Duration::from_secs(2), || {
+        let up = json(&t, "edge", &["uplinks"])?;
+        Ok(up["uplinks"][0]["backup"] == false && up["uplinks"][1]["preferred"] == false)
+    })?;
+
+    // Mistakes get clear errors and a failure exit.
+    let out = cli(&t, "edge", &["uplink", "disable", "lte", "--json"])?;
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    assert_eq!(err["error"]["code"], "unknown_uplink");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("wifi, cell"),
+        "{err}"
+    );
+    let out = cli(&t, "hub", &["uplink", "disable", "wifi", "--json"])?;
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    assert_eq!(err["error"]["code"], "not_on_hub");
+
+    // Reload: a valid file applies; a broken one is refused with its position.
+    let r = json(&t, "edge", &["reload"])?;
+    assert!(
+        r["message"].as_str().unwrap_or("").contains("is valid"),
+        "{r}"
+    );
+    let cfg = t.dir.join("edge.toml");
+    let good = std::fs::read_to_string(&cfg)?;
+    std::fs::write(&cfg, format!("{good}\nbogus = 1\n"))?;
+    let out = cli(&t, "edge", &["reload", "--json"])?;
+    std::fs::write(&cfg, good)?;
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    assert_eq!(err["error"]["code"], "invalid_config");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("edge.toml:"),
+        "{err}"
+    );
+
+    // The hub answers too, per device.
+    let hub = json(&t, "hub", &["uplinks"])?;
+    assert_eq!(hub["role"], "hub");
+    assert!(hub["uplinks"]["stall"].is_array(), "{hub}");
+    Ok(())
+}
