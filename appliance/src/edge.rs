@@ -162,8 +162,17 @@ pub async fn run(
         tokio::spawn(async move { uplink_task(c, i, id, u, rx).await });
     }
     {
+        let daemon: Arc<dyn Daemon> = Arc::new(EdgeDaemon(ctx.clone()));
+        if let Some(m) = &cfg.metrics {
+            let (d, listen, c) = (daemon.clone(), m.listen, cancel.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listen, d, c).await {
+                    tracing::error!("{e:#}");
+                }
+            });
+        }
         let control = Arc::new(Control {
-            daemon: Arc::new(EdgeDaemon(ctx.clone())),
+            daemon,
             events: ctx.events.clone(),
         });
         let (dir, c) = (cfg.runtime_dir.clone(), cancel.clone());

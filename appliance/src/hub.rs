@@ -128,8 +128,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let events = Arc::new(EventLog::new());
     events.push(Level::Info, "started", None, "stallnet hub started".into());
     {
+        let daemon: Arc<dyn Daemon> = Arc::new(HubDaemon(latest.clone()));
+        if let Some(m) = &cfg.metrics {
+            let (d, listen, c) = (daemon.clone(), m.listen, cancel.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listen, d, c).await {
+                    tracing::error!("{e:#}");
+                }
+            });
+        }
         let control = Arc::new(Control {
-            daemon: Arc::new(HubDaemon(latest.clone())),
+            daemon,
             events: events.clone(),
         });
         let (dir, c) = (cfg.runtime_dir.clone(), cancel.clone());

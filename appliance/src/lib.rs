@@ -8,7 +8,8 @@
 //! - [`driver`]: tokio code that moves bytes between the TUN device, QUIC and the kernel.
 //! - [`edge`], [`hub`]: the two roles, wiring drivers to cores.
 //! - [`status`]: the status document both roles publish.
-//! - [`control`]: the control API on a Unix socket; [`events`]: the event log it serves.
+//! - [`control`]: the control API on a Unix socket; [`events`]: the event log it serves;
+//!   [`metrics`]: Prometheus metrics.
 
 pub mod classes;
 pub mod commerce;
@@ -20,4 +21,5 @@ pub mod edge;
 pub mod events;
 pub mod hub;
 pub mod identity;
+pub mod metrics;
 pub mod status;

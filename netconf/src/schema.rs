@@ -35,6 +35,16 @@ pub struct Config {
     pub hub: Option<Spanned<HubConfig>>,
     /// The local commerce service (tokens, carts, receipts, outbox) on the edge.
     pub commerce: Option<Spanned<CommerceConfig>>,
+    /// Prometheus metrics (both roles).
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where Prometheus scrapes `GET /metrics`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port, e.g. `"10.1.0.1:9108"` (the LAN) or `"127.0.0.1:9108"`.
+    pub listen: SocketAddr,
 }
 
 /// `[commerce]`: the LAN API for the shop's apps and the outbox's upstream.

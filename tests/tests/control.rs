@@ -45,7 +45,10 @@ fn state_of(doc: &serde_json::Value, name: &str) -> String {
 fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     let mut t = Topology::build(
         vec![UplinkSpec::wifi(), UplinkSpec::cell()],
-        Options::default(),
+        Options {
+            edge_extra: Some("\n[metrics]\nlisten = \"10.1.0.1:9108\"\n".into()),
+            ..Options::default()
+        },
     )?;
     t.start()?;
     t.start_echo(7001)?;
@@ -98,6 +101,25 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
         }
     });
 
+    // Prometheus scrapes the same facts from the LAN.
+    let m = scrape(&t)?;
+    assert_eq!(
+        m.get(r#"stallnet_uplink_up{device="local",uplink="wifi",kind="wifi"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(m.get("stallnet_tunnel_online"), Some(&1.0));
+    let sent: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("stallnet_uplink_sent_bytes_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(sent > 0.0, "{m:?}");
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("stallnet_class_queue_delay_seconds{")),
+        "{m:?}"
+    );
+
     let msg = json(&t, "edge", &["uplink", "disable", "wifi"])?;
     assert_eq!(msg["ok"], true, "{msg}");
     wait_for(Duration::from_secs(3), || {
@@ -131,6 +153,16 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
         "backlog first: {kinds:?}"
     );
     assert!(kinds.iter().any(|k| k == "uplink_disabled"), "{kinds:?}");
+
+    let m = scrape(&t)?;
+    assert_eq!(
+        m.get(r#"stallnet_uplink_up{device="local",uplink="wifi",kind="wifi"}"#),
+        Some(&0.0)
+    );
+    assert_eq!(
+        m.get(r#"stallnet_uplink_state{device="local",uplink="wifi",state="disabled"}"#),
+        Some(&1.0)
+    );
 
     json(&t, "edge", &["uplink", "enable", "wifi"])?;
     wait_for(Duration::from_secs(10), || {
@@ -192,4 +224,50 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     assert_eq!(hub["role"], "hub");
     assert!(hub["uplinks"]["stall"].is_array(), "{hub}");
     Ok(())
+}
+
+/// Scrapes the edge's metrics from the LAN and parses the exposition: every sample line
+/// is `name{labels} value`, every family has `# TYPE`; returns sample → value.
+fn scrape(t: &Topology) -> Result<std::collections::HashMap<String, f64>> {
+    let out = t.exec(
+        "lan",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "http://10.1.0.1:9108/metrics",
+        ],
+    )?;
+    let text = String::from_utf8(out.stdout)?;
+    let mut samples = std::collections::HashMap::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap_or("").to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').context("sample without value")?;
+        let v: f64 = value
+            .parse()
+            .with_context(|| format!("bad value in {line:?}"))?;
+        let family = name.split('{').next().unwrap_or("");
+        let base = ["_total", "_info"]
+            .iter()
+            .find_map(|s| family.strip_suffix(s))
+            .unwrap_or(family);
+        anyhow::ensure!(
+            typed.contains(family) || typed.contains(base),
+            "{family} has no # TYPE"
+        );
+        samples.insert(name.to_string(), v);
+    }
+    anyhow::ensure!(
+        text.trim_end().ends_with("# EOF"),
+        "exposition not terminated"
+    );
+    Ok(samples)
 }
