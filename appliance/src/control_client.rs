@@ -7,6 +7,9 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
+/// HTTP methods, for callers that do not depend on hyper themselves.
+pub use hyper::Method;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answers on the socket.

@@ -237,6 +237,8 @@ async fn supervise(
 ) -> Result<()> {
     let mut commerce_doc = None;
     let mut ticks = 0u64;
+    let started = Instant::now();
+    let mut clock = status::clock_state();
     let mut fallback = DirectFallback::new(ctx.cfg.fallback == Fallback::Direct, FALLBACK_AFTER);
     let mut was_online = false;
     let mut links_seen = vec![LinkSeen::default(); ctx.cfg.uplinks.len()];
@@ -325,6 +327,7 @@ async fn supervise(
         };
         // The commerce figures read the store: once a second is plenty.
         if ticks % 4 == 0 {
+            clock = status::clock_state();
             commerce_doc = commerce
                 .as_ref()
                 .and_then(|s| crate::commerce::api::status(s).ok());
@@ -354,6 +357,9 @@ async fn supervise(
             refused_handshakes: 0,
             bonds: serde_json::json!({ "hub": b }),
             commerce: commerce_doc.clone(),
+            uptime_s: started.elapsed().as_secs(),
+            peer: ctx.cfg.hubs.first().map(|h| h.address.to_string()),
+            clock: clock.clone(),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");

@@ -149,6 +149,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         });
     }
     let mut online: Vec<bool> = vec![false; devices.len()];
+    let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -174,6 +175,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             refused_handshakes: refused.load(Ordering::Relaxed),
             bonds: serde_json::Value::Object(bonds),
             commerce: None,
+            uptime_s: started.elapsed().as_secs(),
+            peer: None,
+            clock: status::clock_state(),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");

@@ -22,6 +22,35 @@ pub struct Status {
     /// per-client last sync), when the commerce service is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commerce: Option<serde_json::Value>,
+    /// Seconds since the daemon started.
+    #[serde(default)]
+    pub uptime_s: u64,
+    /// The edge's hub (address), for the dashboard's header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Whether the wall clock can be trusted: `synced` (NTP said so), `unverified` (no
+    /// NTP confirmation yet; the time is the saved or the hardware one), `wrong` (before
+    /// this software was built).
+    #[serde(default)]
+    pub clock: String,
+}
+
+/// Unix time this release cannot predate (2026-01-01): an earlier clock is wrong.
+const CLOCK_FLOOR: u64 = 1_767_225_600;
+
+/// The clock's trustworthiness (see [`Status::clock`]).
+pub fn clock_state() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now < CLOCK_FLOOR {
+        "wrong"
+    } else if Path::new("/run/systemd/timesync/synchronized").exists() {
+        "synced"
+    } else {
+        "unverified"
+    }
+    .into()
 }
 
 pub fn path(runtime_dir: &Path) -> PathBuf {
