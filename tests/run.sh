@@ -20,6 +20,7 @@ command -v python3 >/dev/null || need+=(python3)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v nats-server >/dev/null || need+=(nats-server)
 command -v curl >/dev/null || need+=(curl)
+command -v tmux >/dev/null || need+=(tmux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   apt-get update -qq
