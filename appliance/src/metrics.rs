@@ -150,7 +150,7 @@ pub fn render(s: &Status) -> String {
             c_bytes.get_or_create(&cl).inc_by(n("bytes"));
             c_queued
                 .get_or_create(&cl)
-                .set(i64::try_from(n("queued")).unwrap_or(i64::MAX));
+                .set(i64::try_from(n("queued_packets")).unwrap_or(i64::MAX));
             for (reason, key) in [
                 ("full", "dropped_full"),
                 ("codel", "dropped_codel"),

@@ -18,6 +18,22 @@ fn cli(t: &Topology, role: &str, args: &[&str]) -> Result<std::process::Output> 
         .output()?)
 }
 
+/// Checks `doc` against `docs/schemas/<schema>.schema.json` (what scripts rely on).
+fn conforms(doc: &serde_json::Value, schema: &str) -> Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/schemas")
+        .join(format!("{schema}.schema.json"));
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let v = jsonschema::validator_for(&s).map_err(|e| anyhow::anyhow!("{schema}: {e}"))?;
+    let errors: Vec<String> = v
+        .iter_errors(doc)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    anyhow::ensure!(errors.is_empty(), "{schema}: {errors:#?}\n{doc}");
+    Ok(())
+}
+
+/// Runs `stallnet ARGS --json`; the document must match the command's schema.
 fn json(t: &Topology, role: &str, args: &[&str]) -> Result<serde_json::Value> {
     let mut a = args.to_vec();
     a.push("--json");
@@ -27,7 +43,25 @@ fn json(t: &Topology, role: &str, args: &[&str]) -> Result<serde_json::Value> {
         "stallnet {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let schema = match args[0] {
+        "uplink" | "reload" => "action",
+        other => other,
+    };
+    conforms(&doc, schema)?;
+    Ok(doc)
+}
+
+/// Runs a command that must fail; its stderr is a JSON error document.
+fn json_err(t: &Topology, role: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = cli(t, role, &a)?;
+    anyhow::ensure!(!out.status.success(), "stallnet {args:?} should fail");
+    anyhow::ensure!(out.stdout.is_empty(), "nothing on stdout on failure");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    conforms(&doc, "error")?;
+    Ok(doc)
 }
 
 fn state_of(doc: &serde_json::Value, name: &str) -> String {
@@ -53,6 +87,12 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     t.start()?;
     t.start_echo(7001)?;
 
+    // The schemas do refuse what scripts could not rely on.
+    assert!(conforms(
+        &serde_json::json!({ "version": 2, "role": "edge" }),
+        "uplinks"
+    )
+    .is_err());
     // Documents are versioned and carry what the dashboard needs.
     let up = json(&t, "edge", &["uplinks"])?;
     assert_eq!(up["version"], 1);
@@ -78,6 +118,12 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     assert_eq!(classes["classes"].as_array().map(Vec::len), Some(5));
     let status = json(&t, "edge", &["status"])?;
     assert_eq!(status["state"], "online");
+    json(&t, "edge", &["flows"])?;
+    let events = json(&t, "edge", &["events"])?;
+    assert!(
+        events["events"].as_array().is_some_and(|e| !e.is_empty()),
+        "{events}"
+    );
     let human = cli(&t, "edge", &["uplinks"])?;
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(
@@ -143,6 +189,7 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     while Instant::now() < deadline && !kinds.iter().any(|k| k == "uplink_disabled") {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
             let ev: serde_json::Value = serde_json::from_str(&line)?;
+            conforms(&ev, "event")?;
             kinds.push(ev["kind"].as_str().unwrap_or("").to_string());
         }
     }
@@ -182,9 +229,7 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     })?;
 
     // Mistakes get clear errors and a failure exit.
-    let out = cli(&t, "edge", &["uplink", "disable", "lte", "--json"])?;
-    assert!(!out.status.success());
-    let err: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    let err = json_err(&t, "edge", &["uplink", "disable", "lte"])?;
     assert_eq!(err["error"]["code"], "unknown_uplink");
     assert!(
         err["error"]["message"]
@@ -193,8 +238,7 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
             .contains("wifi, cell"),
         "{err}"
     );
-    let out = cli(&t, "hub", &["uplink", "disable", "wifi", "--json"])?;
-    let err: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    let err = json_err(&t, "hub", &["uplink", "disable", "wifi"])?;
     assert_eq!(err["error"]["code"], "not_on_hub");
 
     // Reload: a valid file applies; a broken one is refused with its position.
@@ -206,10 +250,9 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     let cfg = t.dir.join("edge.toml");
     let good = std::fs::read_to_string(&cfg)?;
     std::fs::write(&cfg, format!("{good}\nbogus = 1\n"))?;
-    let out = cli(&t, "edge", &["reload", "--json"])?;
+    let err = json_err(&t, "edge", &["reload"]);
     std::fs::write(&cfg, good)?;
-    assert!(!out.status.success());
-    let err: serde_json::Value = serde_json::from_slice(&out.stderr)?;
+    let err = err?;
     assert_eq!(err["error"]["code"], "invalid_config");
     assert!(
         err["error"]["message"]
