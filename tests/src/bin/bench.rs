@@ -4,7 +4,9 @@
 //! Benchmarks: `aggregation`, `blackhole`, `carrier`, `unshaped` (stallnet vs plain
 //! routing vs wireguard-go), `rss`, `mptcp` (kernel MPTCP over the same emulated links,
 //! beside stallnet, for aggregation and the black-hole stall of a TCP transfer). Run all, or name
-//! some: `stallnet-bench --runs 3 aggregation blackhole`. Needs root. Build in release
+//! some: `stallnet-bench --runs 3 aggregation blackhole`. `dashboard`: the TUI's CPU over
+//! 5 minutes (`STALLNET_TUI_SECS`), control API latency with 50 clients, the daemon's CPU
+//! cost of a metrics scrape every second. Needs root. Build in release
 //! first (`cargo build --release --workspace --bins`); the runner uses the binaries next to
 //! itself.
 use std::time::Duration;
@@ -44,6 +46,7 @@ fn main() -> Result<()> {
         "classes",
         "variable",
         "commerce",
+        "dashboard",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -110,6 +113,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "classes" => classes()?,
             "variable" => variable()?,
             "commerce" => commerce_bench::run()?,
+            "dashboard" => dashboard_bench::run()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -1187,4 +1191,146 @@ fn rss() -> Result<Vec<(String, &'static str, f64)>> {
         ("edge RSS idle".into(), "MB", idle),
         ("edge RSS after load".into(), "MB", load),
     ])
+}
+
+/// The dashboard, the control API and the metrics endpoint, against a real edge.
+mod dashboard_bench {
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result};
+    use stallnet_tests::topo::{bin, Options, Topology, UplinkSpec};
+
+    /// CPU seconds (user + system) a process has used so far.
+    fn cpu_secs(pid: u32) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command (which may hold spaces) start after the last ')'.
+        let rest = stat.rsplit_once(')').context("stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()?
+            + f.get(12).context("stime")?.parse::<f64>()?;
+        let hz: f64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
+            .trim()
+            .parse()
+            .unwrap_or(100.0);
+        Ok(ticks / hz)
+    }
+
+    pub fn run() -> Result<Vec<(String, &'static str, f64)>> {
+        let secs: u64 = std::env::var("STALLNET_TUI_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        let mut t = Topology::build(
+            vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+            Options {
+                edge_extra: Some("\n[metrics]\nlisten = \"10.1.0.1:9108\"\n".into()),
+                ..Options::default()
+            },
+        )?;
+        t.start()?;
+        let edge = t.pid("edge").context("edge pid")?;
+        let mut figs = Vec::new();
+
+        // The TUI in a real terminal (tmux), refreshing twice a second.
+        let sock = format!("{}-bench", t.prefix);
+        let cmd = format!(
+            "{} --runtime-dir {}",
+            bin("stallnet-tui").display(),
+            t.dir.join("edge-run").display()
+        );
+        let tmux = |args: &[&str]| Command::new("tmux").args(["-L", &sock]).args(args).output();
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            "b",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &cmd,
+        ])?;
+        std::thread::sleep(Duration::from_secs(3));
+        let pane =
+            String::from_utf8(tmux(&["list-panes", "-t", "b", "-F", "#{pane_pid}"])?.stdout)?;
+        let tui: u32 = pane.trim().parse().context("tui pid")?;
+        let (t0, e0, w0) = (cpu_secs(tui)?, cpu_secs(edge)?, Instant::now());
+        std::thread::sleep(Duration::from_secs(secs));
+        let (t1, e1, wall) = (cpu_secs(tui)?, cpu_secs(edge)?, w0.elapsed().as_secs_f64());
+        let _ = tmux(&["kill-server"]);
+        figs.push((
+            format!("dashboard: TUI CPU, 2 refreshes/s for {secs} s"),
+            "% of a core",
+            (t1 - t0) / wall * 100.0,
+        ));
+        figs.push((
+            "dashboard: daemon CPU while the TUI polls".into(),
+            "% of a core",
+            (e1 - e0) / wall * 100.0,
+        ));
+
+        // Control API: 50 clients at once, 100 status requests each.
+        let rt = tokio::runtime::Runtime::new()?;
+        let client = stallnet::control_client::Client::new(&t.dir.join("edge-run"));
+        let mut lat: Vec<f64> = rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..50 {
+                let c = client.clone();
+                tasks.spawn(async move {
+                    let mut v = Vec::with_capacity(100);
+                    for _ in 0..100 {
+                        let s = Instant::now();
+                        if c.get("/v1/status").await.is_ok() {
+                            v.push(s.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    v
+                });
+            }
+            let mut all = Vec::new();
+            while let Some(Ok(v)) = tasks.join_next().await {
+                all.extend(v);
+            }
+            all
+        });
+        anyhow::ensure!(lat.len() == 5000, "{} of 5000 requests answered", lat.len());
+        lat.sort_by(|a, b| a.total_cmp(b));
+        figs.push((
+            "control API: status p50, 50 clients".into(),
+            "ms",
+            lat[lat.len() / 2],
+        ));
+        figs.push((
+            "control API: status p99, 50 clients".into(),
+            "ms",
+            lat[lat.len() * 99 / 100],
+        ));
+
+        // Metrics: 1000 scrapes back to back (one curl, one connection), the daemon's CPU
+        // for them less its idle rate; a scrape every second costs 1/1000 of that per s.
+        let quiet = 30.0;
+        let (e0, w0) = (cpu_secs(edge)?, Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(quiet));
+        let base = (cpu_secs(edge)? - e0) / w0.elapsed().as_secs_f64();
+        let (e0, w0) = (cpu_secs(edge)?, Instant::now());
+        let out = t.exec(
+            "lan",
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "120",
+                "http://10.1.0.1:9108/metrics?n=[1-1000]",
+            ],
+        )?;
+        anyhow::ensure!(out.status.success(), "scrapes failed");
+        let (spent, wall) = (cpu_secs(edge)? - e0, w0.elapsed().as_secs_f64());
+        let per_scrape_ms = ((spent - base * wall) / 1000.0 * 1e3).max(0.0);
+        figs.push(("metrics: daemon CPU per scrape".into(), "ms", per_scrape_ms));
+        figs.push(("daemon CPU, idle edge".into(), "% of a core", base * 100.0));
+        Ok(figs)
+    }
 }
