@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The lab: builds everything and runs edge + hub over two emulated uplinks (wifi, cell)
-# with a POS-like and a stream-like traffic source, printing the edge's status every
-# second. Needs root. Ctrl-C tears it all down.
+# with a POS-like and a stream-like traffic source, and opens the dashboard (q quits and
+# tears it all down; without a terminal, or with --no-dashboard, it prints the edge's
+# state every second until Ctrl-C). Needs root.
 #
 #   ./tests/lab.sh                          start the lab (in one terminal)
+#   ./tests/lab.sh cli uplinks              any stallnet command against the lab's edge
 #   ./tests/lab.sh fault blackhole wifi on  silent black hole on wifi (off to clear)
 #   ./tests/lab.sh fault carrier cell down  carrier loss on cell (up to restore)
 #   ./tests/lab.sh fault shape wifi delay_ms=80 loss=0.02 rate_kbit=5000
@@ -30,8 +32,11 @@ case "${1:-start}" in
       command -v "$t" >/dev/null || { apt-get update -qq; apt-get install -y -qq --no-install-recommends nftables iperf3 ethtool conntrack iputils-ping python3 >/dev/null; break; }
     done
     cargo build --workspace --bins
-    exec ./target/debug/stallnet-lab
+    shift || true
+    exec ./target/debug/stallnet-lab "$@"
     ;;
+  cli)
+    . "$env_file"; shift; exec ./target/debug/stallnet "$@" --runtime-dir "$DIR/edge-run" ;;
   status)
     . "$env_file"; cat "$DIR/edge-run/status.json" ;;
   fault)
@@ -43,5 +48,5 @@ case "${1:-start}" in
       outage) emu "$i" "outage ${4:-2000}" ;;
       *) echo "fault kinds: blackhole, carrier, shape, outage" >&2; exit 2 ;;
     esac ;;
-  *) echo "usage: $0 [start|status|fault …]" >&2; exit 2 ;;
+  *) echo "usage: $0 [start [--no-dashboard]|status|cli …|fault …]" >&2; exit 2 ;;
 esac

@@ -268,7 +268,7 @@ pub fn run(sc: &Scenario) -> Outcome {
     out.sched = format!(
         "{:?} {:?}",
         sched.stats(),
-        sched.class_stats()[Class::Bulk as usize]
+        sched.class_stats(at(now))[Class::Bulk as usize]
     );
     out
 }

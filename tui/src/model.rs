@@ -198,9 +198,19 @@ impl Model {
                     .sum(),
             });
         }
-        self.pos_idle_s = self
-            .pos_seen_at
-            .map(|t| now.saturating_sub(t).as_secs_f64());
+        // The daemon's own figure when it has one (payments sent since it started);
+        // otherwise what this dashboard saw move.
+        let daemon_idle = bond["classes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["class"] == "pos")
+            .and_then(|c| c["idle_ms"].as_u64())
+            .map(|ms| ms as f64 / 1000.0);
+        self.pos_idle_s = daemon_idle.or_else(|| {
+            self.pos_seen_at
+                .map(|t| now.saturating_sub(t).as_secs_f64())
+        });
         let c = &status["commerce"];
         let sales = c.is_object().then(|| Sales {
             waiting: c["undelivered"].as_u64().unwrap_or(0),

@@ -17,7 +17,7 @@ fn link(name: &str, kind: &str, state: &str, rtt: Option<f64>, bytes: u64) -> Va
 
 fn class(name: &str, bytes: u64, p99: f64) -> Value {
     json!({ "class": name, "packets": bytes / 100, "bytes": bytes, "delay_p99_ms": p99,
-            "dropped_full": 0, "dropped_codel": 0, "dropped_sojourn": 0 })
+            "dropped_full": 0, "dropped_codel": 0, "dropped_sojourn": 0, "idle_ms": 4200 })
 }
 
 fn status(state: &str, links: Vec<Value>, step: u64, commerce: Value) -> Value {

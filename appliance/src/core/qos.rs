@@ -132,6 +132,8 @@ pub struct ClassStats {
     pub queued_bytes: usize,
     pub delay_p50_ms: Option<f64>,
     pub delay_p99_ms: Option<f64>,
+    /// Milliseconds since a packet of the class was last sent (none yet: `None`).
+    pub idle_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -232,6 +234,8 @@ struct ClassQueue<T> {
     max: Option<Bucket>,
     stats: ClassStats,
     delay: DelayHist,
+    /// When a packet of the class last left the queue.
+    last_out: Option<Instant>,
 }
 
 /// The class queues of one direction of one bond.
@@ -266,6 +270,7 @@ impl<T: QItem> Qos<T> {
                     ..Default::default()
                 },
                 delay: DelayHist::default(),
+                last_out: None,
             }
         });
         Self {
@@ -423,6 +428,7 @@ impl<T: QItem> Qos<T> {
                 continue;
             }
             q.delay.record(sojourn);
+            q.last_out = Some(now);
             q.stats.packets += 1;
             q.stats.bytes += len as u64;
             q.deficit -= len as i64;
@@ -473,10 +479,13 @@ impl<T: QItem> Qos<T> {
         (1..CLASSES).find(|&c| cand[c])
     }
 
-    pub fn stats(&self) -> Vec<ClassStats> {
+    pub fn stats(&self, now: Instant) -> Vec<ClassStats> {
         self.queues
             .iter()
             .map(|q| ClassStats {
+                idle_ms: q
+                    .last_out
+                    .map(|t| now.saturating_duration_since(t).as_millis() as u64),
                 queued_packets: q.items.len(),
                 queued_bytes: q.bytes,
                 delay_p50_ms: q.delay.quantile(0.5),
@@ -613,14 +622,23 @@ mod tests {
             assert!(q.enqueue(it(Class::Guest, t, n)));
         }
         assert!(q.enqueue(it(Class::Stream, t, 9)));
-        assert_eq!(q.stats()[Class::Guest as usize].dropped_full, 1);
-        assert_eq!(q.stats()[Class::Guest as usize].queued_packets, 4);
+        assert_eq!(
+            q.stats(Instant::now())[Class::Guest as usize].dropped_full,
+            1
+        );
+        assert_eq!(
+            q.stats(Instant::now())[Class::Guest as usize].queued_packets,
+            4
+        );
         // A guest packet cannot push out stream.
         for n in 0..4 {
             q.enqueue(it(Class::Stream, t, n));
         }
         assert!(!q.enqueue(it(Class::Guest, t, 50)));
-        assert_eq!(q.stats()[Class::Stream as usize].queued_packets, 5);
+        assert_eq!(
+            q.stats(Instant::now())[Class::Stream as usize].queued_packets,
+            5
+        );
         assert!(q.bytes() <= 5000);
     }
 
@@ -645,7 +663,7 @@ mod tests {
                 }
             }
         }
-        let s = &q.stats()[Class::Bulk as usize];
+        let s = &q.stats(Instant::now())[Class::Bulk as usize];
         assert!(s.dropped_codel > 0, "{s:?}");
         let late = &sojourns[sojourns.len() / 2..];
         let worst = late.iter().max().copied().unwrap_or_default();

@@ -257,8 +257,8 @@ impl Scheduler {
         s
     }
 
-    pub fn class_stats(&self) -> Vec<ClassStats> {
-        self.qos.stats()
+    pub fn class_stats(&self, now: Instant) -> Vec<ClassStats> {
+        self.qos.stats(now)
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -822,10 +822,16 @@ mod tests {
         s.enqueue(Class::Bulk, 0, pkt(0), t);
         s.enqueue(Class::Bulk, 0, pkt(1), t);
         s.enqueue(Class::Bulk, 0, pkt(2), t);
-        assert_eq!(s.class_stats()[Class::Bulk as usize].dropped_full, 1);
+        assert_eq!(
+            s.class_stats(Instant::now())[Class::Bulk as usize].dropped_full,
+            1
+        );
         s.update_link(a, up(20, false));
         assert_eq!(s.poll(a, ALL_CLASSES, t + Duration::from_secs(1)), None);
-        assert_eq!(s.class_stats()[Class::Bulk as usize].dropped_sojourn, 2);
+        assert_eq!(
+            s.class_stats(Instant::now())[Class::Bulk as usize].dropped_sojourn,
+            2
+        );
         assert_eq!(s.queued_bytes(), 0);
     }
 

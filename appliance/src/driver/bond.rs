@@ -816,7 +816,7 @@ impl Bond {
             online: st.sched.online(),
             links,
             scheduler: st.sched.stats(),
-            classes: st.sched.class_stats(),
+            classes: st.sched.class_stats(Instant::now()),
             classify: st.classifier.stats(),
             top_flows,
             malformed: self.malformed.load(Ordering::Relaxed),

@@ -55,6 +55,19 @@ fn main() -> Result<()> {
             "86400",
         ],
     )?;
+    // On a terminal the lab opens the dashboard; quitting it (q) ends the lab.
+    let dashboard = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && !std::env::args().any(|a| a == "--no-dashboard");
+    if dashboard {
+        let status = std::process::Command::new(stallnet_tests::topo::bin("stallnet-tui"))
+            .arg("--runtime-dir")
+            .arg(t.dir.join("edge-run"))
+            .status();
+        if let Err(e) = status {
+            eprintln!("dashboard: {e}");
+        }
+        return Ok(());
+    }
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(Duration::from_secs(1));
         match t.status("edge") {
