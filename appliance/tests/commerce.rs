@@ -910,3 +910,147 @@ async fn jetstream_gets_every_record_once_in_order_across_a_server_restart() {
     }
     assert!(ids.contains(&"sale-1".to_string()) && ids.contains(&"sale-2".to_string()));
 }
+
+/// A real TLS server on loopback (tokio-rustls) with a certificate from a private CA,
+/// answering each HTTP request with 201 and recording its Idempotency-Key.
+async fn tls_upstream(
+    dir: &std::path::Path,
+) -> (String, std::path::PathBuf, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Stall backend test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
+            127, 0, 0, 1,
+        ])));
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    let ca_path = dir.join("backend-ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).expect("write ca");
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, s) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                // A client that does not trust the CA fails here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                if let Some(k) = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("idempotency-key:"))
+                {
+                    s.lock().expect("lock").push(k.trim().to_string());
+                }
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (format!("https://{addr}/sales"), ca_path, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_on_a_private_ca_is_trusted_only_with_its_ca_file() {
+    let ca_dir = tmpdir("https-ca");
+    let (url, ca, seen) = tls_upstream(&ca_dir).await;
+    let c = http();
+    let post = |base: String, key: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .post(format!("{base}/v1/outbox"))
+                .bearer_auth(KEY)
+                .header("idempotency-key", key)
+                .json(&json!({ "group": "g", "body": { "k": key } }))
+                .send()
+                .await
+                .expect("req");
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    };
+    // Without the CA: the handshake fails, the record waits (retried, not dead).
+    let d1 = tmpdir("https-untrusted");
+    let b = start(
+        &d1,
+        limits(),
+        vec![],
+        Some(Upstream {
+            timeout_ms: 2000,
+            ..Upstream::new(url.clone())
+        }),
+    )
+    .await;
+    post(b.base.clone(), "untrusted-1").await;
+    b.online.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "no request without trust"
+    );
+    assert_eq!(b.svc.store.outbox_len(), 1, "the record still waits");
+    assert!(b.svc.store.dead_letters().expect("dead").is_empty());
+    drop(b);
+
+    // With the CA file: delivered over TLS.
+    let d2 = tmpdir("https-trusted");
+    let b = start(
+        &d2,
+        limits(),
+        vec![],
+        Some(Upstream {
+            timeout_ms: 2000,
+            ca_file: Some(ca.clone()),
+            ..Upstream::new(url)
+        }),
+    )
+    .await;
+    post(b.base.clone(), "trusted-1").await;
+    post(b.base.clone(), "trusted-2").await;
+    b.online.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.svc.store.outbox_len() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(*seen.lock().expect("lock"), ["trusted-1", "trusted-2"]);
+}

@@ -383,6 +383,21 @@ impl Validator<'_> {
             ),
             _ => {}
         }
+        if let Some(ca) = &u.ca_file {
+            if u.url.starts_with("http://") || u.url.starts_with("nats://") {
+                self.err(
+                    span.clone(),
+                    "commerce.upstream.ca_file",
+                    "ca_file applies to https:// and tls:// upstreams only",
+                );
+            } else if !ca.is_file() {
+                self.err(
+                    span.clone(),
+                    "commerce.upstream.ca_file",
+                    format!("no such file: {}", ca.display()),
+                );
+            }
+        }
         if !(100..=600_000).contains(&u.timeout_ms) {
             self.err(
                 span,

@@ -95,6 +95,9 @@ pub struct Upstream {
     pub timeout_ms: u64,
     /// HTTP: the `Authorization` header value (e.g. `Bearer …`). NATS: the server's token.
     pub authorization: Option<String>,
+    /// PEM file of the CA that signed the upstream's certificate, for a backend on a
+    /// private PKI (HTTPS or `tls://`); the public roots are trusted as well.
+    pub ca_file: Option<PathBuf>,
     /// Which way deliveries leave the box: through the bonded tunnel (default: they
     /// survive an uplink dying and leave from the hub's address) or straight out of the
     /// box's own default route.
@@ -119,6 +122,7 @@ impl Upstream {
             subject: None,
             timeout_ms: default_upstream_timeout(),
             authorization: None,
+            ca_file: None,
             via: UpstreamPath::default(),
         }
     }

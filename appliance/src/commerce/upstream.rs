@@ -51,6 +51,9 @@ impl Sink {
             if let Some(token) = &up.authorization {
                 opts = opts.token(token.clone());
             }
+            if let Some(ca) = &up.ca_file {
+                opts = opts.add_root_certificates(ca.clone());
+            }
             let client = opts
                 .connect(up.url.as_str())
                 .await
@@ -60,7 +63,18 @@ impl Sink {
             Ok(Self::Nats { js, subject })
         } else {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = reqwest::Client::builder().timeout(timeout).build()?;
+            let mut builder = reqwest::Client::builder().timeout(timeout);
+            if let Some(ca) = &up.ca_file {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("reading the upstream CA {}", ca.display()))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .with_context(|| format!("{} holds no PEM certificate", ca.display()))?;
+                anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", ca.display());
+                for c in certs {
+                    builder = builder.add_root_certificate(c);
+                }
+            }
+            let client = builder.build()?;
             Ok(Self::Http {
                 client,
                 url: up.url.clone(),
