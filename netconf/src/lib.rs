@@ -6,12 +6,18 @@
 //! - [`classes`]: traffic classes, classification rules and their built-in defaults.
 //! - [`load`]: reading a file, turning parse and semantic errors into [`ConfigError`]s that
 //!   carry the file, line, column, field path and what was expected.
+//! - [`revisions`]: numbered revisions on disk and the confirmed commit (rollback unless
+//!   confirmed in time).
+//! - [`edit`]: scripted edits (`get PATH`, `set PATH=VALUE`) that keep comments, and the
+//!   difference between two configs as field paths.
 //!
 //! Invariant: a config is either accepted whole or refused whole; every error is reported
 //! at once, never only the first.
 
 pub mod classes;
+pub mod edit;
 pub mod load;
+pub mod revisions;
 pub mod schema;
 
 pub use classes::{ClassMode, ClassName, ClassPath, ClassSpec, Rule};
