@@ -56,6 +56,8 @@ struct Ctx {
     events: Arc<EventLog>,
     latest: Mutex<Option<Status>>,
     config_path: Option<PathBuf>,
+    /// Set when the daemon must restart to take a restored config.
+    restart: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +136,7 @@ pub async fn run(
         events: Arc::new(EventLog::new()),
         latest: Mutex::new(None),
         config_path,
+        restart: std::sync::atomic::AtomicBool::new(false),
     });
 
     let (change_tx, change_rx) = watch::channel(0u64);
@@ -220,11 +223,37 @@ pub async fn run(
     }
     tracing::info!(identity = %me.id, "edge running");
 
+    if let Some(path) = ctx.config_path.clone() {
+        let c = ctx.clone();
+        let after = move || {
+            let d = EdgeDaemon(c.clone());
+            match d.reload_inner() {
+                Ok((_, restart)) if restart.is_empty() => {}
+                Ok((_, restart)) => {
+                    tracing::warn!(
+                        "the restored config changes {}: restarting",
+                        restart.join(", ")
+                    );
+                    c.restart.store(true, std::sync::atomic::Ordering::SeqCst);
+                    c.cancel.cancel();
+                }
+                Err(e) => tracing::error!("reloading the restored config: {}", e.message),
+            }
+        };
+        let (events, dir, c) = (ctx.events.clone(), cfg.state_dir.clone(), cancel.clone());
+        tokio::spawn(crate::confirm::guard(path, dir, events, after, c));
+    }
+
     let result = supervise(&ctx, &cfg, tun_index, commerce).await;
     reader.abort();
     cancel.cancel();
     ctx.nl.revert().await;
     let _ = nft_delete().await;
+    if ctx.restart.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!(
+            "exiting so that the service manager restarts stallnet with the restored config"
+        );
+    }
     result
 }
 
@@ -860,6 +889,11 @@ impl EdgeDaemon {
     }
 
     fn reload(&self) -> Result<String, ActionError> {
+        self.reload_inner().map(|(msg, _)| msg)
+    }
+
+    /// Reloads; also says which changed sections need a restart.
+    fn reload_inner(&self) -> Result<(String, Vec<&'static str>), ActionError> {
         let path = self.0.config_path.as_ref().ok_or_else(|| {
             ActionError::new(
                 axum::http::StatusCode::CONFLICT,
@@ -917,7 +951,7 @@ impl EdgeDaemon {
         self.0
             .events
             .push(Level::Info, "config_reloaded", None, msg.clone());
-        Ok(msg)
+        Ok((msg, restart))
     }
 }
 

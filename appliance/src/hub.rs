@@ -42,7 +42,11 @@ impl Device {
     }
 }
 
-pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
+pub async fn run(
+    cfg: Config,
+    config_path: Option<std::path::PathBuf>,
+    cancel: CancellationToken,
+) -> Result<()> {
     let h = cfg.hub().context("config has no [hub] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
     std::fs::create_dir_all(&cfg.runtime_dir)
@@ -148,6 +152,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             }
         });
     }
+    // An unconfirmed apply that times out: the hub restarts to take the restored file.
+    let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(path) = config_path {
+        let (r, c) = (restart.clone(), cancel.clone());
+        let after = move || {
+            r.store(true, Ordering::SeqCst);
+            c.cancel();
+        };
+        let (ev, dir, c) = (events.clone(), cfg.state_dir.clone(), cancel.clone());
+        tokio::spawn(crate::confirm::guard(path, dir, ev, after, c));
+    }
     let mut online: Vec<bool> = vec![false; devices.len()];
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -206,6 +221,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     acceptor.abort();
     reader.abort();
     nl.revert().await;
+    if restart.load(Ordering::SeqCst) {
+        bail!("exiting so that the service manager restarts stallnet with the restored config");
+    }
     Ok(())
 }
 

@@ -13,6 +13,7 @@
 
 pub mod classes;
 pub mod commerce;
+pub mod confirm;
 pub mod control;
 pub mod control_client;
 pub mod core;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use stallnet::{edge, hub, identity};
 
+mod config_cmd;
 mod ctl;
 use stallnet_netconf::Role;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,12 @@ enum Cmd {
         #[arg(long)]
         public_key: String,
     },
+    /// Configs: validate, diff, apply with a confirmed commit, confirm, rollback,
+    /// history, get and set.
+    Config {
+        #[command(subcommand)]
+        cmd: config_cmd::ConfigCmd,
+    },
     #[command(flatten)]
     Ctl(ctl::Ctl),
 }
@@ -107,7 +114,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     let json = cli.json;
     match cli.cmd {
         Cmd::Run { config } => {
-            let cfg = stallnet_netconf::load_file(&config)?;
+            let (cfg, rolled_back) = stallnet::confirm::load_at_start(&config)?;
+            if let Some(msg) = rolled_back {
+                tracing::warn!("{msg}");
+            }
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
             rt.block_on(async {
                 let cancel = CancellationToken::new();
@@ -127,7 +137,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 });
                 match cfg.role {
                     Role::Edge => edge::run(cfg, Some(config), cancel).await,
-                    Role::Hub => hub::run(cfg, cancel).await,
+                    Role::Hub => hub::run(cfg, Some(config), cancel).await,
                 }
             })?;
             Ok(ExitCode::SUCCESS)
@@ -231,5 +241,6 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             })
         }
         Cmd::Ctl(c) => ctl::run(c, cli.runtime_dir, json),
+        Cmd::Config { cmd } => config_cmd::run(cmd, json),
     }
 }

@@ -65,13 +65,32 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses and validates `text`, naming `file` in errors.
 pub fn parse_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let cfg: Config = toml::from_str(text).map_err(|e| {
-        let (line, col) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+        let at = e.span().map_or(0, |s| s.start);
+        let (line, col) = line_col(text, at);
+        let message = e.message().trim().to_string();
+        // A span at the very start is the whole document (a missing top-level field).
+        let mut path = if at == 0 {
+            String::new()
+        } else {
+            path_at(text, at)
+        };
+        // A missing field is reported at its table: name the field too.
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            path = if path.is_empty() {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+        }
         ConfigErrors(vec![ConfigError {
             file: file.to_owned(),
-            line,
-            col,
-            path: String::new(),
-            message: e.message().trim().to_string(),
+            line: line.max(1),
+            col: col.max(1),
+            path,
+            message,
         }])
     })?;
     let mut v = Validator {
@@ -84,6 +103,50 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Ok(cfg)
     } else {
         Err(ConfigErrors(v.errors))
+    }
+}
+
+/// The field path of the key at byte offset `at`: the table header in force there (with
+/// the index of an array-of-tables entry, and a dotted key's prefix) and the line's key.
+/// Good for what serde reports (a value of the wrong type, an unknown field, a missing
+/// one); inline tables and multi-line values are named by their key.
+fn path_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let mut header = String::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in text[..line_start].lines() {
+        let l = line.trim();
+        if let Some(h) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let h = h.trim().to_string();
+            let n = counts.entry(h.clone()).or_insert(0);
+            header = format!("{h}[{n}]");
+            *n += 1;
+        } else if let Some(h) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            header = h.trim().to_string();
+        }
+    }
+    let this = text[line_start..].lines().next().unwrap_or("").trim();
+    let key = if this.starts_with('[') {
+        // The error is about the table itself.
+        return this
+            .trim_start_matches('[')
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+    } else {
+        this.split('=')
+            .next()
+            .filter(|_| this.contains('='))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    match (header.is_empty(), key.is_empty()) {
+        (true, _) => key.to_string(),
+        (false, true) => header,
+        (false, false) => format!("{header}.{key}"),
     }
 }
 
@@ -130,6 +193,17 @@ impl Validator<'_> {
         if let Some(hub) = &cfg.hub {
             self.check_hub(hub);
         }
+        if let (Some(c), Some(edge)) = (&cfg.commerce, &cfg.edge) {
+            let ip = c.get_ref().listen.ip();
+            let lan = &edge.get_ref().lan;
+            if !ip.is_loopback() && !ip.is_unspecified() && !lan.iter().any(|n| n.contains(&ip)) {
+                self.err(
+                    c.span(),
+                    "commerce.listen",
+                    format!("{ip} is not an address on the LAN ({})", display_list(lan)),
+                );
+            }
+        }
         if let Some(c) = &cfg.commerce {
             self.check_commerce(c);
         }
@@ -161,6 +235,17 @@ impl Validator<'_> {
         }
         if e.lan.is_empty() {
             self.err(edge.span(), "edge.lan", "expected at least one LAN prefix");
+        }
+        for (i, a) in e.lan.iter().enumerate() {
+            for (j, b) in e.lan.iter().enumerate().skip(i + 1) {
+                if a.contains(&b.network()) || b.contains(&a.network()) {
+                    self.err(
+                        edge.span(),
+                        format!("edge.lan[{j}]"),
+                        format!("{b} overlaps edge.lan[{i}] ({a})"),
+                    );
+                }
+            }
         }
         for (i, p) in e.pos_sources.iter().enumerate() {
             if !e.lan.iter().any(|l| l.contains(p)) {
@@ -319,7 +404,7 @@ impl Validator<'_> {
                 self.err(
                     cl.span(),
                     format!("commerce.clients[{i}].key_sha256"),
-                    "expected 64 hex digits (the SHA-256 of the key; `stallnet commerce hash-key`)",
+                    "expected 64 hex digits (the SHA-256 of the key; `stallnet hash-key`)",
                 );
             }
             if v.name.is_empty() || v.name.len() > 64 || !v.name.bytes().all(name_byte) {
@@ -456,6 +541,13 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+fn display_list(v: &[ipnet::IpNet]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn name_byte(b: u8) -> bool {

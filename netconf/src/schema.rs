@@ -75,7 +75,7 @@ fn default_alert_hours() -> Vec<u32> {
 #[serde(deny_unknown_fields)]
 pub struct CommerceClient {
     pub name: String,
-    /// Hex SHA-256 of the client's bearer key (`stallnet commerce hash-key`).
+    /// Hex SHA-256 of the client's bearer key (`stallnet hash-key`).
     pub key_sha256: String,
 }
 
