@@ -124,8 +124,12 @@ pub fn run(cmd: ConfigCmd, json_out: bool) -> Result<ExitCode> {
         },
     };
     let failed = out.code != 0;
+    // A validation result is the command's document even when the file is invalid;
+    // errors of the command itself go to stderr.
+    let is_error = out.doc.get("error").is_some();
     match (json_out, failed) {
         (true, false) => println!("{}", serde_json::to_string_pretty(&out.doc)?),
+        (true, true) if !is_error => println!("{}", serde_json::to_string_pretty(&out.doc)?),
         (true, true) => eprintln!("{}", out.doc),
         (false, false) => {
             if !out.human.is_empty() {

@@ -250,6 +250,9 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
                 flatten(&format!("{prefix}[{i}]"), v, out);
             }
         }
+        // An unset optional field and an absent one are the same thing.
+        Value::Null => {}
+        Value::Object(_) => {}
         other => out.push((prefix.to_string(), other.clone())),
     }
 }

@@ -151,7 +151,7 @@ impl Store {
                 })?;
             out.push(rev);
         }
-        out.sort_by(|a, b| b.number.cmp(&a.number));
+        out.sort_by_key(|r| std::cmp::Reverse(r.number));
         Ok(out)
     }
 
