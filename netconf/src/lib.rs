@@ -6,6 +6,7 @@
 //! - [`classes`]: traffic classes, classification rules and their built-in defaults.
 //! - [`load`]: reading a file, turning parse and semantic errors into [`ConfigError`]s that
 //!   carry the file, line, column, field path and what was expected.
+//! - [`lan`]: the LAN section and the dnsmasq configuration rendered from it.
 //! - [`revisions`]: numbered revisions on disk and the confirmed commit (rollback unless
 //!   confirmed in time).
 //! - [`edit`]: scripted edits (`get PATH`, `set PATH=VALUE`) that keep comments, and the
@@ -16,6 +17,7 @@
 
 pub mod classes;
 pub mod edit;
+pub mod lan;
 pub mod load;
 pub mod revisions;
 pub mod schema;

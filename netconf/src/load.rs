@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -204,6 +205,9 @@ impl Validator<'_> {
                 );
             }
         }
+        if let Some(lan) = &cfg.lan {
+            self.check_lan(lan, cfg);
+        }
         if let Some(c) = &cfg.commerce {
             self.check_commerce(c);
         }
@@ -391,6 +395,194 @@ impl Validator<'_> {
                         format!("expected a DSCP code point 0-63, got {d}"),
                     );
                 }
+            }
+        }
+    }
+
+    fn check_dhcp(
+        &mut self,
+        at: &Range<usize>,
+        path: &str,
+        net: ipnet::Ipv4Net,
+        d: &crate::lan::Dhcp,
+    ) {
+        for (f, a) in [("start", d.start), ("end", d.end)] {
+            if !net.contains(&a) || a == net.network() || a == net.broadcast() {
+                self.err(
+                    at.clone(),
+                    format!("{path}.dhcp.{f}"),
+                    format!("{a} is not a host address of {}", net.trunc()),
+                );
+            }
+        }
+        if d.start > d.end {
+            self.err(
+                at.clone(),
+                format!("{path}.dhcp"),
+                format!("start {} is after end {}", d.start, d.end),
+            );
+        }
+        if (d.start..=d.end).contains(&net.addr()) {
+            self.err(
+                at.clone(),
+                format!("{path}.dhcp"),
+                format!("the range includes the box's own address {}", net.addr()),
+            );
+        }
+        if !crate::lan::valid_lease(&d.lease) {
+            self.err(
+                at.clone(),
+                format!("{path}.dhcp.lease"),
+                format!(
+                    "expected a lease time like \"12h\", \"30m\" or \"infinite\", got {:?}",
+                    d.lease
+                ),
+            );
+        }
+    }
+
+    fn check_lan(&mut self, lan: &Spanned<crate::lan::LanConfig>, cfg: &Config) {
+        let at = lan.span();
+        let l = lan.get_ref();
+        if cfg.role != Role::Edge {
+            self.err(at.clone(), "lan", "[lan] belongs to an edge config");
+        }
+        let iface_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 15
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !iface_ok(&l.interface) {
+            self.err(
+                at.clone(),
+                "lan.interface",
+                "expected an interface name of 1 to 15 characters",
+            );
+        }
+        for (i, p) in l.ports.iter().enumerate() {
+            if !iface_ok(p) || *p == l.interface {
+                self.err(
+                    at.clone(),
+                    format!("lan.ports[{i}]"),
+                    format!("expected a port other than the bridge itself, got {p:?}"),
+                );
+            }
+        }
+        let net = l.address;
+        if net.prefix_len() > 30 || net.addr() == net.network() || net.addr() == net.broadcast() {
+            self.err(
+                at.clone(),
+                "lan.address",
+                format!(
+                    "expected the box's address with the LAN prefix, like 10.1.0.1/24, got {net}"
+                ),
+            );
+        }
+        if let Some(d) = &l.dhcp {
+            self.check_dhcp(&at, "lan", net, d);
+        }
+        if let Some(e) = cfg.edge() {
+            let inside = e.lan.iter().any(|p| {
+                p.contains(&IpAddr::V4(net.network())) && p.prefix_len() <= net.prefix_len()
+            });
+            if !inside {
+                self.err(
+                    at.clone(),
+                    "lan.address",
+                    format!(
+                        "edge.lan must include {} (this LAN) for its traffic to enter the tunnel",
+                        net.trunc()
+                    ),
+                );
+            }
+        }
+        let mut macs = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, r) in l.reservations.iter().enumerate() {
+            let path = format!("lan.reservations[{i}]");
+            if parse_mac(&r.mac).is_none() {
+                self.err(
+                    at.clone(),
+                    format!("{path}.mac"),
+                    format!(
+                        "expected a MAC address like \"aa:bb:cc:dd:ee:ff\", got {:?}",
+                        r.mac
+                    ),
+                );
+            } else if !macs.insert(r.mac.to_ascii_lowercase()) {
+                self.err(
+                    at.clone(),
+                    format!("{path}.mac"),
+                    format!("{} is reserved twice", r.mac),
+                );
+            }
+            if !net.contains(&r.address)
+                || r.address == net.addr()
+                || r.address == net.network()
+                || r.address == net.broadcast()
+            {
+                self.err(
+                    at.clone(),
+                    format!("{path}.address"),
+                    format!(
+                        "{} is not a free host address of {}",
+                        r.address,
+                        net.trunc()
+                    ),
+                );
+            } else if !addrs.insert(r.address) {
+                self.err(
+                    at.clone(),
+                    format!("{path}.address"),
+                    format!("{} is reserved twice", r.address),
+                );
+            }
+        }
+        let mut ids = HashSet::new();
+        let mut names = HashSet::new();
+        let mut nets = vec![net.trunc()];
+        for (i, v) in l.vlans.iter().enumerate() {
+            let path = format!("lan.vlans[{i}]");
+            if !(1..=4094).contains(&v.id) || !ids.insert(v.id) {
+                self.err(
+                    at.clone(),
+                    format!("{path}.id"),
+                    format!("expected a VLAN id 1-4094 used once, got {}", v.id),
+                );
+            }
+            if v.name.is_empty()
+                || v.name.len() > 32
+                || !v.name.bytes().all(name_byte)
+                || !names.insert(v.name.clone())
+                || v.name == "lan"
+            {
+                self.err(at.clone(), format!("{path}.name"), format!("expected a unique name of letters, digits, '-' or '_' (not \"lan\"), got {:?}", v.name));
+            }
+            if v.interface(l).len() > 15 {
+                self.err(
+                    at.clone(),
+                    format!("{path}.id"),
+                    format!(
+                        "the VLAN interface name {:?} is longer than 15 characters",
+                        v.interface(l)
+                    ),
+                );
+            }
+            let vn = v.address.trunc();
+            if let Some(other) = nets
+                .iter()
+                .find(|n| n.contains(&vn.network()) || vn.contains(&n.network()))
+            {
+                self.err(
+                    at.clone(),
+                    format!("{path}.address"),
+                    format!("{vn} overlaps {other}"),
+                );
+            }
+            nets.push(vn);
+            if let Some(d) = &v.dhcp {
+                self.check_dhcp(&at, &path, v.address, d);
             }
         }
     }

@@ -37,6 +37,9 @@ pub struct Config {
     pub commerce: Option<Spanned<CommerceConfig>>,
     /// Prometheus metrics (both roles).
     pub metrics: Option<MetricsConfig>,
+    /// The stall's LAN (edge): interface or bridge, address, DHCP, DNS, VLANs. Without
+    /// it the LAN interface is set up by the system.
+    pub lan: Option<Spanned<crate::lan::LanConfig>>,
 }
 
 /// `[metrics]`: where Prometheus scrapes `GET /metrics`.

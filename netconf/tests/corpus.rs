@@ -18,6 +18,13 @@ fn commerce(body: &str) -> String {
     )
 }
 
+fn lan(body: &str) -> String {
+    edge(
+        "",
+        &format!("\n[lan]\ninterface = \"lan0\"\naddress = \"10.1.0.1/24\"\n{body}\n"),
+    )
+}
+
 /// (what, config text, field path, exact message).
 fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
     vec![
@@ -56,6 +63,14 @@ fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("upstream scheme", commerce("[commerce.upstream]\nurl = \"ftp://x/y\""), "commerce.upstream.url", "expected an https:// (or http://) URL, or nats:// (or tls://) for JetStream, got \"ftp://x/y\""),
         ("NATS without subject", commerce("[commerce.upstream]\nurl = \"nats://x:4222\""), "commerce.upstream.subject", "a NATS upstream needs the JetStream subject for this stall's records"),
         ("body limit too small", commerce("[commerce.limits]\nmax_body_bytes = 10"), "commerce.limits.max_body_bytes", "expected 1024 to 16777216"),
+        ("DHCP range off the LAN", lan("dhcp = { start = \"10.1.1.10\", end = \"10.1.0.200\" }"), "lan.dhcp.start", "10.1.1.10 is not a host address of 10.1.0.0/24"),
+        ("DHCP range over the box's address", lan("dhcp = { start = \"10.1.0.1\", end = \"10.1.0.200\" }"), "lan.dhcp", "the range includes the box's own address 10.1.0.1"),
+        ("bad lease time", lan("dhcp = { start = \"10.1.0.100\", end = \"10.1.0.200\", lease = \"1 day\" }"), "lan.dhcp.lease", "expected a lease time like \"12h\", \"30m\" or \"infinite\", got \"1 day\""),
+        ("LAN address is the network", lan("").replace("10.1.0.1/24", "10.1.0.0/24"), "lan.address", "expected the box's address with the LAN prefix, like 10.1.0.1/24, got 10.1.0.0/24"),
+        ("reservation off the LAN", lan("reservations = [{ mac = \"aa:bb:cc:dd:ee:ff\", address = \"192.168.1.5\" }]"), "lan.reservations[0].address", "192.168.1.5 is not a free host address of 10.1.0.0/24"),
+        ("VLAN overlapping the LAN", lan("[[lan.vlans]]\nname = \"guest\"\nid = 20\npurpose = \"guest\"\naddress = \"10.1.0.129/25\""), "lan.vlans[0].address", "10.1.0.128/25 overlaps 10.1.0.0/24"),
+        ("VLAN id out of range", lan("[[lan.vlans]]\nname = \"pos\"\nid = 5000\npurpose = \"pos\"\naddress = \"10.3.0.1/24\""), "lan.vlans[0].id", "expected a VLAN id 1-4094 used once, got 5000"),
+        ("LAN outside edge.lan", lan("").replace("address = \"10.1.0.1/24\"", "address = \"10.7.0.1/24\""), "lan.address", "edge.lan must include 10.7.0.0/24 (this LAN) for its traffic to enter the tunnel"),
         ("metrics address", format!("{}\n[metrics]\nlisten = \"nowhere\"\n", edge("", "")), "metrics.listen", "invalid socket address syntax"),
     ]
 }

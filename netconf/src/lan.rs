@@ -1,0 +1,222 @@
+//! `[lan]`: the stall's side of the box — its interface (or a bridge of ports), address,
+//! DHCP (range, lease time, reservations), DNS, and VLANs for POS and guests — and the
+//! dnsmasq configuration rendered from it (pure: the same config gives the same file).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LanConfig {
+    /// The LAN interface (`lan0`), or the bridge to create over `ports` (`br0`).
+    pub interface: String,
+    /// Ports joined into the bridge `interface` (empty: `interface` is a plain port).
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// The box's address and the LAN's prefix, e.g. `10.1.0.1/24`.
+    pub address: Ipv4Net,
+    pub dhcp: Option<Dhcp>,
+    /// Upstream DNS servers for the box's resolver (empty: the system's).
+    #[serde(default)]
+    pub dns_servers: Vec<IpAddr>,
+    /// Fixed addresses by MAC (the card reader, the camera).
+    #[serde(default)]
+    pub reservations: Vec<Reservation>,
+    #[serde(default)]
+    pub vlans: Vec<Vlan>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Dhcp {
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+    /// `12h`, `30m`, `3600s` or `infinite`.
+    #[serde(default = "default_lease")]
+    pub lease: String,
+}
+
+fn default_lease() -> String {
+    "12h".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    pub mac: String,
+    pub address: Ipv4Addr,
+    pub name: Option<String>,
+}
+
+/// What a VLAN is for (the firewall and the classes use it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VlanPurpose {
+    Pos,
+    Guest,
+    Other,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Vlan {
+    pub name: String,
+    /// 802.1Q id, 1–4094; the interface is `<lan interface>.<id>`.
+    pub id: u16,
+    pub purpose: VlanPurpose,
+    pub address: Ipv4Net,
+    pub dhcp: Option<Dhcp>,
+}
+
+impl Vlan {
+    pub fn interface(&self, lan: &LanConfig) -> String {
+        format!("{}.{}", lan.interface, self.id)
+    }
+}
+
+/// Whether `s` is a lease time dnsmasq takes (`12h`, `30m`, `3600s`, `3600`, `infinite`).
+pub fn valid_lease(s: &str) -> bool {
+    if s == "infinite" {
+        return true;
+    }
+    let digits = s.trim_end_matches(['h', 'm', 's']);
+    s.len() - digits.len() <= 1
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.parse::<u32>().is_ok_and(|n| n >= 2)
+}
+
+/// Local host names of card readers that must resolve to LAN addresses (dnsmasq's
+/// rebind protection would otherwise drop the answers).
+pub const REBIND_OK: &[&str] = &[
+    "stripe-terminal-local-reader.net",
+    "local.sumup.com",
+    "local.izettle.com",
+];
+
+/// The dnsmasq configuration for `lan` (leases in `leases_file`; `revision` names the
+/// config it came from).
+pub fn dnsmasq_conf(lan: &LanConfig, leases_file: &str, revision: &str) -> String {
+    let mut out = format!(
+        "# Rendered by stallnet from config {revision}: do not edit, it is rewritten.\n\
+         bind-dynamic\nno-hosts\ndomain-needed\nbogus-priv\nstop-dns-rebind\n\
+         dhcp-authoritative\ndhcp-leasefile={leases_file}\n"
+    );
+    for name in REBIND_OK {
+        out.push_str(&format!("rebind-domain-ok=/{name}/\n"));
+    }
+    if lan.dns_servers.is_empty() {
+        out.push_str("# upstream DNS: the system's resolv.conf\n");
+    } else {
+        out.push_str("no-resolv\n");
+        for s in &lan.dns_servers {
+            out.push_str(&format!("server={s}\n"));
+        }
+    }
+    let mut nets: Vec<(String, String, Ipv4Net, Option<&Dhcp>)> = vec![(
+        "lan".into(),
+        lan.interface.clone(),
+        lan.address,
+        lan.dhcp.as_ref(),
+    )];
+    for v in &lan.vlans {
+        nets.push((v.name.clone(), v.interface(lan), v.address, v.dhcp.as_ref()));
+    }
+    for (tag, iface, net, dhcp) in nets {
+        out.push_str(&format!("\n# {tag}\ninterface={iface}\n"));
+        if let Some(d) = dhcp {
+            out.push_str(&format!(
+                "dhcp-range=set:{tag},{},{},{},{}\n\
+                 dhcp-option=tag:{tag},option:router,{}\n\
+                 dhcp-option=tag:{tag},option:dns-server,{}\n",
+                d.start,
+                d.end,
+                net.netmask(),
+                d.lease,
+                net.addr(),
+                net.addr()
+            ));
+        }
+    }
+    if !lan.reservations.is_empty() {
+        out.push('\n');
+    }
+    for r in &lan.reservations {
+        match &r.name {
+            Some(n) => out.push_str(&format!("dhcp-host={},{},{n}\n", r.mac, r.address)),
+            None => out.push_str(&format!("dhcp-host={},{}\n", r.mac, r.address)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lan() -> LanConfig {
+        LanConfig {
+            interface: "br0".into(),
+            ports: vec!["eth0".into()],
+            address: "10.1.0.1/24".parse().expect("net"),
+            dhcp: Some(Dhcp {
+                start: Ipv4Addr::new(10, 1, 0, 100),
+                end: Ipv4Addr::new(10, 1, 0, 199),
+                lease: "12h".into(),
+            }),
+            dns_servers: vec!["1.1.1.1".parse().expect("ip")],
+            reservations: vec![Reservation {
+                mac: "aa:bb:cc:dd:ee:ff".into(),
+                address: Ipv4Addr::new(10, 1, 0, 10),
+                name: Some("reader".into()),
+            }],
+            vlans: vec![Vlan {
+                name: "guest".into(),
+                id: 20,
+                purpose: VlanPurpose::Guest,
+                address: "10.2.0.1/24".parse().expect("net"),
+                dhcp: Some(Dhcp {
+                    start: Ipv4Addr::new(10, 2, 0, 50),
+                    end: Ipv4Addr::new(10, 2, 0, 250),
+                    lease: "1h".into(),
+                }),
+            }],
+        }
+    }
+
+    #[test]
+    fn dnsmasq_serves_each_network_and_lets_card_readers_resolve_locally() {
+        let c = dnsmasq_conf(&lan(), "/var/lib/misc/dnsmasq.leases", "revision 7");
+        for line in [
+            "interface=br0",
+            "dhcp-range=set:lan,10.1.0.100,10.1.0.199,255.255.255.0,12h",
+            "dhcp-option=tag:lan,option:router,10.1.0.1",
+            "interface=br0.20",
+            "dhcp-range=set:guest,10.2.0.50,10.2.0.250,255.255.255.0,1h",
+            "dhcp-host=aa:bb:cc:dd:ee:ff,10.1.0.10,reader",
+            "rebind-domain-ok=/stripe-terminal-local-reader.net/",
+            "stop-dns-rebind",
+            "no-resolv",
+            "server=1.1.1.1",
+            "dhcp-leasefile=/var/lib/misc/dnsmasq.leases",
+        ] {
+            assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
+        }
+        assert_eq!(
+            c,
+            dnsmasq_conf(&lan(), "/var/lib/misc/dnsmasq.leases", "revision 7")
+        );
+    }
+
+    #[test]
+    fn lease_times() {
+        for ok in ["12h", "30m", "3600s", "3600", "infinite"] {
+            assert!(valid_lease(ok), "{ok}");
+        }
+        for bad in ["", "h", "12hh", "1d", "-5m", "1"] {
+            assert!(!valid_lease(bad), "{bad}");
+        }
+    }
+}
