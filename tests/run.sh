@@ -21,6 +21,7 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v nats-server >/dev/null || need+=(nats-server)
 command -v curl >/dev/null || need+=(curl)
 command -v tmux >/dev/null || need+=(tmux)
+command -v busybox >/dev/null || need+=(busybox)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   apt-get update -qq

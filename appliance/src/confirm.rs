@@ -52,9 +52,10 @@ pub async fn guard(
     config_path: PathBuf,
     state_dir: PathBuf,
     events: Arc<EventLog>,
-    after: impl Fn() + Send + 'static,
+    after: impl Fn() + Send + Sync + 'static,
     cancel: CancellationToken,
 ) {
+    let after = Arc::new(after);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -65,7 +66,9 @@ pub async fn guard(
         match tokio::task::spawn_blocking(move || roll_back_if_due(&p, &s)).await {
             Ok(Ok(Some(msg))) => {
                 events.push(Level::Critical, "config_rolled_back", None, msg);
-                after();
+                // A reload may block on the runtime: off the async threads.
+                let a = after.clone();
+                let _ = tokio::task::spawn_blocking(move || a()).await;
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => tracing::warn!("config confirmation: {e:#}"),

@@ -58,6 +58,8 @@ struct Ctx {
     config_path: Option<PathBuf>,
     /// Set when the daemon must restart to take a restored config.
     restart: std::sync::atomic::AtomicBool,
+    /// The LAN the daemon manages (`[lan]`), if any.
+    lan: Option<crate::lan_setup::Lan>,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +102,19 @@ pub async fn run(
             nl.rule_from(*p, tunnel_table, 1000).await?;
         }
     }
+    let lan = match &cfg.lan {
+        Some(l) => Some(
+            crate::lan_setup::Lan::start(
+                l.get_ref(),
+                e.dhcp_leases.clone(),
+                cfg.runtime_dir.clone(),
+                cancel.child_token(),
+            )
+            .await
+            .context("setting up the LAN")?,
+        ),
+        None => None,
+    };
     let specs = classes::specs(&e);
     let classifier = Classifier::new(&classes::rules(&e), ClassifyConfig::default());
     let device_rules: Vec<(usize, DeviceRef)> = classifier
@@ -137,6 +152,7 @@ pub async fn run(
         latest: Mutex::new(None),
         config_path,
         restart: std::sync::atomic::AtomicBool::new(false),
+        lan,
     });
 
     let (change_tx, change_rx) = watch::channel(0u64);
@@ -894,6 +910,7 @@ impl EdgeDaemon {
 
     /// Reloads; also says which changed sections need a restart.
     fn reload_inner(&self) -> Result<(String, Vec<&'static str>), ActionError> {
+        let mut lan_restart = false;
         let path = self.0.config_path.as_ref().ok_or_else(|| {
             ActionError::new(
                 axum::http::StatusCode::CONFLICT,
@@ -915,6 +932,21 @@ impl EdgeDaemon {
                 "the file is not an edge config; the running config is unchanged",
             )
         })?;
+        match (&self.0.lan, &new.lan) {
+            (Some(running), Some(l)) => {
+                tokio::runtime::Handle::current()
+                    .block_on(running.reload(l.get_ref()))
+                    .map_err(|e| {
+                        ActionError::new(
+                            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                            "lan_failed",
+                            format!("applying the LAN failed: {e:#}"),
+                        )
+                    })?;
+            }
+            (None, None) => {}
+            _ => lan_restart = true,
+        }
         let old = &self.0.cfg;
         let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.json() == b.json();
         // Applied in place: the class settings (modes, weights, rates) and the mode.
@@ -923,6 +955,9 @@ impl EdgeDaemon {
             .bond
             .configure(classes::sched_config(&specs, new_edge.mode));
         let mut restart = Vec::new();
+        if lan_restart {
+            restart.push("lan (added or removed)");
+        }
         for (name, differs) in [
             ("edge.hubs", !same(&old.hubs, &new_edge.hubs)),
             ("edge.lan", !same(&old.lan, &new_edge.lan)),

@@ -6,7 +6,8 @@
 //! - [`classes`]: the config's classes, rules and uplinks turned into core parameters.
 //! - [`identity`]: device keys, certificates and the pinned-identity TLS configuration.
 //! - [`driver`]: tokio code that moves bytes between the TUN device, QUIC and the kernel.
-//! - [`edge`], [`hub`]: the two roles, wiring drivers to cores.
+//! - [`edge`], [`hub`]: the two roles, wiring drivers to cores; [`lan_setup`]: the
+//!   config's LAN in the kernel and in dnsmasq.
 //! - [`status`]: the status document both roles publish.
 //! - [`control`]: the control API on a Unix socket; [`events`]: the event log it serves;
 //!   [`metrics`]: Prometheus metrics.
@@ -22,5 +23,6 @@ pub mod edge;
 pub mod events;
 pub mod hub;
 pub mod identity;
+pub mod lan_setup;
 pub mod metrics;
 pub mod status;

@@ -76,16 +76,24 @@ impl Vlan {
     }
 }
 
-/// Whether `s` is a lease time dnsmasq takes (`12h`, `30m`, `3600s`, `3600`, `infinite`).
+/// Whether `s` is a lease time dnsmasq takes (`12h`, `30m`, `3600s`, `3600`, `infinite`),
+/// at least its minimum of two minutes.
 pub fn valid_lease(s: &str) -> bool {
     if s == "infinite" {
         return true;
     }
     let digits = s.trim_end_matches(['h', 'm', 's']);
-    s.len() - digits.len() <= 1
-        && !digits.is_empty()
+    let unit: u64 = match &s[digits.len()..] {
+        "h" => 3600,
+        "m" => 60,
+        "s" | "" => 1,
+        _ => return false,
+    };
+    !digits.is_empty()
         && digits.bytes().all(|b| b.is_ascii_digit())
-        && digits.parse::<u32>().is_ok_and(|n| n >= 2)
+        && digits
+            .parse::<u64>()
+            .is_ok_and(|n| n.saturating_mul(unit) >= 120)
 }
 
 /// Local host names of card readers that must resolve to LAN addresses (dnsmasq's
@@ -212,10 +220,10 @@ mod tests {
 
     #[test]
     fn lease_times() {
-        for ok in ["12h", "30m", "3600s", "3600", "infinite"] {
+        for ok in ["12h", "1h", "30m", "2m", "3600s", "3600", "infinite"] {
             assert!(valid_lease(ok), "{ok}");
         }
-        for bad in ["", "h", "12hh", "1d", "-5m", "1"] {
+        for bad in ["", "h", "12hh", "1d", "-5m", "1", "1m", "90s"] {
             assert!(!valid_lease(bad), "{bad}");
         }
     }

@@ -134,6 +134,8 @@ pub struct Options {
     pub edge_mtu: Option<u16>,
     /// TOML tables appended to the edge's config (`[edge.classes.guest]`, `[[edge.rules]]`).
     pub edge_extra: Option<String>,
+    /// Fields added to the edge's `[edge]` table (`dhcp_leases = "…"`).
+    pub edge_fields: Option<String>,
 }
 
 pub struct Topology {
@@ -476,13 +478,14 @@ impl Topology {
         let edge = format!(
             "role = \"edge\"\nstate_dir = \"{d}/edge-state\"\nruntime_dir = \"{d}/edge-run\"\n\n[edge]\n\
              hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
-             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{uplinks}{extra}",
+             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{fields}\n{uplinks}{extra}",
             d = self.dir.display(),
             hub = self.hub_id,
             fb = if opts.fallback_direct { "direct" } else { "none" },
             mode = opts.edge_mode.unwrap_or("aggregate"),
             mtu = opts.edge_mtu.map(|m| format!("mtu = {m}\n")).unwrap_or_default(),
             extra = opts.edge_extra.clone().unwrap_or_default(),
+            fields = opts.edge_fields.clone().unwrap_or_default(),
         );
         std::fs::write(self.dir.join("edge.toml"), edge)?;
         let hub = format!(

@@ -245,6 +245,109 @@ impl Netlink {
             .with_context(|| format!("address {addr}/32"))
     }
 
+    /// Makes `addr` (with its prefix) the only IPv4 address of interface `index`; `None`
+    /// removes them all (a bridge port).
+    pub async fn set_only_prefix(&self, index: u32, addr: Option<ipnet::Ipv4Net>) -> Result<()> {
+        let _serial = self.serial.lock().await;
+        let old: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .context("reading addresses")?;
+        for m in old {
+            let is_v4 = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(_))));
+            let same = addr.is_some_and(|addr| {
+                m.header.prefix_len == addr.prefix_len()
+                    && m.attributes.iter().any(|a| {
+                        matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == addr.addr())
+                    })
+            });
+            if is_v4 && !same {
+                // Removing a primary address takes its secondaries with it: one of them
+                // may already be gone (EADDRNOTAVAIL), which is what we want anyway.
+                if let Err(e) = self.handle.address().del(m).execute().await {
+                    let gone = matches!(&e, rtnetlink::Error::NetlinkError(m)
+                        if m.raw_code() == -libc::EADDRNOTAVAIL);
+                    if !gone {
+                        return Err(e).context("removing a stale address");
+                    }
+                }
+            }
+        }
+        let Some(addr) = addr else {
+            return Ok(());
+        };
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr.addr()), addr.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("address {addr}"))
+    }
+
+    /// Creates the bridge `name` if it does not exist; returns its index.
+    pub async fn ensure_bridge(&self, name: &str) -> Result<u32> {
+        if let Some(l) = self.link(name).await? {
+            return Ok(l.index);
+        }
+        {
+            let _serial = self.serial.lock().await;
+            self.handle
+                .link()
+                .add(rtnetlink::LinkBridge::new(name).build())
+                .execute()
+                .await
+                .with_context(|| format!("creating bridge {name}"))?;
+        }
+        self.link(name)
+            .await?
+            .map(|l| l.index)
+            .with_context(|| format!("bridge {name} vanished"))
+    }
+
+    /// Creates the VLAN `name` (id `id` on `parent`) if it does not exist; returns its index.
+    pub async fn ensure_vlan(&self, name: &str, parent: u32, id: u16) -> Result<u32> {
+        if let Some(l) = self.link(name).await? {
+            return Ok(l.index);
+        }
+        {
+            let _serial = self.serial.lock().await;
+            self.handle
+                .link()
+                .add(rtnetlink::LinkVlan::new(name, parent, id).up().build())
+                .execute()
+                .await
+                .with_context(|| format!("creating VLAN {name}"))?;
+        }
+        self.link(name)
+            .await?
+            .map(|l| l.index)
+            .with_context(|| format!("VLAN {name} vanished"))
+    }
+
+    /// Sets interface `index` up, and into bridge `controller` when given.
+    pub async fn set_up(&self, index: u32, controller: Option<u32>) -> Result<()> {
+        let _serial = self.serial.lock().await;
+        let mut b = rtnetlink::LinkUnspec::new_with_index(index).up();
+        if let Some(c) = controller {
+            b = b.controller(c);
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .with_context(|| format!("setting link {index} up"))
+    }
+
     /// Routes `dst/32` out of `oif` with preferred source `src` in `table`.
     pub async fn route_host(
         &self,
