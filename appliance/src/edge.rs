@@ -108,6 +108,14 @@ pub async fn run(
                 l.get_ref(),
                 e.dhcp_leases.clone(),
                 cfg.runtime_dir.clone(),
+                stallnet_netconf::firewall::Inputs {
+                    api: cfg.commerce().map(|c| c.listen),
+                    metrics: cfg.metrics.as_ref().map(|m| m.listen),
+                    guest_prefixes: cfg
+                        .commerce()
+                        .map(|c| c.deny_from.clone())
+                        .unwrap_or_default(),
+                },
                 cancel.child_token(),
             )
             .await

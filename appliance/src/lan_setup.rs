@@ -1,13 +1,15 @@
 //! Puts the config's `[lan]` into the kernel and into dnsmasq: the bridge and its ports,
-//! VLAN interfaces, exactly the configured address on each (others removed), and a
-//! dnsmasq rendered from the config, run and restarted by the daemon. Applying the same
-//! config again changes nothing; a changed config restarts dnsmasq with the new file.
+//! the segments (VLAN links or ports of their own), exactly the configured address on each (others removed), and a
+//! dnsmasq rendered from the config, run and restarted by the daemon, and the firewall
+//! (one nft transaction). Applying the same config again changes nothing; a changed
+//! config restarts dnsmasq with the new file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use stallnet_netconf::firewall;
 use stallnet_netconf::lan::{dnsmasq_conf, LanConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,11 +39,40 @@ pub async fn apply_links(nl: &Netlink, lan: &LanConfig) -> Result<()> {
     };
     nl.set_up(index, None).await?;
     nl.set_only_prefix(index, Some(lan.address)).await?;
-    for v in &lan.vlans {
-        let vi = nl.ensure_vlan(&v.interface(lan), index, v.id).await?;
+    for v in &lan.segments {
+        let name = v.interface(lan);
+        let vi =
+            match v.vlan {
+                Some(id) => nl.ensure_vlan(&name, index, id).await?,
+                None => nl.link(&name).await?.map(|l| l.index).with_context(|| {
+                    format!("segment {}: interface {name} does not exist", v.name)
+                })?,
+            };
         nl.set_up(vi, None).await?;
         nl.set_only_prefix(vi, Some(v.address)).await?;
     }
+    Ok(())
+}
+
+/// Replaces the firewall table in one nft transaction.
+pub async fn apply_firewall(lan: &LanConfig, inputs: &firewall::Inputs) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let script = firewall::render(lan, inputs);
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (is nftables installed?)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the firewall was refused by nft: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
 }
 
@@ -114,6 +145,7 @@ pub async fn run_dnsmasq(
 /// The LAN as the daemon keeps it: applied at start, re-applied on reload.
 pub struct Lan {
     nl: Arc<Netlink>,
+    firewall: firewall::Inputs,
     runtime_dir: PathBuf,
     leases: PathBuf,
     tick: watch::Sender<u64>,
@@ -126,15 +158,18 @@ impl Lan {
         lan: &LanConfig,
         leases: PathBuf,
         runtime_dir: PathBuf,
+        firewall: firewall::Inputs,
         cancel: CancellationToken,
     ) -> Result<Self> {
         let nl = Arc::new(Netlink::new()?);
         apply_links(&nl, lan).await?;
+        apply_firewall(lan, &firewall).await?;
         write_conf(lan, &leases, &runtime_dir)?;
         let (tick, rx) = watch::channel(0u64);
         tokio::spawn(run_dnsmasq(runtime_dir.clone(), rx, cancel));
         Ok(Self {
             nl,
+            firewall,
             runtime_dir,
             leases,
             tick,
@@ -144,6 +179,7 @@ impl Lan {
     /// Re-applies a (possibly) changed LAN.
     pub async fn reload(&self, lan: &LanConfig) -> Result<()> {
         apply_links(&self.nl, lan).await?;
+        apply_firewall(lan, &self.firewall).await?;
         if write_conf(lan, &self.leases, &self.runtime_dir)? {
             self.tick.send_modify(|n| *n += 1);
         }

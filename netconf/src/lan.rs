@@ -1,6 +1,7 @@
 //! `[lan]`: the stall's side of the box — its interface (or a bridge of ports), address,
-//! DHCP (range, lease time, reservations), DNS, and VLANs for POS and guests — and the
-//! dnsmasq configuration rendered from it (pure: the same config gives the same file).
+//! DHCP (range, lease time, reservations), DNS, and further segments for POS and guests
+//! (a VLAN on the LAN interface, or a port of their own) — and the dnsmasq configuration
+//! rendered from it (pure: the same config gives the same file).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -24,8 +25,9 @@ pub struct LanConfig {
     /// Fixed addresses by MAC (the card reader, the camera).
     #[serde(default)]
     pub reservations: Vec<Reservation>,
+    /// Further networks: POS, guests.
     #[serde(default)]
-    pub vlans: Vec<Vlan>,
+    pub segments: Vec<Segment>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -50,10 +52,10 @@ pub struct Reservation {
     pub name: Option<String>,
 }
 
-/// What a VLAN is for (the firewall and the classes use it).
+/// What a segment is for (the firewall uses it: guests reach the internet only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum VlanPurpose {
+pub enum Purpose {
     Pos,
     Guest,
     Other,
@@ -61,18 +63,25 @@ pub enum VlanPurpose {
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct Vlan {
+pub struct Segment {
     pub name: String,
-    /// 802.1Q id, 1–4094; the interface is `<lan interface>.<id>`.
-    pub id: u16,
-    pub purpose: VlanPurpose,
+    pub purpose: Purpose,
+    /// 802.1Q id (1–4094): the segment is the VLAN `<lan interface>.<id>` ...
+    pub vlan: Option<u16>,
+    /// ... or a port of its own (a second ethernet, a wifi access point).
+    pub interface: Option<String>,
     pub address: Ipv4Net,
     pub dhcp: Option<Dhcp>,
 }
 
-impl Vlan {
+impl Segment {
+    /// The segment's interface name.
     pub fn interface(&self, lan: &LanConfig) -> String {
-        format!("{}.{}", lan.interface, self.id)
+        match (&self.interface, self.vlan) {
+            (Some(i), _) => i.clone(),
+            (None, Some(id)) => format!("{}.{id}", lan.interface),
+            (None, None) => String::new(),
+        }
     }
 }
 
@@ -129,7 +138,7 @@ pub fn dnsmasq_conf(lan: &LanConfig, leases_file: &str, revision: &str) -> Strin
         lan.address,
         lan.dhcp.as_ref(),
     )];
-    for v in &lan.vlans {
+    for v in &lan.segments {
         nets.push((v.name.clone(), v.interface(lan), v.address, v.dhcp.as_ref()));
     }
     for (tag, iface, net, dhcp) in nets {
@@ -180,10 +189,11 @@ mod tests {
                 address: Ipv4Addr::new(10, 1, 0, 10),
                 name: Some("reader".into()),
             }],
-            vlans: vec![Vlan {
+            segments: vec![Segment {
                 name: "guest".into(),
-                id: 20,
-                purpose: VlanPurpose::Guest,
+                vlan: Some(20),
+                interface: None,
+                purpose: Purpose::Guest,
                 address: "10.2.0.1/24".parse().expect("net"),
                 dhcp: Some(Dhcp {
                     start: Ipv4Addr::new(10, 2, 0, 50),

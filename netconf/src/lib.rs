@@ -7,6 +7,7 @@
 //! - [`load`]: reading a file, turning parse and semantic errors into [`ConfigError`]s that
 //!   carry the file, line, column, field path and what was expected.
 //! - [`lan`]: the LAN section and the dnsmasq configuration rendered from it.
+//! - [`firewall`]: the edge's nftables ruleset rendered from the config.
 //! - [`revisions`]: numbered revisions on disk and the confirmed commit (rollback unless
 //!   confirmed in time).
 //! - [`edit`]: scripted edits (`get PATH`, `set PATH=VALUE`) that keep comments, and the
@@ -17,6 +18,7 @@
 
 pub mod classes;
 pub mod edit;
+pub mod firewall;
 pub mod lan;
 pub mod load;
 pub mod revisions;

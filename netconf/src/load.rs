@@ -542,14 +542,32 @@ impl Validator<'_> {
         let mut ids = HashSet::new();
         let mut names = HashSet::new();
         let mut nets = vec![net.trunc()];
-        for (i, v) in l.vlans.iter().enumerate() {
-            let path = format!("lan.vlans[{i}]");
-            if !(1..=4094).contains(&v.id) || !ids.insert(v.id) {
-                self.err(
+        for (i, v) in l.segments.iter().enumerate() {
+            let path = format!("lan.segments[{i}]");
+            match (v.vlan, &v.interface) {
+                (Some(id), None) => {
+                    if !(1..=4094).contains(&id) || !ids.insert(id) {
+                        self.err(
+                            at.clone(),
+                            format!("{path}.vlan"),
+                            format!("expected a VLAN id 1-4094 used once, got {id}"),
+                        );
+                    }
+                }
+                (None, Some(p)) => {
+                    if !iface_ok(p) || *p == l.interface || l.ports.contains(p) {
+                        self.err(
+                            at.clone(),
+                            format!("{path}.interface"),
+                            format!("expected a port of its own (not the LAN's), got {p:?}"),
+                        );
+                    }
+                }
+                _ => self.err(
                     at.clone(),
-                    format!("{path}.id"),
-                    format!("expected a VLAN id 1-4094 used once, got {}", v.id),
-                );
+                    path.clone(),
+                    "expected either vlan = ID or interface = \"PORT\"",
+                ),
             }
             if v.name.is_empty()
                 || v.name.len() > 32
@@ -562,9 +580,9 @@ impl Validator<'_> {
             if v.interface(l).len() > 15 {
                 self.err(
                     at.clone(),
-                    format!("{path}.id"),
+                    format!("{path}.vlan"),
                     format!(
-                        "the VLAN interface name {:?} is longer than 15 characters",
+                        "the interface name {:?} is longer than 15 characters",
                         v.interface(l)
                     ),
                 );

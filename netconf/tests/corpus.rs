@@ -68,8 +68,8 @@ fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("bad lease time", lan("dhcp = { start = \"10.1.0.100\", end = \"10.1.0.200\", lease = \"1 day\" }"), "lan.dhcp.lease", "expected a lease time like \"12h\", \"30m\" or \"infinite\", got \"1 day\""),
         ("LAN address is the network", lan("").replace("10.1.0.1/24", "10.1.0.0/24"), "lan.address", "expected the box's address with the LAN prefix, like 10.1.0.1/24, got 10.1.0.0/24"),
         ("reservation off the LAN", lan("reservations = [{ mac = \"aa:bb:cc:dd:ee:ff\", address = \"192.168.1.5\" }]"), "lan.reservations[0].address", "192.168.1.5 is not a free host address of 10.1.0.0/24"),
-        ("VLAN overlapping the LAN", lan("[[lan.vlans]]\nname = \"guest\"\nid = 20\npurpose = \"guest\"\naddress = \"10.1.0.129/25\""), "lan.vlans[0].address", "10.1.0.128/25 overlaps 10.1.0.0/24"),
-        ("VLAN id out of range", lan("[[lan.vlans]]\nname = \"pos\"\nid = 5000\npurpose = \"pos\"\naddress = \"10.3.0.1/24\""), "lan.vlans[0].id", "expected a VLAN id 1-4094 used once, got 5000"),
+        ("VLAN overlapping the LAN", lan("[[lan.segments]]\nname = \"guest\"\nvlan = 20\npurpose = \"guest\"\naddress = \"10.1.0.129/25\""), "lan.segments[0].address", "10.1.0.128/25 overlaps 10.1.0.0/24"),
+        ("VLAN id out of range", lan("[[lan.segments]]\nname = \"pos\"\nvlan = 5000\npurpose = \"pos\"\naddress = \"10.3.0.1/24\""), "lan.segments[0].vlan", "expected a VLAN id 1-4094 used once, got 5000"),
         ("LAN outside edge.lan", lan("").replace("address = \"10.1.0.1/24\"", "address = \"10.7.0.1/24\""), "lan.address", "edge.lan must include 10.7.0.0/24 (this LAN) for its traffic to enter the tunnel"),
         ("metrics address", format!("{}\n[metrics]\nlisten = \"nowhere\"\n", edge("", "")), "metrics.listen", "invalid socket address syntax"),
     ]

@@ -136,6 +136,8 @@ pub struct Options {
     pub edge_extra: Option<String>,
     /// Fields added to the edge's `[edge]` table (`dhcp_leases = "…"`).
     pub edge_fields: Option<String>,
+    /// A further LAN-side prefix (a guest segment) tunnelled by the edge and routed by the hub.
+    pub extra_lan: Option<&'static str>,
 }
 
 pub struct Topology {
@@ -221,6 +223,24 @@ impl Topology {
         t.wire(&opts)?;
         t.keys_and_configs(&opts)?;
         Ok(t)
+    }
+
+    /// Adds a host namespace `role` wired to the edge: `edge_dev` on the edge's side,
+    /// `dev` in the host with address `cidr` and a default route via `gateway`. Call
+    /// before starting the edge when its config names `edge_dev`.
+    pub fn add_host(
+        &mut self,
+        role: &str,
+        edge_dev: &str,
+        dev: &str,
+        cidr: &str,
+        gateway: &str,
+    ) -> Result<()> {
+        self.add_ns(role)?;
+        self.veth(("edge", edge_dev), (role, dev))?;
+        self.addr(role, dev, cidr)?;
+        self.exec(role, &["ip", "route", "add", "default", "via", gateway])?;
+        Ok(())
     }
 
     fn add_ns(&mut self, role: &str) -> Result<()> {
@@ -478,7 +498,7 @@ impl Topology {
         let edge = format!(
             "role = \"edge\"\nstate_dir = \"{d}/edge-state\"\nruntime_dir = \"{d}/edge-run\"\n\n[edge]\n\
              hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
-             lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{fields}\n{uplinks}{extra}",
+             lan = [\"10.1.0.0/24\"{more}]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{fields}\n{uplinks}{extra}",
             d = self.dir.display(),
             hub = self.hub_id,
             fb = if opts.fallback_direct { "direct" } else { "none" },
@@ -486,14 +506,16 @@ impl Topology {
             mtu = opts.edge_mtu.map(|m| format!("mtu = {m}\n")).unwrap_or_default(),
             extra = opts.edge_extra.clone().unwrap_or_default(),
             fields = opts.edge_fields.clone().unwrap_or_default(),
+            more = opts.extra_lan.map(|p| format!(", \"{p}\"")).unwrap_or_default(),
         );
         std::fs::write(self.dir.join("edge.toml"), edge)?;
         let hub = format!(
             "role = \"hub\"\nstate_dir = \"{d}/hub-state\"\nruntime_dir = \"{d}/hub-run\"\n\n[hub]\n\
              listen = \"0.0.0.0:4433\"\npool = \"10.99.0.0/24\"\n\n[[hub.devices]]\nname = \"stall\"\n\
-             identity = \"{edge}\"\nlan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\n",
+             identity = \"{edge}\"\nlan = [\"10.1.0.0/24\"{more}]\npos_sources = [\"{POS_CLIENT}/32\"]\n",
             d = self.dir.display(),
             edge = self.edge_id,
+            more = opts.extra_lan.map(|p| format!(", \"{p}\"")).unwrap_or_default(),
         );
         std::fs::write(self.dir.join("hub.toml"), hub)?;
         Ok(())

@@ -3,6 +3,10 @@
 //! kernel; the port's own address removed), the rendered dnsmasq handing out a real DHCP
 //! lease (busybox udhcpc as the client), and a reload with the same config changes nothing.
 //!
+//! A guest segment on a port of its own: guests reach the internet (through the tunnel)
+//! and nothing else — not the POS terminal, not the LAN API, not the metrics — while the
+//! LAN reaches all of them (the rendered nftables firewall).
+//!
 //! VLANs are not exercised here: this machine's kernel has no 802.1Q support (creating a
 //! VLAN link fails with "Unknown device type"); their checks and rendering are unit-tested.
 
@@ -129,5 +133,83 @@ fn the_lan_is_applied_exactly_and_dnsmasq_hands_out_leases() -> Result<()> {
         pid
     );
     let _ = std::fs::remove_dir_all(&dir_hint);
+    Ok(())
+}
+
+/// `curl` from `role`: true when an HTTP answer came back within 2 s.
+fn http_ok(t: &Topology, role: &str, url: &str) -> bool {
+    t.exec(
+        role,
+        &["curl", "-sS", "-o", "/dev/null", "--max-time", "2", url],
+    )
+    .is_ok()
+}
+
+fn ping_ok(t: &Topology, role: &str, to: &str) -> bool {
+    t.exec(role, &["ping", "-c", "1", "-W", "1", to]).is_ok()
+}
+
+#[test]
+fn guests_reach_the_internet_and_nothing_else() -> Result<()> {
+    let key = "till-guest-test-key-0123456789";
+    let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()));
+    let extra = format!(
+        "\n[lan]\ninterface = \"lan0\"\naddress = \"10.1.0.1/24\"\n\
+         [[lan.segments]]\nname = \"guests\"\npurpose = \"guest\"\ninterface = \"guest0\"\n\
+         address = \"10.30.0.1/24\"\n\
+         \n[commerce]\nlisten = \"10.1.0.1:8080\"\ndeny_from = [\"10.30.0.0/24\"]\n\
+         clients = [{{ name = \"till\", key_sha256 = \"{hash}\" }}]\n\
+         \n[metrics]\nlisten = \"10.1.0.1:9108\"\n"
+    );
+    let leases = std::env::temp_dir().join(format!("sn-guest-leases-{}", std::process::id()));
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options {
+            edge_fields: Some(format!("dhcp_leases = \"{}/leases\"", leases.display())),
+            edge_extra: Some(extra),
+            extra_lan: Some("10.30.0.0/24"),
+            ..Options::default()
+        },
+    )?;
+    t.add_host("guest", "guest0", "eth0", "10.30.0.2/24", "10.30.0.1")?;
+    t.start()?;
+
+    // The LAN reaches the box's API and metrics, and the internet.
+    assert!(
+        http_ok(&t, "lan", "http://10.1.0.1:9108/metrics"),
+        "metrics from the LAN"
+    );
+    assert!(
+        http_ok(&t, "lan", "http://10.1.0.1:8080/v1/openapi.json"),
+        "API from the LAN"
+    );
+    assert!(ping_ok(&t, "lan", stallnet_tests::topo::SERVER));
+    // Guests reach the internet through the tunnel...
+    assert!(
+        ping_ok(&t, "guest", stallnet_tests::topo::SERVER),
+        "internet from guests"
+    );
+    // ... and nothing else.
+    assert!(
+        !http_ok(&t, "guest", "http://10.1.0.1:9108/metrics"),
+        "metrics from guests"
+    );
+    assert!(
+        !http_ok(&t, "guest", "http://10.1.0.1:8080/v1/openapi.json"),
+        "API from guests"
+    );
+    assert!(
+        !ping_ok(&t, "guest", stallnet_tests::topo::POS_CLIENT),
+        "POS from guests"
+    );
+    assert!(
+        !ping_ok(&t, "guest", stallnet_tests::topo::LAN_CLIENT),
+        "LAN from guests"
+    );
+    // The table is stallnet's own and complete.
+    let nft = t.exec("edge", &["nft", "list", "table", "inet", "stallnet_fw"])?;
+    let text = String::from_utf8_lossy(&nft.stdout);
+    assert!(text.contains("policy drop"), "{text}");
+    let _ = std::fs::remove_dir_all(&leases);
     Ok(())
 }
