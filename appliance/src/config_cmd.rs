@@ -172,22 +172,23 @@ fn store_of(live: &Path) -> Result<(Store, stallnet_netconf::Config)> {
     Ok((store, cfg))
 }
 
-/// Asks the running daemon to reload; says what happened.
-fn reload(cfg: &stallnet_netconf::Config) -> String {
+/// Asks the running daemon to reload: what it said, or why it refused the config.
+fn reload(cfg: &stallnet_netconf::Config) -> Result<String, String> {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => return format!("could not ask the daemon to reload: {e}"),
+        Err(e) => return Ok(format!("could not ask the daemon to reload: {e}")),
     };
     let client = Client::new(&cfg.runtime_dir);
     match rt.block_on(client.request(Method::POST, "/v1/reload")) {
-        Ok(doc) => doc["message"].as_str().unwrap_or("reloaded").to_string(),
+        Ok(doc) => Ok(doc["message"].as_str().unwrap_or("reloaded").to_string()),
         Err(stallnet::control_client::ClientError::NotRunning { .. }) => {
-            "the daemon is not running: the revision takes effect when it starts".into()
+            Ok("the daemon is not running: the revision takes effect when it starts".into())
         }
-        Err(e) => format!("the daemon did not reload: {e}"),
+        Err(stallnet::control_client::ClientError::Api { message, .. }) => Err(message),
+        Err(e) => Ok(format!("the daemon did not reload: {e}")),
     }
 }
 
@@ -325,7 +326,7 @@ fn exec(cmd: ConfigCmd) -> Result<Out> {
             revisions::write_atomic(&live.config, text.as_bytes())?;
             store.set_active(target)?;
             store.set_pending(None)?;
-            let daemon = reload(&cfg);
+            let daemon = reload(&cfg).unwrap_or_else(|e| format!("the daemon refused it: {e}"));
             Ok(ok(
                 format!(
                     "revision {target} restored to {}\n{daemon}",
@@ -452,9 +453,29 @@ fn apply_text(text: &str, source: &str, opts: &ApplyOpts) -> Result<Out> {
             deadline: t + opts.confirm as i64,
         }))?;
     }
+    let before =
+        std::fs::read_to_string(live).with_context(|| format!("reading {}", live.display()))?;
     revisions::write_atomic(live, text.as_bytes())?;
     store.set_active(rev.number)?;
-    let daemon = reload(&new);
+    let daemon = match reload(&new) {
+        Ok(m) => m,
+        Err(why) => {
+            // All or nothing: the daemon put its previous state back; so do we.
+            revisions::write_atomic(live, before.as_bytes())?;
+            if let Some(p) = previous {
+                store.set_active(p)?;
+            }
+            store.set_pending(None)?;
+            let _ = reload(&cfg);
+            return Ok(refused(
+                "apply_failed",
+                format!(
+                    "revision {} was not applied: {why}; the running config is unchanged",
+                    rev.number
+                ),
+            ));
+        }
+    };
     let human = if opts.confirm > 0 {
         format!(
             "revision {} applied\n{daemon}\nconfirm within {} s with `stallnet config confirm`, \

@@ -146,6 +146,8 @@ pub async fn run_dnsmasq(
 pub struct Lan {
     nl: Arc<Netlink>,
     firewall: firewall::Inputs,
+    /// The LAN in force (restored when a new one fails half-way).
+    current: tokio::sync::Mutex<LanConfig>,
     runtime_dir: PathBuf,
     leases: PathBuf,
     tick: watch::Sender<u64>,
@@ -170,14 +172,34 @@ impl Lan {
         Ok(Self {
             nl,
             firewall,
+            current: tokio::sync::Mutex::new(lan.clone()),
             runtime_dir,
             leases,
             tick,
         })
     }
 
-    /// Re-applies a (possibly) changed LAN.
+    /// Re-applies a (possibly) changed LAN, all or nothing: when a step fails, the LAN in
+    /// force before is applied again and the error says what failed.
     pub async fn reload(&self, lan: &LanConfig) -> Result<()> {
+        let mut current = self.current.lock().await;
+        match self.apply(lan).await {
+            Ok(()) => {
+                *current = lan.clone();
+                Ok(())
+            }
+            Err(e) => {
+                let restored = self.apply(&current).await;
+                let how = match restored {
+                    Ok(()) => "the previous LAN is back in force".to_string(),
+                    Err(r) => format!("restoring the previous LAN failed too: {r:#}"),
+                };
+                Err(e.context(how))
+            }
+        }
+    }
+
+    async fn apply(&self, lan: &LanConfig) -> Result<()> {
         apply_links(&self.nl, lan).await?;
         apply_firewall(lan, &self.firewall).await?;
         if write_conf(lan, &self.leases, &self.runtime_dir)? {

@@ -132,6 +132,32 @@ fn the_lan_is_applied_exactly_and_dnsmasq_hands_out_leases() -> Result<()> {
         std::fs::read_to_string(t.dir.join("edge-run/dnsmasq.pid"))?,
         pid
     );
+
+    // An apply that fails half-way (a port that does not exist: valid on paper, refused by
+    // the kernel) changes nothing: the daemon puts the LAN back, the file stays as it was.
+    let live = t.dir.join("edge.toml");
+    let running = std::fs::read_to_string(&live)?;
+    let bad = t.dir.join("bad-port.toml");
+    std::fs::write(
+        &bad,
+        running.replace("ports = [\"lan0\"]", "ports = [\"lan0\", \"nope0\"]"),
+    )?;
+    let out = std::process::Command::new(bin("stallnet"))
+        .args(["config", "apply"])
+        .arg(&bad)
+        .arg("--config")
+        .arg(&live)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nope0") && err.contains("unchanged"), "{err}");
+    assert_eq!(std::fs::read_to_string(&live)?, running);
+    assert_eq!(addrs(&t, "edge", "br0")?, ["10.1.0.1/24"]);
+    assert!(ping_ok(&t, "lan", "10.1.0.1"));
+    assert_eq!(
+        std::fs::read_to_string(t.dir.join("edge-run/dnsmasq.pid"))?,
+        pid
+    );
     let _ = std::fs::remove_dir_all(&dir_hint);
     Ok(())
 }
