@@ -71,6 +71,7 @@ struct Admin {
 pub async fn run(
     cfg: Config,
     config_path: Option<PathBuf>,
+    notes: Vec<(Level, &'static str, String)>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let e = cfg.edge().context("config has no [edge] section")?.clone();
@@ -163,6 +164,11 @@ pub async fn run(
         lan,
     });
 
+    ctx.events
+        .push(Level::Info, "started", None, "stallnet edge started".into());
+    for (level, kind, msg) in notes {
+        ctx.events.push(level, kind, None, msg);
+    }
     let (change_tx, change_rx) = watch::channel(0u64);
     let mut feed = Netlink::watch()?;
     tokio::spawn(async move {
@@ -295,8 +301,7 @@ async fn supervise(
     let mut fallback = DirectFallback::new(ctx.cfg.fallback == Fallback::Direct, FALLBACK_AFTER);
     let mut was_online = false;
     let mut links_seen = vec![LinkSeen::default(); ctx.cfg.uplinks.len()];
-    ctx.events
-        .push(Level::Info, "started", None, "stallnet edge started".into());
+
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {

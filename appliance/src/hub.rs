@@ -45,6 +45,7 @@ impl Device {
 pub async fn run(
     cfg: Config,
     config_path: Option<std::path::PathBuf>,
+    notes: Vec<(Level, &'static str, String)>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let h = cfg.hub().context("config has no [hub] section")?.clone();
@@ -131,6 +132,9 @@ pub async fn run(
     let latest: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
     let events = Arc::new(EventLog::new());
     events.push(Level::Info, "started", None, "stallnet hub started".into());
+    for (level, kind, msg) in notes {
+        events.push(level, kind, None, msg);
+    }
     {
         let daemon: Arc<dyn Daemon> = Arc::new(HubDaemon(latest.clone()));
         if let Some(m) = &cfg.metrics {

@@ -9,9 +9,12 @@
 //! - [`edge`], [`hub`]: the two roles, wiring drivers to cores; [`lan_setup`]: the
 //!   config's LAN in the kernel and in dnsmasq.
 //! - [`status`]: the status document both roles publish.
+//! - [`confirm`], [`boot_import`]: the confirmed commit's rollback guard; the config
+//!   imported from the SD card's boot partition.
 //! - [`control`]: the control API on a Unix socket; [`events`]: the event log it serves;
 //!   [`metrics`]: Prometheus metrics.
 
+pub mod boot_import;
 pub mod classes;
 pub mod commerce;
 pub mod confirm;

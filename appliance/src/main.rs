@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use stallnet::boot_import::Outcome;
+use stallnet::events::Level;
 use stallnet::{edge, hub, identity};
 
 mod config_cmd;
@@ -32,6 +34,9 @@ enum Cmd {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Where a `stallnet.toml` written on a laptop is looked for at start-up.
+        #[arg(long, default_value = stallnet::boot_import::BOOT_DIR)]
+        boot_dir: PathBuf,
     },
     /// Create this device's key and certificate in the state directory.
     Keygen {
@@ -113,10 +118,32 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> Result<ExitCode> {
     let json = cli.json;
     match cli.cmd {
-        Cmd::Run { config } => {
+        Cmd::Run { config, boot_dir } => {
+            let mut notes: Vec<(Level, &'static str, String)> = Vec::new();
+            match stallnet::boot_import::import(&boot_dir, &config) {
+                Ok(Outcome::Nothing) => {}
+                Ok(Outcome::Imported { revision, renamed_to }) => notes.push((
+                    Level::Info,
+                    "config_imported",
+                    format!(
+                        "the config from the SD card is in force (revision {revision}; the file is now {})",
+                        renamed_to.display()
+                    ),
+                )),
+                Ok(Outcome::Refused(why)) => notes.push((
+                    Level::Critical,
+                    "config_import_failed",
+                    format!("the stallnet.toml on the SD card was not used: {why}"),
+                )),
+                Err(e) => notes.push((
+                    Level::Warning,
+                    "config_import_failed",
+                    format!("the SD card's config could not be read: {e:#}"),
+                )),
+            }
             let (cfg, rolled_back) = stallnet::confirm::load_at_start(&config)?;
             if let Some(msg) = rolled_back {
-                tracing::warn!("{msg}");
+                notes.push((Level::Critical, "config_rolled_back", msg));
             }
             let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
             rt.block_on(async {
@@ -136,8 +163,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     c.cancel();
                 });
                 match cfg.role {
-                    Role::Edge => edge::run(cfg, Some(config), cancel).await,
-                    Role::Hub => hub::run(cfg, Some(config), cancel).await,
+                    Role::Edge => edge::run(cfg, Some(config), notes, cancel).await,
+                    Role::Hub => hub::run(cfg, Some(config), notes, cancel).await,
                 }
             })?;
             Ok(ExitCode::SUCCESS)
