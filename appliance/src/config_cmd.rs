@@ -60,6 +60,10 @@ pub enum ConfigCmd {
         #[command(flatten)]
         live: Live,
     },
+    /// Print the config's JSON Schema (for editors).
+    Schema,
+    /// Print the field-by-field reference (docs/CONFIG.md).
+    Docs,
     /// Change fields (PATH=VALUE …) of the running config, validate, and apply it.
     Set {
         #[arg(required = true)]
@@ -194,6 +198,14 @@ fn reload(cfg: &stallnet_netconf::Config) -> Result<String, String> {
 
 fn exec(cmd: ConfigCmd) -> Result<Out> {
     match cmd {
+        ConfigCmd::Schema => {
+            let s = stallnet_netconf::docs::json_schema();
+            Ok(ok(serde_json::to_string_pretty(&s)?, s))
+        }
+        ConfigCmd::Docs => {
+            let md = stallnet_netconf::docs::config_md();
+            Ok(ok(md.clone(), json!({ "version": 1, "markdown": md })))
+        }
         ConfigCmd::Validate { files } => {
             let mut all = Vec::new();
             let mut human = String::new();

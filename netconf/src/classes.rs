@@ -11,7 +11,18 @@ use serde_spanned::Spanned;
 
 /// The five classes, most important first.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Deserialize,
+    Serialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ClassName {
@@ -43,7 +54,7 @@ impl ClassName {
 }
 
 /// How a class's packets are spread over the uplinks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClassMode {
     /// A copy on each of the two best uplinks.
@@ -55,7 +66,9 @@ pub enum ClassMode {
 }
 
 /// Where a class's traffic goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ClassPath {
     /// Through the bonded tunnel (the default).
@@ -66,7 +79,7 @@ pub enum ClassPath {
 }
 
 /// Kinds of uplink a class may be kept off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UplinkTag {
     Backup,
@@ -145,6 +158,19 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
+impl schemars::JsonSchema for Rate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Rate".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A rate: \"4mbit\", \"500kbit\", \"1gbit\", or bit/s as a number.",
+            "type": ["string", "integer"],
+            "pattern": "^[0-9.]+ *([kmg]?bit|[kmg]?bps|bit|bps)?(/s)?$"
+        })
+    }
+}
+
 impl Serialize for Rate {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
@@ -191,6 +217,21 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+impl schemars::JsonSchema for PortRange {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortRange".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A port (443) or an inclusive range (\"8000-8999\").",
+            "oneOf": [
+                { "type": "integer", "minimum": 0, "maximum": 65535 },
+                { "type": "string", "pattern": "^[0-9]{1,5}-[0-9]{1,5}$" }
+            ]
+        })
+    }
+}
+
 impl Serialize for PortRange {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if self.0 == self.1 {
@@ -228,6 +269,21 @@ impl<'de> Deserialize<'de> for Proto {
     }
 }
 
+impl schemars::JsonSchema for Proto {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Proto".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "tcp, udp, icmp, icmpv6 or a protocol number.",
+            "oneOf": [
+                { "enum": ["tcp", "udp", "icmp", "icmpv6"] },
+                { "type": "integer", "minimum": 0, "maximum": 255 }
+            ]
+        })
+    }
+}
+
 impl Serialize for Proto {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.0 {
@@ -241,11 +297,12 @@ impl Serialize for Proto {
 }
 
 /// Overrides for one class; anything left out keeps the default.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassConfig {
     /// Share below `pos` when classes compete (`pos` is always served first).
     pub weight: Option<u32>,
+    /// How the class's packets are spread over the uplinks.
     pub mode: Option<ClassMode>,
     /// Guaranteed rate: served ahead of the weighted classes up to this rate.
     pub min_rate: Option<Rate>,
@@ -256,17 +313,28 @@ pub struct ClassConfig {
     /// Never on uplinks of these kinds (a backup uplink otherwise carries every class
     /// while no other uplink is usable).
     pub avoid: Option<Vec<UplinkTag>>,
+    /// Through the tunnel (default) or directly out of an uplink.
     pub path: Option<ClassPath>,
 }
 
 /// `[edge.classes]`: one optional table per class.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassesConfig {
+    /// Card payments.
+    #[schemars(with = "Option<ClassConfig>")]
     pub pos: Option<Spanned<ClassConfig>>,
+    /// Live video (RTMP, SRT, WebRTC).
+    #[schemars(with = "Option<ClassConfig>")]
     pub stream: Option<Spanned<ClassConfig>>,
+    /// DNS, NTP, SSH, and the small packets of everything else.
+    #[schemars(with = "Option<ClassConfig>")]
     pub interactive: Option<Spanned<ClassConfig>>,
+    /// Everything else (the default class).
+    #[schemars(with = "Option<ClassConfig>")]
     pub bulk: Option<Spanned<ClassConfig>>,
+    /// Guests' devices.
+    #[schemars(with = "Option<ClassConfig>")]
     pub guest: Option<Spanned<ClassConfig>>,
 }
 
@@ -284,9 +352,10 @@ impl ClassesConfig {
 
 /// One classification rule: every field given must match (within a field, any value
 /// may); the first matching rule decides a flow's class for the flow's lifetime.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
+    /// The class a matching flow gets.
     pub class: ClassName,
     /// LAN device by MAC address (`aa:bb:cc:dd:ee:ff`), resolved through the neighbour
     /// table and the DHCP leases.
@@ -300,18 +369,23 @@ pub struct Rule {
     pub interface: Vec<String>,
     /// Source prefix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
     pub src: Vec<IpNet>,
     /// Destination prefix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
     pub dst: Vec<IpNet>,
     /// Destination host name learned from DNS answers: `api.stripe.com`, or `*.sumup.com`
     /// (the domain and every name below it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host: Vec<String>,
+    /// IP protocols.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proto: Vec<Proto>,
+    /// Source ports or ranges.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub src_port: Vec<PortRange>,
+    /// Destination ports or ranges (`443`, `"8000-8999"`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dst_port: Vec<PortRange>,
     /// DSCP code points (0-63).

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LanConfig {
     /// The LAN interface (`lan0`), or the bridge to create over `ports` (`br0`).
@@ -17,7 +17,9 @@ pub struct LanConfig {
     #[serde(default)]
     pub ports: Vec<String>,
     /// The box's address and the LAN's prefix, e.g. `10.1.0.1/24`.
+    #[schemars(with = "String")]
     pub address: Ipv4Net,
+    /// DHCP for the LAN (absent: no DHCP server).
     pub dhcp: Option<Dhcp>,
     /// Upstream DNS servers for the box's resolver (empty: the system's).
     #[serde(default)]
@@ -30,10 +32,12 @@ pub struct LanConfig {
     pub segments: Vec<Segment>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Dhcp {
+    /// First address handed out.
     pub start: Ipv4Addr,
+    /// Last address handed out.
     pub end: Ipv4Addr,
     /// `12h`, `30m`, `3600s` or `infinite`.
     #[serde(default = "default_lease")]
@@ -44,16 +48,19 @@ fn default_lease() -> String {
     "12h".into()
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reservation {
+    /// The device's MAC address (`aa:bb:cc:dd:ee:ff`).
     pub mac: String,
+    /// The address it always gets (inside the LAN, outside nobody else's).
     pub address: Ipv4Addr,
+    /// Its host name on the LAN.
     pub name: Option<String>,
 }
 
 /// What a segment is for (the firewall uses it: guests reach the internet only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Purpose {
     Pos,
@@ -61,16 +68,21 @@ pub enum Purpose {
     Other,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Segment {
+    /// A unique name (letters, digits, '-' or '_').
     pub name: String,
+    /// `pos`, `guest` (internet only) or `other`.
     pub purpose: Purpose,
     /// 802.1Q id (1–4094): the segment is the VLAN `<lan interface>.<id>` ...
     pub vlan: Option<u16>,
     /// ... or a port of its own (a second ethernet, a wifi access point).
     pub interface: Option<String>,
+    /// The box's address and the segment's prefix, e.g. `10.2.0.1/24`.
+    #[schemars(with = "String")]
     pub address: Ipv4Net,
+    /// DHCP for the segment.
     pub dhcp: Option<Dhcp>,
 }
 

@@ -7,6 +7,7 @@
 //! - [`load`]: reading a file, turning parse and semantic errors into [`ConfigError`]s that
 //!   carry the file, line, column, field path and what was expected.
 //! - [`lan`]: the LAN section and the dnsmasq configuration rendered from it.
+//! - [`docs`]: the JSON Schema and `docs/CONFIG.md`, generated from the types.
 //! - [`firewall`]: the edge's nftables ruleset rendered from the config.
 //! - [`revisions`]: numbered revisions on disk and the confirmed commit (rollback unless
 //!   confirmed in time).
@@ -17,6 +18,7 @@
 //! at once, never only the first.
 
 pub mod classes;
+pub mod docs;
 pub mod edit;
 pub mod firewall;
 pub mod lan;

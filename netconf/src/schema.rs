@@ -11,7 +11,7 @@ use serde_spanned::Spanned;
 use crate::classes::{ClassesConfig, Rate, Rule};
 
 /// Which half of the bond this box is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The stall's router: LAN on one side, uplinks on the other.
@@ -21,9 +21,10 @@ pub enum Role {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Which half of the bond this box is: `edge` or `hub`.
     pub role: Role,
     /// Where keys, certificates and persistent state live.
     #[serde(default = "default_state_dir")]
@@ -31,19 +32,25 @@ pub struct Config {
     /// Where the control socket lives.
     #[serde(default = "default_runtime_dir")]
     pub runtime_dir: PathBuf,
+    /// The stall's box: hubs, LAN prefixes, uplinks, classes and rules (`role = "edge"`).
+    #[schemars(with = "Option<EdgeConfig>")]
     pub edge: Option<Spanned<EdgeConfig>>,
+    /// The concentrator on a cloud VM: listen address, tunnel pool, devices (`role = "hub"`).
+    #[schemars(with = "Option<HubConfig>")]
     pub hub: Option<Spanned<HubConfig>>,
     /// The local commerce service (tokens, carts, receipts, outbox) on the edge.
+    #[schemars(with = "Option<CommerceConfig>")]
     pub commerce: Option<Spanned<CommerceConfig>>,
     /// Prometheus metrics (both roles).
     pub metrics: Option<MetricsConfig>,
     /// The stall's LAN (edge): interface or bridge, address, DHCP, DNS, VLANs. Without
     /// it the LAN interface is set up by the system.
+    #[schemars(with = "Option<crate::lan::LanConfig>")]
     pub lan: Option<Spanned<crate::lan::LanConfig>>,
 }
 
 /// `[metrics]`: where Prometheus scrapes `GET /metrics`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address and port, e.g. `"10.1.0.1:9108"` (the LAN) or `"127.0.0.1:9108"`.
@@ -51,18 +58,22 @@ pub struct MetricsConfig {
 }
 
 /// `[commerce]`: the LAN API for the shop's apps and the outbox's upstream.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommerceConfig {
     /// Address the API listens on: the edge's LAN address and a port.
     pub listen: SocketAddr,
     /// Source prefixes refused whatever key they show (the guest network).
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub deny_from: Vec<IpNet>,
     /// POS clients and their keys (only the SHA-256 of each key, hex).
+    #[schemars(with = "Vec<CommerceClient>")]
     pub clients: Vec<Spanned<CommerceClient>>,
     /// Where outbox records are delivered; without it they wait on the box.
+    #[schemars(with = "Option<Upstream>")]
     pub upstream: Option<Spanned<Upstream>>,
+    /// Request size and per-client storage limits.
     #[serde(default)]
     pub limits: CommerceLimits,
     /// Ages (hours) of the oldest undelivered record that raise an alert.
@@ -74,15 +85,16 @@ fn default_alert_hours() -> Vec<u32> {
     vec![12, 20]
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommerceClient {
+    /// The client's name (1–64 letters, digits, '-' or '_'), shown in status and logs.
     pub name: String,
     /// Hex SHA-256 of the client's bearer key (`stallnet hash-key`).
     pub key_sha256: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// `https://…` (or `http://` for a backend on a trusted network): each record is
@@ -109,7 +121,9 @@ pub struct Upstream {
 }
 
 /// The path outbox deliveries take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamPath {
     #[default]
@@ -140,7 +154,7 @@ fn default_upstream_timeout() -> u64 {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommerceLimits {
     /// Largest request body.
@@ -183,7 +197,9 @@ fn default_runtime_dir() -> PathBuf {
 }
 
 /// What the edge does when no uplink reaches the hub.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Fallback {
     /// LAN traffic waits for the hub (nothing leaves untunnelled).
@@ -194,7 +210,9 @@ pub enum Fallback {
 }
 
 /// How bulk traffic is spread across uplinks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SchedMode {
     /// Duplicate every packet on the two best usable uplinks.
@@ -204,12 +222,13 @@ pub enum SchedMode {
     Aggregate,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
     /// Hubs to connect to, in order of preference.
     pub hubs: Vec<HubEndpoint>,
     /// LAN prefixes whose traffic enters the tunnel.
+    #[schemars(with = "Vec<String>")]
     pub lan: Vec<IpNet>,
     /// Name of the TUN device.
     #[serde(default = "default_edge_tun")]
@@ -217,6 +236,7 @@ pub struct EdgeConfig {
     /// MTU of the TUN device: every packet that crosses the tunnel fits in it.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// What LAN traffic does when no uplink reaches the hub.
     #[serde(default)]
     pub fallback: Fallback,
     /// Scheduling mode for traffic that is not POS.
@@ -224,12 +244,14 @@ pub struct EdgeConfig {
     pub mode: SchedMode,
     /// LAN sources whose traffic is point-of-sale (a shortcut for a `pos` rule by `src`).
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub pos_sources: Vec<IpNet>,
     /// Per-class overrides of the built-in class settings.
     #[serde(default)]
     pub classes: ClassesConfig,
     /// Classification rules, tried in order before the built-in ones; first match wins.
     #[serde(default)]
+    #[schemars(with = "Vec<Rule>")]
     pub rules: Vec<Spanned<Rule>>,
     /// Whether the built-in rules (payment hosts, stream and interactive ports) apply.
     #[serde(default = "yes")]
@@ -240,6 +262,8 @@ pub struct EdgeConfig {
     /// First routing table number used for per-uplink tables (one per uplink from here).
     #[serde(default = "default_table_base")]
     pub table_base: u32,
+    /// The uplinks (`[[edge.uplinks]]`), at least one.
+    #[schemars(with = "Vec<Uplink>")]
     pub uplinks: Vec<Spanned<Uplink>>,
 }
 
@@ -260,16 +284,17 @@ fn default_table_base() -> u32 {
     200
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HubEndpoint {
     /// `host:port` of the hub's QUIC endpoint.
     pub address: SocketAddr,
     /// The hub's identity as printed by `stallnet id` on the hub (pinned).
+    #[schemars(with = "String")]
     pub identity: Spanned<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UplinkKind {
     Wifi,
@@ -277,7 +302,9 @@ pub enum UplinkKind {
     Ethernet,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum UplinkPriority {
     #[default]
@@ -287,13 +314,16 @@ pub enum UplinkPriority {
     Backup,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Uplink {
+    /// Name (1–32 letters, digits, '-' or '_'), used by rules, the CLI and the dashboard.
     pub name: String,
     /// Kernel interface name (`wlan0`, `wwan0`, `eth1`).
     pub interface: String,
+    /// What the uplink is: `wifi`, `cellular` or `ethernet`.
     pub kind: UplinkKind,
+    /// `primary` carries traffic; `backup` only when no primary can (and stays quiet meanwhile).
     #[serde(default)]
     pub priority: UplinkPriority,
     /// Next hop; when absent, learned from the kernel's default route on the interface.
@@ -303,24 +333,29 @@ pub struct Uplink {
     pub metered: bool,
     /// Lower and upper bounds for the uplink's estimated capacity (either direction).
     pub min_rate: Option<Rate>,
+    /// Never send faster than this on the uplink (e.g. a capped SIM).
     pub max_rate: Option<Rate>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HubConfig {
     /// Address the QUIC endpoint listens on.
     pub listen: SocketAddr,
+    /// Name of the hub's TUN device.
     #[serde(default = "default_hub_tun")]
     pub tun_name: String,
+    /// MTU of the hub's TUN device (the same as the edges').
     #[serde(default = "default_mtu")]
     pub mtu: u16,
     /// Tunnel addresses: the hub takes the first, devices get the following ones.
+    #[schemars(with = "String")]
     pub pool: IpNet,
     /// Scheduling mode for download traffic that is not POS.
     #[serde(default)]
     pub mode: SchedMode,
     /// Devices allowed to connect. Nobody else gets anything.
+    #[schemars(with = "Vec<Device>")]
     pub devices: Vec<Spanned<Device>>,
 }
 
@@ -328,7 +363,7 @@ fn default_hub_tun() -> String {
     "stallhub0".into()
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Device {
     pub name: String,
@@ -336,9 +371,11 @@ pub struct Device {
     pub identity: String,
     /// LAN prefixes behind this device (routed to it; the only sources accepted from it).
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub lan: Vec<IpNet>,
     /// LAN sources of this device whose download traffic is point-of-sale.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub pos_sources: Vec<IpNet>,
 }
 
