@@ -169,6 +169,39 @@ pub async fn run(
     for (level, kind, msg) in notes {
         ctx.events.push(level, kind, None, msg);
     }
+    for u in e.uplinks.iter().map(|u| u.get_ref()) {
+        match crate::wifi_link::write_conf(u, &cfg.runtime_dir) {
+            Ok(Some(conf)) => {
+                let (u, c) = (u.clone(), cancel.child_token());
+                tokio::spawn(crate::wifi_link::run(u, conf, c));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(uplink = %u.name, "wifi settings: {e:#}"),
+        }
+        // Said, not silently ignored: these arrive with the field-realities issue.
+        if u.apn.is_some() {
+            ctx.events.push(
+                Level::Warning,
+                "setting_not_applied",
+                Some(&u.name),
+                format!(
+                    "{}: the APN is validated but not applied yet (set it in ModemManager)",
+                    u.name
+                ),
+            );
+        }
+        if u.cap.is_some() {
+            ctx.events.push(
+                Level::Warning,
+                "setting_not_applied",
+                Some(&u.name),
+                format!(
+                    "{}: the data cap is validated but not counted or enforced yet",
+                    u.name
+                ),
+            );
+        }
+    }
     let (change_tx, change_rx) = watch::channel(0u64);
     let mut feed = Netlink::watch()?;
     tokio::spawn(async move {

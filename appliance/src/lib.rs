@@ -29,3 +29,4 @@ pub mod identity;
 pub mod lan_setup;
 pub mod metrics;
 pub mod status;
+pub mod wifi_link;

@@ -9,6 +9,7 @@
 //! - [`lan`]: the LAN section and the dnsmasq configuration rendered from it.
 //! - [`docs`]: the JSON Schema and `docs/CONFIG.md`, generated from the types.
 //! - [`firewall`]: the edge's nftables ruleset rendered from the config.
+//! - [`wifi`]: the wpa_supplicant configuration of a wifi uplink.
 //! - [`revisions`]: numbered revisions on disk and the confirmed commit (rollback unless
 //!   confirmed in time).
 //! - [`edit`]: scripted edits (`get PATH`, `set PATH=VALUE`) that keep comments, and the
@@ -25,6 +26,7 @@ pub mod lan;
 pub mod load;
 pub mod revisions;
 pub mod schema;
+pub mod wifi;
 
 pub use classes::{ClassMode, ClassName, ClassPath, ClassSpec, Rule};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors};

@@ -179,6 +179,20 @@ impl Validator<'_> {
     }
 
     fn check(&mut self, cfg: &Config) {
+        if let Some(d) = &cfg.device {
+            let ok = !d.is_empty()
+                && d.len() <= 63
+                && d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !d.starts_with('-')
+                && !d.ends_with('-');
+            if !ok {
+                self.err(
+                    0..0,
+                    "device",
+                    format!("expected a host name (letters, digits, '-'; 1 to 63), got {d:?}"),
+                );
+            }
+        }
         match cfg.role {
             Role::Edge if cfg.edge.is_none() => {
                 self.err(0..0, "edge", "role = \"edge\" needs an [edge] section")
@@ -286,6 +300,7 @@ impl Validator<'_> {
                     "expected an interface name of 1 to 15 characters",
                 );
             }
+            self.check_uplink_extras(u.span(), i, r);
             if !ifaces.insert(r.interface.clone()) {
                 self.err(
                     u.span(),
@@ -395,6 +410,85 @@ impl Validator<'_> {
                         format!("expected a DSCP code point 0-63, got {d}"),
                     );
                 }
+            }
+        }
+    }
+
+    fn check_uplink_extras(&mut self, at: Range<usize>, i: usize, u: &crate::Uplink) {
+        let path = format!("edge.uplinks[{i}]");
+        if let Some(w) = &u.wifi {
+            if u.kind != crate::UplinkKind::Wifi {
+                self.err(
+                    at.clone(),
+                    format!("{path}.wifi"),
+                    "wifi applies to kind = \"wifi\" uplinks only",
+                );
+            }
+            if w.ssid.is_empty() || w.ssid.len() > 32 {
+                self.err(
+                    at.clone(),
+                    format!("{path}.wifi.ssid"),
+                    "expected an SSID of 1 to 32 bytes",
+                );
+            }
+            if let Some(p) = &w.passphrase {
+                if !(8..=63).contains(&p.len()) || !p.bytes().all(|b| (32..127).contains(&b)) {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.wifi.passphrase"),
+                        "expected a WPA passphrase of 8 to 63 printable ASCII characters",
+                    );
+                }
+            }
+        }
+        if let Some(a) = &u.apn {
+            if u.kind != crate::UplinkKind::Cellular {
+                self.err(
+                    at.clone(),
+                    format!("{path}.apn"),
+                    "apn applies to kind = \"cellular\" uplinks only",
+                );
+            } else if a.is_empty()
+                || a.len() > 100
+                || !a
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                self.err(
+                    at.clone(),
+                    format!("{path}.apn"),
+                    format!("expected an APN like \"internet\" or \"data.example.net\", got {a:?}"),
+                );
+            }
+        }
+        if let Some(c) = &u.cap {
+            if crate::schema::parse_bytes(&c.bytes).is_none() {
+                self.err(
+                    at.clone(),
+                    format!("{path}.cap.bytes"),
+                    format!(
+                        "expected an amount like \"20GB\" or \"500MB\", got {:?}",
+                        c.bytes
+                    ),
+                );
+            }
+            match (c.period, c.reset_day) {
+                (crate::CapPeriod::Monthly, None) => self.err(
+                    at.clone(),
+                    format!("{path}.cap.reset_day"),
+                    "a monthly cap needs the day of the month it resets (1-28)",
+                ),
+                (crate::CapPeriod::Monthly, Some(d)) if !(1..=28).contains(&d) => self.err(
+                    at.clone(),
+                    format!("{path}.cap.reset_day"),
+                    format!("expected a day 1-28 (every month has it), got {d}"),
+                ),
+                (crate::CapPeriod::Daily, Some(_)) => self.err(
+                    at.clone(),
+                    format!("{path}.cap.reset_day"),
+                    "a daily cap resets every day at midnight: no reset_day",
+                ),
+                _ => {}
             }
         }
     }

@@ -26,6 +26,9 @@ pub enum Role {
 pub struct Config {
     /// Which half of the bond this box is: `edge` or `hub`.
     pub role: Role,
+    /// The box's name (letters, digits, '-'), shown on the dashboard and used as its host
+    /// name; absent: derived from the device identity.
+    pub device: Option<String>,
     /// Where keys, certificates and persistent state live.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -335,6 +338,75 @@ pub struct Uplink {
     pub min_rate: Option<Rate>,
     /// Never send faster than this on the uplink (e.g. a capped SIM).
     pub max_rate: Option<Rate>,
+    /// Wifi uplinks: the network to join (through wpa_supplicant).
+    pub wifi: Option<WifiNetwork>,
+    /// Cellular uplinks: the access point name (through ModemManager).
+    pub apn: Option<String>,
+    /// A data allowance and what happens when it is used up.
+    pub cap: Option<DataCap>,
+}
+
+/// A wifi network to join.
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WifiNetwork {
+    pub ssid: String,
+    /// WPA2/WPA3 passphrase, 8 to 63 characters; absent for an open network (a venue
+    /// network behind a login page, usually).
+    pub passphrase: Option<String>,
+}
+
+/// How often a data allowance starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CapPeriod {
+    Monthly,
+    Daily,
+}
+
+/// What an uplink does once its allowance is used up.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapAction {
+    /// Carries traffic only when no other uplink can.
+    #[default]
+    BackupOnly,
+    /// Carries nothing until the next period.
+    Off,
+}
+
+/// A data allowance, counted in both directions including the tunnel's overhead.
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataCap {
+    /// The allowance: `"20GB"`, `"500MB"` (decimal units) or bytes.
+    pub bytes: String,
+    pub period: CapPeriod,
+    /// Monthly caps: the day of the month (1–28) the allowance starts again.
+    pub reset_day: Option<u8>,
+    #[serde(default)]
+    pub action: CapAction,
+}
+
+/// Bytes from `"20GB"`, `"500MB"`, `"1.5GB"`, `"750kB"` or a plain number.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => return None,
+    };
+    let v = num.parse::<f64>().ok()? * mult;
+    (v >= 1.0 && v < 1e16).then_some(v as u64)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]

@@ -28,7 +28,7 @@ fn lan(body: &str) -> String {
 /// (what, config text, field path, exact message).
 fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
     vec![
-        ("unknown field in an uplink", format!("{}\nbogus = 1\n", edge("", "")).replace("\nbogus", "bogus"), "edge.uplinks[0].bogus", "unknown field `bogus`, expected one of `name`, `interface`, `kind`, `priority`, `gateway`, `metered`, `min_rate`, `max_rate`"),
+        ("unknown field in an uplink", format!("{}\nbogus = 1\n", edge("", "")).replace("\nbogus", "bogus"), "edge.uplinks[0].bogus", "unknown field `bogus`, expected one of `name`, `interface`, `kind`, `priority`, `gateway`, `metered`, `min_rate`, `max_rate`, `wifi`, `apn`, `cap`"),
         ("typo in a field", edge("mtuu = 1400", ""), "edge.mtuu", "unknown field `mtuu`, expected one of `hubs`, `lan`, `tun_name`, `mtu`, `fallback`, `mode`, `pos_sources`, `classes`, `rules`, `default_rules`, `dhcp_leases`, `table_base`, `uplinks`"),
         ("wrong type", edge("mtu = \"big\"", ""), "edge.mtu", "invalid type: string \"big\", expected u16"),
         ("missing role", edge("", "").replace("role = \"edge\"\n", ""), "role", "missing field `role`"),
@@ -71,6 +71,12 @@ fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("VLAN overlapping the LAN", lan("[[lan.segments]]\nname = \"guest\"\nvlan = 20\npurpose = \"guest\"\naddress = \"10.1.0.129/25\""), "lan.segments[0].address", "10.1.0.128/25 overlaps 10.1.0.0/24"),
         ("VLAN id out of range", lan("[[lan.segments]]\nname = \"pos\"\nvlan = 5000\npurpose = \"pos\"\naddress = \"10.3.0.1/24\""), "lan.segments[0].vlan", "expected a VLAN id 1-4094 used once, got 5000"),
         ("LAN outside edge.lan", lan("").replace("address = \"10.1.0.1/24\"", "address = \"10.7.0.1/24\""), "lan.address", "edge.lan must include 10.7.0.0/24 (this LAN) for its traffic to enter the tunnel"),
+        ("cap without a reset day", edge("", "cap = { bytes = \"20GB\", period = \"monthly\" }\n"), "edge.uplinks[0].cap.reset_day", "a monthly cap needs the day of the month it resets (1-28)"),
+        ("cap amount", edge("", "cap = { bytes = \"lots\", period = \"daily\" }\n"), "edge.uplinks[0].cap.bytes", "expected an amount like \"20GB\" or \"500MB\", got \"lots\""),
+        ("wifi on a cellular uplink", edge("", "").replace("kind = \"wifi\"", "kind = \"cellular\"\nwifi = { ssid = \"venue\" }"), "edge.uplinks[0].wifi", "wifi applies to kind = \"wifi\" uplinks only"),
+        ("short passphrase", edge("", "wifi = { ssid = \"venue\", passphrase = \"short\" }\n"), "edge.uplinks[0].wifi.passphrase", "expected a WPA passphrase of 8 to 63 printable ASCII characters"),
+        ("APN on wifi", edge("", "apn = \"internet\"\n"), "edge.uplinks[0].apn", "apn applies to kind = \"cellular\" uplinks only"),
+        ("bad device name", format!("device = \"stall 17\"\n{}", edge("", "")), "device", "expected a host name (letters, digits, '-'; 1 to 63), got \"stall 17\""),
         ("metrics address", format!("{}\n[metrics]\nlisten = \"nowhere\"\n", edge("", "")), "metrics.listen", "invalid socket address syntax"),
     ]
 }
