@@ -406,7 +406,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         _ => return None,
     };
     let v = num.parse::<f64>().ok()? * mult;
-    (v >= 1.0 && v < 1e16).then_some(v as u64)
+    (1.0..1e16).contains(&v).then_some(v as u64)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
