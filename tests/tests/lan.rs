@@ -30,6 +30,15 @@ fn addrs(t: &Topology, role: &str, dev: &str) -> Result<Vec<String>> {
     Ok(list)
 }
 
+/// `ip -j ARGS` in the edge namespace, as compact JSON text.
+fn kernel(t: &Topology, args: &[&str]) -> Result<String> {
+    let mut a = vec!["ip", "-j", "-4"];
+    a.extend_from_slice(args);
+    let out = t.exec("edge", &a)?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.to_string())
+}
+
 /// One DHCP exchange from `dev` in the LAN namespace; the leased address.
 fn dhcp(t: &Topology, dev: &str) -> Result<String> {
     let out = t.exec(
@@ -115,7 +124,42 @@ fn the_lan_is_applied_exactly_and_dnsmasq_hands_out_leases() -> Result<()> {
             .contains(&got))
     })?;
 
-    // Reloading the same config changes nothing: same addresses, same dnsmasq process.
+    // The policy rules and routes the edge installs, read back from the kernel.
+    let rules = kernel(&t, &["rule", "show"])?;
+    // Exactly these: the kernel's three, a mark rule per uplink, LAN-bound traffic local,
+    // LAN traffic into the tunnel table.
+    assert_eq!(
+        rules,
+        concat!(
+            r#"[{"priority":0,"src":"all","table":"local"},"#,
+            r#"{"fwmark":"0xc9","priority":100,"src":"all","table":"201"},"#,
+            r#"{"fwmark":"0xca","priority":101,"src":"all","table":"202"},"#,
+            r#"{"dst":"10.1.0.0","dstlen":24,"priority":999,"src":"all","table":"main"},"#,
+            r#"{"priority":1000,"src":"10.1.0.0","srclen":24,"table":"200"},"#,
+            r#"{"priority":32766,"src":"all","table":"main"},"#,
+            r#"{"priority":32767,"src":"all","table":"default"}]"#
+        )
+    );
+    let tunnel = kernel(&t, &["route", "show", "table", "200"])?;
+    assert_eq!(
+        tunnel,
+        r#"[{"dev":"stall0","dst":"default","flags":[],"protocol":"static"}]"#
+    );
+    let uplinks = (
+        kernel(&t, &["route", "show", "table", "201"])?,
+        kernel(&t, &["route", "show", "table", "202"])?,
+    );
+    assert!(
+        uplinks.0.contains(r#""dev":"wan1""#) && uplinks.1.contains(r#""dev":"wan2""#),
+        "{uplinks:?}"
+    );
+
+    // Reloading the same config changes nothing: same addresses, rules, routes, firewall
+    // and dnsmasq process.
+    let nft_before = String::from_utf8(
+        t.exec("edge", &["nft", "list", "table", "inet", "stallnet_fw"])?
+            .stdout,
+    )?;
     let pid = std::fs::read_to_string(t.dir.join("edge-run/dnsmasq.pid"))?;
     let out = std::process::Command::new(bin("stallnet"))
         .args(["reload", "--runtime-dir"])
@@ -132,6 +176,13 @@ fn the_lan_is_applied_exactly_and_dnsmasq_hands_out_leases() -> Result<()> {
         std::fs::read_to_string(t.dir.join("edge-run/dnsmasq.pid"))?,
         pid
     );
+    assert_eq!(kernel(&t, &["rule", "show"])?, rules);
+    assert_eq!(kernel(&t, &["route", "show", "table", "200"])?, tunnel);
+    let nft_after = String::from_utf8(
+        t.exec("edge", &["nft", "list", "table", "inet", "stallnet_fw"])?
+            .stdout,
+    )?;
+    assert_eq!(nft_after, nft_before);
 
     // An apply that fails half-way (a port that does not exist: valid on paper, refused by
     // the kernel) changes nothing: the daemon puts the LAN back, the file stays as it was.
