@@ -60,6 +60,8 @@ struct Ctx {
     restart: std::sync::atomic::AtomicBool,
     /// The LAN the daemon manages (`[lan]`), if any.
     lan: Option<crate::lan_setup::Lan>,
+    /// Per uplink with a cap: (used, limit, period start) for the status.
+    caps: Mutex<Vec<Option<(u64, u64, i64)>>>,
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +164,7 @@ pub async fn run(
         config_path,
         restart: std::sync::atomic::AtomicBool::new(false),
         lan,
+        caps: Mutex::new(vec![None; e.uplinks.len()]),
     });
 
     ctx.events
@@ -190,16 +193,12 @@ pub async fn run(
                 ),
             );
         }
+    }
+    for (i, u) in e.uplinks.iter().enumerate() {
+        let u = u.get_ref().clone();
         if u.cap.is_some() {
-            ctx.events.push(
-                Level::Warning,
-                "setting_not_applied",
-                Some(&u.name),
-                format!(
-                    "{}: the data cap is validated but not counted or enforced yet",
-                    u.name
-                ),
-            );
+            let (c, dir) = (ctx.clone(), cfg.state_dir.clone());
+            tokio::spawn(async move { cap_task(c, i, u, dir).await });
         }
     }
     let (change_tx, change_rx) = watch::channel(0u64);
@@ -428,11 +427,17 @@ async fn supervise(
             ctx.cfg.uplinks.iter().map(|u| u.get_ref().kind),
             ctx.admin.lock().map(|a| a.preferred).ok().flatten(),
         );
+        let caps = ctx.caps.lock().map(|c| c.clone()).unwrap_or_default();
         let mut b = serde_json::to_value(&b).unwrap_or_default();
         if let Some(links) = b["links"].as_array_mut() {
             for (i, (l, kind)) in links.iter_mut().zip(kinds).enumerate() {
                 l["kind"] = serde_json::to_value(kind).unwrap_or_default();
                 l["preferred"] = (admin == Some(i)).into();
+                if let Some(Some((used, limit, start))) = caps.get(i) {
+                    l["cap"] = serde_json::json!({
+                        "used_bytes": used, "limit_bytes": limit, "period_start": start,
+                    });
+                }
             }
         }
         let doc = Status {
@@ -496,6 +501,89 @@ async fn nft_delete() -> Result<()> {
         "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
     ))
     .await
+}
+
+/// Counts a capped uplink's bytes and applies its cap (see [`crate::cap_meter`]).
+async fn cap_task(ctx: Arc<Ctx>, idx: usize, u: Uplink, state_dir: PathBuf) {
+    use crate::cap_meter::{self, Verdict};
+    use crate::core::cap::CapEvent;
+    let Some(spec) = cap_meter::spec(&u) else {
+        return;
+    };
+    let path = cap_meter::state_path(&state_dir, &u.name);
+    let mut st = cap_meter::load(&path);
+    let mut imposed = Verdict::Normal;
+    let mut saved = Instant::now();
+    let mut tick = tokio::time::interval(cap_meter::INTERVAL);
+    loop {
+        let stop = tokio::select! {
+            _ = tick.tick() => false,
+            _ = ctx.cancel.cancelled() => true,
+        };
+        if stop {
+            cap_meter::save(&path, &st);
+            return;
+        }
+        let Some(counter) = cap_meter::counter(&u.interface) else {
+            continue;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let events = st.observe(&spec, counter, now);
+        for ev in &events {
+            let (level, kind) = match ev {
+                CapEvent::Reset => (Level::Info, "cap_reset"),
+                CapEvent::Crossed(100) => (Level::Critical, "cap_reached"),
+                CapEvent::Crossed(_) => (Level::Warning, "cap_warning"),
+            };
+            ctx.events.push(
+                level,
+                kind,
+                Some(&u.name),
+                cap_meter::describe(&u, &spec, *ev),
+            );
+        }
+        let v = cap_meter::verdict(&u, &spec, &st);
+        let id = ctx.link_ids.lock().ok().and_then(|l| l.get(idx).copied());
+        if let (true, Some(id)) = (v != imposed, id) {
+            let configured_backup = u.priority == UplinkPriority::Backup;
+            let set_admin_off = |off: bool| {
+                if let Ok(mut a) = ctx.admin.lock() {
+                    if let Some(d) = a.disabled.get_mut(idx) {
+                        *d = off;
+                    }
+                }
+            };
+            match v {
+                Verdict::Off => {
+                    set_admin_off(true);
+                    ctx.bond.set_disabled(id, true);
+                }
+                Verdict::BackupOnly => ctx.bond.set_backup(id, true),
+                Verdict::Normal => {
+                    if imposed == Verdict::Off {
+                        set_admin_off(false);
+                        ctx.bond.set_disabled(id, false);
+                    }
+                    ctx.bond.set_backup(id, configured_backup);
+                }
+            }
+            if let Some(w) = ctx.wake.get(idx) {
+                w.notify_one();
+            }
+            imposed = v;
+        }
+        if let Ok(mut c) = ctx.caps.lock() {
+            if let Some(slot) = c.get_mut(idx) {
+                *slot = Some((st.used, spec.limit, st.period_start));
+            }
+        }
+        if !events.is_empty() || saved.elapsed() >= Duration::from_secs(30) {
+            cap_meter::save(&path, &st);
+            saved = Instant::now();
+        }
+    }
 }
 
 /// Sends the box's own deliveries to the commerce upstream through the tunnel, like the

@@ -15,6 +15,7 @@
 //!   [`metrics`]: Prometheus metrics.
 
 pub mod boot_import;
+pub mod cap_meter;
 pub mod classes;
 pub mod commerce;
 pub mod confirm;
