@@ -196,7 +196,13 @@ fn uplinks_table(v: &Value) -> String {
                 format!("{:.1}Mb/s", l["rate_mbps"].as_f64().unwrap_or(0.0)),
                 bytes(l["tx_bytes"].as_u64().unwrap_or(0)),
                 bytes(l["rx_bytes"].as_u64().unwrap_or(0)),
-                if l["preferred"].as_bool() == Some(true) {
+                match (
+                    l["cap"]["used_bytes"].as_u64(),
+                    l["cap"]["limit_bytes"].as_u64()
+                ) {
+                    (Some(u), Some(lim)) => format!("  {} of {} used", bytes(u), bytes(lim)),
+                    _ => String::new(),
+                } + if l["preferred"].as_bool() == Some(true) {
                     "  (preferred)"
                 } else if l["backup"].as_bool() == Some(true) {
                     "  (backup)"

@@ -33,6 +33,8 @@ pub struct UplinkRow {
     pub backup: bool,
     /// Throughput history (up + down), oldest first.
     pub history: Vec<u64>,
+    /// Data used and the allowance, when the uplink has a cap.
+    pub cap: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -170,6 +172,9 @@ impl Model {
                 preferred: l["preferred"].as_bool().unwrap_or(false),
                 backup: l["backup"].as_bool().unwrap_or(false),
                 history: h.iter().copied().collect(),
+                cap: l["cap"]["used_bytes"]
+                    .as_u64()
+                    .zip(l["cap"]["limit_bytes"].as_u64()),
             });
         }
         let mut classes = Vec::new();
@@ -247,6 +252,43 @@ pub fn age(s: i64) -> String {
     }
 }
 
+/// "1.2/20 GB", "350/500 MB": data used against an allowance.
+pub fn usage(used: u64, limit: u64) -> String {
+    let (div, unit) = if limit >= 1_000_000_000 {
+        (1e9, "GB")
+    } else {
+        (1e6, "MB")
+    };
+    let f = |v: u64| {
+        let x = v as f64 / div;
+        if x >= 100.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.1}")
+        }
+    };
+    let l = limit as f64 / div;
+    let lim = if l.fract() == 0.0 {
+        format!("{l:.0}")
+    } else {
+        f(limit)
+    };
+    format!("{}/{lim} {unit}", f(used))
+}
+
+/// A rate for a narrow column: "9.6M", "850k", "120".
+pub fn rate_short(bps: f64) -> String {
+    if bps >= 100e6 {
+        format!("{:.0}M", bps / 1e6)
+    } else if bps >= 1e6 {
+        format!("{:.1}M", bps / 1e6)
+    } else if bps >= 1e3 {
+        format!("{:.0}k", bps / 1e3)
+    } else {
+        format!("{bps:.0}")
+    }
+}
+
 /// "4.2 Mb/s", "850 kb/s".
 pub fn rate(bps: f64) -> String {
     if bps >= 1e6 {
@@ -320,6 +362,22 @@ mod tests {
         assert_eq!(m.pos_idle_s, Some(3.0));
         m.unreachable("gone".into());
         assert!(m.connected.is_none());
+    }
+
+    #[test]
+    fn caps_are_said_against_the_allowance() {
+        assert_eq!(usage(1_234_000_000, 20_000_000_000), "1.2/20 GB");
+        assert_eq!(usage(1_234_000_000, 2_500_000_000), "1.2/2.5 GB");
+        assert_eq!(rate_short(9_600_000.0), "9.6M");
+        assert_eq!(rate_short(850_000.0), "850k");
+        assert_eq!(usage(350_000_000, 500_000_000), "350/500 MB");
+        let mut m = Model::default();
+        let mut st = status(0, 0, "online");
+        st["bonds"]["hub"]["links"][0]["cap"] =
+            serde_json::json!({ "used_bytes": 1500000000u64, "limit_bytes": 2000000000u64 });
+        m.update(&st, Duration::from_secs(1));
+        let c = m.connected.expect("connected");
+        assert_eq!(c.uplinks[0].cap, Some((1_500_000_000, 2_000_000_000)));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 use ratatui::Frame;
 
-use crate::model::{age, rate, sales_sentence, Connected, Model, Overall};
+use crate::model::{age, rate, rate_short, sales_sentence, usage, Connected, Model, Overall};
 
 /// What the operator is doing on the screen.
 #[derive(Debug, Clone, Default)]
@@ -162,11 +162,11 @@ fn draw_uplinks(f: &mut Frame, r: Rect, c: &Connected, ui: &Ui) {
     let block = Block::default().borders(Borders::ALL).title(" Uplinks ");
     let inner = block.inner(r);
     f.render_widget(block, r);
-    let fixed = 66usize;
+    let fixed = 58usize;
     let spark_w = (inner.width as usize).saturating_sub(fixed + 1);
     let mut lines = vec![Line::styled(
         format!(
-            "  {:<8} {:<8} {:<11} {:>6} {:>5} {:>5} {:>9} {:>9} {}",
+            "  {:<8} {:<8} {:<11} {:>6} {:>5} {:>5} {:>5} {:>5} {}",
             "NAME",
             "KIND",
             "STATE",
@@ -175,7 +175,7 @@ fn draw_uplinks(f: &mut Frame, r: Rect, c: &Connected, ui: &Ui) {
             "LOSS",
             "UP",
             "DOWN",
-            if spark_w >= 5 { "TREND" } else { "" }
+            if spark_w >= 5 { "DATA / TREND" } else { "" }
         ),
         Style::default().add_modifier(Modifier::BOLD),
     )];
@@ -205,20 +205,34 @@ fn draw_uplinks(f: &mut Frame, r: Rect, c: &Connected, ui: &Ui) {
             ),
             Span::raw(if live {
                 format!(
-                    " {:>6} {:>5} {:>4.1}% {:>9} {:>9} ",
+                    " {:>6} {:>5} {:>4.1}% {:>5} {:>5} ",
                     u.rtt_ms.map_or("-".into(), |r| format!("{r:.0}ms")),
                     format!("{:.0}ms", u.jitter_ms),
                     u.loss * 100.0,
-                    rate(u.up_bps),
-                    rate(u.down_bps),
+                    rate_short(u.up_bps),
+                    rate_short(u.down_bps),
                 )
             } else {
-                format!(" {:>6} {:>5} {:>5} {:>9} {:>9} ", "-", "-", "-", "-", "-")
+                format!(" {:>6} {:>5} {:>5} {:>5} {:>5} ", "-", "-", "-", "-", "-")
             }),
         ];
-        if spark_w >= 5 {
+        let mut spark_room = spark_w;
+        if let Some((used, limit)) = u.cap {
+            // Data used against the allowance comes first; red once it is nearly gone.
+            let text = format!("{} ", usage(used, limit));
+            spark_room = spark_room.saturating_sub(text.chars().count());
+            let colour = if used * 100 >= limit * 95 {
+                RED
+            } else if used * 100 >= limit * 75 {
+                YELLOW
+            } else {
+                Color::Reset
+            };
+            spans.push(Span::styled(text, Style::default().fg(colour)));
+        }
+        if spark_room >= 5 {
             spans.push(Span::styled(
-                spark(&u.history, spark_w, ui.ascii),
+                spark(&u.history, spark_room, ui.ascii),
                 Style::default().fg(Color::Cyan),
             ));
         }

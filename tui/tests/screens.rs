@@ -91,10 +91,10 @@ fn degraded() -> Model {
     let mut m = model(
         "degraded",
         |s| {
-            vec![
-                link("wifi", "wifi", "down", None, 400_000),
-                link("cell", "cellular", "up", Some(52.0), 300_000 * s),
-            ]
+            let mut cell = link("cell", "cellular", "up", Some(52.0), 300_000 * s);
+            cell["cap"] =
+                json!({ "used_bytes": 16_400_000_000u64, "limit_bytes": 20_000_000_000u64 });
+            vec![link("wifi", "wifi", "down", None, 400_000), cell]
         },
         json!({ "online": true, "undelivered": 3, "oldest_undelivered_age_s": 40, "dead_letters": 0 }),
     );
