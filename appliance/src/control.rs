@@ -5,6 +5,7 @@
 //! [`Daemon`].
 //!
 //! Documents: `GET /v1/status`, `/v1/uplinks`, `/v1/classes`, `/v1/flows`, `/v1/commerce`,
+//! `/v1/stream` (the bitrate advice for a live-stream encoder),
 //! `/v1/events?since=N&limit=N`, `/v1/events/stream?since=N` (NDJSON, one event per
 //! line, kept open); `POST /v1/uplinks/{name}/disable|enable|prefer`,
 //! `DELETE /v1/uplinks/preference`, `POST /v1/reload`. Every document carries
@@ -134,6 +135,13 @@ async fn get_classes(State(c): Ctl) -> Response {
 
 async fn get_flows(State(c): Ctl) -> Response {
     get_part(c, "flows", "top_flows").await
+}
+
+async fn get_stream(State(c): Ctl) -> Response {
+    match snapshot(&c) {
+        Some(s) => Json(json!({ "version": VERSION, "advice": s.stream_advice })).into_response(),
+        None => starting(),
+    }
 }
 
 async fn get_commerce(State(c): Ctl) -> Response {
@@ -267,6 +275,7 @@ pub fn router(c: Arc<Control>) -> Router {
         .route("/v1/classes", get(get_classes))
         .route("/v1/flows", get(get_flows))
         .route("/v1/commerce", get(get_commerce))
+        .route("/v1/stream", get(get_stream))
         .route("/v1/events", get(get_events))
         .route("/v1/events/stream", get(stream_events))
         .route("/v1/reload", post(reload))

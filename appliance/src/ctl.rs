@@ -19,6 +19,8 @@ pub enum Ctl {
     Classes,
     /// The busiest flows.
     Flows,
+    /// The bitrate a live-stream encoder can use now (for scripts that set it).
+    StreamAdvice,
     /// Recent events; `--follow` keeps printing new ones.
     Events {
         #[arg(long, short)]
@@ -85,6 +87,7 @@ pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<Exi
             Ctl::Uplinks => client.get("/v1/uplinks").await.map(Some),
             Ctl::Classes => client.get("/v1/classes").await.map(Some),
             Ctl::Flows => client.get("/v1/flows").await.map(Some),
+            Ctl::StreamAdvice => client.get("/v1/stream").await.map(Some),
             Ctl::Reload => client
                 .request(hyper::Method::POST, "/v1/reload")
                 .await
@@ -148,6 +151,15 @@ fn print_human(doc: &Value) {
         print!("{}", classes_table(classes));
     } else if let Some(flows) = doc.get("flows") {
         print!("{}", flows_table(flows));
+    } else if let Some(a) = doc.get("advice") {
+        match a["uplink"].as_str() {
+            Some(u) => println!(
+                "stream: up to {:.1} Mbit/s now (on {u}; {})",
+                a["bitrate_bps"].as_f64().unwrap_or(0.0) / 1e6,
+                a["basis"].as_str().unwrap_or("")
+            ),
+            None => println!("stream: nothing can carry it now"),
+        }
     } else if let Some(events) = doc["events"].as_array() {
         for e in events {
             println!("{}", event_line(e));

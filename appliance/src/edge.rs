@@ -427,6 +427,7 @@ async fn supervise(
             ctx.cfg.uplinks.iter().map(|u| u.get_ref().kind),
             ctx.admin.lock().map(|a| a.preferred).ok().flatten(),
         );
+        let stream_advice = stream_advice(&ctx.cfg, &b);
         let caps = ctx.caps.lock().map(|c| c.clone()).unwrap_or_default();
         let mut b = serde_json::to_value(&b).unwrap_or_default();
         if let Some(links) = b["links"].as_array_mut() {
@@ -456,6 +457,7 @@ async fn supervise(
             uptime_s: started.elapsed().as_secs(),
             peer: ctx.cfg.hubs.first().map(|h| h.address.to_string()),
             clock: clock.clone(),
+            stream_advice: Some(stream_advice),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
@@ -501,6 +503,48 @@ async fn nft_delete() -> Result<()> {
         "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
     ))
     .await
+}
+
+/// The bitrate a live-stream encoder can use now: a stream flow rides one uplink (the
+/// class is lowest-latency), so 80 % of the best usable uplink's send rate among those
+/// the stream class may use (rate control lowers it as soon as the uplink's queue grows),
+/// never above the class's `max_rate`. 80 % leaves room for payments, the stream's own
+/// audio and retransmissions.
+fn stream_advice(cfg: &EdgeConfig, b: &crate::driver::bond::BondStatus) -> serde_json::Value {
+    use crate::core::{qos::bit, Class};
+    let specs = classes::specs(cfg);
+    let class_max = specs
+        .iter()
+        .find(|s| s.name == stallnet_netconf::ClassName::Stream)
+        .and_then(|s| s.max_rate);
+    let best = cfg
+        .uplinks
+        .iter()
+        .zip(&b.links)
+        .filter(|(u, l)| {
+            classes::link_mask(&specs, u.get_ref()) & bit(Class::Stream) != 0
+                && l.state == "up"
+                && !l.degraded
+        })
+        .map(|(u, l)| (u.get_ref().name.clone(), l.rate_mbps * 1e6))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    match best {
+        None => serde_json::json!({
+            "bitrate_bps": 0, "uplink": null,
+            "basis": "no usable uplink may carry the stream",
+        }),
+        Some((name, rate)) => {
+            let mut bps = rate * 0.8;
+            let mut basis = format!("80 % of {name}'s current send rate");
+            if let Some(m) = class_max {
+                if (m as f64) < bps {
+                    bps = m as f64;
+                    basis = "the stream class's max_rate".into();
+                }
+            }
+            serde_json::json!({ "bitrate_bps": bps as u64, "uplink": name, "basis": basis })
+        }
+    }
 }
 
 /// Counts a capped uplink's bytes and applies its cap (see [`crate::cap_meter`]).

@@ -197,6 +197,7 @@ pub async fn run(
             uptime_s: started.elapsed().as_secs(),
             peer: None,
             clock: status::clock_state(),
+            stream_advice: None,
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");

@@ -91,6 +91,8 @@ pub fn render(s: &Status) -> String {
     let loss = Family::<LinkLabels, GaugeF>::default();
     let rate = Family::<LinkLabels, GaugeF>::default();
     let capacity = Family::<LinkLabels, GaugeF>::default();
+    let cap_used = Family::<LinkLabels, Gauge>::default();
+    let cap_limit = Family::<LinkLabels, Gauge>::default();
     let tx_bytes = Family::<LinkLabels, Counter>::default();
     let rx_bytes = Family::<LinkLabels, Counter>::default();
     let tx_packets = Family::<LinkLabels, Counter>::default();
@@ -133,6 +135,13 @@ pub fn render(s: &Status) -> String {
             capacity
                 .get_or_create(&ll)
                 .set(l["capacity_mbps"].as_f64().unwrap_or(0.0) * 1e6);
+            if let (Some(u), Some(lim)) = (
+                l["cap"]["used_bytes"].as_i64(),
+                l["cap"]["limit_bytes"].as_i64(),
+            ) {
+                cap_used.get_or_create(&ll).set(u);
+                cap_limit.get_or_create(&ll).set(lim);
+            }
             let n = |k: &str| l[k].as_u64().unwrap_or(0);
             tx_bytes.get_or_create(&ll).inc_by(n("tx_bytes"));
             rx_bytes.get_or_create(&ll).inc_by(n("rx_bytes"));
@@ -233,6 +242,19 @@ pub fn render(s: &Status) -> String {
     );
     reg.register("class_queued_packets", "Packets waiting now", c_queued);
 
+    if let Some(bps) = s
+        .stream_advice
+        .as_ref()
+        .and_then(|a| a["bitrate_bps"].as_f64())
+    {
+        let g = GaugeF::default();
+        g.set(bps);
+        reg.register(
+            "stream_advice_bits_per_second",
+            "The bitrate a live-stream encoder can use now",
+            g,
+        );
+    }
     if let Some(c) = &s.commerce {
         let depth = Gauge::<i64>::default();
         depth.set(c["undelivered"].as_i64().unwrap_or(0));

@@ -33,6 +33,10 @@ pub struct Status {
     /// this software was built).
     #[serde(default)]
     pub clock: String,
+    /// The edge's advice for a live-stream encoder: the bitrate the stream class can
+    /// count on now (`{"bitrate_bps", "uplink", "basis"}`), or null when nothing carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_advice: Option<serde_json::Value>,
 }
 
 /// Unix time this release cannot predate (2026-01-01): an earlier clock is wrong.

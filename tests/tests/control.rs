@@ -119,6 +119,13 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     let status = json(&t, "edge", &["status"])?;
     assert_eq!(status["state"], "online");
     json(&t, "edge", &["flows"])?;
+    // Encoder advice: a bitrate and the uplink it rides.
+    let advice = json(&t, "edge", &["stream-advice"])?;
+    assert!(
+        advice["advice"]["bitrate_bps"].as_u64().unwrap_or(0) > 0,
+        "{advice}"
+    );
+    assert!(advice["advice"]["uplink"].is_string(), "{advice}");
     let events = json(&t, "edge", &["events"])?;
     assert!(
         events["events"].as_array().is_some_and(|e| !e.is_empty()),
@@ -148,7 +155,16 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     });
 
     // Prometheus scrapes the same facts from the LAN.
+    let advice = json(&t, "edge", &["stream-advice"])?;
+    assert_eq!(
+        advice["advice"]["uplink"], "cell",
+        "with wifi off: {advice}"
+    );
     let m = scrape(&t)?;
+    assert!(
+        m.contains_key("stallnet_stream_advice_bits_per_second"),
+        "{m:?}"
+    );
     assert_eq!(
         m.get(r#"stallnet_uplink_up{device="local",uplink="wifi",kind="wifi"}"#),
         Some(&1.0)
