@@ -284,6 +284,31 @@ pub fn router(c: Arc<Control>) -> Router {
         .with_state(c)
 }
 
+/// Starts what a role serves to operators: the control API on its socket, and the
+/// metrics when the config asks for them. Errors are logged; the data plane goes on.
+pub fn spawn(
+    daemon: Arc<dyn Daemon>,
+    events: Arc<EventLog>,
+    cfg: &stallnet_netconf::Config,
+    cancel: CancellationToken,
+) {
+    if let Some(m) = &cfg.metrics {
+        let (d, listen, c) = (daemon.clone(), m.listen, cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listen, d, c).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
+    let control = Arc::new(Control { daemon, events });
+    let dir = cfg.runtime_dir.clone();
+    tokio::spawn(async move {
+        if let Err(e) = serve(&dir, control, cancel).await {
+            tracing::error!("{e:#}");
+        }
+    });
+}
+
 /// The socket's path in `runtime_dir`.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join(SOCKET)

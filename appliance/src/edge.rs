@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::classes;
-use crate::control::{self, ActionError, Control, Daemon};
+use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig, DeviceRef};
 use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
@@ -226,27 +226,12 @@ pub async fn run(
         let (c, rx) = (ctx.clone(), change_rx.clone());
         tokio::spawn(async move { uplink_task(c, i, id, u, rx).await });
     }
-    {
-        let daemon: Arc<dyn Daemon> = Arc::new(EdgeDaemon(ctx.clone()));
-        if let Some(m) = &cfg.metrics {
-            let (d, listen, c) = (daemon.clone(), m.listen, cancel.clone());
-            tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(listen, d, c).await {
-                    tracing::error!("{e:#}");
-                }
-            });
-        }
-        let control = Arc::new(Control {
-            daemon,
-            events: ctx.events.clone(),
-        });
-        let (dir, c) = (cfg.runtime_dir.clone(), cancel.clone());
-        tokio::spawn(async move {
-            if let Err(e) = control::serve(&dir, control, c).await {
-                tracing::error!("{e:#}");
-            }
-        });
-    }
+    control::spawn(
+        Arc::new(EdgeDaemon(ctx.clone())),
+        ctx.events.clone(),
+        &cfg,
+        cancel.clone(),
+    );
     let c = ctx.clone();
     let reader = tokio::spawn(async move { tun_reader(c, tun).await });
     let commerce = match cfg.commerce().cloned() {
@@ -655,7 +640,9 @@ async fn route_upstream(ctx: Arc<Ctx>, tun_index: u32, url: String) {
             continue;
         };
         if assigned != Some(addr) {
-            match ctx.nl.set_only_address(tun_index, addr).await {
+            // The tunnel address alone on the TUN device.
+            let host = ipnet::Ipv4Net::from(addr);
+            match ctx.nl.set_only_prefix(tun_index, Some(host)).await {
                 Ok(()) => {
                     assigned = Some(addr);
                     routed.clear();

@@ -14,7 +14,7 @@ use stallnet_netconf::Config;
 use tokio_util::sync::CancellationToken;
 
 use crate::classes;
-use crate::control::{self, ActionError, Control, Daemon};
+use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig};
 use crate::core::packet;
 use crate::core::qos::{bit, ALL_CLASSES};
@@ -135,27 +135,12 @@ pub async fn run(
     for (level, kind, msg) in notes {
         events.push(level, kind, None, msg);
     }
-    {
-        let daemon: Arc<dyn Daemon> = Arc::new(HubDaemon(latest.clone()));
-        if let Some(m) = &cfg.metrics {
-            let (d, listen, c) = (daemon.clone(), m.listen, cancel.clone());
-            tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(listen, d, c).await {
-                    tracing::error!("{e:#}");
-                }
-            });
-        }
-        let control = Arc::new(Control {
-            daemon,
-            events: events.clone(),
-        });
-        let (dir, c) = (cfg.runtime_dir.clone(), cancel.clone());
-        tokio::spawn(async move {
-            if let Err(e) = control::serve(&dir, control, c).await {
-                tracing::error!("{e:#}");
-            }
-        });
-    }
+    control::spawn(
+        Arc::new(HubDaemon(latest.clone())),
+        events.clone(),
+        &cfg,
+        cancel.clone(),
+    );
     // An unconfirmed apply that times out: the hub restarts to take the restored file.
     let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(path) = config_path {

@@ -214,37 +214,6 @@ impl Netlink {
             .with_context(|| format!("route {prefix} table {table}"))
     }
 
-    /// Makes `addr/32` the only IPv4 address of interface `index` (the tunnel address on
-    /// the edge's TUN device, so the box's own sockets can use the tunnel).
-    pub async fn set_only_address(&self, index: u32, addr: Ipv4Addr) -> Result<()> {
-        let _serial = self.serial.lock().await;
-        let old: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .context("reading addresses")?;
-        for m in old {
-            let stale = m
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a != addr));
-            if stale {
-                let _ = self.handle.address().del(m).execute().await;
-            }
-        }
-        self.handle
-            .address()
-            .add(index, IpAddr::V4(addr), 32)
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("address {addr}/32"))
-    }
-
     /// Makes `addr` (with its prefix) the only IPv4 address of interface `index`; `None`
     /// removes them all (a bridge port).
     pub async fn set_only_prefix(&self, index: u32, addr: Option<ipnet::Ipv4Net>) -> Result<()> {

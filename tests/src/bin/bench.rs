@@ -401,6 +401,30 @@ mod commerce_bench {
         }))
     }
 
+    /// A fresh store in its own directory holding 10 000 offline sales (flushed), offline.
+    async fn offline_sales(
+        label: &str,
+    ) -> Result<(std::path::PathBuf, Arc<AtomicBool>, Arc<Service<SledStore>>)> {
+        let dir = std::env::temp_dir().join(format!("sn-bench-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let online = Arc::new(AtomicBool::new(false));
+        let svc = service(&dir, online.clone())?;
+        for i in 0..10_000 {
+            svc.store
+                .put_cart("till", cart(format!("d{i}")), None, svc.limits)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            svc.store
+                .checkout("till", &format!("d{i}"), None, "cash", &format!("k{i}"), 0)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        svc.store
+            .flush()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok((dir, online, svc))
+    }
+
     fn cart(id: String) -> Cart {
         Cart {
             id,
@@ -582,23 +606,7 @@ mod commerce_bench {
                 let _ = std::fs::remove_dir_all(&dir);
             }
             // Drain after 10 000 offline sales.
-            let dir = std::env::temp_dir().join(format!("sn-bench-drain-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            let online = Arc::new(AtomicBool::new(false));
-            let svc = service(&dir, online.clone())?;
-            for i in 0..10_000 {
-                svc.store
-                    .put_cart("till", cart(format!("d{i}")), None, svc.limits)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                svc.store
-                    .checkout("till", &format!("d{i}"), None, "cash", &format!("k{i}"), 0)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
-            svc.store
-                .flush()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (dir, online, svc) = offline_sales("drain").await?;
             let seen: Arc<Mutex<Vec<String>>> = Arc::default();
             let s = seen.clone();
             let app = axum::Router::new().route(
@@ -650,23 +658,7 @@ mod commerce_bench {
             let _ = std::fs::remove_dir_all(&dir);
 
             // The same drain into NATS JetStream (a real nats-server on loopback).
-            let dir = std::env::temp_dir().join(format!("sn-bench-nats-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            let online = Arc::new(AtomicBool::new(false));
-            let svc = service(&dir, online.clone())?;
-            for i in 0..10_000 {
-                svc.store
-                    .put_cart("till", cart(format!("d{i}")), None, svc.limits)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                svc.store
-                    .checkout("till", &format!("d{i}"), None, "cash", &format!("k{i}"), 0)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
-            svc.store
-                .flush()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (dir, online, svc) = offline_sales("nats").await?;
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
