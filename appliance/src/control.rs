@@ -39,6 +39,12 @@ pub enum Action {
     Enable(String),
     /// Prefer this uplink (the others act as backups), or clear the preference.
     Prefer(Option<String>),
+    /// Let one LAN device reach the uplink's captive portal directly for a while.
+    Login {
+        uplink: String,
+        device: std::net::Ipv4Addr,
+        minutes: u64,
+    },
     Reload,
 }
 
@@ -231,19 +237,55 @@ async fn act(c: &Control, action: Action) -> Response {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginQuery {
+    device: Option<String>,
+    minutes: Option<u64>,
+}
+
 async fn uplink_action(
     State(c): Ctl,
     UrlPath((name, verb)): UrlPath<(String, String)>,
+    q: Result<Query<LoginQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let action = match verb.as_str() {
         "disable" => Action::Disable(name),
         "enable" => Action::Enable(name),
         "prefer" => Action::Prefer(Some(name)),
+        "login" => {
+            let q = match q {
+                Ok(Query(q)) => q,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
+            };
+            let Some(device) = q.device.as_deref().and_then(|d| d.parse().ok()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_device",
+                    "login needs device=IPv4 (the LAN address of the phone that signs in)",
+                );
+            };
+            let minutes = q.minutes.unwrap_or(5);
+            if !(1..=30).contains(&minutes) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_minutes",
+                    "minutes must be 1 to 30",
+                );
+            }
+            Action::Login {
+                uplink: name,
+                device,
+                minutes,
+            }
+        }
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
                 "unknown_action",
-                format!("unknown uplink action {verb:?}: expected disable, enable or prefer"),
+                format!(
+                    "unknown uplink action {verb:?}: expected disable, enable, prefer or login"
+                ),
             )
         }
     };

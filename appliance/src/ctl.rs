@@ -53,6 +53,17 @@ pub enum UplinkAction {
         #[arg(long)]
         clear: bool,
     },
+    /// Let one LAN device (the operator's phone) reach NAME's captive portal directly for
+    /// a while, to sign in; the uplink is checked again meanwhile and afterwards.
+    Login {
+        name: String,
+        /// The device's LAN address (the phone's IPv4 on the stall's network).
+        #[arg(long)]
+        device: std::net::Ipv4Addr,
+        /// How long the device may go straight out (1–30).
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+    },
 }
 
 pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -103,6 +114,14 @@ pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<Exi
                     UplinkAction::Prefer { clear: true, .. } => {
                         (hyper::Method::DELETE, "/v1/uplinks/preference".to_string())
                     }
+                    UplinkAction::Login {
+                        name,
+                        device,
+                        minutes,
+                    } => (
+                        hyper::Method::POST,
+                        format!("/v1/uplinks/{name}/login?device={device}&minutes={minutes}"),
+                    ),
                     UplinkAction::Prefer { name, .. } => (
                         hyper::Method::POST,
                         format!("/v1/uplinks/{}/prefer", name.as_deref().unwrap_or("")),
@@ -214,17 +233,33 @@ fn uplinks_table(v: &Value) -> String {
                 ) {
                     (Some(u), Some(lim)) => format!("  {} of {} used", bytes(u), bytes(lim)),
                     _ => String::new(),
-                } + if l["preferred"].as_bool() == Some(true) {
-                    "  (preferred)"
-                } else if l["backup"].as_bool() == Some(true) {
-                    "  (backup)"
-                } else {
-                    ""
-                }
+                } + &reach_note(l)
+                    + if l["preferred"].as_bool() == Some(true) {
+                        "  (preferred)"
+                    } else if l["backup"].as_bool() == Some(true) {
+                        "  (backup)"
+                    } else {
+                        ""
+                    }
             ));
         }
     }
     out
+}
+
+/// What the reachability checks say of an uplink, when it matters to the operator.
+fn reach_note(l: &Value) -> String {
+    let r = &l["reachability"];
+    let name = l["name"].as_str().unwrap_or("?");
+    match (r["portal"].as_str(), r["https"].as_str()) {
+        (Some("captive"), _) => match r["login"]["device"].as_str() {
+            Some(d) => format!("  (login page: {d} may sign in)"),
+            None => format!("  (login page: stallnet uplink login {name} --device IP)"),
+        },
+        (Some("dns-hijacked"), _) => "  (DNS answers forged)".into(),
+        (_, Some("failing")) if l["carries_pos"] == false => "  (no POS: HTTPS fails)".into(),
+        _ => String::new(),
+    }
 }
 
 fn classes_table(v: &Value) -> String {

@@ -27,6 +27,8 @@ use crate::events::{self, EventLog, Level, LinkSeen};
 use crate::identity;
 use crate::status::{self, Status};
 
+mod reach;
+
 /// Offline this long before the direct fallback takes over.
 const FALLBACK_AFTER: Duration = Duration::from_secs(2);
 const NFT_TABLE: &str = "stallnet_fallback";
@@ -62,6 +64,8 @@ struct Ctx {
     lan: Option<crate::lan_setup::Lan>,
     /// Per uplink with a cap: (used, limit, period start) for the status.
     caps: Mutex<Vec<Option<(u64, u64, i64)>>>,
+    /// Per uplink: its reachability checks' verdicts and login window.
+    reach: Vec<reach::Slot>,
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +169,9 @@ pub async fn run(
         restart: std::sync::atomic::AtomicBool::new(false),
         lan,
         caps: Mutex::new(vec![None; e.uplinks.len()]),
+        reach: (0..e.uplinks.len())
+            .map(|_| reach::Slot::default())
+            .collect(),
     });
 
     ctx.events
@@ -225,6 +232,13 @@ pub async fn run(
         }
         let (c, rx) = (ctx.clone(), change_rx.clone());
         tokio::spawn(async move { uplink_task(c, i, id, u, rx).await });
+    }
+    if e.reachability.enabled {
+        let tls = crate::reach_probe::tls_config(e.reachability.ca_file.as_deref())?;
+        for (i, u) in e.uplinks.iter().enumerate() {
+            let (c, u, tls) = (ctx.clone(), u.get_ref().clone(), tls.clone());
+            tokio::spawn(async move { reach::run(c, i, u, tls).await });
+        }
     }
     control::spawn(
         Arc::new(EdgeDaemon(ctx.clone())),
@@ -419,6 +433,9 @@ async fn supervise(
             for (i, (l, kind)) in links.iter_mut().zip(kinds).enumerate() {
                 l["kind"] = serde_json::to_value(kind).unwrap_or_default();
                 l["preferred"] = (admin == Some(i)).into();
+                if let Some(v) = ctx.reach.get(i).and_then(|r| r.view.lock().ok()?.clone()) {
+                    l["reachability"] = v;
+                }
                 if let Some(Some((used, limit, start))) = caps.get(i) {
                     l["cap"] = serde_json::json!({
                         "used_bytes": used, "limit_bytes": limit, "period_start": start,
@@ -842,7 +859,9 @@ async fn uplink_task(
                 .bond
                 .connection(id)
                 .is_some_and(|c| c.close_reason().is_none());
-            if !connected {
+            // Held out by the reachability checks: routes stay (the checks use them),
+            // the tunnel waits until the uplink is released.
+            if !connected && ctx.bond.held(id).is_none() {
                 if let Some((ep, _, _)) = &endpoint {
                     match connect(&ctx, ep, &u).await {
                         Ok(conn) => {
@@ -1199,6 +1218,38 @@ impl Daemon for EdgeDaemon {
                     .events
                     .push(Level::Info, kind, p.as_deref(), msg.clone());
                 Ok(msg)
+            }
+            A::Login {
+                uplink,
+                device,
+                minutes,
+            } => {
+                let idx = self.uplink(&uplink)?;
+                if !self
+                    .0
+                    .cfg
+                    .lan
+                    .iter()
+                    .any(|p| p.contains(&IpAddr::V4(device)))
+                {
+                    return Err(ActionError::new(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "not_on_lan",
+                        format!(
+                            "{device} is not on the LAN (edge.lan): give the phone's LAN address"
+                        ),
+                    ));
+                }
+                if !self.0.cfg.reachability.enabled {
+                    return Err(ActionError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "checks_off",
+                        "reachability checks are off (edge.reachability.enabled): no portal to log in to",
+                    ));
+                }
+                reach::login(&self.0, idx, device, minutes).map_err(|m| {
+                    ActionError::new(axum::http::StatusCode::CONFLICT, "login_failed", m)
+                })
             }
             A::Reload => self.reload(),
         }

@@ -29,5 +29,6 @@ pub mod hub;
 pub mod identity;
 pub mod lan_setup;
 pub mod metrics;
+pub mod reach_probe;
 pub mod status;
 pub mod wifi_link;

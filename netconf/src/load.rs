@@ -275,6 +275,7 @@ impl Validator<'_> {
             }
         }
         self.check_classes(edge);
+        self.check_reachability(edge.span(), &e.reachability);
         let mut names = HashSet::new();
         let mut ifaces = HashSet::new();
         for (i, u) in e.uplinks.iter().enumerate() {
@@ -306,6 +307,58 @@ impl Validator<'_> {
                     u.span(),
                     format!("edge.uplinks[{i}].interface"),
                     format!("interface {:?} is used by two uplinks", r.interface),
+                );
+            }
+        }
+    }
+
+    fn check_reachability(&mut self, at: Range<usize>, r: &crate::Reachability) {
+        let host_of = |url: &str, scheme: &str| {
+            url.strip_prefix(scheme)
+                .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""))
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+        };
+        if host_of(&r.portal_url, "http://").is_none() {
+            self.err(
+                at.clone(),
+                "edge.reachability.portal_url",
+                format!(
+                    "expected an http:// URL with a host (a portal only shows on plain \
+                     HTTP), got {:?}",
+                    r.portal_url
+                ),
+            );
+        }
+        if host_of(&r.https_url, "https://").is_none() {
+            self.err(
+                at.clone(),
+                "edge.reachability.https_url",
+                format!(
+                    "expected an https:// URL with a host, got {:?}",
+                    r.https_url
+                ),
+            );
+        }
+        if let Some(ca) = &r.ca_file {
+            if !ca.is_file() {
+                self.err(
+                    at.clone(),
+                    "edge.reachability.ca_file",
+                    format!("no such file: {}", ca.display()),
+                );
+            }
+        }
+        for (field, v, lo, hi) in [
+            ("interval_s", r.interval_s, 1, 300),
+            ("https_interval_s", r.https_interval_s, 5, 3600),
+            ("backup_interval_s", r.backup_interval_s, 30, 86_400),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                self.err(
+                    at.clone(),
+                    format!("edge.reachability.{field}"),
+                    format!("expected {lo} to {hi} (seconds)"),
                 );
             }
         }

@@ -268,6 +268,74 @@ pub struct EdgeConfig {
     /// The uplinks (`[[edge.uplinks]]`), at least one.
     #[schemars(with = "Vec<Uplink>")]
     pub uplinks: Vec<Spanned<Uplink>>,
+    /// Checks that an uplink really reaches the internet (captive portals, forged DNS,
+    /// broken HTTPS), made through each uplink.
+    #[serde(default)]
+    pub reachability: Reachability,
+}
+
+/// `[edge.reachability]`: through each uplink, a plain-HTTP URL must answer `204` (a
+/// redirect or a page means a captive portal: the uplink leaves the bond until it clears),
+/// a made-up name must not resolve (an answer means forged DNS: likewise), and an HTTPS
+/// URL must answer over a verified TLS session before the uplink carries point-of-sale
+/// traffic (while another uplink is verified).
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Reachability {
+    /// Run the checks at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `http://` URL that answers `204 No Content` when nothing is in the way.
+    #[serde(default = "default_portal_url")]
+    pub portal_url: String,
+    /// `https://` URL that must answer (any HTTP status) over a verified TLS session.
+    #[serde(default = "default_https_url")]
+    pub https_url: String,
+    /// DNS servers asked through each uplink (port 53); default: the uplink's gateway.
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+    /// Extra CA certificates (PEM) trusted for `https_url`, besides the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// Seconds between portal checks on an uplink that carries traffic (1–300).
+    #[serde(default = "default_reach_interval")]
+    pub interval_s: u64,
+    /// Seconds between HTTPS checks on a verified uplink that carries traffic (5–3600).
+    #[serde(default = "default_https_interval")]
+    pub https_interval_s: u64,
+    /// Seconds between checks on an idle backup uplink (30–86400): it stays quiet.
+    #[serde(default = "default_backup_interval")]
+    pub backup_interval_s: u64,
+}
+
+impl Default for Reachability {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            portal_url: default_portal_url(),
+            https_url: default_https_url(),
+            dns: Vec::new(),
+            ca_file: None,
+            interval_s: default_reach_interval(),
+            https_interval_s: default_https_interval(),
+            backup_interval_s: default_backup_interval(),
+        }
+    }
+}
+
+fn default_portal_url() -> String {
+    "http://connectivitycheck.gstatic.com/generate_204".into()
+}
+fn default_https_url() -> String {
+    "https://www.gstatic.com/generate_204".into()
+}
+fn default_reach_interval() -> u64 {
+    5
+}
+fn default_https_interval() -> u64 {
+    60
+}
+fn default_backup_interval() -> u64 {
+    300
 }
 
 fn yes() -> bool {

@@ -29,7 +29,11 @@ fn lan(body: &str) -> String {
 fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
     vec![
         ("unknown field in an uplink", format!("{}\nbogus = 1\n", edge("", "")).replace("\nbogus", "bogus"), "edge.uplinks[0].bogus", "unknown field `bogus`, expected one of `name`, `interface`, `kind`, `priority`, `gateway`, `metered`, `min_rate`, `max_rate`, `wifi`, `apn`, `cap`"),
-        ("typo in a field", edge("mtuu = 1400", ""), "edge.mtuu", "unknown field `mtuu`, expected one of `hubs`, `lan`, `tun_name`, `mtu`, `fallback`, `mode`, `pos_sources`, `classes`, `rules`, `default_rules`, `dhcp_leases`, `table_base`, `uplinks`"),
+        ("typo in a field", edge("mtuu = 1400", ""), "edge.mtuu", "unknown field `mtuu`, expected one of `hubs`, `lan`, `tun_name`, `mtu`, `fallback`, `mode`, `pos_sources`, `classes`, `rules`, `default_rules`, `dhcp_leases`, `table_base`, `uplinks`, `reachability`"),
+        ("portal check over HTTPS", edge("reachability = { portal_url = \"https://check.example/\" }", ""), "edge.reachability.portal_url", "expected an http:// URL with a host (a portal only shows on plain HTTP), got \"https://check.example/\""),
+        ("HTTPS check without TLS", edge("reachability = { https_url = \"http://check.example/\" }", ""), "edge.reachability.https_url", "expected an https:// URL with a host, got \"http://check.example/\""),
+        ("checks too often", edge("reachability = { interval_s = 0 }", ""), "edge.reachability.interval_s", "expected 1 to 300 (seconds)"),
+        ("missing reachability CA", edge("reachability = { ca_file = \"/nonexistent/ca.pem\" }", ""), "edge.reachability.ca_file", "no such file: /nonexistent/ca.pem"),
         ("wrong type", edge("mtu = \"big\"", ""), "edge.mtu", "invalid type: string \"big\", expected u16"),
         ("missing role", edge("", "").replace("role = \"edge\"\n", ""), "role", "missing field `role`"),
         ("unknown role", edge("", "").replace("role = \"edge\"", "role = \"router\""), "role", "unknown variant `router`, expected `edge` or `hub`"),

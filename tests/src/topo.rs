@@ -138,6 +138,9 @@ pub struct Options {
     pub edge_fields: Option<String>,
     /// A further LAN-side prefix (a guest segment) tunnelled by the edge and routed by the hub.
     pub extra_lan: Option<&'static str>,
+    /// The edge's `reachability` (an inline table); default: checks off (the test
+    /// internet has no check server unless the test starts one).
+    pub reachability: Option<String>,
 }
 
 pub struct Topology {
@@ -498,7 +501,7 @@ impl Topology {
         let edge = format!(
             "role = \"edge\"\nstate_dir = \"{d}/edge-state\"\nruntime_dir = \"{d}/edge-run\"\n\n[edge]\n\
              hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
-             lan = [\"10.1.0.0/24\"{more}]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\n{fields}\n{uplinks}{extra}",
+             lan = [\"10.1.0.0/24\"{more}]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\nreachability = {reach}\n{fields}\n{uplinks}{extra}",
             d = self.dir.display(),
             hub = self.hub_id,
             fb = if opts.fallback_direct { "direct" } else { "none" },
@@ -507,6 +510,10 @@ impl Topology {
             extra = opts.edge_extra.clone().unwrap_or_default(),
             fields = opts.edge_fields.clone().unwrap_or_default(),
             more = opts.extra_lan.map(|p| format!(", \"{p}\"")).unwrap_or_default(),
+            reach = opts
+                .reachability
+                .clone()
+                .unwrap_or_else(|| "{ enabled = false }".into()),
         );
         std::fs::write(self.dir.join("edge.toml"), edge)?;
         let hub = format!(

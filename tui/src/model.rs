@@ -22,7 +22,7 @@ pub enum Overall {
 pub struct UplinkRow {
     pub name: String,
     pub kind: String,
-    /// up, degraded, suspect, down, absent, disabled, probing.
+    /// up, degraded, suspect, down, absent, disabled, probing, captive, hijacked.
     pub state: String,
     pub rtt_ms: Option<f64>,
     pub jitter_ms: f64,

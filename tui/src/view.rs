@@ -133,7 +133,8 @@ fn draw_header(f: &mut Frame, r: Rect, c: &Connected, _ui: &Ui) {
 fn state_style(state: &str) -> (String, Style) {
     let (sym, colour) = match state {
         "up" => ("+", GREEN),
-        "degraded" => ("!", YELLOW),
+        // Behind a login page or forged DNS: out of the bond until the operator signs in.
+        "degraded" | "captive" | "hijacked" => ("!", YELLOW),
         "suspect" | "probing" => ("?", YELLOW),
         "disabled" | "absent" => ("-", Color::DarkGray),
         _ => ("x", RED),

@@ -12,6 +12,7 @@ pub mod inflight;
 pub mod packet;
 pub mod qos;
 pub mod rate;
+pub mod reach;
 pub mod reorder;
 pub mod scheduler;
 

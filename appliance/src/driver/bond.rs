@@ -67,8 +67,9 @@ pub enum Sent {
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkStatus {
     pub name: String,
-    /// `up`, `suspect`, `down`, `probing`, `absent` when the interface is missing, or
-    /// `disabled` by the operator.
+    /// `up`, `suspect`, `down`, `probing`, `absent` when the interface is missing,
+    /// `disabled` by the operator (or its data cap), `captive` behind a login page or
+    /// `dns-hijacked` (kept out by the reachability checks).
     pub state: String,
     pub connected: bool,
     pub backup: bool,
@@ -85,6 +86,9 @@ pub struct LinkStatus {
     pub probes_lost: u64,
     pub flaps: u32,
     pub degraded: bool,
+    /// Whether point-of-sale traffic may use the uplink now (its classes, and the HTTPS
+    /// reachability check).
+    pub carries_pos: bool,
     /// What rate control lets this end send on the uplink.
     pub rate_mbps: f64,
     pub queue_delay_ms: f64,
@@ -142,6 +146,13 @@ struct Link {
     absent: bool,
     /// Switched off by the operator: carries nothing, its connection closed.
     disabled: bool,
+    /// Kept out by the reachability checks (`captive`, `dns-hijacked`): like disabled.
+    held: Option<&'static str>,
+    /// Its HTTPS check has not (or no longer) succeeded: no POS while a verified uplink
+    /// carries the tunnel (see [`crate::core::reach::pos_allowed`]).
+    unverified: bool,
+    /// Carries POS now (the outcome of the above across all uplinks).
+    pos_ok: bool,
     tx_packets: u64,
     tx_bytes: u64,
     rx_packets: u64,
@@ -285,6 +296,9 @@ impl Bond {
             backup,
             absent: false,
             disabled: false,
+            held: None,
+            unverified: false,
+            pos_ok: true,
             tx_packets: 0,
             tx_bytes: 0,
             rx_packets: 0,
@@ -329,7 +343,8 @@ impl Bond {
             return;
         };
         l.absent = !present;
-        l.health.on_carrier(present && carrier && !l.disabled, now);
+        l.health
+            .on_carrier(present && carrier && !l.disabled && l.held.is_none(), now);
         Self::refresh(&mut st, now);
     }
 
@@ -346,6 +361,39 @@ impl Bond {
                 c.close(0u32.into(), b"disabled by the operator");
             }
             l.health.on_carrier(false, now);
+        }
+        Self::refresh(&mut st, now);
+    }
+
+    /// Keeps uplink `id` out of the bond for `reason` (its connection is closed, as for
+    /// [`Self::set_disabled`]), or lets it back (`None`).
+    pub fn set_held(&self, id: LinkId, reason: Option<&'static str>) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let Some(Some(l)) = st.links.get_mut(id) else {
+            return;
+        };
+        l.held = reason;
+        if let Some(r) = reason {
+            if let Some(c) = &l.conn {
+                c.close(0u32.into(), r.as_bytes());
+            }
+            l.health.on_carrier(false, now);
+        }
+        Self::refresh(&mut st, now);
+    }
+
+    /// Why uplink `id` is kept out of the bond, if it is.
+    pub fn held(&self, id: LinkId) -> Option<&'static str> {
+        self.lock().links.get(id).and_then(|l| l.as_ref()?.held)
+    }
+
+    /// Whether uplink `id`'s HTTPS check currently succeeds.
+    pub fn set_verified(&self, id: LinkId, verified: bool) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(Some(l)) = st.links.get_mut(id) {
+            l.unverified = !verified;
         }
         Self::refresh(&mut st, now);
     }
@@ -469,21 +517,42 @@ impl Bond {
             .iter()
             .flatten()
             .any(|l| !l.backup && l.health.usable());
+        let gate: Vec<(bool, bool)> = st
+            .links
+            .iter()
+            .map(|l| match l {
+                Some(l) => (
+                    l.health.usable()
+                        && !l.disabled
+                        && !l.absent
+                        && l.held.is_none()
+                        && l.classes & bit(Class::Pos) != 0,
+                    !l.unverified,
+                ),
+                None => (false, false),
+            })
+            .collect();
+        let pos_ok = crate::core::reach::pos_allowed(&gate);
         let mut wakes = Vec::new();
         for id in 0..st.links.len() {
             let Some(l) = st.links[id].as_mut() else {
                 continue;
             };
+            l.pos_ok = pos_ok.get(id).copied().unwrap_or(true);
             l.health.set_sparse(l.backup && primary_up, now);
             let view = LinkView {
                 state: l.health.state(),
                 backup: l.backup,
                 srtt: l.health.srtt(),
-                disabled: l.absent || l.disabled,
+                disabled: l.absent || l.disabled || l.held.is_some(),
                 room: l.inflight.has_room(),
                 verified_until: l.health.verified_until(),
                 degraded: l.health.degraded(),
-                classes: l.classes,
+                classes: if l.pos_ok {
+                    l.classes
+                } else {
+                    l.classes & !bit(Class::Pos)
+                },
             };
             let wake = st.sched.update_link(id, view);
             wakes.push(wake);
@@ -759,6 +828,8 @@ impl Bond {
                     "absent".to_string()
                 } else if l.disabled {
                     "disabled".to_string()
+                } else if let Some(r) = l.held {
+                    r.to_string()
                 } else {
                     match l.health.state() {
                         LinkState::Up => "up",
@@ -787,6 +858,7 @@ impl Bond {
                     probes_lost,
                     flaps: l.health.flaps(),
                     degraded: l.health.degraded(),
+                    carries_pos: l.pos_ok && l.classes & bit(Class::Pos) != 0,
                     rate_mbps: l.rate.rate() * 8.0 / 1e6,
                     queue_delay_ms: l.rate.queue_delay().as_secs_f64() * 1e3,
                     rate_decreases: l.rate.decreases(),

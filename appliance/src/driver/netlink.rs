@@ -378,6 +378,25 @@ impl Netlink {
         self.add_rule(req.message_mut_clone(), req).await
     }
 
+    /// Removes a rule added by [`Self::rule_from`] (gone already is fine).
+    pub async fn unrule_from(&self, prefix: ipnet::Ipv4Net, table: u32, priority: u32) {
+        let req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .source_prefix(prefix.addr(), prefix.prefix_len())
+            .table_id(table)
+            .action(RuleAction::ToTable)
+            .priority(priority);
+        let msg = req.message_mut_clone();
+        let _serial = self.serial.lock().await;
+        let _ = self.handle.rule().del(msg.clone()).execute().await;
+        if let Ok(mut v) = self.added.lock() {
+            v.retain(|a| !matches!(a, Added::Rule(m) if *m == msg));
+        }
+    }
+
     /// Policy rule: packets to `prefix` look up `table`.
     pub async fn rule_to(&self, prefix: ipnet::Ipv4Net, table: u32, priority: u32) -> Result<()> {
         let req = self

@@ -17,6 +17,11 @@
 //! - `http-sink BIND LOG`: an HTTP upstream for the outbox: answers every POST with 201
 //!   and appends `{"key": <Idempotency-Key>, "peer": <source address>, "body": …}` as one
 //!   JSON line to LOG (runs until killed).
+//! - `check-server BIND DIR HOST`: what reachability checks ask on the internet: plain
+//!   HTTP on BIND:80 answers `GET /generate_204` with 204, and HTTPS on BIND:443 answers
+//!   200 with a certificate for HOST from a CA made now (written to DIR/ca.pem).
+//! - `portal BIND`: a venue's captive portal as the box meets it: every HTTP request on
+//!   BIND is answered with a 302 to the login page.
 use std::collections::HashSet;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
@@ -76,6 +81,21 @@ fn main() -> Result<()> {
                 bail!("usage: tcp-send TO BYTES");
             };
             tcp_send(to, bytes.parse()?)
+        }
+        Some("check-server") => {
+            let [bind, dir, host] = &args[1..] else {
+                bail!("usage: check-server BIND DIR HOST");
+            };
+            check_server(bind, dir, host)
+        }
+        Some("portal") => {
+            let bind = args.get(1).context("BIND")?;
+            serve_http(std::net::TcpListener::bind(bind)?, |_| {
+                "HTTP/1.1 302 Found\r\nLocation: http://portal.venue.test/login?continue=1\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            });
+            Ok(())
         }
         Some("http-sink") => {
             let [bind, log] = &args[1..] else {
@@ -265,4 +285,87 @@ fn http_sink(bind: &str, log: &str) -> Result<()> {
         axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
         anyhow::Ok(())
     })
+}
+
+/// Reads one request head from `c` and returns its path.
+fn request_path(c: &mut impl std::io::Read) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = c.read(&mut b).ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&b[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace().nth(1).map(str::to_string)
+}
+
+/// Answers each connection on `l` with `answer(path)` (a thread per connection).
+fn serve_http(l: std::net::TcpListener, answer: fn(&str) -> String) {
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            if let Some(path) = request_path(&mut c) {
+                let _ = c.write_all(answer(&path).as_bytes());
+            }
+        });
+    }
+}
+
+fn check_server(bind: &str, dir: &str, host: &str) -> Result<()> {
+    use std::sync::Arc;
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "stallnet test internet CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    std::fs::write(format!("{dir}/ca.pem"), ca_cert.pem())?;
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec![host.to_string()])?.signed_by(&key, &issuer)?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?,
+    );
+    let http = std::net::TcpListener::bind((bind, 80))?;
+    let https = std::net::TcpListener::bind((bind, 443))?;
+    std::thread::spawn(move || {
+        serve_http(http, |path| {
+            if path == "/generate_204" {
+                "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".into()
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+            }
+        })
+    });
+    for conn in https.incoming() {
+        let Ok(tcp) = conn else { continue };
+        let tls = tls.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+            let Ok(sc) = rustls::ServerConnection::new(tls) else {
+                return;
+            };
+            let mut s = rustls::StreamOwned::new(sc, tcp);
+            if request_path(&mut s).is_some() {
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+        });
+    }
+    Ok(())
 }

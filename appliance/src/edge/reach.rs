@@ -1,0 +1,379 @@
+//! The edge's reachability checks per uplink (decisions in [`crate::core::reach`], IO in
+//! [`crate::reach_probe`]): holds a captive or DNS-hijacked uplink out of the bond, keeps
+//! POS off an uplink whose HTTPS check fails, raises events, and runs the operator's
+//! captive-portal login window (`stallnet uplink login`).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{nft, Ctx};
+use crate::core::reach::{Change, Https, Portal, Reach, ReachConfig};
+use crate::events::Level;
+use crate::reach_probe::{self, Via};
+use stallnet_netconf::{Uplink, UplinkPriority};
+
+/// Rule priority of a login window's `from DEVICE lookup UPLINK` (before the tunnel's).
+const LOGIN_RULE_PRIORITY: u32 = 900;
+
+/// One uplink's reachability, shared with the status and the login action.
+#[derive(Default)]
+pub(super) struct Slot {
+    /// For the status document (`reachability` of the uplink).
+    pub view: Mutex<Option<serde_json::Value>>,
+    pub recheck: Notify,
+    pub login: Mutex<Option<LoginWindow>>,
+}
+
+pub(super) struct LoginWindow {
+    pub device: Ipv4Addr,
+    pub until: SystemTime,
+    pub cancel: CancellationToken,
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Checks uplink `idx` until the daemon stops.
+pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::ClientConfig>) {
+    let r = ctx.cfg.reachability.clone();
+    let mut reach = Reach::new(
+        ReachConfig {
+            interval: secs(r.interval_s),
+            https_interval: secs(r.https_interval_s),
+            backup_interval: secs(r.backup_interval_s),
+            https_failures: 2,
+        },
+        Instant::now(),
+    );
+    let mark = ctx.cfg.table_base + 1 + idx as u32;
+    let slot = &ctx.reach[idx];
+    let (tx, mut rx) = mpsc::channel::<Result_>(4);
+    let mut checked_at: Option<SystemTime> = None;
+    if let Some(id) = link_id(&ctx, idx) {
+        // Nothing is verified before the first check: POS waits for a verified uplink
+        // (or uses any when none is).
+        ctx.bond.set_verified(id, false);
+    }
+    loop {
+        let now = Instant::now();
+        let seen = ctx.seen.lock().ok().and_then(|s| s.get(idx).copied());
+        let present = seen.is_some_and(|s| s.carrier && s.index != 0);
+        let mut changes = reach.on_link(present, now);
+        reach.set_idle_backup(idle_backup(&ctx, &u), now);
+        let due = reach.poll(now);
+        if due.portal || due.https {
+            let dns = if !r.dns.is_empty() {
+                r.dns.clone()
+            } else {
+                seen.and_then(|s| s.gateway)
+                    .map(|g| vec![IpAddr::V4(g)])
+                    .unwrap_or_default()
+            };
+            let via = Via {
+                interface: u.interface.clone(),
+                mark,
+                dns,
+            };
+            if due.portal {
+                let (via, url, tx) = (via.clone(), r.portal_url.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(Result_::Portal(reach_probe::portal(&via, &url).await))
+                        .await;
+                });
+            }
+            if due.https {
+                let (url, tx, tls) = (r.https_url.clone(), tx.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(Result_::Https(reach_probe::https(&via, &url, tls).await))
+                        .await;
+                });
+            }
+        }
+        let wait = reach
+            .poll_timeout()
+            .map_or(secs(1), |t| t.saturating_duration_since(now))
+            .min(secs(1));
+        tokio::select! {
+            res = rx.recv() => {
+                let now = Instant::now();
+                checked_at = Some(SystemTime::now());
+                match res {
+                    Some(Result_::Portal(o)) => changes.extend(reach.on_portal(o, now)),
+                    Some(Result_::Https(o)) => changes.extend(reach.on_https(o, now)),
+                    None => {}
+                }
+            }
+            _ = slot.recheck.notified() => reach.recheck(Instant::now()),
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.cancel.cancelled() => {
+                end_login(&ctx, idx, "the daemon stopped").await;
+                return;
+            }
+        }
+        for ch in &changes {
+            apply(&ctx, idx, &u, ch).await;
+        }
+        if let Ok(mut v) = slot.view.lock() {
+            *v = Some(view(&reach, checked_at, slot));
+        }
+    }
+}
+
+enum Result_ {
+    Portal(crate::core::reach::PortalOutcome),
+    Https(Result<(), String>),
+}
+
+fn link_id(ctx: &Ctx, idx: usize) -> Option<crate::core::scheduler::LinkId> {
+    ctx.link_ids.lock().ok().and_then(|l| l.get(idx).copied())
+}
+
+/// A backup uplink is idle while a primary carries the tunnel.
+fn idle_backup(ctx: &Ctx, u: &Uplink) -> bool {
+    u.priority == UplinkPriority::Backup
+        && ctx.latest.lock().ok().is_some_and(|l| {
+            l.as_ref().is_some_and(|s| {
+                s.bonds["hub"]["links"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|l| {
+                        l["name"].as_str() != Some(&u.name)
+                            && l["state"] == "up"
+                            && l["backup"] == false
+                    })
+            })
+        })
+}
+
+fn view(reach: &Reach, checked_at: Option<SystemTime>, slot: &Slot) -> serde_json::Value {
+    let unix = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let login = slot.login.lock().ok().and_then(|l| {
+        l.as_ref()
+            .map(|w| serde_json::json!({ "device": w.device.to_string(), "until": unix(w.until) }))
+    });
+    let (location, answer) = match reach.portal() {
+        Portal::Captive { location } => (location.clone(), None),
+        Portal::DnsForged { answer } => (None, Some(answer.clone())),
+        _ => (None, None),
+    };
+    serde_json::json!({
+        "portal": reach.portal().name(),
+        "portal_location": location,
+        "forged_answer": answer,
+        "https": reach.https().name(),
+        "last_error": reach.last_error(),
+        "checked_at": checked_at.map(unix),
+        "login": login,
+    })
+}
+
+/// Carries a verdict change into the bond and the event log.
+async fn apply(ctx: &Ctx, idx: usize, u: &Uplink, ch: &Change) {
+    let Some(id) = link_id(ctx, idx) else {
+        return;
+    };
+    let name = &u.name;
+    match ch {
+        Change::Portal { from, to } => {
+            let reason = match to {
+                Portal::Captive { .. } => Some("captive"),
+                Portal::DnsForged { .. } => Some("hijacked"),
+                _ => None,
+            };
+            ctx.bond.set_held(id, reason);
+            if let Some(w) = ctx.wake.get(idx) {
+                w.notify_one();
+            }
+            match to {
+                Portal::Captive { location } => ctx.events.push(
+                    Level::Warning,
+                    "uplink_captive",
+                    Some(name),
+                    format!(
+                        "{name} is behind a login page{}: kept out of the bond; \
+                         `stallnet uplink login {name} --device PHONE-IP` lets a phone \
+                         through to sign in",
+                        location
+                            .as_deref()
+                            .map(|l| format!(" ({l})"))
+                            .unwrap_or_default()
+                    ),
+                ),
+                Portal::DnsForged { answer } => ctx.events.push(
+                    Level::Warning,
+                    "uplink_dns_hijacked",
+                    Some(name),
+                    format!(
+                        "{name}'s DNS answers names that do not exist (with {answer}): \
+                         kept out of the bond"
+                    ),
+                ),
+                Portal::Clear if from.holds() => {
+                    ctx.events.push(
+                        Level::Info,
+                        "uplink_portal_cleared",
+                        Some(name),
+                        format!("{name} reaches the internet again: back in the bond"),
+                    );
+                    end_login(ctx, idx, "the portal let the box through").await;
+                }
+                _ => {}
+            }
+        }
+        Change::Https { to, .. } => {
+            ctx.bond.set_verified(id, *to == Https::Verified);
+            match to {
+                Https::Verified => ctx.events.push(
+                    Level::Info,
+                    "uplink_verified",
+                    Some(name),
+                    format!("{name} passed the HTTPS check: it carries payments"),
+                ),
+                Https::Failing => ctx.events.push(
+                    Level::Warning,
+                    "uplink_unverified",
+                    Some(name),
+                    format!(
+                        "{name} fails the HTTPS check ({}): payments avoid it while \
+                         another uplink passes",
+                        ctx.reach[idx]
+                            .view
+                            .lock()
+                            .ok()
+                            .and_then(|v| v.as_ref()?["last_error"].as_str().map(str::to_string))
+                            .unwrap_or_else(|| "see `stallnet uplinks --json`".into())
+                    ),
+                ),
+                Https::Unknown => {}
+            }
+        }
+    }
+}
+
+fn login_table(idx: usize) -> String {
+    format!("stallnet_login_{idx}")
+}
+
+/// Opens a login window: `device` (a LAN address) goes straight out of uplink `idx`, its
+/// DNS answered by the uplink's network, for `minutes`; then the uplink is checked again.
+pub(super) fn login(
+    ctx: &Arc<Ctx>,
+    idx: usize,
+    device: Ipv4Addr,
+    minutes: u64,
+) -> Result<String, String> {
+    let u = ctx.cfg.uplinks[idx].get_ref().clone();
+    let seen = ctx
+        .seen
+        .lock()
+        .ok()
+        .and_then(|s| s.get(idx).copied())
+        .unwrap_or_default();
+    if !seen.carrier || seen.index == 0 {
+        return Err(format!("{} has no link: nothing to log in to", u.name));
+    }
+    let dns = seen.gateway.or_else(|| {
+        ctx.cfg.reachability.dns.iter().find_map(|d| match d {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+    });
+    let table = ctx.cfg.table_base + 1 + idx as u32;
+    let handle = tokio::runtime::Handle::current();
+    let c = ctx.clone();
+    let name = u.name.clone();
+    handle.block_on(async move {
+        end_login(&c, idx, "a new login window replaces it").await;
+        let t = login_table(idx);
+        let mut script = format!(
+            "table ip {t} {{}}\ndelete table ip {t}\ntable ip {t} {{\n  chain post {{\n    \
+             type nat hook postrouting priority srcnat; policy accept;\n    \
+             ip saddr {device} oifname \"{}\" masquerade\n  }}\n",
+            u.interface
+        );
+        if let Some(d) = dns {
+            script.push_str(&format!(
+                "  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+                 ip saddr {device} udp dport 53 dnat to {d}\n    \
+                 ip saddr {device} tcp dport 53 dnat to {d}\n  }}\n"
+            ));
+        }
+        script.push_str("}\n");
+        nft(&script).await.map_err(|e| format!("{e:#}"))?;
+        let host = ipnet::Ipv4Net::from(device);
+        if let Err(e) = c.nl.rule_from(host, table, LOGIN_RULE_PRIORITY).await {
+            let _ = nft(&format!("delete table ip {t}\n")).await;
+            return Err(format!("{e:#}"));
+        }
+        let cancel = c.cancel.child_token();
+        let until = SystemTime::now() + secs(minutes * 60);
+        if let Ok(mut l) = c.reach[idx].login.lock() {
+            *l = Some(LoginWindow {
+                device,
+                until,
+                cancel: cancel.clone(),
+            });
+        }
+        let c2 = c.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(secs(minutes * 60)) => {
+                    end_login(&c2, idx, "its time is up").await;
+                }
+                _ = cancel.cancelled() => {}
+            }
+        });
+        c.events.push(
+            Level::Info,
+            "uplink_login",
+            Some(&name),
+            format!(
+                "{device} may reach {name}'s login page directly for {minutes} min; \
+                 the uplink is checked again meanwhile and when the window closes"
+            ),
+        );
+        Ok(())
+    })?;
+    Ok(format!(
+        "{device} goes straight out of {} for {minutes} min: open any http:// page on it \
+         to get the login page. The box rechecks {} every few seconds and takes it back \
+         once the portal lets it through.",
+        u.name, u.name
+    ))
+}
+
+/// Closes uplink `idx`'s login window, if open, and rechecks the uplink.
+async fn end_login(ctx: &Ctx, idx: usize, why: &str) {
+    let Some(w) = ctx.reach[idx].login.lock().ok().and_then(|mut l| l.take()) else {
+        return;
+    };
+    w.cancel.cancel();
+    let table = ctx.cfg.table_base + 1 + idx as u32;
+    ctx.nl
+        .unrule_from(ipnet::Ipv4Net::from(w.device), table, LOGIN_RULE_PRIORITY)
+        .await;
+    let t = login_table(idx);
+    if let Err(e) = nft(&format!("table ip {t} {{}}\ndelete table ip {t}\n")).await {
+        tracing::warn!("closing the login window: {e:#}");
+    }
+    let name = &ctx.cfg.uplinks[idx].get_ref().name;
+    ctx.events.push(
+        Level::Info,
+        "uplink_login_closed",
+        Some(name),
+        format!("login window for {} on {name} closed: {why}", w.device),
+    );
+    ctx.reach[idx].recheck.notify_one();
+}
