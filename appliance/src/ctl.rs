@@ -243,6 +243,7 @@ fn uplinks_table(v: &Value) -> String {
                     }
             ));
         }
+        out.push_str(&modem_lines(links));
     }
     out
 }
@@ -260,6 +261,23 @@ fn reach_note(l: &Value) -> String {
         (_, Some("failing")) if l["carries_pos"] == false => "  (no POS: HTTPS fails)".into(),
         _ => String::new(),
     }
+}
+
+/// One line per cellular uplink with what its modem says.
+fn modem_lines(links: &Value) -> String {
+    let mut out = String::new();
+    for l in links.as_array().into_iter().flatten() {
+        let Ok(f) = serde_json::from_value::<stallnet::modem::ModemFacts>(l["modem"].clone())
+        else {
+            continue;
+        };
+        out.push_str(&format!(
+            "  {}: {}\n",
+            l["name"].as_str().unwrap_or("?"),
+            stallnet::modem::describe(&f)
+        ));
+    }
+    out
 }
 
 fn classes_table(v: &Value) -> String {

@@ -66,6 +66,8 @@ struct Ctx {
     caps: Mutex<Vec<Option<(u64, u64, i64)>>>,
     /// Per uplink: its reachability checks' verdicts and login window.
     reach: Vec<reach::Slot>,
+    /// Per cellular uplink: what ModemManager says of its modem.
+    modems: Mutex<Vec<Option<crate::modem::ModemFacts>>>,
 }
 
 #[derive(Debug, Default)]
@@ -172,6 +174,7 @@ pub async fn run(
         reach: (0..e.uplinks.len())
             .map(|_| reach::Slot::default())
             .collect(),
+        modems: Mutex::new(vec![None; e.uplinks.len()]),
     });
 
     ctx.events
@@ -188,17 +191,12 @@ pub async fn run(
             Ok(None) => {}
             Err(e) => tracing::error!(uplink = %u.name, "wifi settings: {e:#}"),
         }
-        // Said, not silently ignored: these arrive with the field-realities issue.
-        if u.apn.is_some() {
-            ctx.events.push(
-                Level::Warning,
-                "setting_not_applied",
-                Some(&u.name),
-                format!(
-                    "{}: the APN is validated but not applied yet (set it in ModemManager)",
-                    u.name
-                ),
-            );
+    }
+    for (i, u) in e.uplinks.iter().enumerate() {
+        let u = u.get_ref().clone();
+        if u.kind == stallnet_netconf::UplinkKind::Cellular {
+            let c = ctx.clone();
+            tokio::spawn(async move { modem_task(c, i, u).await });
         }
     }
     for (i, u) in e.uplinks.iter().enumerate() {
@@ -428,11 +426,15 @@ async fn supervise(
         );
         let stream_advice = stream_advice(&ctx.cfg, &b);
         let caps = ctx.caps.lock().map(|c| c.clone()).unwrap_or_default();
+        let modems = ctx.modems.lock().map(|m| m.clone()).unwrap_or_default();
         let mut b = serde_json::to_value(&b).unwrap_or_default();
         if let Some(links) = b["links"].as_array_mut() {
             for (i, (l, kind)) in links.iter_mut().zip(kinds).enumerate() {
                 l["kind"] = serde_json::to_value(kind).unwrap_or_default();
                 l["preferred"] = (admin == Some(i)).into();
+                if let Some(Some(m)) = modems.get(i) {
+                    l["modem"] = serde_json::to_value(m).unwrap_or_default();
+                }
                 if let Some(v) = ctx.reach.get(i).and_then(|r| r.view.lock().ok()?.clone()) {
                     l["reachability"] = v;
                 }
@@ -628,6 +630,44 @@ async fn cap_task(ctx: Arc<Ctx>, idx: usize, u: Uplink, state_dir: PathBuf) {
         if !events.is_empty() || saved.elapsed() >= Duration::from_secs(30) {
             cap_meter::save(&path, &st);
             saved = Instant::now();
+        }
+    }
+}
+
+/// Reads a cellular uplink's modem facts from ModemManager every 30 s, and connects a
+/// registered modem with the configured APN.
+async fn modem_task(ctx: Arc<Ctx>, idx: usize, u: Uplink) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let mut tried: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.cancel.cancelled() => return,
+        }
+        let facts = crate::modem::read(&u.interface).await;
+        let retry = tried.is_none_or(|t| t.elapsed() >= Duration::from_secs(120));
+        if let (Some(apn), true, true) = (&u.apn, crate::modem::wants_connect(&facts), retry) {
+            tried = Some(Instant::now());
+            let mmcli = std::path::Path::new("mmcli");
+            match crate::modem::connect_with(mmcli, &u.interface, apn).await {
+                Ok(()) => ctx.events.push(
+                    Level::Info,
+                    "modem_connected",
+                    Some(&u.name),
+                    format!("{}: the modem connected with APN {apn}", u.name),
+                ),
+                Err(e) => ctx.events.push(
+                    Level::Warning,
+                    "modem_connect_failed",
+                    Some(&u.name),
+                    format!("{}: connecting with APN {apn} failed: {e}", u.name),
+                ),
+            }
+        }
+        if let Ok(mut m) = ctx.modems.lock() {
+            if let Some(slot) = m.get_mut(idx) {
+                *slot = Some(facts);
+            }
         }
     }
 }

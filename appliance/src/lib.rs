@@ -29,6 +29,7 @@ pub mod hub;
 pub mod identity;
 pub mod lan_setup;
 pub mod metrics;
+pub mod modem;
 pub mod reach_probe;
 pub mod status;
 pub mod wifi_link;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use stallnet_tests::topo::{
-    deep_links, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
+    bin, deep_links, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
 };
 
 fn main() -> Result<()> {
@@ -47,6 +47,7 @@ fn main() -> Result<()> {
         "variable",
         "commerce",
         "dashboard",
+        "idle-backup",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -114,6 +115,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "variable" => variable()?,
             "commerce" => commerce_bench::run()?,
             "dashboard" => dashboard_bench::run()?,
+            "idle-backup" => idle_backup()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -1163,6 +1165,85 @@ fn rss_mb(pid: u32) -> Result<f64> {
         .context("VmRSS")?
         .parse()?;
     Ok(kb / 1024.0)
+}
+
+/// rx + tx bytes of the edge's interface `dev`, as the kernel counts them.
+fn iface_bytes(t: &Topology, dev: &str) -> Result<u64> {
+    let mut total = 0;
+    for f in ["rx_bytes", "tx_bytes"] {
+        let p = format!("/sys/class/net/{dev}/statistics/{f}");
+        let out = t.exec("edge", &["cat", &p])?;
+        total += String::from_utf8(out.stdout)?.trim().parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+/// What an idle backup uplink costs in bytes per hour (both directions, on the wire:
+/// tunnel probes and keep-alives, reachability checks through it), with the reachability
+/// checks on (against a check server on the test internet) and off; the idle primary
+/// beside it for comparison. Measured over STALLNET_IDLE_SECS (default 120) after the
+/// links settled.
+fn idle_backup() -> Result<Vec<(String, &'static str, f64)>> {
+    let secs: u64 = std::env::var("STALLNET_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    let mut out = Vec::new();
+    for checks in [true, false] {
+        let ca_dir = std::env::temp_dir().join(format!("stallnet-idle-{}", std::process::id()));
+        std::fs::create_dir_all(&ca_dir)?;
+        let ca = ca_dir.join("ca.pem");
+        let _ = std::fs::remove_file(&ca);
+        let reach = if checks {
+            format!(
+                "{{ portal_url = \"http://check.stallnet.test/generate_204\", https_url = \
+                 \"https://check.stallnet.test/\", dns = [\"{SERVER}\"], ca_file = \"{}\" }}",
+                ca.display()
+            )
+        } else {
+            "{ enabled = false }".into()
+        };
+        let mut t = Topology::build(
+            vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+            Options {
+                edge_extra: Some("priority = \"backup\"\n".into()),
+                reachability: Some(reach),
+                ..Options::default()
+            },
+        )?;
+        t.start_dns(&[("check.stallnet.test", SERVER)])?;
+        let traffic = bin("stallnet-traffic");
+        let (traffic, dir) = (
+            traffic.to_str().context("path")?,
+            ca_dir.to_str().context("path")?,
+        );
+        t.spawn(
+            "check",
+            "inet",
+            &[traffic, "check-server", SERVER, dir, "check.stallnet.test"],
+        )?;
+        stallnet_tests::topo::wait_for(Duration::from_secs(5), || Ok(ca.exists()))?;
+        t.start()?;
+        // Settle: the first checks, the backup's probes slowing down.
+        std::thread::sleep(Duration::from_secs(15));
+        let (b0, p0) = (iface_bytes(&t, "wan2")?, iface_bytes(&t, "wan1")?);
+        std::thread::sleep(Duration::from_secs(secs));
+        let (b1, p1) = (iface_bytes(&t, "wan2")?, iface_bytes(&t, "wan1")?);
+        let per_hour = |d: u64| d as f64 * 3600.0 / secs as f64 / 1e6;
+        let label = if checks { "checks on" } else { "checks off" };
+        out.push((
+            format!("idle backup uplink, {label}"),
+            "MB/hour",
+            per_hour(b1 - b0),
+        ));
+        out.push((
+            format!("idle primary uplink, {label}"),
+            "MB/hour",
+            per_hour(p1 - p0),
+        ));
+        let _ = std::fs::remove_dir_all(&ca_dir);
+    }
+    Ok(out)
 }
 
 /// Edge resident memory idle and under 4-flow TCP load in both directions.
