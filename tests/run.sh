@@ -22,6 +22,10 @@ command -v nats-server >/dev/null || need+=(nats-server)
 command -v curl >/dev/null || need+=(curl)
 command -v tmux >/dev/null || need+=(tmux)
 command -v busybox >/dev/null || need+=(busybox)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v strip >/dev/null || need+=(binutils)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   apt-get update -qq

@@ -179,6 +179,16 @@ pub async fn run(
 
     ctx.events
         .push(Level::Info, "started", None, "stallnet edge started".into());
+    if e.hubs.is_empty() {
+        ctx.events.push(
+            Level::Warning,
+            "no_hub",
+            None,
+            "no hub configured: LAN traffic goes straight out of the uplinks (no bonding) \
+             and sales wait on the box until a hub is set"
+                .into(),
+        );
+    }
     for (level, kind, msg) in notes {
         ctx.events.push(level, kind, None, msg);
     }
@@ -331,11 +341,17 @@ async fn supervise(
     let mut was_online = false;
     let mut links_seen = vec![LinkSeen::default(); ctx.cfg.uplinks.len()];
 
+    let mut notifier = crate::service::Notifier::new();
+    notifier.ready("starting: connecting uplinks");
+    let mut clock_saved: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = ctx.cancel.cancelled() => return Ok(()),
+            _ = ctx.cancel.cancelled() => {
+                notifier.stopping();
+                return Ok(());
+            }
         }
         let b = ctx.bond.status();
         if b.online != was_online {
@@ -465,6 +481,16 @@ async fn supervise(
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
+        }
+        notifier.tick(&format!(
+            "{state}: {up} of {} uplinks up",
+            ctx.cfg.uplinks.len()
+        ));
+        if clock != "wrong" && clock_saved.is_none_or(|t| t.elapsed() >= crate::clock::SAVE_EVERY) {
+            if let Err(e) = crate::clock::save(&cfg.state_dir) {
+                tracing::warn!("saving the time: {e:#}");
+            }
+            clock_saved = Some(Instant::now());
         }
         if let Ok(mut l) = ctx.latest.lock() {
             *l = Some(doc);

@@ -154,11 +154,30 @@ pub async fn run(
     }
     let mut online: Vec<bool> = vec![false; devices.len()];
     let started = std::time::Instant::now();
+    let mut notifier = crate::service::Notifier::new();
+    notifier.ready("listening");
+    let mut clock_saved: Option<std::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => {
+                notifier.stopping();
+                break;
+            }
+        }
+        notifier.tick(&format!(
+            "{} of {} devices online",
+            devices.iter().filter(|d| d.bond.online()).count(),
+            devices.len()
+        ));
+        if crate::clock::state() != "wrong"
+            && clock_saved.is_none_or(|t| t.elapsed() >= crate::clock::SAVE_EVERY)
+        {
+            if let Err(e) = crate::clock::save(&cfg.state_dir) {
+                tracing::warn!("saving the time: {e:#}");
+            }
+            clock_saved = Some(std::time::Instant::now());
         }
         let bonds: serde_json::Map<String, serde_json::Value> = devices
             .iter()

@@ -17,6 +17,7 @@
 pub mod boot_import;
 pub mod cap_meter;
 pub mod classes;
+pub mod clock;
 pub mod commerce;
 pub mod confirm;
 pub mod control;
@@ -31,5 +32,6 @@ pub mod lan_setup;
 pub mod metrics;
 pub mod modem;
 pub mod reach_probe;
+pub mod service;
 pub mod status;
 pub mod wifi_link;

@@ -71,8 +71,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: config_cmd::ConfigCmd,
     },
+    /// The wall clock of a box without a real-time clock: `save` the time, `restore` it
+    /// at boot (forward only), or print whether it can be trusted.
+    Clock {
+        #[command(subcommand)]
+        cmd: ClockCmd,
+    },
     #[command(flatten)]
     Ctl(ctl::Ctl),
+}
+
+#[derive(Subcommand)]
+enum ClockCmd {
+    /// Save the current time in the state directory.
+    Save {
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Move the clock forward to the saved time (or this release's date) if it is
+    /// earlier; never backwards. Needs CAP_SYS_TIME.
+    Restore {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print `synced`, `unverified` or `wrong`.
+    Status,
 }
 
 #[derive(clap::Args)]
@@ -167,6 +193,32 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     Role::Hub => hub::run(cfg, Some(config), notes, cancel).await,
                 }
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Clock { cmd } => {
+            use stallnet::clock;
+            match cmd {
+                ClockCmd::Save { dir } => {
+                    let dir = dir.resolve()?;
+                    if clock::state() == "wrong" {
+                        anyhow::bail!("the clock is before this release: not saving it");
+                    }
+                    clock::save(&dir)?;
+                }
+                ClockCmd::Restore { dir, dry_run } => {
+                    let dir = dir.resolve()?;
+                    let (now, saved) = (clock::now(), clock::saved(&dir));
+                    match clock::restore_target(now, saved) {
+                        None => println!("clock at {now} is not earlier than the saved time: kept"),
+                        Some(t) if dry_run => println!("would move the clock from {now} to {t}"),
+                        Some(t) => {
+                            clock::set(t)?;
+                            println!("clock moved forward from {now} to {t}");
+                        }
+                    }
+                }
+                ClockCmd::Status => println!("{}", clock::state()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen { dir, force } => {

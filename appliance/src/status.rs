@@ -39,22 +39,9 @@ pub struct Status {
     pub stream_advice: Option<serde_json::Value>,
 }
 
-/// Unix time this release cannot predate (2026-01-01): an earlier clock is wrong.
-const CLOCK_FLOOR: u64 = 1_767_225_600;
-
 /// The clock's trustworthiness (see [`Status::clock`]).
 pub fn clock_state() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if now < CLOCK_FLOOR {
-        "wrong"
-    } else if Path::new("/run/systemd/timesync/synchronized").exists() {
-        "synced"
-    } else {
-        "unverified"
-    }
-    .into()
+    crate::clock::state().into()
 }
 
 pub fn path(runtime_dir: &Path) -> PathBuf {

@@ -229,8 +229,13 @@ impl Validator<'_> {
 
     fn check_edge(&mut self, edge: &Spanned<crate::EdgeConfig>) {
         let e = edge.get_ref();
-        if e.hubs.is_empty() {
-            self.err(edge.span(), "edge.hubs", "expected at least one hub");
+        if e.hubs.is_empty() && e.fallback != crate::Fallback::Direct {
+            self.err(
+                edge.span(),
+                "edge.hubs",
+                "expected at least one hub (or, to run without a hub until one is set up, \
+                 fallback = \"direct\")",
+            );
         }
         for (i, h) in e.hubs.iter().enumerate() {
             if !is_identity(h.identity.get_ref()) {

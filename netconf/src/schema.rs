@@ -228,7 +228,9 @@ pub enum SchedMode {
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
-    /// Hubs to connect to, in order of preference.
+    /// Hubs to connect to, in order of preference. None: no tunnel yet (needs
+    /// `fallback = "direct"`: the LAN goes straight out of the uplinks).
+    #[serde(default)]
     pub hubs: Vec<HubEndpoint>,
     /// LAN prefixes whose traffic enters the tunnel.
     #[schemars(with = "Vec<String>")]

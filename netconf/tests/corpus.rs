@@ -38,7 +38,7 @@ fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("missing role", edge("", "").replace("role = \"edge\"\n", ""), "role", "missing field `role`"),
         ("unknown role", edge("", "").replace("role = \"edge\"", "role = \"router\""), "role", "unknown variant `router`, expected `edge` or `hub`"),
         ("hub role without [hub]", "role = \"hub\"\n".to_string(), "hub", "role = \"hub\" needs a [hub] section"),
-        ("no hubs", edge("", "").replace(&format!("hubs = [{{ address = \"192.0.2.1:4433\", identity = \"{ID}\" }}]"), "hubs = []"), "edge.hubs", "expected at least one hub"),
+        ("no hubs", edge("", "").replace(&format!("hubs = [{{ address = \"192.0.2.1:4433\", identity = \"{ID}\" }}]"), "hubs = []"), "edge.hubs", "expected at least one hub (or, to run without a hub until one is set up, fallback = \"direct\")"),
         ("bad hub identity", edge("", "").replace(ID, "sn1:nothex"), "edge.hubs[0].identity", "expected an identity printed by `stallnet id` (sn1: and 64 hex digits)"),
         ("bad hub address", edge("", "").replace("192.0.2.1:4433", "hub.example"), "edge.hubs", "invalid socket address syntax"),
         ("no LAN", edge("", "").replace("lan = [\"10.1.0.0/24\"]", "lan = []"), "edge.lan", "expected at least one LAN prefix"),

@@ -10,6 +10,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Writes a sysctl under /proc/sys (`net/ipv4/ip_forward`).
 pub fn sysctl(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{key}");
+    // Already so (the package's sysctl.d file at boot): nothing to write, which a
+    // service with a read-only /proc/sys could not do anyway.
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
     std::fs::write(&path, value).with_context(|| format!("setting {path} = {value}"))
 }
 
