@@ -259,7 +259,9 @@ pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.datagram_send_buffer_size(8 * 1024)
         .datagram_receive_buffer_size(Some(2 * 1024 * 1024))
-        .keep_alive_interval(Some(Duration::from_secs(2)))
+        // Probes keep a link busier than this (an idle backup's every 4 s): a PING only
+        // goes out when they stop, so the keep-alive costs an idle backup nothing.
+        .keep_alive_interval(Some(Duration::from_secs(5)))
         .initial_mtu(1350)
         .max_concurrent_uni_streams(0u32.into())
         .max_concurrent_bidi_streams(4u32.into())

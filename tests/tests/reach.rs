@@ -246,6 +246,11 @@ fn portals_forged_dns_and_broken_https_are_caught_through_each_uplink() -> Resul
         link(s, "wifi")["carries_pos"] == true
     })?;
 
+    // No ModemManager here: the cellular uplink's modem facts say unknown, not zero.
+    let s = t.status("edge")?;
+    assert_eq!(link(&s, "cell")["modem"]["source"], "unknown", "{s}");
+    assert!(link(&s, "cell")["modem"]["rsrp_dbm"].is_null());
+    assert!(link(&s, "wifi")["modem"].is_null(), "wifi has no modem");
     let ev = events(&t)?;
     for kind in [
         "uplink_captive",

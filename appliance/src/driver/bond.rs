@@ -40,6 +40,11 @@ const REORDER_MAX: usize = 2048;
 const TUN_QUEUE: usize = 4096;
 /// How often each end reports its received bytes on a busy connection.
 const REPORT_EVERY: Duration = Duration::from_millis(10);
+/// Received bytes that make a report worth sending at [`REPORT_EVERY`]: data, not just
+/// the peer's probes and reports (which would otherwise answer each other forever).
+const REPORT_MIN_BYTES: u64 = 1500;
+/// A link carrying only control traffic reports this rarely.
+const REPORT_IDLE: Duration = Duration::from_secs(30);
 /// What QUIC adds around a datagram, for pacing.
 const QUIC_OVERHEAD: usize = 40;
 /// Window over which the delivery rate is taken for rate control.
@@ -600,8 +605,10 @@ impl Bond {
                             s.path.lost_bytes,
                             l.health.min_rtt(),
                         );
-                        if s.udp_rx.bytes != l.reported.1
-                            && now.duration_since(l.reported.0) >= REPORT_EVERY
+                        let fresh = s.udp_rx.bytes.saturating_sub(l.reported.1);
+                        let since = now.duration_since(l.reported.0);
+                        if (fresh >= REPORT_MIN_BYTES && since >= REPORT_EVERY)
+                            || (fresh > 0 && since >= REPORT_IDLE)
                         {
                             l.reported = (now, s.udp_rx.bytes);
                             l.push_control(
