@@ -1208,11 +1208,25 @@ impl EdgeDaemon {
         if lan_restart {
             restart.push("lan (added or removed)");
         }
+        // Rules apply in place (new flows meet them) unless rules by device (MAC, DHCP
+        // host name) come or go: their address resolution is set up at start.
+        let (old_rules, new_rules) = (classes::rules(old), classes::rules(&new_edge));
+        let by_device = |r: &[stallnet_netconf::Rule]| {
+            r.iter()
+                .any(|r| !r.mac.is_empty() || !r.hostname.is_empty() || !r.interface.is_empty())
+        };
+        let rules_in_place = !by_device(&old_rules) && !by_device(&new_rules);
+        if rules_in_place {
+            self.0.bond.set_rules(&new_rules);
+        }
         for (name, differs) in [
             ("edge.hubs", !same(&old.hubs, &new_edge.hubs)),
             ("edge.lan", !same(&old.lan, &new_edge.lan)),
             ("edge.uplinks", !same(&old.uplinks, &new_edge.uplinks)),
-            ("edge.rules", !same(&old.rules, &new_edge.rules)),
+            (
+                "edge.rules (by device)",
+                !rules_in_place && !same(&old.rules, &new_edge.rules),
+            ),
             (
                 "edge.tun_name/mtu",
                 old.tun_name != new_edge.tun_name || old.mtu != new_edge.mtu,
@@ -1224,11 +1238,14 @@ impl EdgeDaemon {
             }
         }
         let msg = if restart.is_empty() {
-            format!("{} is valid; class settings applied", path.display())
+            format!(
+                "{} is valid; class settings and rules applied",
+                path.display()
+            )
         } else {
             format!(
-                "{} is valid; class settings applied; these changes need a restart \
-                 (systemctl restart stallnet): {}",
+                "{} is valid; class settings and rules applied; these changes need a \
+                 restart (systemctl restart stallnet): {}",
                 path.display(),
                 restart.join(", ")
             )

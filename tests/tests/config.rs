@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stallnet_tests::topo::{bin, wait_for, Options, Topology, UplinkSpec};
+use stallnet_tests::topo::{bin, wait_for, Options, Topology, UplinkSpec, LAN_CLIENT, SERVER};
 
 fn config(t: &Topology, args: &[&str]) -> Result<Output> {
     let live = t.dir.join("edge.toml");
@@ -170,6 +170,53 @@ fn apply_rolls_back_unless_confirmed_also_across_a_restart() -> Result<()> {
         &["get", "edge.classes.guest.weight", "--json"],
     )?)?;
     assert_eq!(g["value"], "3", "nothing changed by the refused edit");
+
+    // Rules apply in place, without a restart: a new flow to port 7009 meets the new rule
+    // (before it, such a flow is not `guest`).
+    t.start_echo(7009)?;
+    let flow_class = |t: &Topology| -> Result<Option<String>> {
+        let out = Command::new(bin("stallnet"))
+            .args(["flows", "--json", "--runtime-dir"])
+            .arg(t.dir.join("edge-run"))
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["flows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["flow"].as_str().is_some_and(|s| s.contains(":7009")))
+            .and_then(|f| f["class"].as_str().map(str::to_string)))
+    };
+    t.udp_flow(LAN_CLIENT, 7009, 20, 1.0)?;
+    let before = flow_class(&t)?.context("the flow is listed")?;
+    assert_ne!(before, "guest");
+    let pid = t.pid("edge");
+    let ruled = t.dir.join("ruled.toml");
+    std::fs::write(
+        &ruled,
+        format!(
+            "{}\n[[edge.rules]]\nclass = \"guest\"\ndst = [\"{SERVER}/32\"]\ndst_port = [\"7009\"]\n",
+            std::fs::read_to_string(&live)?
+        ),
+    )?;
+    let r = ok_json(&config(
+        &t,
+        &[
+            "apply",
+            ruled.to_str().context("p")?,
+            "--confirm",
+            "0",
+            "--json",
+        ],
+    )?)?;
+    assert!(!r.to_string().contains("need a restart"), "{r}");
+    // The old flow keeps its class until it idles out; wait for that, then a new one.
+    wait_for(Duration::from_secs(90), || {
+        t.udp_flow(LAN_CLIENT, 7009, 20, 0.5)?;
+        Ok(flow_class(&t)?.as_deref() == Some("guest"))
+    })
+    .context("a new flow meets the new rule")?;
+    assert_eq!(t.pid("edge"), pid, "no restart");
 
     // Across a restart: apply, stop the daemon at once, let the deadline pass, start it:
     // the previous revision is back before the config is read.

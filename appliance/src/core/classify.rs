@@ -360,6 +360,12 @@ impl Classifier {
         &self.rules
     }
 
+    /// Replaces the rules (a config reload): flows already classified keep their class;
+    /// new flows meet the new rules.
+    pub fn set_rules(&mut self, rules: &[Rule]) {
+        self.rules = rules.iter().map(CompiledRule::new).collect();
+    }
+
     /// The driver's current addresses for the devices rule `index` names.
     pub fn set_resolved(&mut self, index: usize, prefixes: Vec<IpNet>) {
         if let Some(r) = self.rules.get_mut(index) {

@@ -510,6 +510,11 @@ impl Bond {
         self.lock().sched.reconfigure(sched);
     }
 
+    /// New classification rules (see [`Classifier::set_rules`]).
+    pub fn set_rules(&self, rules: &[stallnet_netconf::Rule]) {
+        self.lock().classifier.set_rules(rules);
+    }
+
     /// The driver's current addresses for the devices classification rule `index` names.
     pub fn set_resolved(&self, index: usize, prefixes: Vec<IpNet>) {
         self.lock().classifier.set_resolved(index, prefixes);
