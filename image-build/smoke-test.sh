@@ -62,8 +62,8 @@ timeout 1800 qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 1024 -nograph
     -kernel "$dir/vmlinuz" -initrd "$dir/initrd.img" \
     -append "root=LABEL=RASPIROOT rw console=ttyAMA0 net.ifnames=0 systemd.run=/usr/local/sbin/stallnet-smoke systemd.run_success_action=poweroff systemd.run_failure_action=poweroff" \
     -drive file="$work/smoke.img",format=raw,if=virtio \
-    -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \
-    -netdev user,id=n1 -device virtio-net-pci,netdev=n1 \
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
+    -netdev user,id=n1 -device virtio-net-pci,netdev=n1,romfile= \
     </dev/null > "$log" 2>&1 || true
 took=$(( $(date +%s) - t0 ))
 tr -d '\r' < "$log" > "$log.txt" && mv "$log.txt" "$log"

@@ -261,7 +261,8 @@ pub struct EdgeConfig {
     /// Whether the built-in rules (payment hosts, stream and interactive ports) apply.
     #[serde(default = "yes")]
     pub default_rules: bool,
-    /// dnsmasq's leases file, for rules by `hostname` and `mac`.
+    /// dnsmasq's leases file (written by the dnsmasq the daemon runs for `[lan]`; read
+    /// for rules by `hostname` and `mac`).
     #[serde(default = "default_leases")]
     pub dhcp_leases: PathBuf,
     /// First routing table number used for per-uplink tables (one per uplink from here).
@@ -344,7 +345,7 @@ fn yes() -> bool {
     true
 }
 fn default_leases() -> PathBuf {
-    PathBuf::from("/var/lib/misc/dnsmasq.leases")
+    PathBuf::from("/var/lib/stallnet/dnsmasq.leases")
 }
 
 fn default_edge_tun() -> String {
