@@ -725,6 +725,22 @@ impl Topology {
     }
 }
 
+/// The kinds of the edge's events about `uplink`, oldest first (`stallnet events`).
+pub fn uplink_events(t: &Topology, uplink: &str) -> Result<Vec<String>> {
+    let out = Command::new(bin("stallnet"))
+        .args(["events", "--json", "--runtime-dir"])
+        .arg(t.dir.join("edge-run"))
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["uplink"] == uplink)
+        .map(|e| e["kind"].as_str().unwrap_or("").to_string())
+        .collect())
+}
+
 /// Number of uplinks in state `up` in bond `bond` of a status document.
 pub fn up_links(s: &serde_json::Value, bond: &str) -> usize {
     s["bonds"][bond]["links"]

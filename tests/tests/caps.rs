@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stallnet_tests::topo::{bin, link_state, Options, Topology, UplinkSpec, LAN_CLIENT};
+use stallnet_tests::topo::{link_state, uplink_events, Options, Topology, UplinkSpec, LAN_CLIENT};
 
 /// rx + tx bytes of `dev` in the edge namespace, as the kernel counts them.
 fn iface_bytes(t: &Topology, dev: &str) -> Result<u64> {
@@ -27,21 +27,6 @@ fn cap_used(s: &serde_json::Value) -> Option<u64> {
         .iter()
         .find(|l| l["name"] == "cell")?["cap"]["used_bytes"]
         .as_u64()
-}
-
-fn events(t: &Topology) -> Result<Vec<String>> {
-    let out = std::process::Command::new(bin("stallnet"))
-        .args(["events", "--json", "--runtime-dir"])
-        .arg(t.dir.join("edge-run"))
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["uplink"] == "cell")
-        .map(|e| e["kind"].as_str().unwrap_or("").to_string())
-        .collect())
 }
 
 #[test]
@@ -85,7 +70,7 @@ fn a_capped_sim_is_counted_warned_about_and_switched_off() -> Result<()> {
     })?;
     let used = cap_used(&s).context("cap")?;
     assert!(used >= 2_000_000, "{used}");
-    let kinds = events(&t)?;
+    let kinds = uplink_events(&t, "cell")?;
     assert_eq!(
         kinds
             .iter()

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use stallnet_tests::topo::{
-    bin, link_state, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
+    bin, link_state, uplink_events, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
 };
 
 const CHECK_HOST: &str = "check.stallnet.test";
@@ -23,21 +23,6 @@ fn link<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .as_array()
         .and_then(|l| l.iter().find(|l| l["name"] == name))
         .unwrap_or(&serde_json::Value::Null)
-}
-
-fn events(t: &Topology) -> Result<Vec<String>> {
-    let out = Command::new(bin("stallnet"))
-        .args(["events", "--json", "--runtime-dir"])
-        .arg(t.dir.join("edge-run"))
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["uplink"] == "wifi")
-        .map(|e| e["kind"].as_str().unwrap_or("").to_string())
-        .collect())
 }
 
 fn ctl(t: &Topology, args: &[&str]) -> Result<std::process::Output> {
@@ -169,7 +154,9 @@ fn portals_forged_dns_and_broken_https_are_caught_through_each_uplink() -> Resul
     t.wait_status("edge", Duration::from_secs(15), |s| clean(s, "wifi"))
         .context("wifi back after the portal cleared")?;
     stallnet_tests::topo::wait_for(Duration::from_secs(5), || {
-        Ok(events(&t)?.iter().any(|e| e == "uplink_login_closed"))
+        Ok(uplink_events(&t, "wifi")?
+            .iter()
+            .any(|e| e == "uplink_login_closed"))
     })?;
     assert_eq!(lan_http(&t)?, "204", "the phone is back in the tunnel");
     let rules = t.exec("edge", &["ip", "rule", "show"])?;
@@ -251,7 +238,7 @@ fn portals_forged_dns_and_broken_https_are_caught_through_each_uplink() -> Resul
     assert_eq!(link(&s, "cell")["modem"]["source"], "unknown", "{s}");
     assert!(link(&s, "cell")["modem"]["rsrp_dbm"].is_null());
     assert!(link(&s, "wifi")["modem"].is_null(), "wifi has no modem");
-    let ev = events(&t)?;
+    let ev = uplink_events(&t, "wifi")?;
     for kind in [
         "uplink_captive",
         "uplink_login",

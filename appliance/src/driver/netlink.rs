@@ -364,32 +364,33 @@ impl Netlink {
         self.add_rule(req.message_mut_clone(), req).await
     }
 
-    /// Policy rule: packets from `prefix` look up `table`.
-    pub async fn rule_from(&self, prefix: ipnet::Ipv4Net, table: u32, priority: u32) -> Result<()> {
-        let req = self
-            .handle
+    fn source_rule(
+        &self,
+        prefix: ipnet::Ipv4Net,
+        table: u32,
+        priority: u32,
+    ) -> rtnetlink::RuleAddRequest<Ipv4Addr> {
+        self.handle
             .rule()
             .add()
             .v4()
             .source_prefix(prefix.addr(), prefix.prefix_len())
             .table_id(table)
             .action(RuleAction::ToTable)
-            .priority(priority);
+            .priority(priority)
+    }
+
+    /// Policy rule: packets from `prefix` look up `table`.
+    pub async fn rule_from(&self, prefix: ipnet::Ipv4Net, table: u32, priority: u32) -> Result<()> {
+        let req = self.source_rule(prefix, table, priority);
         self.add_rule(req.message_mut_clone(), req).await
     }
 
     /// Removes a rule added by [`Self::rule_from`] (gone already is fine).
     pub async fn unrule_from(&self, prefix: ipnet::Ipv4Net, table: u32, priority: u32) {
-        let req = self
-            .handle
-            .rule()
-            .add()
-            .v4()
-            .source_prefix(prefix.addr(), prefix.prefix_len())
-            .table_id(table)
-            .action(RuleAction::ToTable)
-            .priority(priority);
-        let msg = req.message_mut_clone();
+        let msg = self
+            .source_rule(prefix, table, priority)
+            .message_mut_clone();
         let _serial = self.serial.lock().await;
         let _ = self.handle.rule().del(msg.clone()).execute().await;
         if let Ok(mut v) = self.added.lock() {
