@@ -68,7 +68,12 @@ struct Ctx {
     reach: Vec<reach::Slot>,
     /// Per cellular uplink: what ModemManager says of its modem.
     modems: Mutex<Vec<Option<crate::modem::ModemFacts>>>,
+    /// `[commerce]` as started, and its service (for reloads).
+    commerce_cfg: Option<stallnet_netconf::CommerceConfig>,
+    commerce: std::sync::OnceLock<Arc<CommerceService>>,
 }
+
+type CommerceService = crate::commerce::api::Service<crate::commerce::store::SledStore>;
 
 #[derive(Debug, Default)]
 struct Admin {
@@ -175,6 +180,8 @@ pub async fn run(
             .map(|_| reach::Slot::default())
             .collect(),
         modems: Mutex::new(vec![None; e.uplinks.len()]),
+        commerce_cfg: cfg.commerce().cloned(),
+        commerce: std::sync::OnceLock::new(),
     });
 
     ctx.events
@@ -276,6 +283,7 @@ pub async fn run(
                 let c = ctx.clone();
                 tokio::spawn(async move { route_upstream(c, tun_index, url).await });
             }
+            let _ = ctx.commerce.set(svc.clone());
             let (s, c) = (svc.clone(), cancel.clone());
             tokio::spawn(async move {
                 if let Err(e) = crate::commerce::run(s, com, c).await {
@@ -1219,6 +1227,21 @@ impl EdgeDaemon {
         if rules_in_place {
             self.0.bond.set_rules(&new_rules);
         }
+        // Commerce: who may use the API and how much apply in place; where it listens,
+        // where it delivers and the body limit need a restart.
+        match (&self.0.commerce_cfg, new.commerce(), self.0.commerce.get()) {
+            (Some(was), Some(now), Some(svc)) => {
+                svc.set_access(crate::commerce::api::Access::from_config(now));
+                if was.listen != now.listen
+                    || was.limits.max_body_bytes != now.limits.max_body_bytes
+                    || !same(&was.upstream, &now.upstream)
+                {
+                    restart.push("commerce (listen, upstream or max_body_bytes)");
+                }
+            }
+            (None, None, _) | (Some(_), Some(_), None) => {}
+            _ => restart.push("commerce (added or removed)"),
+        }
         for (name, differs) in [
             ("edge.hubs", !same(&old.hubs, &new_edge.hubs)),
             ("edge.lan", !same(&old.lan, &new_edge.lan)),
@@ -1239,13 +1262,13 @@ impl EdgeDaemon {
         }
         let msg = if restart.is_empty() {
             format!(
-                "{} is valid; class settings and rules applied",
+                "{} is valid; class settings, rules and commerce access applied",
                 path.display()
             )
         } else {
             format!(
-                "{} is valid; class settings and rules applied; these changes need a \
-                 restart (systemctl restart stallnet): {}",
+                "{} is valid; class settings, rules and commerce access applied; these \
+                 changes need a restart (systemctl restart stallnet): {}",
                 path.display(),
                 restart.join(", ")
             )

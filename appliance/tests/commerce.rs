@@ -82,16 +82,18 @@ async fn start(
     let svc = Arc::new(Service {
         store: SledStore::open(&dir.join("commerce"), key).expect("store"),
         sealer: seal::Sealer::load_or_create(dir).expect("sealer"),
-        clients: HashMap::from([(
-            hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
-            "till-1".to_string(),
-        )]),
-        deny_from: deny,
-        limits,
+        access: std::sync::RwLock::new(stallnet::commerce::api::Access {
+            clients: HashMap::from([(
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
+                "till-1".to_string(),
+            )]),
+            deny_from: deny,
+            limits,
+            alert_hours: vec![12, 20],
+        }),
         max_body: 16 * 1024,
         public_key,
         online: Arc::new(move || o.load(Ordering::SeqCst)),
-        alert_hours: vec![12, 20],
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -135,16 +135,18 @@ fn acknowledged_checkouts_survive_sigkill_and_are_delivered_once() -> Result<()>
         let svc = Arc::new(Service {
             store,
             sealer: seal::Sealer::load_or_create(&dir)?,
-            clients: HashMap::new(),
-            deny_from: vec![],
-            limits: Limits {
-                max_entries: 1,
-                max_bytes: 1,
-            },
+            access: std::sync::RwLock::new(stallnet::commerce::api::Access {
+                clients: HashMap::new(),
+                deny_from: vec![],
+                limits: Limits {
+                    max_entries: 1,
+                    max_bytes: 1,
+                },
+                alert_hours: vec![],
+            }),
             max_body: 1024,
             public_key: hex::encode(&public),
             online: Arc::new(move || o.load(Ordering::SeqCst)),
-            alert_hours: vec![],
         });
         let cancel = tokio_util::sync::CancellationToken::new();
         let up = stallnet_netconf::Upstream {

@@ -13,6 +13,13 @@ const KEY: &str = "till-e2e-key-0123456789abcdef";
 const API: &str = "10.1.0.1:8080";
 
 fn post_sale(t: &Topology, key: &str) -> Result<()> {
+    let code = post_sale_as(t, KEY, key)?;
+    anyhow::ensure!(code.starts_with('2'), "POST {key}: HTTP {code}");
+    Ok(())
+}
+
+/// Posts a sale with bearer key `bearer`; the HTTP status.
+fn post_sale_as(t: &Topology, bearer: &str, key: &str) -> Result<String> {
     let out = t.exec(
         "lan",
         &[
@@ -28,7 +35,7 @@ fn post_sale(t: &Topology, key: &str) -> Result<()> {
             "POST",
             &format!("http://{API}/v1/outbox"),
             "-H",
-            &format!("authorization: Bearer {KEY}"),
+            &format!("authorization: Bearer {bearer}"),
             "-H",
             &format!("idempotency-key: {key}"),
             "-H",
@@ -37,9 +44,7 @@ fn post_sale(t: &Topology, key: &str) -> Result<()> {
             &format!(r#"{{"group":"sales","body":{{"sale":"{key}"}}}}"#),
         ],
     )?;
-    let code = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(code.starts_with('2'), "POST {key}: HTTP {code}");
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 /// What the upstream received: key → the source addresses it came from.
@@ -139,5 +144,32 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("sales: 0 waiting to upload"), "{text}");
+
+    // A till replaced without a restart: the new key works, the old one is refused.
+    const KEY2: &str = "till-2-e2e-key-fedcba9876543210";
+    let hash2 = hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY2.as_bytes()));
+    let live = t.dir.join("edge.toml");
+    let pid = t.pid("edge");
+    let cfg = std::fs::read_to_string(&live)?.replace(
+        &format!("clients = [{{ name = \"till\", key_sha256 = \"{hash}\" }}]"),
+        &format!("clients = [{{ name = \"till-2\", key_sha256 = \"{hash2}\" }}]"),
+    );
+    anyhow::ensure!(cfg.contains(&hash2), "config rewritten");
+    std::fs::write(&live, cfg)?;
+    assert_eq!(post_sale_as(&t, KEY2, "new-till-before")?, "401");
+    let out = t.exec(
+        "edge",
+        &[
+            bin("stallnet").to_str().context("path")?,
+            "reload",
+            "--runtime-dir",
+            t.dir.join("edge-run").to_str().context("path")?,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("need a restart"), "{text}");
+    assert_eq!(post_sale_as(&t, KEY2, "new-till-after")?, "202");
+    assert_eq!(post_sale_as(&t, KEY, "old-till-after")?, "401");
+    assert_eq!(t.pid("edge"), pid, "no restart");
     Ok(())
 }

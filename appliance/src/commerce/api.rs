@@ -25,14 +25,60 @@ use super::store::{CommerceStore, Limits, StoreError};
 pub struct Service<S: CommerceStore> {
     pub store: S,
     pub sealer: Sealer,
+    /// Who may use the API and how much: replaced in place by a config reload.
+    pub access: std::sync::RwLock<Access>,
+    pub max_body: usize,
+    pub public_key: String,
+    pub online: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// The settings of `[commerce]` a reload applies without a restart.
+#[derive(Debug, Clone)]
+pub struct Access {
     /// Hex SHA-256 of a key → client name.
     pub clients: HashMap<String, String>,
     pub deny_from: Vec<IpNet>,
     pub limits: Limits,
-    pub max_body: usize,
-    pub public_key: String,
-    pub online: Arc<dyn Fn() -> bool + Send + Sync>,
     pub alert_hours: Vec<u32>,
+}
+
+impl Access {
+    pub fn from_config(cfg: &stallnet_netconf::CommerceConfig) -> Self {
+        Self {
+            clients: cfg
+                .clients
+                .iter()
+                .map(|c| {
+                    let c = c.get_ref();
+                    (c.key_sha256.to_ascii_lowercase(), c.name.clone())
+                })
+                .collect(),
+            deny_from: cfg.deny_from.clone(),
+            limits: Limits {
+                max_entries: cfg.limits.max_entries_per_client,
+                max_bytes: cfg.limits.max_bytes_per_client,
+            },
+            alert_hours: cfg.alert_hours.clone(),
+        }
+    }
+}
+
+impl<S: CommerceStore> Service<S> {
+    /// The current access settings (a copy: a reload may replace them meanwhile).
+    pub fn access(&self) -> Access {
+        match self.access.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the access settings (clients, guest networks, limits, alert hours).
+    pub fn set_access(&self, access: Access) {
+        match self.access.write() {
+            Ok(mut a) => *a = access,
+            Err(poisoned) => *poisoned.into_inner() = access,
+        }
+    }
 }
 
 /// A JSON error with a stable code.
@@ -120,7 +166,8 @@ fn auth<S: CommerceStore>(
     headers: &HeaderMap,
     from: SocketAddr,
 ) -> Result<String, ApiError> {
-    if svc.deny_from.iter().any(|n| n.contains(&from.ip())) {
+    let access = svc.access();
+    if access.deny_from.iter().any(|n| n.contains(&from.ip())) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden_network",
@@ -138,7 +185,8 @@ fn auth<S: CommerceStore>(
                 "missing bearer key",
             )
         })?;
-    svc.clients
+    access
+        .clients
         .get(&hash_key(key.trim()))
         .cloned()
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown key"))
@@ -228,7 +276,8 @@ async fn put_token<S: CommerceStore>(
         expires_at: t.expires_at,
         redeemed_at: None,
     };
-    svc.store.put_token(&client, &id, &stored, svc.limits)?;
+    svc.store
+        .put_token(&client, &id, &stored, svc.access().limits)?;
     durable(&svc).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -331,7 +380,9 @@ async fn put_cart<S: CommerceStore>(
         total,
         updated_at: now(),
     };
-    let saved = svc.store.put_cart(&client, cart, want, svc.limits)?;
+    let saved = svc
+        .store
+        .put_cart(&client, cart, want, svc.access().limits)?;
     durable(&svc).await?;
     Ok(with_etag(&saved, StatusCode::OK))
 }
@@ -493,6 +544,7 @@ pub fn status<S: CommerceStore>(svc: &Service<S>) -> Result<serde_json::Value, S
     let oldest = svc.store.outbox(1)?.first().map(|r| r.created_at);
     let age = oldest.map(|o| (t - o).max(0));
     let alerts: Vec<u32> = svc
+        .access()
         .alert_hours
         .iter()
         .copied()

@@ -19,7 +19,6 @@ pub mod sync;
 pub mod upstream;
 pub mod worker;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use stallnet_netconf::CommerceConfig;
 use tokio_util::sync::CancellationToken;
 
 use api::Service;
-use store::{Limits, SledStore};
+use store::SledStore;
 
 /// Builds the service from the config: the store in `state_dir/commerce`, the sealing
 /// key, the receipt key (the device's own Ed25519 identity key).
@@ -44,27 +43,13 @@ pub fn service(
     let store = SledStore::open(&state_dir.join("commerce"), signing)
         .map_err(|e| anyhow::anyhow!("opening the commerce store: {e}"))?;
     let sealer = seal::Sealer::load_or_create(state_dir)?;
-    let clients: HashMap<String, String> = cfg
-        .clients
-        .iter()
-        .map(|c| {
-            let c = c.get_ref();
-            (c.key_sha256.to_ascii_lowercase(), c.name.clone())
-        })
-        .collect();
     Ok(Service {
         store,
         sealer,
-        clients,
-        deny_from: cfg.deny_from.clone(),
-        limits: Limits {
-            max_entries: cfg.limits.max_entries_per_client,
-            max_bytes: cfg.limits.max_bytes_per_client,
-        },
+        access: std::sync::RwLock::new(api::Access::from_config(cfg)),
         max_body: cfg.limits.max_body_bytes,
         public_key,
         online,
-        alert_hours: cfg.alert_hours.clone(),
     })
 }
 

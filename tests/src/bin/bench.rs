@@ -387,19 +387,21 @@ mod commerce_bench {
             store: SledStore::open(&dir.join("commerce"), key)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             sealer: seal::Sealer::load_or_create(dir)?,
-            clients: HashMap::from([(
-                hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
-                "till".to_string(),
-            )]),
-            deny_from: vec![],
-            limits: Limits {
-                max_entries: u64::MAX,
-                max_bytes: u64::MAX,
-            },
+            access: std::sync::RwLock::new(stallnet::commerce::api::Access {
+                clients: HashMap::from([(
+                    hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
+                    "till".to_string(),
+                )]),
+                deny_from: vec![],
+                limits: Limits {
+                    max_entries: u64::MAX,
+                    max_bytes: u64::MAX,
+                },
+                alert_hours: vec![],
+            }),
             max_body: 65536,
             public_key,
             online: Arc::new(move || online.load(Ordering::SeqCst)),
-            alert_hours: vec![],
         }))
     }
 
@@ -414,7 +416,7 @@ mod commerce_bench {
         let svc = service(&dir, online.clone())?;
         for i in 0..10_000 {
             svc.store
-                .put_cart("till", cart(format!("d{i}")), None, svc.limits)
+                .put_cart("till", cart(format!("d{i}")), None, svc.access().limits)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             svc.store
                 .checkout("till", &format!("d{i}"), None, "cash", &format!("k{i}"), 0)
@@ -515,12 +517,12 @@ mod commerce_bench {
                 redeemed_at: None,
             };
             svc.store
-                .put_token("till", &format!("t{i}"), &t, svc.limits)
+                .put_token("till", &format!("t{i}"), &t, svc.access().limits)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         for i in 0..10_000 {
             svc.store
-                .put_cart("till", cart(format!("r{i}")), None, svc.limits)
+                .put_cart("till", cart(format!("r{i}")), None, svc.access().limits)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         rt.block_on(svc.store.flush())
@@ -544,7 +546,7 @@ mod commerce_bench {
                 for c in 0..clients {
                     for i in 0..per {
                         svc.store
-                            .put_cart("till", cart(format!("c{c}-{i}")), None, svc.limits)
+                            .put_cart("till", cart(format!("c{c}-{i}")), None, svc.access().limits)
                             .map_err(|e| anyhow::anyhow!("{e}"))?;
                     }
                 }
