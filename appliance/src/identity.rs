@@ -348,4 +348,35 @@ mod tests {
         assert_ne!(a.id, b.id);
         let _ = fs::remove_dir_all(&dir);
     }
+
+    /// A Pi without a real-time clock may boot years off: a pinned certificate is accepted
+    /// whatever its dates and whatever the clock says; an unpinned one never is.
+    #[test]
+    fn pinned_certificates_are_accepted_whatever_the_dates_and_the_clock() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec![HUB_NAME.to_string()]).expect("p");
+        params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        let expired = params.self_signed(&key).expect("cert");
+        let der = CertificateDer::from(expired.der().to_vec());
+        let v = PinnedServer {
+            pins: [identity_of(&der)].into_iter().collect(),
+            algs: provider().signature_verification_algorithms,
+        };
+        let name = ServerName::try_from(HUB_NAME).expect("name");
+        for secs in [0u64, 1_000_000_000, 4_000_000_000] {
+            let now = UnixTime::since_unix_epoch(Duration::from_secs(secs));
+            assert!(v.verify_server_cert(&der, &[], &name, &[], now).is_ok());
+        }
+        let other = rcgen::KeyPair::generate().expect("key");
+        let stranger = rcgen::CertificateParams::new(vec![HUB_NAME.to_string()])
+            .expect("p")
+            .self_signed(&other)
+            .expect("cert");
+        let stranger = CertificateDer::from(stranger.der().to_vec());
+        let now = UnixTime::since_unix_epoch(Duration::from_secs(1_800_000_000));
+        assert!(v
+            .verify_server_cert(&stranger, &[], &name, &[], now)
+            .is_err());
+    }
 }
