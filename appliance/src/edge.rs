@@ -954,7 +954,9 @@ async fn uplink_task(
             s[idx].carrier = false;
         }
         let conn = ctx.bond.connection(id);
-        let wait = if conn.is_some() {
+        // Connected, or held out by the reachability checks (they wake us on release):
+        // nothing to retry soon.
+        let wait = if conn.is_some() || ctx.bond.held(id).is_some() {
             Duration::from_secs(2)
         } else {
             backoff
