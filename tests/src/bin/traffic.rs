@@ -8,7 +8,8 @@
 //!   consecutive echoes).
 //! - `tcp-connect TO`: one TCP connection attempt (3 s limit); prints the outcome
 //!   (`connected`, `refused`, `timeout`, `error`) and how long it took.
-//! - `dns-query SERVER NAME`: an A query over UDP; prints the addresses in the answer.
+//! - `dns-query SERVER NAME`: an A query over UDP (up to 3 tries); prints the addresses in
+//!   the answer.
 //! - `tcp-sink BIND`: for each connection, reads to the end, answers with the byte count
 //!   (8 bytes), closes (runs until killed).
 //! - `tcp-send TO BYTES`: sends BYTES over one TCP connection (cubic), half-closes, waits
@@ -167,10 +168,26 @@ fn dns_query(server: &str, name: &str) -> Result<()> {
         false,
     ));
     let s = UdpSocket::bind("0.0.0.0:0")?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.send_to(&q.build_bytes_vec()?, (server, 53))?;
+    // Like a stub resolver: up to 3 tries, 1.5 s apart (a server that was just started
+    // may not be listening for the first one).
+    s.set_read_timeout(Some(Duration::from_millis(1500)))?;
+    let query = q.build_bytes_vec()?;
     let mut buf = [0u8; 1500];
-    let (n, _) = s.recv_from(&mut buf)?;
+    let mut tries = 0;
+    let n = loop {
+        tries += 1;
+        s.send_to(&query, (server, 53))?;
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) => break n,
+            Err(e)
+                if tries < 3
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
     let a = Packet::parse(&buf[..n])?;
     let addrs: Vec<String> = a
         .answers
