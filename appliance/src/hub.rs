@@ -171,9 +171,8 @@ pub async fn run(
             devices.iter().filter(|d| d.bond.online()).count(),
             devices.len()
         ));
-        if crate::clock::state() != "wrong"
-            && clock_saved.is_none_or(|t| t.elapsed() >= crate::clock::SAVE_EVERY)
-        {
+        let clock = status::clock_state();
+        if clock != "wrong" && clock_saved.is_none_or(|t| t.elapsed() >= crate::clock::SAVE_EVERY) {
             if let Err(e) = crate::clock::save(&cfg.state_dir) {
                 tracing::warn!("saving the time: {e:#}");
             }
@@ -200,7 +199,7 @@ pub async fn run(
             commerce: None,
             uptime_s: started.elapsed().as_secs(),
             peer: None,
-            clock: status::clock_state(),
+            clock,
             stream_advice: None,
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {

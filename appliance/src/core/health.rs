@@ -198,6 +198,11 @@ impl LinkHealth {
         self.sparse = sparse;
     }
 
+    /// Whether the link probes at the sparse (idle backup) rate.
+    pub fn sparse(&self) -> bool {
+        self.sparse
+    }
+
     fn interval(&self) -> Duration {
         if self.sparse && self.state == LinkState::Up {
             self.cfg.backup_probe_interval

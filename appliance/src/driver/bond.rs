@@ -393,6 +393,16 @@ impl Bond {
         self.lock().links.get(id).and_then(|l| l.as_ref()?.held)
     }
 
+    /// Whether uplink `id` is a backup (configured or imposed) idling while a primary
+    /// carries the tunnel (the state its probes already follow).
+    pub fn idle_backup(&self, id: LinkId) -> bool {
+        self.lock()
+            .links
+            .get(id)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.health.sparse())
+    }
+
     /// Whether uplink `id`'s HTTPS check currently succeeds.
     pub fn set_verified(&self, id: LinkId, verified: bool) {
         let now = Instant::now();

@@ -15,7 +15,7 @@ use super::{nft, Ctx};
 use crate::core::reach::{Change, Https, Portal, Reach, ReachConfig};
 use crate::events::Level;
 use crate::reach_probe::{self, Via};
-use stallnet_netconf::{Uplink, UplinkPriority};
+use stallnet_netconf::Uplink;
 
 /// Rule priority of a login window's `from DEVICE lookup UPLINK` (before the tunnel's).
 const LOGIN_RULE_PRIORITY: u32 = 900;
@@ -53,7 +53,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
     );
     let mark = ctx.cfg.table_base + 1 + idx as u32;
     let slot = &ctx.reach[idx];
-    let (tx, mut rx) = mpsc::channel::<Result_>(4);
+    let (tx, mut rx) = mpsc::channel::<Checked>(4);
     let mut checked_at: Option<SystemTime> = None;
     if let Some(id) = link_id(&ctx, idx) {
         // Nothing is verified before the first check: POS waits for a verified uplink
@@ -65,7 +65,8 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
         let seen = ctx.seen.lock().ok().and_then(|s| s.get(idx).copied());
         let present = seen.is_some_and(|s| s.carrier && s.index != 0);
         let mut changes = reach.on_link(present, now);
-        reach.set_idle_backup(idle_backup(&ctx, &u), now);
+        let idle = link_id(&ctx, idx).is_some_and(|id| ctx.bond.idle_backup(id));
+        reach.set_idle_backup(idle, now);
         let due = reach.poll(now);
         if due.portal || due.https {
             let dns = if !r.dns.is_empty() {
@@ -84,7 +85,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
                 let (via, url, tx) = (via.clone(), r.portal_url.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _ = tx
-                        .send(Result_::Portal(reach_probe::portal(&via, &url).await))
+                        .send(Checked::Portal(reach_probe::portal(&via, &url).await))
                         .await;
                 });
             }
@@ -92,7 +93,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
                 let (url, tx, tls) = (r.https_url.clone(), tx.clone(), tls.clone());
                 tokio::spawn(async move {
                     let _ = tx
-                        .send(Result_::Https(reach_probe::https(&via, &url, tls).await))
+                        .send(Checked::Https(reach_probe::https(&via, &url, tls).await))
                         .await;
                 });
             }
@@ -106,8 +107,8 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
                 let now = Instant::now();
                 checked_at = Some(SystemTime::now());
                 match res {
-                    Some(Result_::Portal(o)) => changes.extend(reach.on_portal(o, now)),
-                    Some(Result_::Https(o)) => changes.extend(reach.on_https(o, now)),
+                    Some(Checked::Portal(o)) => changes.extend(reach.on_portal(o, now)),
+                    Some(Checked::Https(o)) => changes.extend(reach.on_https(o, now)),
                     None => {}
                 }
             }
@@ -127,31 +128,14 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
     }
 }
 
-enum Result_ {
+/// A finished check, back from its task.
+enum Checked {
     Portal(crate::core::reach::PortalOutcome),
     Https(Result<(), String>),
 }
 
 fn link_id(ctx: &Ctx, idx: usize) -> Option<crate::core::scheduler::LinkId> {
     ctx.link_ids.lock().ok().and_then(|l| l.get(idx).copied())
-}
-
-/// A backup uplink is idle while a primary carries the tunnel.
-fn idle_backup(ctx: &Ctx, u: &Uplink) -> bool {
-    u.priority == UplinkPriority::Backup
-        && ctx.latest.lock().ok().is_some_and(|l| {
-            l.as_ref().is_some_and(|s| {
-                s.bonds["hub"]["links"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|l| {
-                        l["name"].as_str() != Some(&u.name)
-                            && l["state"] == "up"
-                            && l["backup"] == false
-                    })
-            })
-        })
 }
 
 fn view(reach: &Reach, checked_at: Option<SystemTime>, slot: &Slot) -> serde_json::Value {
