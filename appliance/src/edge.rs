@@ -1,15 +1,17 @@
 //! The edge role: LAN traffic from the TUN device into the bond, one QUIC connection per
-//! uplink, uplinks followed through netlink, and the direct fallback when the hub is gone.
+//! uplink ([`uplinks`]), uplinks followed through netlink, the direct fallback when the
+//! hub is gone, and config reloads applied in place ([`reload`]).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use ipnet::IpNet;
-use stallnet_netconf::{Config, EdgeConfig, Fallback, Uplink, UplinkPriority, UpstreamPath};
+use stallnet_netconf::{Config, EdgeConfig, Fallback, UplinkPriority, UpstreamPath};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -18,67 +20,109 @@ use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig, DeviceRef};
 use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
-use crate::core::scheduler::LinkId;
 use crate::driver::bond::{Bond, BondConfig, Sent, Side};
 use crate::driver::netlink::Netlink;
-use crate::driver::session::{self, Hello};
 use crate::driver::sys;
 use crate::events::{self, EventLog, Level, LinkSeen};
 use crate::identity;
 use crate::status::{self, Status};
+use uplinks::{lock, Rt};
 
 mod reach;
+mod reload;
+mod uplinks;
 
 /// Offline this long before the direct fallback takes over.
 const FALLBACK_AFTER: Duration = Duration::from_secs(2);
 const NFT_TABLE: &str = "stallnet_fallback";
-
-/// What the uplink tasks last saw of their interface (for the fallback).
-#[derive(Debug, Clone, Copy, Default)]
-struct Seen {
-    index: u32,
-    carrier: bool,
-    gateway: Option<Ipv4Addr>,
-}
+/// Rule priorities of the LAN's own rules: to the LAN stays local, from it enters the tunnel.
+const LAN_LOCAL_PRIORITY: u32 = 999;
+const LAN_TUNNEL_PRIORITY: u32 = 1000;
 
 struct Ctx {
-    cfg: EdgeConfig,
+    /// The config the daemon started with: the TUN device, its MTU and the table numbers
+    /// come from it (changing them needs a restart).
+    started: EdgeConfig,
+    /// The config applied now (the last good reload).
+    cfg: RwLock<Arc<EdgeConfig>>,
     nl: Netlink,
     bond: Arc<Bond>,
-    client: quinn::ClientConfig,
+    /// The box's identity, and TLS for the tunnel pinned to the configured hubs.
+    me: identity::Identity,
+    client: Mutex<quinn::ClientConfig>,
     epoch: u64,
-    seen: Mutex<Vec<Seen>>,
     tunnel_address: Mutex<Option<IpAddr>>,
     cancel: CancellationToken,
-    /// The operator's overrides (runtime only; the config is the lasting truth).
-    admin: Mutex<Admin>,
-    /// Per uplink: wakes its task when the operator changes something.
-    wake: Vec<Arc<tokio::sync::Notify>>,
-    link_ids: Mutex<Vec<LinkId>>,
+    /// The running uplinks, in config order.
+    uplinks: Mutex<Vec<Arc<Rt>>>,
+    /// The operator's preferred uplink (runtime only; the config is the lasting truth).
+    preferred: Mutex<Option<String>>,
+    /// Bumped by every netlink change (uplink tasks look again).
+    changes: watch::Receiver<u64>,
+    /// TLS for the reachability checks, when they are on.
+    tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
+    /// POS packets are refused at once when nothing gets out (no direct fallback).
+    fail_fast: AtomicBool,
+    /// Rules naming LAN devices (by rule index), resolved into addresses.
+    device_rules: Mutex<Vec<(usize, DeviceRef)>>,
+    devices_changed: tokio::sync::Notify,
+    /// Bumped when the uplink set or the fallback setting changes (the fallback starts over).
+    generation: AtomicU64,
+    /// One reload at a time.
+    reloading: Mutex<()>,
     events: Arc<EventLog>,
     latest: Mutex<Option<Status>>,
     config_path: Option<PathBuf>,
+    state_dir: PathBuf,
+    runtime_dir: PathBuf,
     /// Set when the daemon must restart to take a restored config.
-    restart: std::sync::atomic::AtomicBool,
+    restart: AtomicBool,
     /// The LAN the daemon manages (`[lan]`), if any.
     lan: Option<crate::lan_setup::Lan>,
-    /// Per uplink with a cap: (used, limit, period start) for the status.
-    caps: Mutex<Vec<Option<(u64, u64, i64)>>>,
-    /// Per uplink: its reachability checks' verdicts and login window.
-    reach: Vec<reach::Slot>,
-    /// Per cellular uplink: what ModemManager says of its modem.
-    modems: Mutex<Vec<Option<crate::modem::ModemFacts>>>,
     /// `[commerce]` as started, and its service (for reloads).
     commerce_cfg: Option<stallnet_netconf::CommerceConfig>,
     commerce: std::sync::OnceLock<Arc<CommerceService>>,
 }
 
+impl Ctx {
+    fn cfg(&self) -> Arc<EdgeConfig> {
+        self.cfg
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn uplinks(&self) -> Vec<Arc<Rt>> {
+        lock(&self.uplinks).clone()
+    }
+
+    fn uplink(&self, name: &str) -> Option<Arc<Rt>> {
+        lock(&self.uplinks).iter().find(|r| r.name == name).cloned()
+    }
+}
+
 type CommerceService = crate::commerce::api::Service<crate::commerce::store::SledStore>;
 
-#[derive(Debug, Default)]
-struct Admin {
-    disabled: Vec<bool>,
-    preferred: Option<usize>,
+/// The rules naming LAN devices, by rule index (resolved by [`resolve_devices`]).
+fn device_rules(e: &EdgeConfig) -> Vec<(usize, DeviceRef)> {
+    Classifier::new(&classes::rules(e), ClassifyConfig::default())
+        .rules()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.devices.clone().map(|d| (i, d)))
+        .collect()
+}
+
+/// The LAN's rules: traffic to the LAN (the box's own answers from its LAN address
+/// included) stays local; traffic from it enters the tunnel.
+async fn lan_rules(nl: &Netlink, lan: &[IpNet], tunnel_table: u32) -> Result<()> {
+    for p in lan {
+        if let IpNet::V4(p) = p {
+            nl.rule_to(*p, 254, LAN_LOCAL_PRIORITY).await?;
+            nl.rule_from(*p, tunnel_table, LAN_TUNNEL_PRIORITY).await?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(
@@ -89,12 +133,7 @@ pub async fn run(
 ) -> Result<()> {
     let e = cfg.edge().context("config has no [edge] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
-    let pins: Vec<String> = e
-        .hubs
-        .iter()
-        .map(|h| h.identity.get_ref().clone())
-        .collect();
-    let client = identity::client_config(&me, &pins)?;
+    let client = identity::client_config(&me, &reload::pins(&e))?;
     std::fs::create_dir_all(&cfg.runtime_dir)
         .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
     sys::sysctl("net/ipv4/ip_forward", "1")?;
@@ -106,16 +145,8 @@ pub async fn run(
         .await?
         .context("TUN device vanished")?
         .index;
-    let tunnel_table = e.table_base;
-    nl.set_default_route(tunnel_table, tun_index, None).await?;
-    for p in &e.lan {
-        if let IpNet::V4(p) = p {
-            // Traffic to the LAN (the box's own answers from its LAN address included)
-            // stays local; traffic from it enters the tunnel.
-            nl.rule_to(*p, 254, 999).await?;
-            nl.rule_from(*p, tunnel_table, 1000).await?;
-        }
-    }
+    nl.set_default_route(e.table_base, tun_index, None).await?;
+    lan_rules(&nl, &e.lan, e.table_base).await?;
     let lan = match &cfg.lan {
         Some(l) => Some(
             crate::lan_setup::Lan::start(
@@ -139,12 +170,6 @@ pub async fn run(
     };
     let specs = classes::specs(&e);
     let classifier = Classifier::new(&classes::rules(&e), ClassifyConfig::default());
-    let device_rules: Vec<(usize, DeviceRef)> = classifier
-        .rules()
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.devices.clone().map(|d| (i, d)))
-        .collect();
     let bond = Bond::new(
         tun.clone(),
         BondConfig {
@@ -155,31 +180,50 @@ pub async fn run(
         None,
         cancel.child_token(),
     );
+    let tls = if e.reachability.enabled {
+        Some(crate::reach_probe::tls_config(
+            e.reachability.ca_file.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let (change_tx, change_rx) = watch::channel(0u64);
+    let mut feed = Netlink::watch()?;
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while feed.recv().await.is_some() {
+            n += 1;
+            if change_tx.send(n).is_err() {
+                break;
+            }
+        }
+    });
     let ctx = Arc::new(Ctx {
-        seen: Mutex::new(vec![Seen::default(); e.uplinks.len()]),
-        cfg: e.clone(),
+        started: e.clone(),
+        cfg: RwLock::new(Arc::new(e.clone())),
         nl,
         bond,
-        client,
+        client: Mutex::new(client),
+        me,
         epoch: rand::random(),
         tunnel_address: Mutex::new(None),
         cancel: cancel.clone(),
-        admin: Mutex::new(Admin {
-            disabled: vec![false; e.uplinks.len()],
-            preferred: None,
-        }),
-        wake: (0..e.uplinks.len()).map(|_| Arc::default()).collect(),
-        link_ids: Mutex::new(Vec::new()),
+        uplinks: Mutex::new(Vec::new()),
+        preferred: Mutex::new(None),
+        changes: change_rx,
+        tls: Mutex::new(tls),
+        fail_fast: AtomicBool::new(e.fallback == Fallback::None),
+        device_rules: Mutex::new(device_rules(&e)),
+        devices_changed: tokio::sync::Notify::new(),
+        generation: AtomicU64::new(0),
+        reloading: Mutex::new(()),
         events: Arc::new(EventLog::new()),
         latest: Mutex::new(None),
         config_path,
-        restart: std::sync::atomic::AtomicBool::new(false),
+        state_dir: cfg.state_dir.clone(),
+        runtime_dir: cfg.runtime_dir.clone(),
+        restart: AtomicBool::new(false),
         lan,
-        caps: Mutex::new(vec![None; e.uplinks.len()]),
-        reach: (0..e.uplinks.len())
-            .map(|_| reach::Slot::default())
-            .collect(),
-        modems: Mutex::new(vec![None; e.uplinks.len()]),
         commerce_cfg: cfg.commerce().cloned(),
         commerce: std::sync::OnceLock::new(),
     });
@@ -199,61 +243,8 @@ pub async fn run(
     for (level, kind, msg) in notes {
         ctx.events.push(level, kind, None, msg);
     }
-    for u in e.uplinks.iter().map(|u| u.get_ref()) {
-        match crate::wifi_link::write_conf(u, &cfg.runtime_dir) {
-            Ok(Some(conf)) => {
-                let (u, c) = (u.clone(), cancel.child_token());
-                tokio::spawn(crate::wifi_link::run(u, conf, c));
-            }
-            Ok(None) => {}
-            Err(e) => tracing::error!(uplink = %u.name, "wifi settings: {e:#}"),
-        }
-    }
-    for (i, u) in e.uplinks.iter().enumerate() {
-        let u = u.get_ref().clone();
-        if u.kind == stallnet_netconf::UplinkKind::Cellular {
-            let c = ctx.clone();
-            tokio::spawn(async move { modem_task(c, i, u).await });
-        }
-    }
-    for (i, u) in e.uplinks.iter().enumerate() {
-        let u = u.get_ref().clone();
-        if u.cap.is_some() {
-            let (c, dir) = (ctx.clone(), cfg.state_dir.clone());
-            tokio::spawn(async move { cap_task(c, i, u, dir).await });
-        }
-    }
-    let (change_tx, change_rx) = watch::channel(0u64);
-    let mut feed = Netlink::watch()?;
-    tokio::spawn(async move {
-        let mut n = 0u64;
-        while feed.recv().await.is_some() {
-            n += 1;
-            if change_tx.send(n).is_err() {
-                break;
-            }
-        }
-    });
-    for (i, u) in e.uplinks.iter().enumerate() {
-        let u = u.get_ref().clone();
-        let id = ctx.bond.add_link(
-            &u.name,
-            u.priority == UplinkPriority::Backup,
-            classes::link_mask(&specs, &u),
-            Some(classes::rate_config(&u)),
-        );
-        if let Ok(mut ids) = ctx.link_ids.lock() {
-            ids.push(id);
-        }
-        let (c, rx) = (ctx.clone(), change_rx.clone());
-        tokio::spawn(async move { uplink_task(c, i, id, u, rx).await });
-    }
-    if e.reachability.enabled {
-        let tls = crate::reach_probe::tls_config(e.reachability.ca_file.as_deref())?;
-        for (i, u) in e.uplinks.iter().enumerate() {
-            let (c, u, tls) = (ctx.clone(), u.get_ref().clone(), tls.clone());
-            tokio::spawn(async move { reach::run(c, i, u, tls).await });
-        }
+    for u in &e.uplinks {
+        uplinks::start(&ctx, u.get_ref().clone());
     }
     control::spawn(
         Arc::new(EdgeDaemon(ctx.clone())),
@@ -270,7 +261,7 @@ pub async fn run(
             let svc = Arc::new(crate::commerce::service(
                 &com,
                 &cfg.state_dir,
-                me.signing_key()?,
+                ctx.me.signing_key()?,
                 online,
             )?);
             let via_tunnel = com
@@ -294,11 +285,9 @@ pub async fn run(
         }
         None => None,
     };
-    if !device_rules.is_empty() {
-        let c = ctx.clone();
-        tokio::spawn(async move { resolve_devices(c, device_rules).await });
-    }
-    tracing::info!(identity = %me.id, "edge running");
+    let c = ctx.clone();
+    tokio::spawn(async move { resolve_devices(c).await });
+    tracing::info!(identity = %ctx.me.id, "edge running");
 
     if let Some(path) = ctx.config_path.clone() {
         let c = ctx.clone();
@@ -311,7 +300,7 @@ pub async fn run(
                         "the restored config changes {}: restarting",
                         restart.join(", ")
                     );
-                    c.restart.store(true, std::sync::atomic::Ordering::SeqCst);
+                    c.restart.store(true, Ordering::SeqCst);
                     c.cancel.cancel();
                 }
                 Err(e) => tracing::error!("reloading the restored config: {}", e.message),
@@ -326,7 +315,7 @@ pub async fn run(
     cancel.cancel();
     ctx.nl.revert().await;
     let _ = nft_delete().await;
-    if ctx.restart.load(std::sync::atomic::Ordering::SeqCst) {
+    if ctx.restart.load(Ordering::SeqCst) {
         anyhow::bail!(
             "exiting so that the service manager restarts stallnet with the restored config"
         );
@@ -339,15 +328,17 @@ async fn supervise(
     ctx: &Arc<Ctx>,
     cfg: &Config,
     tun_index: u32,
-    commerce: Option<Arc<crate::commerce::api::Service<crate::commerce::store::SledStore>>>,
+    commerce: Option<Arc<CommerceService>>,
 ) -> Result<()> {
     let mut commerce_doc = None;
     let mut ticks = 0u64;
     let started = Instant::now();
     let mut clock = status::clock_state();
-    let mut fallback = DirectFallback::new(ctx.cfg.fallback == Fallback::Direct, FALLBACK_AFTER);
+    let mut fallback = DirectFallback::new(false, FALLBACK_AFTER);
+    // The fallback's view of the uplinks (by position) holds for one generation.
+    let mut generation = u64::MAX;
     let mut was_online = false;
-    let mut links_seen = vec![LinkSeen::default(); ctx.cfg.uplinks.len()];
+    let mut links_seen: std::collections::HashMap<String, LinkSeen> = Default::default();
 
     let mut notifier = crate::service::Notifier::new();
     notifier.ready("starting: connecting uplinks");
@@ -361,6 +352,8 @@ async fn supervise(
                 return Ok(());
             }
         }
+        let e = ctx.cfg();
+        let rts = ctx.uplinks();
         let b = ctx.bond.status();
         if b.online != was_online {
             if b.online {
@@ -376,42 +369,56 @@ async fn supervise(
             }
             was_online = b.online;
         }
-        for (i, l) in b.links.iter().enumerate() {
+        links_seen.retain(|name, _| b.links.iter().any(|l| l.name == *name));
+        for l in &b.links {
             let now = LinkSeen {
                 state: l.state.clone(),
                 degraded: l.degraded,
             };
-            if let Some(before) = links_seen.get_mut(i) {
-                events::link_change(&ctx.events, &l.name, before, &now);
-                *before = now;
-            }
+            let before = links_seen.entry(l.name.clone()).or_default();
+            events::link_change(&ctx.events, &l.name, before, &now);
+            *before = now;
         }
-        let seen = ctx.seen.lock().map(|s| s.clone()).unwrap_or_default();
-        let candidates: Vec<Candidate> = seen
+        let now_generation = ctx.generation.load(Ordering::SeqCst);
+        if now_generation != generation {
+            // Uplinks came or went, or the fallback setting changed: start over.
+            if fallback.active().is_some() {
+                ctx.nl
+                    .set_default_route(ctx.started.table_base, tun_index, None)
+                    .await?;
+                nft_delete().await?;
+            }
+            fallback = DirectFallback::new(e.fallback == Fallback::Direct, FALLBACK_AFTER);
+            generation = now_generation;
+        }
+        let seen: Vec<uplinks::Seen> = rts.iter().map(|r| r.seen()).collect();
+        let candidates: Vec<Candidate> = rts
             .iter()
+            .zip(&seen)
             .enumerate()
-            .map(|(i, s)| Candidate {
+            .map(|(i, (r, s))| Candidate {
                 uplink: i,
                 carrier: s.carrier && s.index != 0,
-                backup: ctx.cfg.uplinks[i].get_ref().priority == UplinkPriority::Backup,
+                backup: r.settings().priority == UplinkPriority::Backup,
             })
             .collect();
         match fallback.update(b.online, &candidates, Instant::now()) {
             Some(Action::Use(i)) => {
-                let u = ctx.cfg.uplinks[i].get_ref();
-                ctx.events.push(
-                    Level::Warning,
-                    "fallback_on",
-                    Some(&u.name),
-                    format!(
-                        "hub unreachable on every uplink: LAN traffic goes directly out of {}",
-                        u.name
-                    ),
-                );
-                ctx.nl
-                    .set_default_route(ctx.cfg.table_base, seen[i].index, seen[i].gateway)
-                    .await?;
-                nft_masquerade(&u.interface, &ctx.cfg.lan).await?;
+                if let (Some(r), Some(s)) = (rts.get(i), seen.get(i)) {
+                    ctx.events.push(
+                        Level::Warning,
+                        "fallback_on",
+                        Some(&r.name),
+                        format!(
+                            "hub unreachable on every uplink: LAN traffic goes directly out of {}",
+                            r.name
+                        ),
+                    );
+                    ctx.nl
+                        .set_default_route(ctx.started.table_base, s.index, s.gateway)
+                        .await?;
+                    nft_masquerade(&r.settings().interface, &e.lan).await?;
+                }
             }
             Some(Action::Leave) => {
                 ctx.events.push(
@@ -421,7 +428,7 @@ async fn supervise(
                     "the hub is back: LAN traffic uses the tunnel again".into(),
                 );
                 ctx.nl
-                    .set_default_route(ctx.cfg.table_base, tun_index, None)
+                    .set_default_route(ctx.started.table_base, tun_index, None)
                     .await?;
                 nft_delete().await?;
             }
@@ -444,25 +451,23 @@ async fn supervise(
                 .and_then(|s| crate::commerce::api::status(s).ok());
         }
         ticks += 1;
-        let (kinds, admin) = (
-            ctx.cfg.uplinks.iter().map(|u| u.get_ref().kind),
-            ctx.admin.lock().map(|a| a.preferred).ok().flatten(),
-        );
-        let stream_advice = stream_advice(&ctx.cfg, &b);
-        let caps = ctx.caps.lock().map(|c| c.clone()).unwrap_or_default();
-        let modems = ctx.modems.lock().map(|m| m.clone()).unwrap_or_default();
+        let preferred = lock(&ctx.preferred).clone();
+        let stream_advice = stream_advice(&e, &rts, &b);
         let mut b = serde_json::to_value(&b).unwrap_or_default();
         if let Some(links) = b["links"].as_array_mut() {
-            for (i, (l, kind)) in links.iter_mut().zip(kinds).enumerate() {
-                l["kind"] = serde_json::to_value(kind).unwrap_or_default();
-                l["preferred"] = (admin == Some(i)).into();
-                if let Some(Some(m)) = modems.get(i) {
+            for l in links.iter_mut() {
+                let Some(r) = rts.iter().find(|r| l["name"] == r.name.as_str()) else {
+                    continue;
+                };
+                l["kind"] = serde_json::to_value(r.settings().kind).unwrap_or_default();
+                l["preferred"] = (preferred.as_deref() == Some(r.name.as_str())).into();
+                if let Some(m) = lock(&r.modem).as_ref() {
                     l["modem"] = serde_json::to_value(m).unwrap_or_default();
                 }
-                if let Some(v) = ctx.reach.get(i).and_then(|r| r.view.lock().ok()?.clone()) {
+                if let Some(v) = lock(&r.reach.view).clone() {
                     l["reachability"] = v;
                 }
-                if let Some(Some((used, limit, start))) = caps.get(i) {
+                if let Some((used, limit, start)) = *lock(&r.cap) {
                     l["cap"] = serde_json::json!({
                         "used_bytes": used, "limit_bytes": limit, "period_start": start,
                     });
@@ -474,35 +479,26 @@ async fn supervise(
             role: "edge".into(),
             state: state.into(),
             fallback_active: fallback.active().is_some(),
-            tunnel_address: ctx
-                .tunnel_address
-                .lock()
-                .ok()
-                .and_then(|a| a.map(|a| a.to_string())),
+            tunnel_address: lock(&ctx.tunnel_address).map(|a| a.to_string()),
             refused_handshakes: 0,
             bonds: serde_json::json!({ "hub": b }),
             commerce: commerce_doc.clone(),
             uptime_s: started.elapsed().as_secs(),
-            peer: ctx.cfg.hubs.first().map(|h| h.address.to_string()),
+            peer: e.hubs.first().map(|h| h.address.to_string()),
             clock: clock.clone(),
             stream_advice: Some(stream_advice),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
         }
-        notifier.tick(&format!(
-            "{state}: {up} of {} uplinks up",
-            ctx.cfg.uplinks.len()
-        ));
+        notifier.tick(&format!("{state}: {up} of {} uplinks up", rts.len()));
         if clock != "wrong" && clock_saved.is_none_or(|t| t.elapsed() >= crate::clock::SAVE_EVERY) {
             if let Err(e) = crate::clock::save(&cfg.state_dir) {
                 tracing::warn!("saving the time: {e:#}");
             }
             clock_saved = Some(Instant::now());
         }
-        if let Ok(mut l) = ctx.latest.lock() {
-            *l = Some(doc);
-        }
+        *lock(&ctx.latest) = Some(doc);
     }
 }
 
@@ -548,23 +544,27 @@ async fn nft_delete() -> Result<()> {
 /// the stream class may use (rate control lowers it as soon as the uplink's queue grows),
 /// never above the class's `max_rate`. 80 % leaves room for payments, the stream's own
 /// audio and retransmissions.
-fn stream_advice(cfg: &EdgeConfig, b: &crate::driver::bond::BondStatus) -> serde_json::Value {
+fn stream_advice(
+    cfg: &EdgeConfig,
+    rts: &[Arc<Rt>],
+    b: &crate::driver::bond::BondStatus,
+) -> serde_json::Value {
     use crate::core::{qos::bit, Class};
     let specs = classes::specs(cfg);
     let class_max = specs
         .iter()
         .find(|s| s.name == stallnet_netconf::ClassName::Stream)
         .and_then(|s| s.max_rate);
-    let best = cfg
-        .uplinks
+    let best = b
+        .links
         .iter()
-        .zip(&b.links)
+        .filter_map(|l| Some((rts.iter().find(|r| r.name == l.name)?.settings(), l)))
         .filter(|(u, l)| {
-            classes::link_mask(&specs, u.get_ref()) & bit(Class::Stream) != 0
+            classes::link_mask(&specs, u) & bit(Class::Stream) != 0
                 && l.state == "up"
                 && !l.degraded
         })
-        .map(|(u, l)| (u.get_ref().name.clone(), l.rate_mbps * 1e6))
+        .map(|(u, l)| (u.name, l.rate_mbps * 1e6))
         .max_by(|a, b| a.1.total_cmp(&b.1));
     match best {
         None => serde_json::json!({
@@ -581,127 +581,6 @@ fn stream_advice(cfg: &EdgeConfig, b: &crate::driver::bond::BondStatus) -> serde
                 }
             }
             serde_json::json!({ "bitrate_bps": bps as u64, "uplink": name, "basis": basis })
-        }
-    }
-}
-
-/// Counts a capped uplink's bytes and applies its cap (see [`crate::cap_meter`]).
-async fn cap_task(ctx: Arc<Ctx>, idx: usize, u: Uplink, state_dir: PathBuf) {
-    use crate::cap_meter::{self, Verdict};
-    use crate::core::cap::CapEvent;
-    let Some(spec) = cap_meter::spec(&u) else {
-        return;
-    };
-    let path = cap_meter::state_path(&state_dir, &u.name);
-    let mut st = cap_meter::load(&path);
-    let mut imposed = Verdict::Normal;
-    let mut saved = Instant::now();
-    let mut tick = tokio::time::interval(cap_meter::INTERVAL);
-    loop {
-        let stop = tokio::select! {
-            _ = tick.tick() => false,
-            _ = ctx.cancel.cancelled() => true,
-        };
-        if stop {
-            cap_meter::save(&path, &st);
-            return;
-        }
-        let Some(counter) = cap_meter::counter(&u.interface) else {
-            continue;
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let events = st.observe(&spec, counter, now);
-        for ev in &events {
-            let (level, kind) = match ev {
-                CapEvent::Reset => (Level::Info, "cap_reset"),
-                CapEvent::Crossed(100) => (Level::Critical, "cap_reached"),
-                CapEvent::Crossed(_) => (Level::Warning, "cap_warning"),
-            };
-            ctx.events.push(
-                level,
-                kind,
-                Some(&u.name),
-                cap_meter::describe(&u, &spec, *ev),
-            );
-        }
-        let v = cap_meter::verdict(&u, &spec, &st);
-        let id = ctx.link_ids.lock().ok().and_then(|l| l.get(idx).copied());
-        if let (true, Some(id)) = (v != imposed, id) {
-            let configured_backup = u.priority == UplinkPriority::Backup;
-            let set_admin_off = |off: bool| {
-                if let Ok(mut a) = ctx.admin.lock() {
-                    if let Some(d) = a.disabled.get_mut(idx) {
-                        *d = off;
-                    }
-                }
-            };
-            match v {
-                Verdict::Off => {
-                    set_admin_off(true);
-                    ctx.bond.set_disabled(id, true);
-                }
-                Verdict::BackupOnly => ctx.bond.set_backup(id, true),
-                Verdict::Normal => {
-                    if imposed == Verdict::Off {
-                        set_admin_off(false);
-                        ctx.bond.set_disabled(id, false);
-                    }
-                    ctx.bond.set_backup(id, configured_backup);
-                }
-            }
-            if let Some(w) = ctx.wake.get(idx) {
-                w.notify_one();
-            }
-            imposed = v;
-        }
-        if let Ok(mut c) = ctx.caps.lock() {
-            if let Some(slot) = c.get_mut(idx) {
-                *slot = Some((st.used, spec.limit, st.period_start));
-            }
-        }
-        if !events.is_empty() || saved.elapsed() >= Duration::from_secs(30) {
-            cap_meter::save(&path, &st);
-            saved = Instant::now();
-        }
-    }
-}
-
-/// Reads a cellular uplink's modem facts from ModemManager every 30 s, and connects a
-/// registered modem with the configured APN.
-async fn modem_task(ctx: Arc<Ctx>, idx: usize, u: Uplink) {
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
-    let mut tried: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = ctx.cancel.cancelled() => return,
-        }
-        let facts = crate::modem::read(&u.interface).await;
-        let retry = tried.is_none_or(|t| t.elapsed() >= Duration::from_secs(120));
-        if let (Some(apn), true, true) = (&u.apn, crate::modem::wants_connect(&facts), retry) {
-            tried = Some(Instant::now());
-            let mmcli = std::path::Path::new("mmcli");
-            match crate::modem::connect_with(mmcli, &u.interface, apn).await {
-                Ok(()) => ctx.events.push(
-                    Level::Info,
-                    "modem_connected",
-                    Some(&u.name),
-                    format!("{}: the modem connected with APN {apn}", u.name),
-                ),
-                Err(e) => ctx.events.push(
-                    Level::Warning,
-                    "modem_connect_failed",
-                    Some(&u.name),
-                    format!("{}: connecting with APN {apn} failed: {e}", u.name),
-                ),
-            }
-        }
-        if let Ok(mut m) = ctx.modems.lock() {
-            if let Some(slot) = m.get_mut(idx) {
-                *slot = Some(facts);
-            }
         }
     }
 }
@@ -756,7 +635,7 @@ async fn route_upstream(ctx: Arc<Ctx>, tun_index: u32, url: String) {
             }
         };
         resolved_at = Some(Instant::now());
-        let want = crate::commerce::upstream::tunnel_targets(found, &ctx.cfg.lan);
+        let want = crate::commerce::upstream::tunnel_targets(found, &ctx.cfg().lan);
         if want.is_empty() {
             tracing::info!(%host, "the commerce upstream has no IPv4 address to reach through the tunnel");
         }
@@ -780,9 +659,7 @@ async fn route_upstream(ctx: Arc<Ctx>, tun_index: u32, url: String) {
 }
 
 async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
-    let mss = ctx.cfg.mtu.saturating_sub(40);
-    // Without a direct fallback, POS apps are told at once when nothing gets out.
-    let fail_fast = ctx.cfg.fallback == Fallback::None;
+    let mss = ctx.started.mtu.saturating_sub(40);
     let mut buf = vec![0u8; 65536];
     loop {
         let n = tun.recv(&mut buf).await.context("TUN read")?;
@@ -791,6 +668,8 @@ async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
             continue;
         };
         packet::clamp_mss(pkt, mss);
+        // Without a direct fallback, POS apps are told at once when nothing gets out.
+        let fail_fast = ctx.fail_fast.load(Ordering::Relaxed);
         if let Ok(Sent::Offline(_)) = ctx.bond.send(Bytes::copy_from_slice(pkt), fail_fast) {
             let from = ctx
                 .tunnel_address
@@ -810,15 +689,20 @@ async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
 
 /// Keeps the addresses of the LAN devices named by rules (MAC, DHCP host name, interface)
 /// current: the interface's prefixes from netlink, MACs from the neighbour table and the
-/// DHCP leases, host names from the DHCP leases.
-async fn resolve_devices(ctx: Arc<Ctx>, rules: Vec<(usize, DeviceRef)>) {
+/// DHCP leases, host names from the DHCP leases. At once after a reload changed the rules.
+async fn resolve_devices(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = ctx.devices_changed.notified() => {}
             _ = ctx.cancel.cancelled() => return,
         }
-        let leases = std::fs::read_to_string(&ctx.cfg.dhcp_leases).unwrap_or_default();
+        let rules = lock(&ctx.device_rules).clone();
+        if rules.is_empty() {
+            continue;
+        }
+        let leases = std::fs::read_to_string(&ctx.cfg().dhcp_leases).unwrap_or_default();
         let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
         let neighbours = crate::driver::lan::neighbours(&leases, &arp);
         for (i, d) in &rules {
@@ -840,286 +724,43 @@ async fn resolve_devices(ctx: Arc<Ctx>, rules: Vec<(usize, DeviceRef)>) {
                     prefixes.push(IpNet::from(n.ip));
                 }
             }
-            ctx.bond.set_resolved(*i, prefixes);
+            ctx.bond.set_resolved(*i, d, prefixes);
         }
     }
-}
-
-/// Follows one uplink: interface presence, carrier and address from netlink; its routing
-/// table and rule; its QUIC endpoint and connection, rebound or reconnected as needed.
-async fn uplink_task(
-    ctx: Arc<Ctx>,
-    idx: usize,
-    id: LinkId,
-    u: Uplink,
-    mut changes: watch::Receiver<u64>,
-) {
-    let table = ctx.cfg.table_base + 1 + idx as u32;
-    let mut routed: Option<(u32, Option<Ipv4Addr>)> = None;
-    let mut ruled = false;
-    let mut endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)> = None;
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let disabled = ctx
-            .admin
-            .lock()
-            .map(|a| a.disabled.get(idx).copied().unwrap_or(false))
-            .unwrap_or(false);
-        if disabled {
-            if let Some(c) = ctx.bond.connection(id) {
-                c.close(0u32.into(), b"disabled by the operator");
-            }
-            tokio::select! {
-                _ = ctx.wake[idx].notified() => continue,
-                _ = ctx.cancel.cancelled() => {
-                    if let Some((ep, _, _)) = endpoint { ep.close(0u32.into(), b"shutdown"); }
-                    return;
-                }
-            }
-        }
-        let info = match ctx.nl.link(&u.interface).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(uplink = %u.name, "netlink: {e:#}");
-                None
-            }
-        };
-        let mut usable_addr = None;
-        match &info {
-            None => {
-                ctx.bond.set_carrier(id, false, false);
-                if let Some((ep, _, _)) = endpoint.take() {
-                    ep.close(0u32.into(), b"interface gone");
-                }
-                routed = None;
-            }
-            Some(li) => {
-                ctx.bond.set_carrier(id, true, li.carrier);
-                if li.carrier {
-                    usable_addr = li.ipv4.first().copied();
-                }
-            }
-        }
-        if let (Some(li), Some(addr)) = (&info, usable_addr) {
-            let gw = match u.gateway {
-                Some(IpAddr::V4(g)) => Some(g),
-                _ => ctx.nl.default_gateway(li.index).await.ok().flatten(),
-            };
-            if let Ok(mut s) = ctx.seen.lock() {
-                s[idx] = Seen {
-                    index: li.index,
-                    carrier: true,
-                    gateway: gw,
-                };
-            }
-            if routed != Some((li.index, gw)) {
-                match ctx.nl.set_default_route(table, li.index, gw).await {
-                    Ok(()) => routed = Some((li.index, gw)),
-                    Err(e) => tracing::warn!(uplink = %u.name, "{e:#}"),
-                }
-            }
-            if !ruled {
-                ruled = ctx
-                    .nl
-                    .rule_fwmark(table, table, 100 + idx as u32)
-                    .await
-                    .map_err(|e| tracing::warn!(uplink = %u.name, "{e:#}"))
-                    .is_ok();
-            }
-            if let Err(e) = ensure_endpoint(&ctx, &u, table, li.index, addr, &mut endpoint) {
-                tracing::warn!(uplink = %u.name, "{e:#}");
-            }
-            let connected = ctx
-                .bond
-                .connection(id)
-                .is_some_and(|c| c.close_reason().is_none());
-            // Held out by the reachability checks: routes stay (the checks use them),
-            // the tunnel waits until the uplink is released.
-            if !connected && ctx.bond.held(id).is_none() {
-                if let Some((ep, _, _)) = &endpoint {
-                    match connect(&ctx, ep, &u).await {
-                        Ok(conn) => {
-                            tracing::info!(uplink = %u.name, "connected to hub");
-                            ctx.bond.attach(id, conn);
-                            backoff = Duration::from_millis(200);
-                        }
-                        Err(e) => {
-                            tracing::info!(uplink = %u.name, "connect: {e:#}");
-                            backoff = (backoff * 2).min(Duration::from_secs(3));
-                        }
-                    }
-                }
-            }
-        } else if let Ok(mut s) = ctx.seen.lock() {
-            s[idx].carrier = false;
-        }
-        let conn = ctx.bond.connection(id);
-        // Connected, or held out by the reachability checks (they wake us on release):
-        // nothing to retry soon.
-        let wait = if conn.is_some() || ctx.bond.held(id).is_some() {
-            Duration::from_secs(2)
-        } else {
-            backoff
-        };
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = ctx.wake[idx].notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = async { match conn { Some(c) => { c.closed().await; } None => std::future::pending().await } } => {}
-            _ = ctx.cancel.cancelled() => {
-                if let Some((ep, _, _)) = endpoint { ep.close(0u32.into(), b"shutdown"); }
-                return;
-            }
-        }
-    }
-}
-
-/// Creates the uplink's endpoint, or rebinds it when the interface or address changed
-/// (the QUIC connection migrates instead of starting over).
-fn ensure_endpoint(
-    ctx: &Ctx,
-    u: &Uplink,
-    mark: u32,
-    index: u32,
-    addr: Ipv4Addr,
-    endpoint: &mut Option<(quinn::Endpoint, u32, Ipv4Addr)>,
-) -> Result<()> {
-    match endpoint {
-        Some((_, i, a)) if *i == index && *a == addr => Ok(()),
-        Some((ep, i, a)) => {
-            tracing::info!(uplink = %u.name, %addr, "address changed: rebinding");
-            ep.rebind(sys::uplink_socket(&u.interface, mark, addr)?)
-                .context("rebind")?;
-            *i = index;
-            *a = addr;
-            Ok(())
-        }
-        None => {
-            let sock = sys::uplink_socket(&u.interface, mark, addr)?;
-            let mut ep = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                sock,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .context("QUIC endpoint")?;
-            ep.set_default_client_config(ctx.client.clone());
-            *endpoint = Some((ep, index, addr));
-            Ok(())
-        }
-    }
-}
-
-async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, u: &Uplink) -> Result<quinn::Connection> {
-    let specs = classes::specs(&ctx.cfg);
-    let mut last = None;
-    for hub in &ctx.cfg.hubs {
-        let addr: SocketAddr = hub.address;
-        let attempt = async {
-            let conn = ep
-                .connect(addr, identity::HUB_NAME)
-                .context("connect")?
-                .await
-                .context("handshake")?;
-            let w = session::hello(
-                &conn,
-                &Hello {
-                    version: 1,
-                    epoch: ctx.epoch,
-                    link: u.name.clone(),
-                    backup: u.priority == UplinkPriority::Backup,
-                    link_classes: Some(
-                        specs
-                            .iter()
-                            .filter(|s| classes::link_mask(std::slice::from_ref(s), u) != 0)
-                            .map(|s| s.name)
-                            .collect(),
-                    ),
-                    classes: Some(specs.clone()),
-                },
-            )
-            .await?;
-            ctx.bond.peer_epoch(w.epoch);
-            ctx.bond.set_icmp_source(w.address);
-            if let Ok(mut a) = ctx.tunnel_address.lock() {
-                *a = Some(w.address);
-            }
-            anyhow::Ok(conn)
-        };
-        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-            Ok(Ok(c)) => return Ok(c),
-            Ok(Err(e)) => last = Some(e),
-            Err(_) => last = Some(anyhow::anyhow!("hub {addr} did not answer within 3 s")),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no hub configured")))
 }
 
 /// The edge as the control API sees it.
 struct EdgeDaemon(Arc<Ctx>);
 
 impl EdgeDaemon {
-    fn uplink(&self, name: &str) -> Result<usize, ActionError> {
-        self.0
-            .cfg
-            .uplinks
-            .iter()
-            .position(|u| u.get_ref().name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self
-                    .0
-                    .cfg
-                    .uplinks
-                    .iter()
-                    .map(|u| u.get_ref().name.as_str())
-                    .collect();
-                ActionError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "unknown_uplink",
-                    format!(
-                        "no uplink named {name:?}; the uplinks are {}",
-                        names.join(", ")
-                    ),
-                )
-            })
-    }
-
-    fn link_id(&self, idx: usize) -> Option<LinkId> {
-        self.0
-            .link_ids
-            .lock()
-            .ok()
-            .and_then(|l| l.get(idx).copied())
+    fn uplink(&self, name: &str) -> Result<Arc<Rt>, ActionError> {
+        self.0.uplink(name).ok_or_else(|| {
+            let names: Vec<String> = self.0.uplinks().iter().map(|r| r.name.clone()).collect();
+            ActionError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "unknown_uplink",
+                format!(
+                    "no uplink named {name:?}; the uplinks are {}",
+                    names.join(", ")
+                ),
+            )
+        })
     }
 
     /// Backup flags: configured backups, and with a preference every other uplink.
-    fn apply_backups(&self, preferred: Option<usize>) {
-        for (i, u) in self.0.cfg.uplinks.iter().enumerate() {
-            let configured = u.get_ref().priority == UplinkPriority::Backup;
+    fn apply_backups(&self, preferred: Option<&str>) {
+        for r in self.0.uplinks() {
             let backup = match preferred {
-                Some(p) => p != i,
-                None => configured,
+                Some(p) => p != r.name,
+                None => r.settings().priority == UplinkPriority::Backup,
             };
-            if let Some(id) = self.link_id(i) {
-                self.0.bond.set_backup(id, backup);
-            }
+            self.0.bond.set_backup(r.id, backup);
         }
     }
 
     fn set_disabled(&self, name: &str, disabled: bool) -> Result<String, ActionError> {
-        let idx = self.uplink(name)?;
-        let changed = self
-            .0
-            .admin
-            .lock()
-            .map(|mut a| {
-                let was = a.disabled.get(idx).copied().unwrap_or(false);
-                if let Some(d) = a.disabled.get_mut(idx) {
-                    *d = disabled;
-                }
-                was != disabled
-            })
-            .unwrap_or(false);
+        let rt = self.uplink(name)?;
+        let changed = rt.disabled.swap(disabled, Ordering::SeqCst) != disabled;
         if disabled {
             let others_usable = self
                 .snapshot()
@@ -1131,10 +772,8 @@ impl EdgeDaemon {
                         .any(|l| l["name"] != name && l["state"] == "up")
                 })
                 .unwrap_or(false);
-            if let Some(id) = self.link_id(idx) {
-                self.0.bond.set_disabled(id, true);
-            }
-            self.0.wake[idx].notify_one();
+            self.0.bond.set_disabled(rt.id, true);
+            rt.wake.notify_one();
             let msg = format!(
                 "{name} is disabled until `stallnet uplink enable {name}` or a restart{}",
                 if others_usable {
@@ -1150,10 +789,8 @@ impl EdgeDaemon {
             }
             Ok(msg)
         } else {
-            if let Some(id) = self.link_id(idx) {
-                self.0.bond.set_disabled(id, false);
-            }
-            self.0.wake[idx].notify_one();
+            self.0.bond.set_disabled(rt.id, false);
+            rt.wake.notify_one();
             let msg = format!("{name} is enabled: it rejoins the bond once it reaches the hub");
             if changed {
                 self.0
@@ -1168,135 +805,15 @@ impl EdgeDaemon {
         self.reload_inner().map(|(msg, _)| msg)
     }
 
-    /// Reloads; also says which changed sections need a restart.
+    /// Reloads; also says which changed settings need a restart.
     fn reload_inner(&self) -> Result<(String, Vec<&'static str>), ActionError> {
-        let mut lan_restart = false;
-        let path = self.0.config_path.as_ref().ok_or_else(|| {
-            ActionError::new(
-                axum::http::StatusCode::CONFLICT,
-                "no_config_file",
-                "the daemon was not started from a config file",
-            )
-        })?;
-        let new = stallnet_netconf::load_file(path).map_err(|e| {
-            ActionError::new(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_config",
-                format!("{e}; the running config is unchanged"),
-            )
-        })?;
-        let new_edge = new.edge().cloned().ok_or_else(|| {
-            ActionError::new(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_config",
-                "the file is not an edge config; the running config is unchanged",
-            )
-        })?;
-        match (&self.0.lan, &new.lan) {
-            (Some(running), Some(l)) => {
-                tokio::runtime::Handle::current()
-                    .block_on(running.reload(l.get_ref()))
-                    .map_err(|e| {
-                        ActionError::new(
-                            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                            "lan_failed",
-                            format!("applying the LAN failed: {e:#}"),
-                        )
-                    })?;
-            }
-            (None, None) => {}
-            _ => lan_restart = true,
-        }
-        let old = &self.0.cfg;
-        let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.json() == b.json();
-        // Applied in place: the class settings (modes, weights, rates) and the mode.
-        let specs = classes::specs(&new_edge);
-        self.0
-            .bond
-            .configure(classes::sched_config(&specs, new_edge.mode));
-        let mut restart = Vec::new();
-        if lan_restart {
-            restart.push("lan (added or removed)");
-        }
-        // Rules apply in place (new flows meet them) unless rules by device (MAC, DHCP
-        // host name) come or go: their address resolution is set up at start.
-        let (old_rules, new_rules) = (classes::rules(old), classes::rules(&new_edge));
-        let by_device = |r: &[stallnet_netconf::Rule]| {
-            r.iter()
-                .any(|r| !r.mac.is_empty() || !r.hostname.is_empty() || !r.interface.is_empty())
-        };
-        let rules_in_place = !by_device(&old_rules) && !by_device(&new_rules);
-        if rules_in_place {
-            self.0.bond.set_rules(&new_rules);
-        }
-        // Commerce: who may use the API and how much apply in place; where it listens,
-        // where it delivers and the body limit need a restart.
-        match (&self.0.commerce_cfg, new.commerce(), self.0.commerce.get()) {
-            (Some(was), Some(now), Some(svc)) => {
-                svc.set_access(crate::commerce::api::Access::from_config(now));
-                if was.listen != now.listen
-                    || was.limits.max_body_bytes != now.limits.max_body_bytes
-                    || !same(&was.upstream, &now.upstream)
-                {
-                    restart.push("commerce (listen, upstream or max_body_bytes)");
-                }
-            }
-            (None, None, _) | (Some(_), Some(_), None) => {}
-            _ => restart.push("commerce (added or removed)"),
-        }
-        for (name, differs) in [
-            ("edge.hubs", !same(&old.hubs, &new_edge.hubs)),
-            ("edge.lan", !same(&old.lan, &new_edge.lan)),
-            ("edge.uplinks", !same(&old.uplinks, &new_edge.uplinks)),
-            (
-                "edge.rules (by device)",
-                !rules_in_place && !same(&old.rules, &new_edge.rules),
-            ),
-            (
-                "edge.tun_name/mtu",
-                old.tun_name != new_edge.tun_name || old.mtu != new_edge.mtu,
-            ),
-            ("edge.fallback", old.fallback != new_edge.fallback),
-        ] {
-            if differs {
-                restart.push(name);
-            }
-        }
-        let msg = if restart.is_empty() {
-            format!(
-                "{} is valid; class settings, rules and commerce access applied",
-                path.display()
-            )
-        } else {
-            format!(
-                "{} is valid; class settings, rules and commerce access applied; these \
-                 changes need a restart (systemctl restart stallnet): {}",
-                path.display(),
-                restart.join(", ")
-            )
-        };
-        self.0
-            .events
-            .push(Level::Info, "config_reloaded", None, msg.clone());
-        Ok((msg, restart))
-    }
-}
-
-/// Comparing config sections by their JSON form (they are `Serialize`, not `PartialEq`).
-mod erased {
-    pub trait Ser {
-        fn json(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or_default()
-        }
+        reload::reload(&self.0)
     }
 }
 
 impl Daemon for EdgeDaemon {
     fn snapshot(&self) -> Option<Status> {
-        self.0.latest.lock().ok().and_then(|l| l.clone())
+        lock(&self.0.latest).clone()
     }
 
     fn act(&self, action: control::Action) -> Result<String, ActionError> {
@@ -1305,11 +822,11 @@ impl Daemon for EdgeDaemon {
             A::Disable(name) => self.set_disabled(&name, true),
             A::Enable(name) => self.set_disabled(&name, false),
             A::Prefer(p) => {
-                let idx = p.as_deref().map(|n| self.uplink(n)).transpose()?;
-                if let Ok(mut a) = self.0.admin.lock() {
-                    a.preferred = idx;
+                if let Some(n) = p.as_deref() {
+                    self.uplink(n)?;
                 }
-                self.apply_backups(idx);
+                *lock(&self.0.preferred) = p.clone();
+                self.apply_backups(p.as_deref());
                 let msg = match &p {
                     Some(n) => format!(
                         "{n} is preferred: the other uplinks carry traffic only when it cannot \
@@ -1332,14 +849,9 @@ impl Daemon for EdgeDaemon {
                 device,
                 minutes,
             } => {
-                let idx = self.uplink(&uplink)?;
-                if !self
-                    .0
-                    .cfg
-                    .lan
-                    .iter()
-                    .any(|p| p.contains(&IpAddr::V4(device)))
-                {
+                let rt = self.uplink(&uplink)?;
+                let cfg = self.0.cfg();
+                if !cfg.lan.iter().any(|p| p.contains(&IpAddr::V4(device))) {
                     return Err(ActionError::new(
                         axum::http::StatusCode::BAD_REQUEST,
                         "not_on_lan",
@@ -1348,14 +860,14 @@ impl Daemon for EdgeDaemon {
                         ),
                     ));
                 }
-                if !self.0.cfg.reachability.enabled {
+                if !cfg.reachability.enabled {
                     return Err(ActionError::new(
                         axum::http::StatusCode::CONFLICT,
                         "checks_off",
                         "reachability checks are off (edge.reachability.enabled): no portal to log in to",
                     ));
                 }
-                reach::login(&self.0, idx, device, minutes).map_err(|m| {
+                reach::login(&self.0, &rt, device, minutes).map_err(|m| {
                     ActionError::new(axum::http::StatusCode::CONFLICT, "login_failed", m)
                 })
             }

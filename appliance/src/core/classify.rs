@@ -362,14 +362,32 @@ impl Classifier {
 
     /// Replaces the rules (a config reload): flows already classified keep their class;
     /// new flows meet the new rules.
+    /// A rule naming the same devices as an old one keeps the addresses the driver
+    /// resolved for it, so device rules hold across a reload.
     pub fn set_rules(&mut self, rules: &[Rule]) {
-        self.rules = rules.iter().map(CompiledRule::new).collect();
+        let old = std::mem::take(&mut self.rules);
+        self.rules = rules
+            .iter()
+            .map(|r| {
+                let mut new = CompiledRule::new(r);
+                if let Some(o) = old
+                    .iter()
+                    .find(|o| o.devices.is_some() && o.devices == new.devices)
+                {
+                    new.resolved = o.resolved.clone();
+                }
+                new
+            })
+            .collect();
     }
 
-    /// The driver's current addresses for the devices rule `index` names.
-    pub fn set_resolved(&mut self, index: usize, prefixes: Vec<IpNet>) {
+    /// The driver's current addresses for `devices`, named by rule `index` (ignored when
+    /// that rule names other devices: the rules changed meanwhile).
+    pub fn set_resolved(&mut self, index: usize, devices: &DeviceRef, prefixes: Vec<IpNet>) {
         if let Some(r) = self.rules.get_mut(index) {
-            r.resolved = prefixes;
+            if r.devices.as_ref() == Some(devices) {
+                r.resolved = prefixes;
+            }
         }
     }
 
@@ -800,10 +818,32 @@ mod tests {
         // A MAC rule matches nothing until the driver resolves it, then its addresses.
         let dev = udp4([10, 1, 0, 50], NET, 7, 7, &data);
         assert_eq!(class(&mut c, &dev), Class::Bulk);
-        c.set_resolved(5, vec!["10.1.0.51/32".parse().expect("net")]);
+        let dev5 = c.rules()[5].devices.clone().expect("rule 5 names devices");
+        c.set_resolved(5, &dev5, vec!["10.1.0.51/32".parse().expect("net")]);
         assert_eq!(
             class(&mut c, &udp4([10, 1, 0, 51], NET, 7, 7, &data)),
             Class::Guest
+        );
+        // A reload keeps what was resolved for a rule naming the same devices (now at
+        // another index); an answer for the old index and other devices is ignored.
+        let mut fresh = rules.clone();
+        let moved = fresh.remove(5);
+        fresh.insert(0, moved);
+        c.set_rules(&fresh);
+        assert_eq!(
+            class(&mut c, &udp4([10, 1, 0, 52], NET, 9, 7, &data)),
+            Class::Bulk
+        );
+        c.set_resolved(5, &dev5, vec!["10.1.0.52/32".parse().expect("net")]);
+        assert_eq!(
+            class(&mut c, &udp4([10, 1, 0, 51], NET, 8, 7, &data)),
+            Class::Guest,
+            "kept across the reload"
+        );
+        assert_eq!(
+            class(&mut c, &udp4([10, 1, 0, 52], NET, 10, 7, &data)),
+            Class::Bulk,
+            "a stale answer changes nothing"
         );
     }
 

@@ -68,6 +68,13 @@ impl RateControl {
         }
     }
 
+    /// New bounds (a reload): the current rate is kept within them; what was learnt of
+    /// the uplink's delay stays.
+    pub fn set_config(&mut self, cfg: RateConfig) {
+        self.rate = self.rate.clamp(cfg.min, cfg.max);
+        self.cfg = cfg;
+    }
+
     /// Bytes per second the uplink may be fed.
     pub fn rate(&self) -> f64 {
         self.rate

@@ -423,6 +423,18 @@ impl Bond {
         Self::refresh(&mut st, now);
     }
 
+    /// New classes and rate bounds for uplink `id` (its settings changed by a reload).
+    pub fn set_link_config(&self, id: LinkId, classes: ClassMask, rate: RateConfig) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if let Some(Some(l)) = st.links.get_mut(id) {
+            l.classes = classes;
+            l.rate.set_config(rate);
+            l.wake.notify_one();
+        }
+        Self::refresh(&mut st, now);
+    }
+
     /// A connection on uplink `id` is established: start its sender and receiver.
     pub fn attach(self: &Arc<Self>, id: LinkId, conn: quinn::Connection) {
         let now = Instant::now();
@@ -526,8 +538,15 @@ impl Bond {
     }
 
     /// The driver's current addresses for the devices classification rule `index` names.
-    pub fn set_resolved(&self, index: usize, prefixes: Vec<IpNet>) {
-        self.lock().classifier.set_resolved(index, prefixes);
+    pub fn set_resolved(
+        &self,
+        index: usize,
+        devices: &crate::core::classify::DeviceRef,
+        prefixes: Vec<IpNet>,
+    ) {
+        self.lock()
+            .classifier
+            .set_resolved(index, devices, prefixes);
     }
 
     /// Pushes each link's health into the scheduler; wakes links that may now pull.

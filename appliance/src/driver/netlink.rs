@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkFlags;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use netlink_packet_route::rule::{RuleAction, RuleMessage};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tokio::sync::mpsc;
 
@@ -431,6 +431,49 @@ impl Netlink {
         }
     }
 
+    /// Removes what this instance added to routing table `table` and the rules that
+    /// point at it (an uplink taken out of the config).
+    pub async fn release_table(&self, table: u32) {
+        self.release(|a| match a {
+            Added::Route(m) => route_table(m) == table,
+            Added::Rule(m) => rule_table(m) == table,
+        })
+        .await;
+    }
+
+    /// Removes the rules this instance added at `priority` (rules rebuilt on a reload).
+    pub async fn release_rules_at(&self, priority: u32) {
+        self.release(|a| match a {
+            Added::Route(_) => false,
+            Added::Rule(m) => m
+                .attributes
+                .iter()
+                .any(|x| matches!(x, RuleAttribute::Priority(p) if *p == priority)),
+        })
+        .await;
+    }
+
+    async fn release(&self, pick: impl Fn(&Added) -> bool) {
+        let _serial = self.serial.lock().await;
+        let picked: Vec<Added> = match self.added.lock() {
+            Ok(mut v) => {
+                let (picked, kept): (Vec<Added>, Vec<Added>) = v.drain(..).partition(&pick);
+                *v = kept;
+                picked
+            }
+            Err(_) => return,
+        };
+        for a in picked.into_iter().rev() {
+            let r = match a {
+                Added::Route(m) => self.handle.route().del(m).execute().await,
+                Added::Rule(m) => self.handle.rule().del(m).execute().await,
+            };
+            if let Err(e) = r {
+                tracing::debug!("release: {e}");
+            }
+        }
+    }
+
     /// Removes every rule and route this instance added, newest first.
     pub async fn revert(&self) {
         let _serial = self.serial.lock().await;
@@ -448,6 +491,26 @@ impl Netlink {
             }
         }
     }
+}
+
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn rule_table(m: &RuleMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
 }
 
 /// Gives access to the message of a rule request before it is executed.

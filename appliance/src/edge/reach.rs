@@ -11,11 +11,11 @@ use anyhow::Result;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::uplinks::{lock, Rt};
 use super::{nft, Ctx};
 use crate::core::reach::{Change, Https, Portal, Reach, ReachConfig};
 use crate::events::Level;
 use crate::reach_probe::{self, Via};
-use stallnet_netconf::Uplink;
 
 /// Rule priority of a login window's `from DEVICE lookup UPLINK` (before the tunnel's).
 const LOGIN_RULE_PRIORITY: u32 = 900;
@@ -39,9 +39,15 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-/// Checks uplink `idx` until the daemon stops.
-pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::ClientConfig>) {
-    let r = ctx.cfg.reachability.clone();
+/// Checks uplink `rt` until `cancel` (the uplink stops, or the checks' settings change).
+pub(super) async fn run(
+    ctx: Arc<Ctx>,
+    rt: Arc<Rt>,
+    tls: Arc<rustls::ClientConfig>,
+    cancel: CancellationToken,
+) {
+    let r = ctx.cfg().reachability.clone();
+    let u = rt.settings();
     let mut reach = Reach::new(
         ReachConfig {
             interval: secs(r.interval_s),
@@ -51,28 +57,26 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
         },
         Instant::now(),
     );
-    let mark = ctx.cfg.table_base + 1 + idx as u32;
-    let slot = &ctx.reach[idx];
+    let mark = rt.table(ctx.started.table_base);
+    let slot = &rt.reach;
     let (tx, mut rx) = mpsc::channel::<Checked>(4);
     let mut checked_at: Option<SystemTime> = None;
-    if let Some(id) = link_id(&ctx, idx) {
-        // Nothing is verified before the first check: POS waits for a verified uplink
-        // (or uses any when none is).
-        ctx.bond.set_verified(id, false);
-    }
+    // Nothing is verified before the first check: POS waits for a verified uplink (or
+    // uses any when none is).
+    ctx.bond.set_verified(rt.id, false);
     loop {
         let now = Instant::now();
-        let seen = ctx.seen.lock().ok().and_then(|s| s.get(idx).copied());
-        let present = seen.is_some_and(|s| s.carrier && s.index != 0);
+        let seen = rt.seen();
+        let present = seen.carrier && seen.index != 0;
         let mut changes = reach.on_link(present, now);
-        let idle = link_id(&ctx, idx).is_some_and(|id| ctx.bond.idle_backup(id));
+        let idle = ctx.bond.idle_backup(rt.id);
         reach.set_idle_backup(idle, now);
         let due = reach.poll(now);
         if due.portal || due.https {
             let dns = if !r.dns.is_empty() {
                 r.dns.clone()
             } else {
-                seen.and_then(|s| s.gateway)
+                seen.gateway
                     .map(|g| vec![IpAddr::V4(g)])
                     .unwrap_or_default()
             };
@@ -114,13 +118,13 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
             }
             _ = slot.recheck.notified() => reach.recheck(Instant::now()),
             _ = tokio::time::sleep(wait) => {}
-            _ = ctx.cancel.cancelled() => {
-                end_login(&ctx, idx, "the daemon stopped").await;
+            _ = cancel.cancelled() => {
+                end_login(&ctx, &rt, "the daemon stopped").await;
                 return;
             }
         }
         for ch in &changes {
-            apply(&ctx, idx, &u, ch).await;
+            apply(&ctx, &rt, ch).await;
         }
         if let Ok(mut v) = slot.view.lock() {
             *v = Some(view(&reach, checked_at, slot));
@@ -132,10 +136,6 @@ pub(super) async fn run(ctx: Arc<Ctx>, idx: usize, u: Uplink, tls: Arc<rustls::C
 enum Checked {
     Portal(crate::core::reach::PortalOutcome),
     Https(Result<(), String>),
-}
-
-fn link_id(ctx: &Ctx, idx: usize) -> Option<crate::core::scheduler::LinkId> {
-    ctx.link_ids.lock().ok().and_then(|l| l.get(idx).copied())
 }
 
 fn view(reach: &Reach, checked_at: Option<SystemTime>, slot: &Slot) -> serde_json::Value {
@@ -164,11 +164,9 @@ fn view(reach: &Reach, checked_at: Option<SystemTime>, slot: &Slot) -> serde_jso
 }
 
 /// Carries a verdict change into the bond and the event log.
-async fn apply(ctx: &Ctx, idx: usize, u: &Uplink, ch: &Change) {
-    let Some(id) = link_id(ctx, idx) else {
-        return;
-    };
-    let name = &u.name;
+async fn apply(ctx: &Ctx, rt: &Rt, ch: &Change) {
+    let id = rt.id;
+    let name = &rt.name;
     match ch {
         Change::Portal { from, to } => {
             let reason = match to {
@@ -177,9 +175,7 @@ async fn apply(ctx: &Ctx, idx: usize, u: &Uplink, ch: &Change) {
                 _ => None,
             };
             ctx.bond.set_held(id, reason);
-            if let Some(w) = ctx.wake.get(idx) {
-                w.notify_one();
-            }
+            rt.wake.notify_one();
             match to {
                 Portal::Captive { location } => ctx.events.push(
                     Level::Warning,
@@ -211,7 +207,7 @@ async fn apply(ctx: &Ctx, idx: usize, u: &Uplink, ch: &Change) {
                         Some(name),
                         format!("{name} reaches the internet again: back in the bond"),
                     );
-                    end_login(ctx, idx, "the portal let the box through").await;
+                    end_login(ctx, rt, "the portal let the box through").await;
                 }
                 _ => {}
             }
@@ -232,7 +228,7 @@ async fn apply(ctx: &Ctx, idx: usize, u: &Uplink, ch: &Change) {
                     format!(
                         "{name} fails the HTTPS check ({}): payments avoid it while \
                          another uplink passes",
-                        ctx.reach[idx]
+                        rt.reach
                             .view
                             .lock()
                             .ok()
@@ -246,41 +242,36 @@ async fn apply(ctx: &Ctx, idx: usize, u: &Uplink, ch: &Change) {
     }
 }
 
-fn login_table(idx: usize) -> String {
-    format!("stallnet_login_{idx}")
+fn login_table(rt: &Rt) -> String {
+    format!("stallnet_login_{}", rt.slot)
 }
 
-/// Opens a login window: `device` (a LAN address) goes straight out of uplink `idx`, its
+/// Opens a login window: `device` (a LAN address) goes straight out of uplink `rt`, its
 /// DNS answered by the uplink's network, for `minutes`; then the uplink is checked again.
 pub(super) fn login(
     ctx: &Arc<Ctx>,
-    idx: usize,
+    rt: &Arc<Rt>,
     device: Ipv4Addr,
     minutes: u64,
 ) -> Result<String, String> {
-    let u = ctx.cfg.uplinks[idx].get_ref().clone();
-    let seen = ctx
-        .seen
-        .lock()
-        .ok()
-        .and_then(|s| s.get(idx).copied())
-        .unwrap_or_default();
+    let u = rt.settings();
+    let seen = rt.seen();
     if !seen.carrier || seen.index == 0 {
         return Err(format!("{} has no link: nothing to log in to", u.name));
     }
     let dns = seen.gateway.or_else(|| {
-        ctx.cfg.reachability.dns.iter().find_map(|d| match d {
+        ctx.cfg().reachability.dns.iter().find_map(|d| match d {
             IpAddr::V4(a) => Some(*a),
             IpAddr::V6(_) => None,
         })
     });
-    let table = ctx.cfg.table_base + 1 + idx as u32;
+    let table = rt.table(ctx.started.table_base);
     let handle = tokio::runtime::Handle::current();
-    let c = ctx.clone();
+    let (c, rt) = (ctx.clone(), rt.clone());
     let name = u.name.clone();
     handle.block_on(async move {
-        end_login(&c, idx, "a new login window replaces it").await;
-        let t = login_table(idx);
+        end_login(&c, &rt, "a new login window replaces it").await;
+        let t = login_table(&rt);
         let mut script = format!(
             "table ip {t} {{}}\ndelete table ip {t}\ntable ip {t} {{\n  chain post {{\n    \
              type nat hook postrouting priority srcnat; policy accept;\n    \
@@ -301,20 +292,20 @@ pub(super) fn login(
             let _ = nft(&format!("delete table ip {t}\n")).await;
             return Err(format!("{e:#}"));
         }
-        let cancel = c.cancel.child_token();
+        let cancel = rt.cancel.child_token();
         let until = SystemTime::now() + secs(minutes * 60);
-        if let Ok(mut l) = c.reach[idx].login.lock() {
+        if let Ok(mut l) = rt.reach.login.lock() {
             *l = Some(LoginWindow {
                 device,
                 until,
                 cancel: cancel.clone(),
             });
         }
-        let c2 = c.clone();
+        let (c2, rt2) = (c.clone(), rt.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(secs(minutes * 60)) => {
-                    end_login(&c2, idx, "its time is up").await;
+                    end_login(&c2, &rt2, "its time is up").await;
                 }
                 _ = cancel.cancelled() => {}
             }
@@ -338,26 +329,26 @@ pub(super) fn login(
     ))
 }
 
-/// Closes uplink `idx`'s login window, if open, and rechecks the uplink.
-async fn end_login(ctx: &Ctx, idx: usize, why: &str) {
-    let Some(w) = ctx.reach[idx].login.lock().ok().and_then(|mut l| l.take()) else {
+/// Closes uplink `rt`'s login window, if open, and rechecks the uplink.
+pub(super) async fn end_login(ctx: &Ctx, rt: &Rt, why: &str) {
+    let Some(w) = lock(&rt.reach.login).take() else {
         return;
     };
     w.cancel.cancel();
-    let table = ctx.cfg.table_base + 1 + idx as u32;
+    let table = rt.table(ctx.started.table_base);
     ctx.nl
         .unrule_from(ipnet::Ipv4Net::from(w.device), table, LOGIN_RULE_PRIORITY)
         .await;
-    let t = login_table(idx);
+    let t = login_table(rt);
     if let Err(e) = nft(&format!("table ip {t} {{}}\ndelete table ip {t}\n")).await {
         tracing::warn!("closing the login window: {e:#}");
     }
-    let name = &ctx.cfg.uplinks[idx].get_ref().name;
+    let name = &rt.name;
     ctx.events.push(
         Level::Info,
         "uplink_login_closed",
         Some(name),
         format!("login window for {} on {name} closed: {why}", w.device),
     );
-    ctx.reach[idx].recheck.notify_one();
+    rt.reach.recheck.notify_one();
 }

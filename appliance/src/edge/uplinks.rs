@@ -1,0 +1,545 @@
+//! The edge's uplinks while they run: one [`Rt`] per configured uplink with its bond slot,
+//! routing table, tasks (tunnel, reachability, modem, data cap, wpa_supplicant) and what
+//! they found. Uplinks are started and stopped one by one, so a config reload adds,
+//! removes or replaces one uplink without touching the others' tunnels.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use stallnet_netconf::{EdgeConfig, Uplink, UplinkKind, UplinkPriority};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{reach, Ctx};
+use crate::classes;
+use crate::core::scheduler::LinkId;
+use crate::driver::session::{self, Hello};
+use crate::driver::sys;
+use crate::events::Level;
+use crate::identity;
+
+/// What the uplink task last saw of its interface (for the fallback and the checks).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Seen {
+    pub index: u32,
+    pub carrier: bool,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// One running uplink. Its interface-level settings (interface, kind, gateway, wifi,
+/// APN, cap) are fixed for its life: changing them replaces the uplink. Priority,
+/// metered and rates change in place ([`retune`]).
+pub(super) struct Rt {
+    pub name: String,
+    /// Numbers its routing table, fwmark, rule priority and login table; the smallest
+    /// free number when started, so tables stay stable across reloads.
+    pub slot: u32,
+    pub id: LinkId,
+    settings: Mutex<Uplink>,
+    pub cancel: CancellationToken,
+    /// Wakes its tunnel task when something about it changed.
+    pub wake: tokio::sync::Notify,
+    /// The hub must hear new settings: the tunnel task opens a second connection and
+    /// the bond swaps it in (the first keeps carrying until then).
+    pub renew: AtomicBool,
+    /// Switched off by the operator or by its data cap.
+    pub disabled: AtomicBool,
+    pub seen: Mutex<Seen>,
+    /// With a cap: (used, limit, period start) for the status.
+    pub cap: Mutex<Option<(u64, u64, i64)>>,
+    /// Its reachability checks' verdicts and login window.
+    pub reach: reach::Slot,
+    /// The checks' own task (restarted alone when `[edge.reachability]` changes).
+    pub reach_task: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
+    /// Cellular: what ModemManager says of its modem.
+    pub modem: Mutex<Option<crate::modem::ModemFacts>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Rt {
+    pub fn settings(&self) -> Uplink {
+        lock(&self.settings).clone()
+    }
+
+    pub fn table(&self, base: u32) -> u32 {
+        base + 1 + self.slot
+    }
+
+    pub fn seen(&self) -> Seen {
+        *lock(&self.seen)
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::SeqCst)
+    }
+}
+
+/// Locks, going on with the data of a poisoned lock (a panic elsewhere is a bug; the
+/// router keeps routing).
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Which fields of an uplink can change without replacing it.
+pub(super) fn same_but_tunable(a: &Uplink, b: &Uplink) -> bool {
+    let mut b = b.clone();
+    b.priority = a.priority;
+    b.metered = a.metered;
+    b.min_rate = a.min_rate;
+    b.max_rate = a.max_rate;
+    super::reload::same(a, &b)
+}
+
+/// Starts uplink `u`: a bond slot, its tunnel task and the tasks its kind needs.
+pub(super) fn start(ctx: &Arc<Ctx>, u: Uplink) -> Arc<Rt> {
+    let cfg = ctx.cfg();
+    let specs = classes::specs(&cfg);
+    let slot = {
+        let list = lock(&ctx.uplinks);
+        (0u32..)
+            .find(|n| !list.iter().any(|r| r.slot == *n))
+            .unwrap_or(0)
+    };
+    let id = ctx.bond.add_link(
+        &u.name,
+        u.priority == UplinkPriority::Backup,
+        classes::link_mask(&specs, &u),
+        Some(classes::rate_config(&u)),
+    );
+    let rt = Arc::new(Rt {
+        name: u.name.clone(),
+        slot,
+        id,
+        settings: Mutex::new(u.clone()),
+        cancel: ctx.cancel.child_token(),
+        wake: tokio::sync::Notify::new(),
+        renew: AtomicBool::new(false),
+        disabled: AtomicBool::new(false),
+        seen: Mutex::new(Seen::default()),
+        cap: Mutex::new(None),
+        reach: reach::Slot::default(),
+        reach_task: Mutex::new(None),
+        modem: Mutex::new(None),
+        tasks: Mutex::new(Vec::new()),
+    });
+    lock(&ctx.uplinks).push(rt.clone());
+    if let Some(p) = lock(&ctx.preferred).as_deref() {
+        ctx.bond.set_backup(id, p != u.name);
+    }
+    let mut tasks = Vec::new();
+    match crate::wifi_link::write_conf(&u, &ctx.runtime_dir) {
+        Ok(Some(conf)) => tasks.push(tokio::spawn(crate::wifi_link::run(
+            u.clone(),
+            conf,
+            rt.cancel.clone(),
+        ))),
+        Ok(None) => {}
+        Err(e) => tracing::error!(uplink = %u.name, "wifi settings: {e:#}"),
+    }
+    if u.kind == UplinkKind::Cellular {
+        tasks.push(tokio::spawn(modem_task(ctx.clone(), rt.clone())));
+    }
+    if u.cap.is_some() {
+        let dir = ctx.state_dir.clone();
+        tasks.push(tokio::spawn(cap_task(ctx.clone(), rt.clone(), dir)));
+    }
+    tasks.push(tokio::spawn(uplink_task(
+        ctx.clone(),
+        rt.clone(),
+        ctx.changes.clone(),
+    )));
+    *lock(&rt.tasks) = tasks;
+    start_reach(ctx, &rt);
+    rt
+}
+
+/// Starts (or restarts) uplink `rt`'s reachability checks as the config says.
+pub(super) fn start_reach(ctx: &Arc<Ctx>, rt: &Arc<Rt>) {
+    let old = lock(&rt.reach_task).take();
+    if let Some((cancel, task)) = old {
+        cancel.cancel();
+        task.abort();
+    }
+    if let Ok(mut v) = rt.reach.view.lock() {
+        *v = None;
+    }
+    let tls = lock(&ctx.tls).clone();
+    match tls {
+        Some(tls) if ctx.cfg().reachability.enabled => {
+            let cancel = rt.cancel.child_token();
+            let task = tokio::spawn(reach::run(ctx.clone(), rt.clone(), tls, cancel.clone()));
+            *lock(&rt.reach_task) = Some((cancel, task));
+        }
+        _ => {
+            // No checks: nothing holds the uplink and it carries payments.
+            ctx.bond.set_held(rt.id, None);
+            ctx.bond.set_verified(rt.id, true);
+        }
+    }
+}
+
+/// Stops uplink `rt`: its tasks end (a cap saves its count, a login window closes), its
+/// tunnel closes, its routing table and rule go.
+pub(super) async fn stop(ctx: &Ctx, rt: &Arc<Rt>) {
+    lock(&ctx.uplinks).retain(|r| !Arc::ptr_eq(r, rt));
+    reach::end_login(ctx, rt, "a config change stopped the uplink").await;
+    rt.cancel.cancel();
+    let mut tasks: Vec<JoinHandle<()>> = lock(&rt.tasks).drain(..).collect();
+    if let Some((_, t)) = lock(&rt.reach_task).take() {
+        tasks.push(t);
+    }
+    for t in tasks {
+        if tokio::time::timeout(Duration::from_secs(3), t)
+            .await
+            .is_err()
+        {
+            tracing::warn!(uplink = %rt.name, "a task did not stop within 3 s");
+        }
+    }
+    ctx.bond.remove_link(rt.id);
+    ctx.nl.release_table(rt.table(ctx.started.table_base)).await;
+}
+
+/// New priority, metered flag, rates or class settings for a running uplink: the bond
+/// takes them at once; the hub hears them over a fresh connection swapped in behind the
+/// running one.
+pub(super) fn retune(ctx: &Ctx, rt: &Rt, u: &Uplink, old: &EdgeConfig, cfg: &EdgeConfig) {
+    let specs = classes::specs(cfg);
+    let before = rt.settings();
+    let mask_before = classes::link_mask(&classes::specs(old), &before);
+    *lock(&rt.settings) = u.clone();
+    let mask = classes::link_mask(&specs, u);
+    ctx.bond
+        .set_link_config(rt.id, mask, classes::rate_config(u));
+    let preferred = lock(&ctx.preferred).clone();
+    let backup = match preferred.as_deref() {
+        Some(p) => p != rt.name,
+        None => u.priority == UplinkPriority::Backup,
+    };
+    ctx.bond.set_backup(rt.id, backup);
+    if before.priority != u.priority || mask != mask_before || before.metered != u.metered {
+        rt.renew.store(true, Ordering::SeqCst);
+        rt.wake.notify_one();
+    }
+}
+
+/// Counts a capped uplink's bytes and applies its cap (see [`crate::cap_meter`]).
+async fn cap_task(ctx: Arc<Ctx>, rt: Arc<Rt>, state_dir: PathBuf) {
+    use crate::cap_meter::{self, Verdict};
+    use crate::core::cap::CapEvent;
+    let u = rt.settings();
+    let Some(spec) = cap_meter::spec(&u) else {
+        return;
+    };
+    let path = cap_meter::state_path(&state_dir, &u.name);
+    let mut st = cap_meter::load(&path);
+    let mut imposed = Verdict::Normal;
+    let mut saved = Instant::now();
+    let mut tick = tokio::time::interval(cap_meter::INTERVAL);
+    loop {
+        let stop = tokio::select! {
+            _ = tick.tick() => false,
+            _ = rt.cancel.cancelled() => true,
+        };
+        if stop {
+            cap_meter::save(&path, &st);
+            return;
+        }
+        let Some(counter) = cap_meter::counter(&u.interface) else {
+            continue;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let events = st.observe(&spec, counter, now);
+        for ev in &events {
+            let (level, kind) = match ev {
+                CapEvent::Reset => (Level::Info, "cap_reset"),
+                CapEvent::Crossed(100) => (Level::Critical, "cap_reached"),
+                CapEvent::Crossed(_) => (Level::Warning, "cap_warning"),
+            };
+            ctx.events.push(
+                level,
+                kind,
+                Some(&u.name),
+                cap_meter::describe(&u, &spec, *ev),
+            );
+        }
+        let v = cap_meter::verdict(&u, &spec, &st);
+        if v != imposed {
+            let configured_backup = rt.settings().priority == UplinkPriority::Backup;
+            match v {
+                Verdict::Off => {
+                    rt.disabled.store(true, Ordering::SeqCst);
+                    ctx.bond.set_disabled(rt.id, true);
+                }
+                Verdict::BackupOnly => ctx.bond.set_backup(rt.id, true),
+                Verdict::Normal => {
+                    if imposed == Verdict::Off {
+                        rt.disabled.store(false, Ordering::SeqCst);
+                        ctx.bond.set_disabled(rt.id, false);
+                    }
+                    ctx.bond.set_backup(rt.id, configured_backup);
+                }
+            }
+            rt.wake.notify_one();
+            imposed = v;
+        }
+        *lock(&rt.cap) = Some((st.used, spec.limit, st.period_start));
+        if !events.is_empty() || saved.elapsed() >= Duration::from_secs(30) {
+            cap_meter::save(&path, &st);
+            saved = Instant::now();
+        }
+    }
+}
+
+/// Reads a cellular uplink's modem facts from ModemManager every 30 s, and connects a
+/// registered modem with the configured APN.
+async fn modem_task(ctx: Arc<Ctx>, rt: Arc<Rt>) {
+    let u = rt.settings();
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let mut tried: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = rt.cancel.cancelled() => return,
+        }
+        let facts = crate::modem::read(&u.interface).await;
+        let retry = tried.is_none_or(|t| t.elapsed() >= Duration::from_secs(120));
+        if let (Some(apn), true, true) = (&u.apn, crate::modem::wants_connect(&facts), retry) {
+            tried = Some(Instant::now());
+            let mmcli = std::path::Path::new("mmcli");
+            match crate::modem::connect_with(mmcli, &u.interface, apn).await {
+                Ok(()) => ctx.events.push(
+                    Level::Info,
+                    "modem_connected",
+                    Some(&u.name),
+                    format!("{}: the modem connected with APN {apn}", u.name),
+                ),
+                Err(e) => ctx.events.push(
+                    Level::Warning,
+                    "modem_connect_failed",
+                    Some(&u.name),
+                    format!("{}: connecting with APN {apn} failed: {e}", u.name),
+                ),
+            }
+        }
+        *lock(&rt.modem) = Some(facts);
+    }
+}
+
+/// Follows one uplink: interface presence, carrier and address from netlink; its routing
+/// table and rule; its QUIC endpoint and connection, rebound, reconnected or renewed as
+/// needed.
+async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch::Receiver<u64>) {
+    let u = rt.settings();
+    let id = rt.id;
+    let table = rt.table(ctx.started.table_base);
+    let mut routed: Option<(u32, Option<Ipv4Addr>)> = None;
+    let mut ruled = false;
+    let mut endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)> = None;
+    let mut backoff = Duration::from_millis(200);
+    let shutdown = |endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)>| {
+        if let Some((ep, _, _)) = endpoint {
+            ep.close(0u32.into(), b"shutdown");
+        }
+    };
+    loop {
+        if rt.is_disabled() {
+            if let Some(c) = ctx.bond.connection(id) {
+                c.close(0u32.into(), b"disabled by the operator");
+            }
+            tokio::select! {
+                _ = rt.wake.notified() => continue,
+                _ = rt.cancel.cancelled() => return shutdown(endpoint),
+            }
+        }
+        let info = match ctx.nl.link(&u.interface).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(uplink = %u.name, "netlink: {e:#}");
+                None
+            }
+        };
+        let mut usable_addr = None;
+        match &info {
+            None => {
+                ctx.bond.set_carrier(id, false, false);
+                if let Some((ep, _, _)) = endpoint.take() {
+                    ep.close(0u32.into(), b"interface gone");
+                }
+                routed = None;
+            }
+            Some(li) => {
+                ctx.bond.set_carrier(id, true, li.carrier);
+                if li.carrier {
+                    usable_addr = li.ipv4.first().copied();
+                }
+            }
+        }
+        if let (Some(li), Some(addr)) = (&info, usable_addr) {
+            let gw = match u.gateway {
+                Some(IpAddr::V4(g)) => Some(g),
+                _ => ctx.nl.default_gateway(li.index).await.ok().flatten(),
+            };
+            *lock(&rt.seen) = Seen {
+                index: li.index,
+                carrier: true,
+                gateway: gw,
+            };
+            if routed != Some((li.index, gw)) {
+                match ctx.nl.set_default_route(table, li.index, gw).await {
+                    Ok(()) => routed = Some((li.index, gw)),
+                    Err(e) => tracing::warn!(uplink = %u.name, "{e:#}"),
+                }
+            }
+            if !ruled {
+                ruled = ctx
+                    .nl
+                    .rule_fwmark(table, table, 100 + rt.slot)
+                    .await
+                    .map_err(|e| tracing::warn!(uplink = %u.name, "{e:#}"))
+                    .is_ok();
+            }
+            if let Err(e) = ensure_endpoint(&u, table, li.index, addr, &mut endpoint) {
+                tracing::warn!(uplink = %u.name, "{e:#}");
+            }
+            let connected = ctx
+                .bond
+                .connection(id)
+                .is_some_and(|c| c.close_reason().is_none());
+            // Held out by the reachability checks: routes stay (the checks use them),
+            // the tunnel waits until the uplink is released.
+            let renew = connected && rt.renew.load(Ordering::SeqCst);
+            if (!connected || renew) && ctx.bond.held(id).is_none() {
+                if let Some((ep, _, _)) = &endpoint {
+                    rt.renew.store(false, Ordering::SeqCst);
+                    match connect(&ctx, ep, &rt).await {
+                        Ok(conn) => {
+                            if renew {
+                                tracing::info!(uplink = %u.name, "new settings told to the hub");
+                            } else {
+                                tracing::info!(uplink = %u.name, "connected to hub");
+                            }
+                            // Replaces (and closes) a running connection.
+                            ctx.bond.attach(id, conn);
+                            backoff = Duration::from_millis(200);
+                        }
+                        Err(e) => {
+                            tracing::info!(uplink = %u.name, "connect: {e:#}");
+                            if renew {
+                                // The running connection keeps carrying; try again.
+                                rt.renew.store(true, Ordering::SeqCst);
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(3));
+                        }
+                    }
+                }
+            }
+        } else {
+            lock(&rt.seen).carrier = false;
+        }
+        let conn = ctx.bond.connection(id);
+        let retry =
+            ctx.bond.held(id).is_none() && (conn.is_none() || rt.renew.load(Ordering::SeqCst));
+        // Connected, or held out by the reachability checks (they wake us on release):
+        // nothing to retry soon.
+        let wait = if retry {
+            backoff
+        } else {
+            Duration::from_secs(2)
+        };
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = rt.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = async { match conn { Some(c) => { c.closed().await; } None => std::future::pending().await } } => {}
+            _ = rt.cancel.cancelled() => return shutdown(endpoint),
+        }
+    }
+}
+
+/// Creates the uplink's endpoint, or rebinds it when the interface or address changed
+/// (the QUIC connection migrates instead of starting over).
+fn ensure_endpoint(
+    u: &Uplink,
+    mark: u32,
+    index: u32,
+    addr: Ipv4Addr,
+    endpoint: &mut Option<(quinn::Endpoint, u32, Ipv4Addr)>,
+) -> Result<()> {
+    match endpoint {
+        Some((_, i, a)) if *i == index && *a == addr => Ok(()),
+        Some((ep, i, a)) => {
+            tracing::info!(uplink = %u.name, %addr, "address changed: rebinding");
+            ep.rebind(sys::uplink_socket(&u.interface, mark, addr)?)
+                .context("rebind")?;
+            *i = index;
+            *a = addr;
+            Ok(())
+        }
+        None => {
+            let sock = sys::uplink_socket(&u.interface, mark, addr)?;
+            let ep = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                sock,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .context("QUIC endpoint")?;
+            *endpoint = Some((ep, index, addr));
+            Ok(())
+        }
+    }
+}
+
+/// Connects to the first hub that answers and says hello with the uplink's settings.
+async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<quinn::Connection> {
+    let cfg = ctx.cfg();
+    let u = rt.settings();
+    let specs = classes::specs(&cfg);
+    let client = lock(&ctx.client).clone();
+    let mut last = None;
+    for hub in &cfg.hubs {
+        let addr: SocketAddr = hub.address;
+        let attempt = async {
+            let conn = ep
+                .connect_with(client.clone(), addr, identity::HUB_NAME)
+                .context("connect")?
+                .await
+                .context("handshake")?;
+            let w = session::hello(
+                &conn,
+                &Hello {
+                    version: 1,
+                    epoch: ctx.epoch,
+                    link: u.name.clone(),
+                    backup: u.priority == UplinkPriority::Backup,
+                    link_classes: Some(
+                        specs
+                            .iter()
+                            .filter(|s| classes::link_mask(std::slice::from_ref(s), &u) != 0)
+                            .map(|s| s.name)
+                            .collect(),
+                    ),
+                    classes: Some(specs.clone()),
+                },
+            )
+            .await?;
+            ctx.bond.peer_epoch(w.epoch);
+            ctx.bond.set_icmp_source(w.address);
+            *lock(&ctx.tunnel_address) = Some(w.address);
+            anyhow::Ok(conn)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(anyhow::anyhow!("hub {addr} did not answer within 3 s")),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no hub configured")))
+}
