@@ -29,7 +29,8 @@ pub struct Event {
     /// Stable machine-readable kind: `uplink_up`, `uplink_down`, `uplink_degraded`,
     /// `uplink_recovered`, `online`, `offline`, `fallback_on`, `fallback_off`,
     /// `uplink_disabled`, `uplink_enabled`, `uplink_preferred`, `preference_cleared`,
-    /// `config_reloaded`, `sales_waiting`.
+    /// `config_reloaded`, `uplink_added`, `uplink_removed`, `uplink_replaced`,
+    /// `uplink_retuned`, `sales_waiting` (and the cap, reachability and modem kinds).
     pub kind: String,
     /// The uplink concerned, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

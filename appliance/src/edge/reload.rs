@@ -217,6 +217,12 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
         }
         uplinks::retune(ctx, &r, u, &old, &e);
         if reach_changed {
+            // A login window belongs to the checks that opened it.
+            rt.block_on(super::reach::end_login(
+                ctx,
+                &r,
+                "the reachability settings changed",
+            ));
             uplinks::start_reach(ctx, &r);
         }
     }
@@ -256,7 +262,7 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
         ("added", &added, Level::Info, "uplink_added"),
         ("removed", &removed, Level::Warning, "uplink_removed"),
         (
-            "replaced (its tunnel reconnects)",
+            "replaced (tunnel reconnected)",
             &replaced,
             Level::Info,
             "uplink_replaced",

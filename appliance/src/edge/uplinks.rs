@@ -543,3 +543,42 @@ async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<quinn::Conn
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no hub configured")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::same_but_tunable;
+    use stallnet_netconf::Uplink;
+
+    fn uplink(extra: &str) -> Uplink {
+        let text = format!(
+            "role = \"edge\"\n[edge]\nlan = [\"10.1.0.0/24\"]\nhubs = []\nfallback = \"direct\"\n\
+             [[edge.uplinks]]\nname = \"cell\"\ninterface = \"wwan0\"\nkind = \"cellular\"\n{extra}"
+        );
+        let cfg = stallnet_netconf::parse_str(std::path::Path::new("t.toml"), &text)
+            .expect("valid config");
+        cfg.edge().expect("edge").uplinks[0].get_ref().clone()
+    }
+
+    #[test]
+    fn priority_metered_and_rates_change_in_place_the_rest_replaces() {
+        let base = uplink("");
+        for tunable in [
+            "priority = \"backup\"\n",
+            "metered = true\n",
+            "max_rate = \"5mbit\"\n",
+            "min_rate = \"1mbit\"\n",
+        ] {
+            assert!(same_but_tunable(&base, &uplink(tunable)), "{tunable}");
+        }
+        for fixed in [
+            "gateway = \"100.64.2.1\"\n",
+            "apn = \"internet\"\n",
+            "cap = { bytes = \"10GB\", period = \"monthly\", reset_day = 1 }\n",
+        ] {
+            assert!(!same_but_tunable(&base, &uplink(fixed)), "{fixed}");
+        }
+        let mut other = base.clone();
+        other.interface = "wwan1".into();
+        assert!(!same_but_tunable(&base, &other));
+    }
+}
