@@ -118,7 +118,13 @@ fn guest_traffic_is_capped_in_both_directions() -> Result<()> {
         let r = t.json("lan", &args)?;
         let bps = r["end"]["sum_received"]["bits_per_second"]
             .as_f64()
-            .context("iperf3 report")?;
+            .with_context(|| {
+                format!(
+                    "iperf3 report: {}; server: {}",
+                    r["error"],
+                    t.log("iperf-server5201")
+                )
+            })?;
         let mbps = bps / 1e6;
         assert!(
             (0.8..=2.3).contains(&mbps),

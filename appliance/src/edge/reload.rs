@@ -104,7 +104,8 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
     ctx.bond.set_rules(&rules);
     *lock(&ctx.device_rules) = super::device_rules(&e);
     ctx.devices_changed.notify_one();
-    if !same(&old.classes, &e.classes) || old.mode != e.mode {
+    let classes_changed = !same(&old.classes, &e.classes);
+    if classes_changed || old.mode != e.mode {
         applied.push("classes".into());
     }
     if !same(&old.rules, &e.rules) || old.pos_sources != e.pos_sources {
@@ -230,6 +231,14 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
         if ctx.uplink(&u.name).is_none() {
             uplinks::start(ctx, u.clone());
             added.push(u.name.clone());
+        }
+    }
+    if classes_changed {
+        // The hub schedules the way down with the edge's class settings, which it hears
+        // in each connection's hello: every uplink swaps in a new connection.
+        for r in ctx.uplinks() {
+            r.renew.store(true, Ordering::SeqCst);
+            r.wake.notify_one();
         }
     }
     // Config order (the dashboard's, the fallback's).
