@@ -6,7 +6,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stallnet_tests::topo::{bin, wait_for, Options, Topology, UplinkSpec, LAN_CLIENT, SERVER};
+use stallnet_tests::topo::{
+    bin, uplink_events, wait_for, Options, Topology, UplinkSpec, LAN_CLIENT, SERVER,
+};
 
 fn config(t: &Topology, args: &[&str]) -> Result<Output> {
     let live = t.dir.join("edge.toml");
@@ -310,25 +312,6 @@ fn links(s: &serde_json::Value) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-fn events(t: &Topology) -> Result<Vec<(String, String)>> {
-    let ev = Command::new(bin("stallnet"))
-        .args(["events", "--json", "--runtime-dir"])
-        .arg(t.dir.join("edge-run"))
-        .output()?;
-    let ev: serde_json::Value = serde_json::from_slice(&ev.stdout)?;
-    Ok(ev["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            (
-                e["kind"].as_str().unwrap_or("").to_string(),
-                e["uplink"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect())
-}
-
 /// Runs a 6 s UDP flow (100 packets/s) and calls `change` after 2 s; the flow's summary.
 fn flow_across(
     t: &Topology,
@@ -474,16 +457,16 @@ fn uplinks_and_hubs_change_without_a_restart() -> Result<()> {
         l.len() == 3 && l.iter().all(|(_, st, backup)| st == "up" && !backup)
     })?;
     assert_eq!(uplink_tables(&t)?.0, 3);
-    let ev = events(&t)?;
-    for want in [
+    for (kind, uplink) in [
         ("uplink_removed", carrier.as_str()),
         ("uplink_retuned", backup),
         ("uplink_added", carrier.as_str()),
         ("uplink_replaced", other),
     ] {
+        let ev = uplink_events(&t, uplink)?;
         assert!(
-            ev.iter().any(|(k, u)| k == want.0 && u == want.1),
-            "{want:?} in {ev:?}"
+            ev.iter().any(|k| k == kind),
+            "{kind} for {uplink} in {ev:?}"
         );
     }
 

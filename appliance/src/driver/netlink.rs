@@ -453,6 +453,7 @@ impl Netlink {
         .await;
     }
 
+    /// Removes what `pick` selects among the rules and routes added, newest first.
     async fn release(&self, pick: impl Fn(&Added) -> bool) {
         let _serial = self.serial.lock().await;
         let picked: Vec<Added> = match self.added.lock() {
@@ -476,20 +477,7 @@ impl Netlink {
 
     /// Removes every rule and route this instance added, newest first.
     pub async fn revert(&self) {
-        let _serial = self.serial.lock().await;
-        let added: Vec<Added> = match self.added.lock() {
-            Ok(mut v) => v.drain(..).collect(),
-            Err(_) => return,
-        };
-        for a in added.into_iter().rev() {
-            let r = match a {
-                Added::Route(m) => self.handle.route().del(m).execute().await,
-                Added::Rule(m) => self.handle.rule().del(m).execute().await,
-            };
-            if let Err(e) = r {
-                tracing::debug!("revert: {e}");
-            }
-        }
+        self.release(|_| true).await;
     }
 }
 
