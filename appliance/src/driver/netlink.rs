@@ -140,15 +140,7 @@ impl Netlink {
                 RouteAttribute::Oif(i) => Some(*i),
                 _ => None,
             });
-            let table = r
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(u32::from(r.header.table));
-            if oif != Some(index) || table != 254 {
+            if oif != Some(index) || route_table(&r) != 254 {
                 continue;
             }
             let gw = r.attributes.iter().find_map(|a| match a {

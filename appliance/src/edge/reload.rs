@@ -251,21 +251,22 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
     if !(added.is_empty() && removed.is_empty() && replaced.is_empty()) {
         ctx.generation.fetch_add(1, Ordering::SeqCst);
     }
-    if let Some(p) = lock(&ctx.preferred).as_deref() {
-        if removed.iter().any(|n| n == p) {
-            ctx.events.push(
-                Level::Info,
-                "preference_cleared",
-                Some(p),
-                format!("{p} was preferred and is no longer configured"),
-            );
-        }
-    }
-    {
+    // A preferred uplink that is no longer configured: the configured priorities apply.
+    let gone = {
         let mut p = lock(&ctx.preferred);
         if p.as_ref().is_some_and(|n| ctx.uplink(n).is_none()) {
-            *p = None;
+            p.take()
+        } else {
+            None
         }
+    };
+    if let Some(p) = gone {
+        ctx.events.push(
+            Level::Info,
+            "preference_cleared",
+            Some(&p),
+            format!("{p} was preferred and is no longer configured"),
+        );
     }
     for (what, names, level, kind) in [
         ("added", &added, Level::Info, "uplink_added"),
