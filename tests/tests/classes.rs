@@ -92,14 +92,17 @@ fn guest_traffic_is_capped_in_both_directions() -> Result<()> {
     };
     let mut t = Topology::build(vec![UplinkSpec::wifi(), UplinkSpec::cell()], opts)?;
     t.start()?;
+    // One server per direction: iperf3 3.12 closes and reopens its listening socket
+    // between tests, so a second client that connects at once can be reset.
     t.start_iperf_server(5201)?;
+    t.start_iperf_server(5202)?;
     for reverse in [false, true] {
         let mut args = vec![
             "iperf3",
             "-c",
             SERVER,
             "-p",
-            "5201",
+            if reverse { "5202" } else { "5201" },
             "-B",
             GUEST_CLIENT,
             "-t",
@@ -122,7 +125,11 @@ fn guest_traffic_is_capped_in_both_directions() -> Result<()> {
                 format!(
                     "iperf3 report: {}; server: {}",
                     r["error"],
-                    t.log("iperf-server5201")
+                    t.log(if reverse {
+                        "iperf-server5202"
+                    } else {
+                        "iperf-server5201"
+                    })
                 )
             })?;
         let mbps = bps / 1e6;

@@ -1027,12 +1027,14 @@ fn longest_stall_ms(report: &serde_json::Value) -> f64 {
     longest
 }
 
-/// A 4-flow TCP upload with 100 ms intervals; wifi is black-holed after 3 s.
+/// A 4-flow TCP upload with 100 ms intervals; wifi is black-holed after 3 s. The two
+/// runs use the iperf3 servers on ports 5201 and 5202.
 fn tcp_through_blackhole(t: &mut Topology, prefix: &[&str], role: &str) -> Result<(f64, f64)> {
     let agg = {
         let mut a: Vec<&str> = prefix.to_vec();
         a.extend([
-            "iperf3", "-c", SERVER, "-t", "8", "-P", "4", "-C", "cubic", "-J", "-O", "1",
+            "iperf3", "-c", SERVER, "-p", "5201", "-t", "8", "-P", "4", "-C", "cubic", "-J", "-O",
+            "1",
         ]);
         let out = t.exec(role, &a)?;
         let j: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -1045,7 +1047,8 @@ fn tcp_through_blackhole(t: &mut Topology, prefix: &[&str], role: &str) -> Resul
         let tr = &*t;
         let mut a: Vec<&str> = prefix.to_vec();
         a.extend([
-            "iperf3", "-c", SERVER, "-t", "8", "-P", "4", "-C", "cubic", "-J", "-i", "0.1",
+            "iperf3", "-c", SERVER, "-p", "5202", "-t", "8", "-P", "4", "-C", "cubic", "-J", "-i",
+            "0.1",
         ]);
         let h = s.spawn(move || tr.exec(role, &a));
         std::thread::sleep(Duration::from_secs(3));
@@ -1121,17 +1124,21 @@ fn mptcp() -> Result<Vec<(String, &'static str, f64)>> {
             ],
         )?;
     }
-    m.spawn(
-        "iperf",
-        "inet",
-        &["mptcpize", "run", "iperf3", "-s", "-B", SERVER],
-    )?;
+    // One server per run: iperf3 reopens its listener between tests.
+    for port in ["5201", "5202"] {
+        m.spawn(
+            &format!("iperf{port}"),
+            "inet",
+            &["mptcpize", "run", "iperf3", "-s", "-B", SERVER, "-p", port],
+        )?;
+    }
     std::thread::sleep(Duration::from_millis(500));
     let (mp_agg, mp_stall) = tcp_through_blackhole(&mut m, &["mptcpize", "run"], "edge")?;
     drop(m);
     let mut s = Topology::build(specs, Options::default())?;
     s.start()?;
-    s.spawn("iperf", "inet", &["iperf3", "-s", "-B", SERVER])?;
+    s.start_iperf_server(5201)?;
+    s.start_iperf_server(5202)?;
     std::thread::sleep(Duration::from_millis(300));
     let (sn_agg, sn_stall) = tcp_through_blackhole(&mut s, &[], "lan")?;
     Ok(vec![
