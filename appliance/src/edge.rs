@@ -59,6 +59,8 @@ struct Ctx {
     preferred: Mutex<Option<String>>,
     /// Bumped by every netlink change (uplink tasks look again).
     changes: watch::Receiver<u64>,
+    /// The class settings the hub must have (each uplink's connection tells it).
+    class_specs: watch::Sender<Vec<stallnet_netconf::ClassSpec>>,
     /// TLS for the reachability checks, when they are on.
     tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
     /// POS packets are refused at once when nothing gets out (no direct fallback).
@@ -211,6 +213,7 @@ pub async fn run(
         uplinks: Mutex::new(Vec::new()),
         preferred: Mutex::new(None),
         changes: change_rx,
+        class_specs: watch::Sender::new(classes::specs(&e)),
         tls: Mutex::new(tls),
         fail_fast: AtomicBool::new(e.fallback == Fallback::None),
         device_rules: Mutex::new(device_rules(&e)),

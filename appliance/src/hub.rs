@@ -17,7 +17,7 @@ use crate::classes;
 use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig};
 use crate::core::packet;
-use crate::core::qos::{bit, ALL_CLASSES};
+use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
 use crate::core::Class;
 use crate::driver::bond::{Bond, BondConfig, Side};
 use crate::driver::netlink::Netlink;
@@ -268,15 +268,35 @@ async fn serve(
     if let Some(specs) = &hello.classes {
         dev.bond.configure(classes::sched_config(specs, dev.mode));
     }
-    let mask = hello.link_classes.as_ref().map_or(ALL_CLASSES, |names| {
-        names.iter().fold(0, |m, n| m | bit(Class::from_name(*n)))
-    });
+    let mask = hello.link_classes.as_deref().map_or(ALL_CLASSES, mask_of);
     let id = dev.bond.add_link(&hello.link, hello.backup, mask, None);
     dev.bond.attach(id, conn.clone());
+    // What the edge says of the uplink while it runs, in order, until the connection ends.
+    loop {
+        match session::next_update(&conn).await {
+            Ok(Some(u)) => {
+                tracing::info!(device = %dev.name, link = %hello.link, backup = u.backup, classes = ?u.link_classes, "uplink updated");
+                if let Some(specs) = &u.classes {
+                    dev.bond.configure(classes::sched_config(specs, dev.mode));
+                }
+                dev.bond.set_backup(id, u.backup);
+                dev.bond.set_link_config(id, mask_of(&u.link_classes), None);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(device = %dev.name, link = %hello.link, "bad link update: {e:#}")
+            }
+        }
+    }
     let reason = conn.closed().await;
     tracing::info!(device = %dev.name, link = %hello.link, "uplink left: {reason}");
     dev.bond.remove_link(id);
     Ok(())
+}
+
+/// The class mask of the classes named.
+fn mask_of(names: &[stallnet_netconf::ClassName]) -> ClassMask {
+    names.iter().fold(0, |m, n| m | bit(Class::from_name(*n)))
 }
 
 async fn tun_reader(

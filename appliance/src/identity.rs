@@ -263,10 +263,11 @@ pub fn transport() -> quinn::TransportConfig {
         // goes out when they stop, so the keep-alive costs an idle backup nothing.
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .initial_mtu(1350)
-        .max_concurrent_uni_streams(0u32.into())
+        // The edge's link updates (`driver::session`), read one at a time by the hub.
+        .max_concurrent_uni_streams(4u32.into())
         .max_concurrent_bidi_streams(4u32.into())
-        // BBR paces at the measured bottleneck rate instead of filling the modem's buffer
-        // (Cubic would add the whole queue to every tunnelled packet's delay).
+        // quinn's congestion window is only a ceiling: the bond's own in-flight cap
+        // (`core::inflight`) and rate control (`core::rate`) keep a modem's buffer short.
         .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));

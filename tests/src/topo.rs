@@ -748,6 +748,25 @@ pub fn up_links(s: &serde_json::Value, bond: &str) -> usize {
         .map_or(0, |l| l.iter().filter(|l| l["state"] == "up").count())
 }
 
+/// The link named `name` in any bond of a status document (the hub's bonds are named
+/// for their devices), or null.
+pub fn any_link(s: &serde_json::Value, name: &str) -> serde_json::Value {
+    s["bonds"]
+        .as_object()
+        .into_iter()
+        .flat_map(|b| b.values())
+        .flat_map(|b| b["links"].as_array().cloned().unwrap_or_default())
+        .find(|l| l["name"] == name)
+        .unwrap_or_default()
+}
+
+/// Data packets the hub has sent down uplink `name` (0 when it has no such link).
+pub fn hub_tx(t: &Topology, name: &str) -> Result<u64> {
+    Ok(any_link(&t.status("hub")?, name)["tx_packets"]
+        .as_u64()
+        .unwrap_or(0))
+}
+
 /// State of the uplink named `name` in an edge status document.
 pub fn link_state(s: &serde_json::Value, name: &str) -> String {
     s["bonds"]["hub"]["links"]

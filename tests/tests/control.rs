@@ -7,7 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use stallnet_tests::topo::{bin, wait_for, Options, Topology, UplinkSpec, LAN_CLIENT};
+use stallnet_tests::topo::{
+    any_link, bin, hub_tx, wait_for, Options, Topology, UplinkSpec, LAN_CLIENT,
+};
 
 fn cli(t: &Topology, role: &str, args: &[&str]) -> Result<std::process::Output> {
     let dir = t.dir.join(format!("{role}-run"));
@@ -232,17 +234,44 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
         Ok(state_of(&json(&t, "edge", &["uplinks"])?, "wifi") == "up")
     })?;
 
-    // Prefer cell: wifi becomes a backup until the preference is cleared.
+    // Prefer cell: wifi becomes a backup until the preference is cleared — both ways:
+    // the hub hears it on the running connection and sends the replies down cell too.
+    let pid = t.pid("edge");
     json(&t, "edge", &["uplink", "prefer", "cell"])?;
     wait_for(Duration::from_secs(2), || {
         let up = json(&t, "edge", &["uplinks"])?;
         Ok(up["uplinks"][0]["backup"] == true && up["uplinks"][1]["preferred"] == true)
     })?;
+    t.wait_status("hub", Duration::from_secs(3), |s| {
+        any_link(s, "wifi")["backup"] == true && any_link(s, "cell")["backup"] == false
+    })
+    .with_context(|| {
+        format!(
+            "the hub heard the preference; hub log:\n{}\nedge log:\n{}",
+            t.log("hub"),
+            t.log("edge")
+        )
+    })?;
+    let (down_wifi, down_cell) = (hub_tx(&t, "wifi")?, hub_tx(&t, "cell")?);
+    let flow = t.udp_flow(LAN_CLIENT, 7001, 100, 2.0)?;
+    assert_eq!(flow["lost"], 0, "{flow}");
+    let (wifi_after, cell_after) = (hub_tx(&t, "wifi")?, hub_tx(&t, "cell")?);
+    assert!(
+        wifi_after - down_wifi < 10 && cell_after - down_cell >= 190,
+        "replies avoid the backup: {} down wifi, {} down cell",
+        wifi_after - down_wifi,
+        cell_after - down_cell
+    );
     json(&t, "edge", &["uplink", "prefer", "--clear"])?;
     wait_for(Duration::from_secs(2), || {
         let up = json(&t, "edge", &["uplinks"])?;
         Ok(up["uplinks"][0]["backup"] == false && up["uplinks"][1]["preferred"] == false)
     })?;
+    t.wait_status("hub", Duration::from_secs(3), |s| {
+        any_link(s, "wifi")["backup"] == false
+    })
+    .context("the hub heard the preference cleared")?;
+    assert_eq!(t.pid("edge"), pid, "no restart");
 
     // Mistakes get clear errors and a failure exit.
     let err = json_err(&t, "edge", &["uplink", "disable", "lte"])?;

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use stallnet_tests::topo::{
-    bin, link_state, uplink_events, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
+    any_link, bin, hub_tx, link_state, uplink_events, Options, Topology, UplinkSpec, LAN_CLIENT,
+    POS_CLIENT, SERVER,
 };
 
 const CHECK_HOST: &str = "check.stallnet.test";
@@ -215,9 +216,15 @@ fn portals_forged_dns_and_broken_https_are_caught_through_each_uplink() -> Resul
     assert_eq!(link_state(&s, "wifi"), "up");
     assert_eq!(link(&s, "wifi")["carries_pos"], false);
     assert_eq!(link(&s, "cell")["carries_pos"], true);
+    // The hub hears it on the running connection: the replies to the till avoid wifi too.
+    t.wait_status("hub", Duration::from_secs(3), |s| {
+        any_link(s, "wifi")["carries_pos"] == false && any_link(s, "cell")["carries_pos"] == true
+    })
+    .context("the hub heard that wifi carries no POS")?;
     let wifi_tx = link(&t.status("edge")?, "wifi")["tx_packets"]
         .as_u64()
         .context("tx")?;
+    let wifi_down = hub_tx(&t, "wifi")?;
     let flow = t.udp_flow(POS_CLIENT, 7001, 50, 2.0)?;
     assert!(flow["received"].as_u64().unwrap_or(0) >= 95, "{flow}");
     let wifi_tx_after = link(&t.status("edge")?, "wifi")["tx_packets"]
@@ -228,10 +235,20 @@ fn portals_forged_dns_and_broken_https_are_caught_through_each_uplink() -> Resul
         "payments avoid the unverified uplink ({} packets on wifi)",
         wifi_tx_after - wifi_tx
     );
+    let wifi_down_after = hub_tx(&t, "wifi")?;
+    assert!(
+        wifi_down_after - wifi_down < 10,
+        "the replies avoid the unverified uplink ({} packets down wifi)",
+        wifi_down_after - wifi_down
+    );
     t.nft("isp1", "delete table ip nohttps")?;
     t.wait_status("edge", Duration::from_secs(15), |s| {
         link(s, "wifi")["carries_pos"] == true
     })?;
+    t.wait_status("hub", Duration::from_secs(3), |s| {
+        any_link(s, "wifi")["carries_pos"] == true
+    })
+    .context("the hub heard that wifi carries POS again")?;
 
     // No ModemManager here: the cellular uplink's modem facts say unknown, not zero.
     let s = t.status("edge")?;

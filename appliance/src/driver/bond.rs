@@ -61,6 +61,15 @@ pub enum Side {
     Hub,
 }
 
+/// What the other end must know of an uplink to send on it the way this end does: whether
+/// it is a backup now and the classes it may carry now (POS off while its HTTPS check
+/// fails and a verified uplink carries the tunnel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerView {
+    pub backup: bool,
+    pub classes: ClassMask,
+}
+
 /// How a packet handed to [`Bond::send`] fared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
@@ -158,6 +167,8 @@ struct Link {
     unverified: bool,
     /// Carries POS now (the outcome of the above across all uplinks).
     pos_ok: bool,
+    /// What the peer should hear of this uplink (see [`Bond::peer_view`]).
+    peer: tokio::sync::watch::Sender<PeerView>,
     tx_packets: u64,
     tx_bytes: u64,
     rx_packets: u64,
@@ -304,6 +315,7 @@ impl Bond {
             held: None,
             unverified: false,
             pos_ok: true,
+            peer: tokio::sync::watch::Sender::new(PeerView { backup, classes }),
             tx_packets: 0,
             tx_bytes: 0,
             rx_packets: 0,
@@ -423,16 +435,29 @@ impl Bond {
         Self::refresh(&mut st, now);
     }
 
-    /// New classes and rate bounds for uplink `id` (its settings changed by a reload).
-    pub fn set_link_config(&self, id: LinkId, classes: ClassMask, rate: RateConfig) {
+    /// New classes for uplink `id`, and new rate bounds when `rate` is given (its settings
+    /// changed by a reload, or the peer says so).
+    pub fn set_link_config(&self, id: LinkId, classes: ClassMask, rate: Option<RateConfig>) {
         let now = Instant::now();
         let mut st = self.lock();
         if let Some(Some(l)) = st.links.get_mut(id) {
             l.classes = classes;
-            l.rate.set_config(rate);
+            if let Some(rate) = rate {
+                l.rate.set_config(rate);
+            }
             l.wake.notify_one();
         }
         Self::refresh(&mut st, now);
+    }
+
+    /// Follows what the peer should hear of uplink `id`: its backup flag and the classes
+    /// it may carry now, as this end decides them ([`PeerView`]).
+    pub fn peer_view(&self, id: LinkId) -> Option<tokio::sync::watch::Receiver<PeerView>> {
+        self.lock()
+            .links
+            .get(id)
+            .and_then(Option::as_ref)
+            .map(|l| l.peer.subscribe())
     }
 
     /// A connection on uplink `id` is established: start its sender and receiver.
@@ -579,6 +604,17 @@ impl Bond {
             };
             l.pos_ok = pos_ok.get(id).copied().unwrap_or(true);
             l.health.set_sparse(l.backup && primary_up, now);
+            let classes = if l.pos_ok {
+                l.classes
+            } else {
+                l.classes & !bit(Class::Pos)
+            };
+            let peer = PeerView {
+                backup: l.backup,
+                classes,
+            };
+            l.peer
+                .send_if_modified(|v| std::mem::replace(v, peer) != peer);
             let view = LinkView {
                 state: l.health.state(),
                 backup: l.backup,
@@ -587,11 +623,7 @@ impl Bond {
                 room: l.inflight.has_room(),
                 verified_until: l.health.verified_until(),
                 degraded: l.health.degraded(),
-                classes: if l.pos_ok {
-                    l.classes
-                } else {
-                    l.classes & !bit(Class::Pos)
-                },
+                classes,
             };
             let wake = st.sched.update_link(id, view);
             wakes.push(wake);

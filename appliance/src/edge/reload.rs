@@ -216,7 +216,7 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
         if !same(&before, u) {
             retuned.push(r.name.clone());
         }
-        uplinks::retune(ctx, &r, u, &old, &e);
+        uplinks::retune(ctx, &r, u, &e);
         if reach_changed {
             // A login window belongs to the checks that opened it.
             rt.block_on(super::reach::end_login(
@@ -234,12 +234,9 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
         }
     }
     if classes_changed {
-        // The hub schedules the way down with the edge's class settings, which it hears
-        // in each connection's hello: every uplink swaps in a new connection.
-        for r in ctx.uplinks() {
-            r.renew.store(true, Ordering::SeqCst);
-            r.wake.notify_one();
-        }
+        // The hub schedules the way down with the edge's class settings: each uplink's
+        // connection tells it.
+        ctx.class_specs.send_replace(classes::specs(&e));
     }
     // Config order (the dashboard's, the fallback's).
     lock(&ctx.uplinks).sort_by_key(|r| {

@@ -10,13 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use stallnet_netconf::{EdgeConfig, Uplink, UplinkKind, UplinkPriority};
+use stallnet_netconf::{ClassName, ClassSpec, EdgeConfig, Uplink, UplinkKind, UplinkPriority};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{reach, Ctx};
 use crate::classes;
+use crate::core::qos::{bit, ClassMask};
 use crate::core::scheduler::LinkId;
+use crate::core::Class;
+use crate::driver::bond::PeerView;
 use crate::driver::session::{self, Hello};
 use crate::driver::sys;
 use crate::events::Level;
@@ -43,9 +46,6 @@ pub(super) struct Rt {
     pub cancel: CancellationToken,
     /// Wakes its tunnel task when something about it changed.
     pub wake: tokio::sync::Notify,
-    /// The hub must hear new settings: the tunnel task opens a second connection and
-    /// the bond swaps it in (the first keeps carrying until then).
-    pub renew: AtomicBool,
     /// Switched off by the operator or by its data cap.
     pub disabled: AtomicBool,
     pub seen: Mutex<Seen>,
@@ -117,7 +117,6 @@ pub(super) fn start(ctx: &Arc<Ctx>, u: Uplink) -> Arc<Rt> {
         settings: Mutex::new(u.clone()),
         cancel: ctx.cancel.child_token(),
         wake: tokio::sync::Notify::new(),
-        renew: AtomicBool::new(false),
         disabled: AtomicBool::new(false),
         seen: Mutex::new(Seen::default()),
         cap: Mutex::new(None),
@@ -205,26 +204,18 @@ pub(super) async fn stop(ctx: &Ctx, rt: &Arc<Rt>) {
 }
 
 /// New priority, metered flag, rates or class settings for a running uplink: the bond
-/// takes them at once; the hub hears them over a fresh connection swapped in behind the
-/// running one.
-pub(super) fn retune(ctx: &Ctx, rt: &Rt, u: &Uplink, old: &EdgeConfig, cfg: &EdgeConfig) {
-    let specs = classes::specs(cfg);
-    let before = rt.settings();
-    let mask_before = classes::link_mask(&classes::specs(old), &before);
+/// takes them at once; the hub hears them from [`tell_hub`].
+pub(super) fn retune(ctx: &Ctx, rt: &Rt, u: &Uplink, cfg: &EdgeConfig) {
     *lock(&rt.settings) = u.clone();
-    let mask = classes::link_mask(&specs, u);
+    let mask = classes::link_mask(&classes::specs(cfg), u);
     ctx.bond
-        .set_link_config(rt.id, mask, classes::rate_config(u));
+        .set_link_config(rt.id, mask, Some(classes::rate_config(u)));
     let preferred = lock(&ctx.preferred).clone();
     let backup = match preferred.as_deref() {
         Some(p) => p != rt.name,
         None => u.priority == UplinkPriority::Backup,
     };
     ctx.bond.set_backup(rt.id, backup);
-    if before.priority != u.priority || mask != mask_before || before.metered != u.metered {
-        rt.renew.store(true, Ordering::SeqCst);
-        rt.wake.notify_one();
-    }
 }
 
 /// Counts a capped uplink's bytes and applies its cap (see [`crate::cap_meter`]).
@@ -333,8 +324,7 @@ async fn modem_task(ctx: Arc<Ctx>, rt: Arc<Rt>) {
 }
 
 /// Follows one uplink: interface presence, carrier and address from netlink; its routing
-/// table and rule; its QUIC endpoint and connection, rebound, reconnected or renewed as
-/// needed.
+/// table and rule; its QUIC endpoint and connection, rebound or reconnected as needed.
 async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch::Receiver<u64>) {
     let u = rt.settings();
     let id = rt.id;
@@ -414,27 +404,17 @@ async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch
                 .is_some_and(|c| c.close_reason().is_none());
             // Held out by the reachability checks: routes stay (the checks use them),
             // the tunnel waits until the uplink is released.
-            let renew = connected && rt.renew.load(Ordering::SeqCst);
-            if (!connected || renew) && ctx.bond.held(id).is_none() {
+            if !connected && ctx.bond.held(id).is_none() {
                 if let Some((ep, _, _)) = &endpoint {
-                    rt.renew.store(false, Ordering::SeqCst);
                     match connect(&ctx, ep, &rt).await {
-                        Ok(conn) => {
-                            if renew {
-                                tracing::info!(uplink = %u.name, "new settings told to the hub");
-                            } else {
-                                tracing::info!(uplink = %u.name, "connected to hub");
-                            }
-                            // Replaces (and closes) a running connection.
-                            ctx.bond.attach(id, conn);
+                        Ok((conn, told)) => {
+                            tracing::info!(uplink = %u.name, "connected to hub");
+                            ctx.bond.attach(id, conn.clone());
+                            tokio::spawn(tell_hub(conn, told, rt.name.clone(), rt.cancel.clone()));
                             backoff = Duration::from_millis(200);
                         }
                         Err(e) => {
                             tracing::info!(uplink = %u.name, "connect: {e:#}");
-                            if renew {
-                                // The running connection keeps carrying; try again.
-                                rt.renew.store(true, Ordering::SeqCst);
-                            }
                             backoff = (backoff * 2).min(Duration::from_secs(3));
                         }
                     }
@@ -444,8 +424,7 @@ async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch
             lock(&rt.seen).carrier = false;
         }
         let conn = ctx.bond.connection(id);
-        let retry =
-            ctx.bond.held(id).is_none() && (conn.is_none() || rt.renew.load(Ordering::SeqCst));
+        let retry = ctx.bond.held(id).is_none() && conn.is_none();
         // Connected, or held out by the reachability checks (they wake us on release):
         // nothing to retry soon.
         let wait = if retry {
@@ -497,11 +476,34 @@ fn ensure_endpoint(
     }
 }
 
-/// Connects to the first hub that answers and says hello with the uplink's settings.
-async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<quinn::Connection> {
+/// What the hub has heard of an uplink on one connection, and where changes come from.
+struct Told {
+    view: tokio::sync::watch::Receiver<PeerView>,
+    specs: tokio::sync::watch::Receiver<Vec<ClassSpec>>,
+    /// The class settings the hub has.
+    sent_specs: Vec<ClassSpec>,
+}
+
+/// The classes of `mask`, by name.
+fn class_names(specs: &[ClassSpec], mask: ClassMask) -> Vec<ClassName> {
+    specs
+        .iter()
+        .filter(|s| mask & bit(Class::from_name(s.name)) != 0)
+        .map(|s| s.name)
+        .collect()
+}
+
+/// Connects to the first hub that answers and says hello with the uplink's settings (as
+/// the bond has them now: an operator's preference or a data cap may make it a backup).
+async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<(quinn::Connection, Told)> {
     let cfg = ctx.cfg();
-    let u = rt.settings();
-    let specs = classes::specs(&cfg);
+    let mut view = ctx
+        .bond
+        .peer_view(rt.id)
+        .context("the uplink has left the bond")?;
+    let mut specs_rx = ctx.class_specs.subscribe();
+    let now = *view.borrow_and_update();
+    let specs = specs_rx.borrow_and_update().clone();
     let client = lock(&ctx.client).clone();
     let mut last = None;
     for hub in &cfg.hubs {
@@ -517,15 +519,9 @@ async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<quinn::Conn
                 &Hello {
                     version: 1,
                     epoch: ctx.epoch,
-                    link: u.name.clone(),
-                    backup: u.priority == UplinkPriority::Backup,
-                    link_classes: Some(
-                        specs
-                            .iter()
-                            .filter(|s| classes::link_mask(std::slice::from_ref(s), &u) != 0)
-                            .map(|s| s.name)
-                            .collect(),
-                    ),
+                    link: rt.name.clone(),
+                    backup: now.backup,
+                    link_classes: Some(class_names(&specs, now.classes)),
                     classes: Some(specs.clone()),
                 },
             )
@@ -536,12 +532,61 @@ async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<quinn::Conn
             anyhow::Ok(conn)
         };
         match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-            Ok(Ok(c)) => return Ok(c),
+            Ok(Ok(c)) => {
+                let told = Told {
+                    view,
+                    specs: specs_rx,
+                    sent_specs: specs,
+                };
+                return Ok((c, told));
+            }
             Ok(Err(e)) => last = Some(e),
             Err(_) => last = Some(anyhow::anyhow!("hub {addr} did not answer within 3 s")),
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no hub configured")))
+}
+
+/// Tells the hub what changes about the uplink while connection `conn` runs (see
+/// [`session::LinkUpdate`]): the hub then sends downloads the way the edge sends uploads —
+/// not on a backup while a primary works, no POS where the edge sends none. Ends with the
+/// connection (the next one's hello carries the state of then).
+async fn tell_hub(
+    conn: quinn::Connection,
+    mut told: Told,
+    name: String,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            r = told.view.changed() => if r.is_err() { return },
+            r = told.specs.changed() => if r.is_err() { return },
+            _ = conn.closed() => return,
+            _ = cancel.cancelled() => return,
+        }
+        let view = *told.view.borrow_and_update();
+        let specs = told.specs.borrow_and_update().clone();
+        let update = session::LinkUpdate {
+            backup: view.backup,
+            link_classes: class_names(&specs, view.classes),
+            classes: (specs != told.sent_specs).then(|| specs.clone()),
+        };
+        match session::send_update(&conn, &update).await {
+            Ok(()) => {
+                tracing::info!(uplink = %name, backup = update.backup, classes = ?update.link_classes, "told the hub");
+                told.sent_specs = specs;
+            }
+            Err(e) => {
+                // The next connection's hello says it all: a hub that cannot hear the
+                // update must not keep sending the old way.
+                if conn.close_reason().is_none() {
+                    tracing::warn!(uplink = %name, "link update: {e:#}; reconnecting");
+                    conn.close(0u32.into(), b"link update failed");
+                }
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
