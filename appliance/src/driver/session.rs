@@ -156,7 +156,10 @@ mod tests {
         let hub_ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
         let addr = hub_ep.local_addr()?;
         let mut edge_ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        edge_ep.set_default_client_config(identity::client_config(&edge, &[hub.id.clone()])?);
+        edge_ep.set_default_client_config(identity::client_config(
+            &edge,
+            std::slice::from_ref(&hub.id),
+        )?);
 
         let (five_tx, five_rx) = tokio::sync::oneshot::channel();
         let hub_side = tokio::spawn(async move {
