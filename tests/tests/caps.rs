@@ -1,12 +1,15 @@
 //! End-to-end: a data cap on the cellular uplink of a real edge in the netns topology:
 //! the count matches the bytes the interface saw (within 2 %), 75/95/100 % raise events,
 //! at 100 % the configured action switches the uplink off, and the count survives a
-//! daemon restart (the uplink stays off).
+//! daemon restart (the uplink stays off); with `backup-only` the uplink becomes a backup
+//! for the hub's downloads as well as the edge's uploads.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stallnet_tests::topo::{link_state, uplink_events, Options, Topology, UplinkSpec, LAN_CLIENT};
+use stallnet_tests::topo::{
+    any_link, hub_tx, link_state, uplink_events, Options, Topology, UplinkSpec, LAN_CLIENT,
+};
 
 /// rx + tx bytes of `dev` in the edge namespace, as the kernel counts them.
 fn iface_bytes(t: &Topology, dev: &str) -> Result<u64> {
@@ -87,5 +90,69 @@ fn a_capped_sim_is_counted_warned_about_and_switched_off() -> Result<()> {
         cap_used(s).is_some_and(|u| u >= used) && link_state(s, "cell") == "disabled"
     })?;
     assert!(cap_used(&s).unwrap_or(0) >= used);
+    Ok(())
+}
+
+/// A SIM past its allowance with `action = "backup-only"` carries traffic only when
+/// nothing else can — both ways: the hub hears it on the running connection and sends
+/// the downloads down wifi once wifi works again.
+#[test]
+fn a_capped_sim_becomes_a_backup_for_the_hub_too() -> Result<()> {
+    let cap = "cap = { bytes = \"300KB\", period = \"daily\", action = \"backup-only\" }\n";
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options {
+            edge_extra: Some(cap.into()),
+            ..Options::default()
+        },
+    )?;
+    t.start()?;
+    t.start_echo(7001)?;
+    let pid = t.pid("edge");
+    // Everything on the SIM until its allowance is gone; it keeps carrying (nothing else
+    // can), now as a backup.
+    t.isp_blackhole(1, true)?;
+    t.wait_status("edge", Duration::from_secs(10), |s| {
+        link_state(s, "wifi") != "up"
+    })?;
+    let flow = t.udp_flow_sized(LAN_CLIENT, 7001, 200, 2.0, 1000)?;
+    assert!(flow["received"].as_u64().unwrap_or(0) > 300, "{flow}");
+    t.wait_status("edge", Duration::from_secs(5), |s| {
+        any_link(s, "cell")["backup"] == true && cap_used(s).is_some_and(|u| u >= 300_000)
+    })
+    .context("the SIM is a backup past its allowance")?;
+    t.wait_status("hub", Duration::from_secs(3), |s| {
+        any_link(s, "cell")["backup"] == true
+    })
+    .context("the hub heard it")?;
+    let kinds = uplink_events(&t, "cell")?;
+    assert!(kinds.iter().any(|k| k == "cap_reached"), "{kinds:?}");
+
+    // Wifi back: both directions leave the SIM alone.
+    t.isp_blackhole(1, false)?;
+    t.wait_status("edge", Duration::from_secs(15), |s| {
+        link_state(s, "wifi") == "up"
+    })?;
+    let (up0, down0) = (
+        any_link(&t.status("edge")?, "cell")["tx_packets"]
+            .as_u64()
+            .unwrap_or(0),
+        hub_tx(&t, "cell")?,
+    );
+    let flow = t.udp_flow(LAN_CLIENT, 7001, 100, 2.0)?;
+    assert!(flow["received"].as_u64().unwrap_or(0) >= 195, "{flow}");
+    let (up1, down1) = (
+        any_link(&t.status("edge")?, "cell")["tx_packets"]
+            .as_u64()
+            .unwrap_or(0),
+        hub_tx(&t, "cell")?,
+    );
+    assert!(
+        up1 - up0 < 10 && down1 - down0 < 10,
+        "the SIM carried {} packets up and {} down with wifi working",
+        up1 - up0,
+        down1 - down0
+    );
+    assert_eq!(t.pid("edge"), pid, "no restart");
     Ok(())
 }
