@@ -32,24 +32,29 @@ fn cap_used(s: &serde_json::Value) -> Option<u64> {
         .as_u64()
 }
 
-#[test]
-fn a_capped_sim_is_counted_warned_about_and_switched_off() -> Result<()> {
+/// Wifi and a SIM with `cap` (its fields), an echo server, and everything on the SIM:
+/// wifi silently dead.
+fn sim_only(cap: &str) -> Result<Topology> {
     // Appended right after the last [[edge.uplinks]] table: the cellular one.
-    let cap = "cap = { bytes = \"2MB\", period = \"daily\", action = \"off\" }\n";
     let mut t = Topology::build(
         vec![UplinkSpec::wifi(), UplinkSpec::cell()],
         Options {
-            edge_extra: Some(cap.into()),
+            edge_extra: Some(format!("cap = {{ {cap} }}\n")),
             ..Options::default()
         },
     )?;
     t.start()?;
     t.start_echo(7001)?;
-    // Everything on the SIM: wifi silently dead.
     t.isp_blackhole(1, true)?;
     t.wait_status("edge", Duration::from_secs(10), |s| {
         link_state(s, "wifi") != "up"
     })?;
+    Ok(t)
+}
+
+#[test]
+fn a_capped_sim_is_counted_warned_about_and_switched_off() -> Result<()> {
+    let mut t = sim_only("bytes = \"2MB\", period = \"daily\", action = \"off\"")?;
     let s = t.wait_status("edge", Duration::from_secs(5), |s| cap_used(s).is_some())?;
     let (u0, k0) = (cap_used(&s).context("cap")?, iface_bytes(&t, "wan2")?);
 
@@ -98,23 +103,10 @@ fn a_capped_sim_is_counted_warned_about_and_switched_off() -> Result<()> {
 /// the downloads down wifi once wifi works again.
 #[test]
 fn a_capped_sim_becomes_a_backup_for_the_hub_too() -> Result<()> {
-    let cap = "cap = { bytes = \"300KB\", period = \"daily\", action = \"backup-only\" }\n";
-    let mut t = Topology::build(
-        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
-        Options {
-            edge_extra: Some(cap.into()),
-            ..Options::default()
-        },
-    )?;
-    t.start()?;
-    t.start_echo(7001)?;
-    let pid = t.pid("edge");
     // Everything on the SIM until its allowance is gone; it keeps carrying (nothing else
     // can), now as a backup.
-    t.isp_blackhole(1, true)?;
-    t.wait_status("edge", Duration::from_secs(10), |s| {
-        link_state(s, "wifi") != "up"
-    })?;
+    let t = sim_only("bytes = \"300KB\", period = \"daily\", action = \"backup-only\"")?;
+    let pid = t.pid("edge");
     let flow = t.udp_flow_sized(LAN_CLIENT, 7001, 200, 2.0, 1000)?;
     assert!(flow["received"].as_u64().unwrap_or(0) > 300, "{flow}");
     t.wait_status("edge", Duration::from_secs(5), |s| {
@@ -146,6 +138,12 @@ fn a_capped_sim_becomes_a_backup_for_the_hub_too() -> Result<()> {
             .as_u64()
             .unwrap_or(0),
         hub_tx(&t, "cell")?,
+    );
+    eprintln!(
+        "figure: capped SIM with wifi back: {} packets up, {} down, {} of 200 echoed",
+        up1 - up0,
+        down1 - down0,
+        flow["received"]
     );
     assert!(
         up1 - up0 < 10 && down1 - down0 < 10,

@@ -256,6 +256,11 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
     let flow = t.udp_flow(LAN_CLIENT, 7001, 100, 2.0)?;
     assert_eq!(flow["lost"], 0, "{flow}");
     let (wifi_after, cell_after) = (hub_tx(&t, "wifi")?, hub_tx(&t, "cell")?);
+    eprintln!(
+        "figure: replies with cell preferred: {} down wifi (backup), {} down cell",
+        wifi_after - down_wifi,
+        cell_after - down_cell
+    );
     assert!(
         wifi_after - down_wifi < 10 && cell_after - down_cell >= 190,
         "replies avoid the backup: {} down wifi, {} down cell",

@@ -236,6 +236,12 @@ fn portals_forged_dns_and_broken_https_are_caught_through_each_uplink() -> Resul
         wifi_tx_after - wifi_tx
     );
     let wifi_down_after = hub_tx(&t, "wifi")?;
+    eprintln!(
+        "figure: POS with wifi unverified: {} packets up wifi, {} down wifi, {} of 100 echoed",
+        wifi_tx_after - wifi_tx,
+        wifi_down_after - wifi_down,
+        flow["received"]
+    );
     assert!(
         wifi_down_after - wifi_down < 10,
         "the replies avoid the unverified uplink ({} packets down wifi)",
