@@ -750,17 +750,6 @@ impl EdgeDaemon {
         })
     }
 
-    /// Backup flags: configured backups, and with a preference every other uplink.
-    fn apply_backups(&self, preferred: Option<&str>) {
-        for r in self.0.uplinks() {
-            let backup = match preferred {
-                Some(p) => p != r.name,
-                None => r.settings().priority == UplinkPriority::Backup,
-            };
-            self.0.bond.set_backup(r.id, backup);
-        }
-    }
-
     fn set_disabled(&self, name: &str, disabled: bool) -> Result<String, ActionError> {
         let rt = self.uplink(name)?;
         let changed = rt.disabled.swap(disabled, Ordering::SeqCst) != disabled;
@@ -829,7 +818,9 @@ impl Daemon for EdgeDaemon {
                     self.uplink(n)?;
                 }
                 *lock(&self.0.preferred) = p.clone();
-                self.apply_backups(p.as_deref());
+                for r in self.0.uplinks() {
+                    uplinks::refresh_backup(&self.0, &r);
+                }
                 let msg = match &p {
                     Some(n) => format!(
                         "{n} is preferred: the other uplinks carry traffic only when it cannot \

@@ -258,6 +258,9 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
         }
     };
     if let Some(p) = gone {
+        for r in ctx.uplinks() {
+            uplinks::refresh_backup(ctx, &r);
+        }
         ctx.events.push(
             Level::Info,
             "preference_cleared",

@@ -48,6 +48,8 @@ pub(super) struct Rt {
     pub wake: tokio::sync::Notify,
     /// Switched off by the operator or by its data cap.
     pub disabled: AtomicBool,
+    /// Its data cap allows it only as a backup (see [`refresh_backup`]).
+    capped: AtomicBool,
     pub seen: Mutex<Seen>,
     /// With a cap: (used, limit, period start) for the status.
     pub cap: Mutex<Option<(u64, u64, i64)>>,
@@ -118,6 +120,7 @@ pub(super) fn start(ctx: &Arc<Ctx>, u: Uplink) -> Arc<Rt> {
         cancel: ctx.cancel.child_token(),
         wake: tokio::sync::Notify::new(),
         disabled: AtomicBool::new(false),
+        capped: AtomicBool::new(false),
         seen: Mutex::new(Seen::default()),
         cap: Mutex::new(None),
         reach: reach::Slot::default(),
@@ -126,9 +129,7 @@ pub(super) fn start(ctx: &Arc<Ctx>, u: Uplink) -> Arc<Rt> {
         tasks: Mutex::new(Vec::new()),
     });
     lock(&ctx.uplinks).push(rt.clone());
-    if let Some(p) = lock(&ctx.preferred).as_deref() {
-        ctx.bond.set_backup(id, p != u.name);
-    }
+    refresh_backup(ctx, &rt);
     let mut tasks = Vec::new();
     match crate::wifi_link::write_conf(&u, &ctx.runtime_dir) {
         Ok(Some(conf)) => tasks.push(tokio::spawn(crate::wifi_link::run(
@@ -210,11 +211,18 @@ pub(super) fn retune(ctx: &Ctx, rt: &Rt, u: &Uplink, cfg: &EdgeConfig) {
     let mask = classes::link_mask(&classes::specs(cfg), u);
     ctx.bond
         .set_link_config(rt.id, mask, Some(classes::rate_config(u)));
-    let preferred = lock(&ctx.preferred).clone();
-    let backup = match preferred.as_deref() {
-        Some(p) => p != rt.name,
-        None => u.priority == UplinkPriority::Backup,
-    };
+    refresh_backup(ctx, rt);
+}
+
+/// Sets uplink `rt`'s backup flag from everything that decides it: a data cap past its
+/// allowance (backup-only), else the operator's preferred uplink (every other one is a
+/// backup), else the configured priority.
+pub(super) fn refresh_backup(ctx: &Ctx, rt: &Rt) {
+    let backup = rt.capped.load(Ordering::SeqCst)
+        || match lock(&ctx.preferred).as_deref() {
+            Some(p) => p != rt.name,
+            None => rt.settings().priority == UplinkPriority::Backup,
+        };
     ctx.bond.set_backup(rt.id, backup);
 }
 
@@ -262,21 +270,21 @@ async fn cap_task(ctx: Arc<Ctx>, rt: Arc<Rt>, state_dir: PathBuf) {
         }
         let v = cap_meter::verdict(&u, &spec, &st);
         if v != imposed {
-            let configured_backup = rt.settings().priority == UplinkPriority::Backup;
+            rt.capped.store(v == Verdict::BackupOnly, Ordering::SeqCst);
             match v {
                 Verdict::Off => {
                     rt.disabled.store(true, Ordering::SeqCst);
                     ctx.bond.set_disabled(rt.id, true);
                 }
-                Verdict::BackupOnly => ctx.bond.set_backup(rt.id, true),
+                Verdict::BackupOnly => {}
                 Verdict::Normal => {
                     if imposed == Verdict::Off {
                         rt.disabled.store(false, Ordering::SeqCst);
                         ctx.bond.set_disabled(rt.id, false);
                     }
-                    ctx.bond.set_backup(rt.id, configured_backup);
                 }
             }
+            refresh_backup(&ctx, &rt);
             rt.wake.notify_one();
             imposed = v;
         }
