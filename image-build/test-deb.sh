@@ -7,20 +7,25 @@
 #   image-build/test-deb.sh DEB
 #
 # The chroot is built with mmdebstrap (minbase + adduser, nftables, init-system-helpers)
-# and cached as a tarball in $STALLNET_CHROOT_CACHE (default /var/cache/stallnet-ci).
+# and cached as a tarball in $STALLNET_CHROOT_CACHE (default: target/ci-cache in the
+# checkout, so a fresh clone builds its own and nothing outside the repository is used).
 # Needs root. Exit status 0 only if every check passed.
 set -euo pipefail
 
 deb=$(realpath "${1:?DEB}")
-cache=${STALLNET_CHROOT_CACHE:-/var/cache/stallnet-ci}
+cache=${STALLNET_CHROOT_CACHE:-$(cd "$(dirname "$0")/.." && pwd)/target/ci-cache}
 tarball="$cache/bookworm-$(dpkg --print-architecture).tar"
 [ "$(id -u)" = 0 ] || { echo "test-deb: needs root (chroot)" >&2; exit 2; }
 command -v mmdebstrap >/dev/null || { echo "test-deb: mmdebstrap missing (apt-get install mmdebstrap)" >&2; exit 2; }
 
 if [ ! -s "$tarball" ]; then
     mkdir -p "$cache"
-    mmdebstrap --quiet --variant=minbase --include=adduser,nftables,init-system-helpers \
+    # --format=tar: mmdebstrap otherwise picks the format from the name's extension, and
+    # a temporary name without ".tar" would give a directory.
+    rm -rf "$tarball.tmp"
+    mmdebstrap --quiet --format=tar --variant=minbase --include=adduser,nftables,init-system-helpers \
         bookworm "$tarball.tmp" http://deb.debian.org/debian
+    tar -tf "$tarball.tmp" >/dev/null
     mv "$tarball.tmp" "$tarball"
 fi
 root=$(mktemp -d)

@@ -3,12 +3,12 @@
 //! bounds, and the ordered rule list (configured rules, the POS-source shortcut, then the
 //! built-in ones).
 
-use stallnet_netconf::classes::{default_rules, effective_classes, ClassSpec};
+use stallnet_netconf::classes::{default_rules, effective_classes, ClassSpec, Rate};
 use stallnet_netconf::UplinkPriority;
 use stallnet_netconf::{ClassMode, ClassName, EdgeConfig, Rule, SchedMode, Uplink, UplinkKind};
 
 use crate::core::qos::{bit, ClassMask, ClassParams, QosConfig, CLASSES};
-use crate::core::rate::RateConfig;
+use crate::core::rate::{RateBounds, RateConfig};
 use crate::core::scheduler::{Mode, SchedulerConfig};
 use crate::core::Class;
 
@@ -57,18 +57,23 @@ pub fn mask_for(
         .fold(0, |m, s| m | bit(Class::from_name(s.name)))
 }
 
-/// Rate-control bounds of an uplink.
+/// Rate-control bounds of an uplink. A bound the config sets moves the default of the
+/// other one out of its way: a SIM throttled to `max_rate = "256kbit"` gets no 500 kbit/s
+/// floor, a `min_rate` above 1 Gbit/s raises the ceiling to it.
 pub fn rate_config(u: &Uplink) -> RateConfig {
-    let mut r = RateConfig::default();
-    if let Some(min) = u.min_rate {
-        r.min = min.0 as f64 / 8.0;
+    let d = RateConfig::default();
+    let bytes = |r: Rate| r.0 as f64 / 8.0;
+    let min = u.min_rate.map(bytes);
+    let max = u.max_rate.map(bytes);
+    let lo = min.unwrap_or_else(|| max.map_or(d.bounds.min(), |m| d.bounds.min().min(m)));
+    let hi = max.unwrap_or_else(|| d.bounds.max().max(lo));
+    RateConfig {
+        // Validation refuses min_rate above max_rate; were one to come through, the
+        // ceiling wins.
+        bounds: RateBounds::new(lo.min(hi), hi).unwrap_or(d.bounds),
+        initial: max.unwrap_or(d.initial),
+        ..d
     }
-    if let Some(max) = u.max_rate {
-        r.max = max.0 as f64 / 8.0;
-        r.initial = r.max;
-    }
-    r.initial = r.initial.clamp(r.min, r.max);
-    r
 }
 
 /// The edge's classes with its overrides.
@@ -112,5 +117,41 @@ mod tests {
         );
         let all = sched_config(&specs, SchedMode::Redundant);
         assert!(all.modes.iter().all(|m| *m == Mode::Redundant));
+    }
+
+    fn uplink(min: Option<&str>, max: Option<&str>) -> Uplink {
+        let rate = |s: &str| s.parse::<Rate>().expect("rate");
+        Uplink {
+            name: "lte".into(),
+            interface: "wwan0".into(),
+            kind: UplinkKind::Cellular,
+            priority: UplinkPriority::Primary,
+            gateway: None,
+            metered: false,
+            min_rate: min.map(rate),
+            max_rate: max.map(rate),
+            wifi: None,
+            apn: None,
+            cap: None,
+        }
+    }
+
+    #[test]
+    fn a_throttled_sim_gets_bounds_that_fit_it() {
+        // 256 kbit/s is below the default floor of 500 kbit/s: the floor gives way.
+        let r = rate_config(&uplink(None, Some("256kbit")));
+        assert_eq!((r.bounds.min(), r.bounds.max()), (32_000.0, 32_000.0));
+        assert_eq!(crate::core::rate::RateControl::new(r).rate(), 32_000.0);
+        // Above the default ceiling, the ceiling gives way.
+        let r = rate_config(&uplink(Some("2gbit"), None));
+        assert_eq!(
+            (r.bounds.min(), r.bounds.max()),
+            (250_000_000.0, 250_000_000.0)
+        );
+        // Both set, in the wrong order (validation refuses it): no panic, the ceiling wins.
+        let r = rate_config(&uplink(Some("10mbit"), Some("1mbit")));
+        assert_eq!((r.bounds.min(), r.bounds.max()), (125_000.0, 125_000.0));
+        let r = rate_config(&uplink(None, None));
+        assert_eq!(r.bounds, RateBounds::DEFAULT);
     }
 }

@@ -57,7 +57,7 @@ pub async fn apply_links(nl: &Netlink, lan: &LanConfig) -> Result<()> {
 /// Replaces the firewall table in one nft transaction.
 pub async fn apply_firewall(lan: &LanConfig, inputs: &firewall::Inputs) -> Result<()> {
     use tokio::io::AsyncWriteExt;
-    let script = firewall::render(lan, inputs);
+    let script = firewall::render(lan, inputs)?;
     let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -83,7 +83,7 @@ pub fn conf_path(runtime_dir: &Path) -> PathBuf {
 
 /// Writes the dnsmasq file; true when its content changed.
 pub fn write_conf(lan: &LanConfig, leases: &Path, runtime_dir: &Path) -> Result<bool> {
-    let text = dnsmasq_conf(lan, &leases.display().to_string(), "the running config");
+    let text = dnsmasq_conf(lan, &leases.display().to_string(), "the running config")?;
     let path = conf_path(runtime_dir);
     if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
         return Ok(false);

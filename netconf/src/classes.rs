@@ -87,6 +87,39 @@ pub enum UplinkTag {
     Cellular,
 }
 
+/// A value written as an integer or as a string.
+enum IntOrStr {
+    Int(i64),
+    Str(String),
+}
+
+/// Reads an integer or a string; anything else is refused with `expected` (serde's
+/// untagged enums would only say that no variant matched).
+fn int_or_str<'de, D: Deserializer<'de>>(
+    d: D,
+    expected: &'static str,
+) -> Result<IntOrStr, D::Error> {
+    struct V(&'static str);
+    impl serde::de::Visitor<'_> for V {
+        type Value = IntOrStr;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntOrStr, E> {
+            Ok(IntOrStr::Int(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrStr, E> {
+            i64::try_from(v)
+                .map(IntOrStr::Int)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntOrStr, E> {
+            Ok(IntOrStr::Str(v.to_owned()))
+        }
+    }
+    d.deserialize_any(V(expected))
+}
+
 /// A rate in bits per second, written `"4mbit"`, `"500kbit"`, `"1gbit"` or a number of bit/s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rate(pub u64);
@@ -145,15 +178,12 @@ impl fmt::Display for Rate {
 
 impl<'de> Deserialize<'de> for Rate {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum R {
-            N(u64),
-            S(String),
-        }
-        match R::deserialize(d)? {
-            R::N(n) => Rate::from_str(&n.to_string()).map_err(serde::de::Error::custom),
-            R::S(s) => Rate::from_str(&s).map_err(serde::de::Error::custom),
+        match int_or_str(
+            d,
+            "a rate like \"4mbit\" or \"500kbit\", or bit/s as a number",
+        )? {
+            IntOrStr::Int(n) => Rate::from_str(&n.to_string()).map_err(serde::de::Error::custom),
+            IntOrStr::Str(s) => Rate::from_str(&s).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -189,22 +219,16 @@ impl PortRange {
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum P {
-            N(i64),
-            S(String),
-        }
         let bad = |s: &str| {
             serde::de::Error::custom(format!(
                 "expected a port (0-65535) or a range like \"8000-8999\", got {s:?}"
             ))
         };
-        match P::deserialize(d)? {
-            P::N(n) => u16::try_from(n)
+        match int_or_str(d, "a port (0-65535) or a range like \"8000-8999\"")? {
+            IntOrStr::Int(n) => u16::try_from(n)
                 .map(|p| PortRange(p, p))
                 .map_err(|_| bad(&n.to_string())),
-            P::S(s) => {
+            IntOrStr::Str(s) => {
                 let (a, b) = s.split_once('-').unwrap_or((&s, &s));
                 let a: u16 = a.trim().parse().map_err(|_| bad(&s))?;
                 let b: u16 = b.trim().parse().map_err(|_| bad(&s))?;
@@ -248,15 +272,13 @@ pub struct Proto(pub u8);
 
 impl<'de> Deserialize<'de> for Proto {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum P {
-            N(u8),
-            S(String),
-        }
-        match P::deserialize(d)? {
-            P::N(n) => Ok(Proto(n)),
-            P::S(s) => match s.to_ascii_lowercase().as_str() {
+        match int_or_str(d, "tcp, udp, icmp, icmpv6 or a protocol number 0-255")? {
+            IntOrStr::Int(n) => u8::try_from(n).map(Proto).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "expected tcp, udp, icmp, icmpv6 or a protocol number 0-255, got {n}"
+                ))
+            }),
+            IntOrStr::Str(s) => match s.to_ascii_lowercase().as_str() {
                 "tcp" => Ok(Proto(6)),
                 "udp" => Ok(Proto(17)),
                 "icmp" => Ok(Proto(1)),
@@ -278,7 +300,7 @@ impl schemars::JsonSchema for Proto {
             "description": "tcp, udp, icmp, icmpv6 or a protocol number.",
             "oneOf": [
                 { "enum": ["tcp", "udp", "icmp", "icmpv6"] },
-                { "type": "integer", "minimum": 0, "maximum": 255 }
+                { "type": "integer", "minimum": 0, "maximum": 255, "description": "a protocol number, 0-255" }
             ]
         })
     }

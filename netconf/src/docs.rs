@@ -80,11 +80,16 @@ fn section(out: &mut String, title: &str, def: &Value) {
         if !values.is_empty() {
             out.push_str("| value | meaning |\n|---|---|\n");
             for v in values {
-                let val = v
-                    .get("const")
-                    .or_else(|| v["enum"].as_array().and_then(|e| e.first()))
-                    .map(|c| format!("`{c}`"))
-                    .unwrap_or_else(|| type_of(&v));
+                // A constant, every value of an enum (not only its first), or a type.
+                let val = match (v.get("const"), v["enum"].as_array()) {
+                    (Some(c), _) => format!("`{c}`"),
+                    (None, Some(e)) => e
+                        .iter()
+                        .map(|c| format!("`{c}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    (None, None) => type_of(&v),
+                };
                 out.push_str(&format!(
                     "| {val} | {} |\n",
                     one_line(v["description"].as_str().unwrap_or(""))

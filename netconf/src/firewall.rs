@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 
+use crate::grammar::{is_iface_name, require, Unwritable, IFACE_EXPECTED};
 use crate::lan::{LanConfig, Purpose};
 
 /// The nftables table stallnet owns.
@@ -36,8 +37,25 @@ fn quoted(names: &[String]) -> Vec<String> {
     names.iter().map(|n| format!("\"{n}\"")).collect()
 }
 
-/// The script: (re)creates the table with its chains.
-pub fn render(lan: &LanConfig, inputs: &Inputs) -> String {
+/// The script: (re)creates the table with its chains. Interface names are written
+/// quoted, and only names that cannot close the quote or end the line are written.
+pub fn render(lan: &LanConfig, inputs: &Inputs) -> Result<String, Unwritable> {
+    require(
+        "the nft ruleset",
+        "LAN interface",
+        &lan.interface,
+        is_iface_name,
+        IFACE_EXPECTED,
+    )?;
+    for s in &lan.segments {
+        require(
+            "the nft ruleset",
+            "segment interface",
+            &s.interface(lan),
+            is_iface_name,
+            IFACE_EXPECTED,
+        )?;
+    }
     let mut trusted = vec![lan.interface.clone()];
     let mut guests = Vec::new();
     let mut guest_nets: Vec<String> = inputs
@@ -122,7 +140,7 @@ pub fn render(lan: &LanConfig, inputs: &Inputs) -> String {
         set(&quoted(&all))
     ));
     out.push_str("  }\n}\n");
-    out
+    Ok(out)
 }
 
 /// The script that removes the table (when `[lan]` goes away or the daemon stops).
@@ -173,7 +191,8 @@ mod tests {
                 metrics: Some("10.1.0.1:9108".parse().expect("addr")),
                 guest_prefixes: vec!["10.9.0.0/24".parse().expect("net")],
             },
-        );
+        )
+        .expect("renders");
         for line in [
             "    type filter hook input priority filter; policy drop;",
             "    type filter hook forward priority filter; policy drop;",
@@ -191,5 +210,19 @@ mod tests {
         assert!(drop_at < api_at);
         // Replacing the table is one transaction: create-if-missing, delete, define.
         assert!(s.starts_with("table inet stallnet_fw {}\ndelete table inet stallnet_fw\n"));
+    }
+
+    #[test]
+    fn hostile_interface_names_cannot_add_a_rule() {
+        for spoil in [
+            |l: &mut LanConfig| l.interface = "br0\" accept\n#".into(),
+            |l: &mut LanConfig| l.segments[1].interface = Some("eth1\" }\n".into()),
+            |l: &mut LanConfig| l.interface = "a/b".into(),
+        ] {
+            let mut l = lan();
+            spoil(&mut l);
+            let err = render(&l, &Inputs::default()).expect_err("hostile name");
+            assert_eq!(err.file, "the nft ruleset", "{err}");
+        }
     }
 }

@@ -8,6 +8,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::grammar::{
+    is_conf_path_str, is_host_label, is_iface_name, is_one_line, require, Unwritable,
+    IFACE_EXPECTED,
+};
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LanConfig {
@@ -126,8 +131,77 @@ pub const REBIND_OK: &[&str] = &[
 ];
 
 /// The dnsmasq configuration for `lan` (leases in `leases_file`; `revision` names the
-/// config it came from).
-pub fn dnsmasq_conf(lan: &LanConfig, leases_file: &str, revision: &str) -> String {
+/// config it came from). Every value is checked against dnsmasq's grammar before it is
+/// written: one that could end its line or add a directive is refused, never written.
+pub fn dnsmasq_conf(
+    lan: &LanConfig,
+    leases_file: &str,
+    revision: &str,
+) -> Result<String, Unwritable> {
+    const F: &str = "dnsmasq.conf";
+    require(
+        F,
+        "leases file",
+        leases_file,
+        is_conf_path_str,
+        "an absolute path without commas or control characters",
+    )?;
+    require(F, "revision", revision, is_one_line, "one line")?;
+    require(
+        F,
+        "LAN interface",
+        &lan.interface,
+        is_iface_name,
+        IFACE_EXPECTED,
+    )?;
+    require(
+        F,
+        "DHCP lease",
+        lan.dhcp.as_ref().map_or("12h", |d| d.lease.as_str()),
+        valid_lease,
+        "a lease time like \"12h\"",
+    )?;
+    for v in &lan.segments {
+        require(
+            F,
+            "segment name",
+            &v.name,
+            is_tag,
+            "letters, digits, '-' or '_'",
+        )?;
+        require(
+            F,
+            "segment interface",
+            &v.interface(lan),
+            is_iface_name,
+            IFACE_EXPECTED,
+        )?;
+        require(
+            F,
+            "DHCP lease",
+            v.dhcp.as_ref().map_or("12h", |d| d.lease.as_str()),
+            valid_lease,
+            "a lease time like \"12h\"",
+        )?;
+    }
+    for r in &lan.reservations {
+        require(
+            F,
+            "reservation MAC",
+            &r.mac,
+            |m| crate::classes::parse_mac(m).is_some(),
+            "a MAC address like aa:bb:cc:dd:ee:ff",
+        )?;
+        if let Some(n) = &r.name {
+            require(
+                F,
+                "reservation name",
+                n,
+                is_host_label,
+                "a host name of letters, digits and '-'",
+            )?;
+        }
+    }
     let mut out = format!(
         "# Rendered by stallnet from config {revision}: do not edit, it is rewritten.\n\
          bind-dynamic\nno-hosts\ndomain-needed\nbogus-priv\nstop-dns-rebind\n\
@@ -178,7 +252,15 @@ pub fn dnsmasq_conf(lan: &LanConfig, leases_file: &str, revision: &str) -> Strin
             None => out.push_str(&format!("dhcp-host={},{}\n", r.mac, r.address)),
         }
     }
-    out
+    Ok(out)
+}
+
+/// A dnsmasq tag (a segment's name): letters, digits, '-' or '_'.
+fn is_tag(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -218,7 +300,8 @@ mod tests {
 
     #[test]
     fn dnsmasq_serves_each_network_and_lets_card_readers_resolve_locally() {
-        let c = dnsmasq_conf(&lan(), "/var/lib/misc/dnsmasq.leases", "revision 7");
+        let c =
+            dnsmasq_conf(&lan(), "/var/lib/misc/dnsmasq.leases", "revision 7").expect("renders");
         for line in [
             "interface=br0",
             "dhcp-range=set:lan,10.1.0.100,10.1.0.199,255.255.255.0,12h",
@@ -235,9 +318,60 @@ mod tests {
             assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
         }
         assert_eq!(
-            c,
+            Ok(c),
             dnsmasq_conf(&lan(), "/var/lib/misc/dnsmasq.leases", "revision 7")
         );
+    }
+
+    #[test]
+    fn hostile_values_cannot_add_a_line_to_dnsmasq_conf() {
+        const HOSTILE: &str = "till\naddress=/#/6.6.6.6";
+        type Spoil = Box<dyn Fn(&mut LanConfig)>;
+        let cases: Vec<(&str, Spoil)> = vec![
+            (
+                "reservation name",
+                Box::new(|l| l.reservations[0].name = Some(HOSTILE.into())),
+            ),
+            (
+                "reservation MAC",
+                Box::new(|l| l.reservations[0].mac = format!("aa:bb:cc:dd:ee:ff\n{HOSTILE}")),
+            ),
+            (
+                "LAN interface",
+                Box::new(|l| l.interface = "br0\nport=0".into()),
+            ),
+            (
+                "segment name",
+                Box::new(|l| l.segments[0].name = "g\nport=0".into()),
+            ),
+            (
+                "segment interface",
+                Box::new(|l| l.segments[0].interface = Some("wl\nport=0".into())),
+            ),
+            (
+                "DHCP lease",
+                Box::new(|l| {
+                    if let Some(d) = l.dhcp.as_mut() {
+                        d.lease = "12h\nport=0".into();
+                    }
+                }),
+            ),
+        ];
+        for (what, spoil) in cases {
+            let mut l = lan();
+            spoil(&mut l);
+            let err = dnsmasq_conf(&l, "/var/lib/misc/dnsmasq.leases", "r").expect_err(what);
+            assert_eq!(err.what, what, "{err}");
+        }
+        for (leases, rev) in [
+            ("/x\naddress=/#/1.2.3.4", "r"),
+            ("/x", "r\naddress=/#/1.2.3.4"),
+        ] {
+            assert!(
+                dnsmasq_conf(&lan(), leases, rev).is_err(),
+                "{leases:?} {rev:?}"
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`docs`]: the JSON Schema and `docs/CONFIG.md`, generated from the types.
 //! - [`firewall`]: the edge's nftables ruleset rendered from the config.
 //! - [`wifi`]: the wpa_supplicant configuration of a wifi uplink.
+//! - [`grammar`]: what the kernel, dnsmasq and nft accept as names, host names and paths
+//!   (validation and the renderers both check with it).
 //! - [`revisions`]: numbered revisions on disk and the confirmed commit (rollback unless
 //!   confirmed in time).
 //! - [`edit`]: scripted edits (`get PATH`, `set PATH=VALUE`) that keep comments, and the
@@ -22,6 +24,7 @@ pub mod classes;
 pub mod docs;
 pub mod edit;
 pub mod firewall;
+pub mod grammar;
 pub mod lan;
 pub mod load;
 pub mod revisions;

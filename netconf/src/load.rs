@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_spanned::Spanned;
 
 use crate::classes::{is_host_pattern, parse_mac, ClassName, ClassPath};
+use crate::grammar;
 use crate::schema::{is_identity, Config, Role};
 
 /// One thing wrong with a config, with its position.
@@ -51,13 +52,28 @@ impl fmt::Display for ConfigErrors {
 
 /// Reads and validates `path`.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
             line: 0,
             col: 0,
             path: String::new(),
             message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let good = e.utf8_error().valid_up_to();
+        let prefix = String::from_utf8_lossy(&e.as_bytes()[..good]);
+        let (line, col) = line_col(&prefix, good);
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line,
+            col,
+            path: path_at(&prefix, good),
+            message: format!(
+                "expected UTF-8 text (TOML), found byte 0x{:02x}",
+                e.as_bytes().get(good).copied().unwrap_or(0)
+            ),
         }])
     })?;
     parse_str(path, &text)
@@ -97,6 +113,7 @@ pub fn parse_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let mut v = Validator {
         file,
         text,
+        doc: toml::de::DeTable::parse(text).ok().map(Spanned::into_inner),
         errors: Vec::new(),
     };
     v.check(&cfg);
@@ -160,20 +177,61 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// Where the file writes the field at `path` (`edge.uplinks[1].max_rate`): the span of
+/// its key (of the element, for an index), or of the nearest enclosing one that is
+/// written (a field left at its default is reported at its table). `None` when not even
+/// the first part is written.
+fn locate(doc: &toml::de::DeTable<'_>, path: &str) -> Option<Range<usize>> {
+    use toml::de::DeValue;
+    let mut table = Some(doc);
+    let mut found = None;
+    for part in path.split('.') {
+        let (name, indexes) = match part.find('[') {
+            Some(i) => part.split_at(i),
+            None => (part, ""),
+        };
+        let (key, mut value) = table?.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        found = Some(key.span());
+        for ix in indexes.split('[').skip(1) {
+            let i: usize = ix.trim_end_matches(']').parse().ok()?;
+            let DeValue::Array(a) = value.get_ref() else {
+                return found;
+            };
+            value = a.get(i)?;
+            found = Some(value.span());
+        }
+        table = match value.get_ref() {
+            DeValue::Table(t) => Some(t),
+            _ => None,
+        };
+    }
+    found
+}
+
 struct Validator<'a> {
     file: &'a Path,
     text: &'a str,
+    /// The document with the span of every key and value, to point at a field.
+    doc: Option<toml::de::DeTable<'a>>,
     errors: Vec<ConfigError>,
 }
 
 impl Validator<'_> {
+    /// Records an error about the field at `path`, at the field's own position in the
+    /// file when it is written there, else at `span` (its table).
     fn err(&mut self, span: Range<usize>, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let span = self
+            .doc
+            .as_ref()
+            .and_then(|d| locate(d, &path))
+            .unwrap_or(span);
         let (line, col) = line_col(self.text, span.start);
         self.errors.push(ConfigError {
             file: self.file.to_owned(),
-            line,
-            col,
-            path: path.into(),
+            line: line.max(1),
+            col: col.max(1),
+            path,
             message: message.into(),
         });
     }
@@ -203,11 +261,19 @@ impl Validator<'_> {
             _ => {}
         }
         if let Some(edge) = &cfg.edge {
-            self.check_edge(edge);
+            self.check_edge(edge, cfg.lan.as_ref().map(Spanned::get_ref));
         }
         if let Some(hub) = &cfg.hub {
             self.check_hub(hub);
         }
+        if let (Some(c), Role::Hub) = (&cfg.commerce, cfg.role) {
+            self.err(
+                c.span(),
+                "commerce",
+                "[commerce] belongs to an edge config (the hub keeps no sales)",
+            );
+        }
+        self.check_listeners(cfg);
         if let (Some(c), Some(edge)) = (&cfg.commerce, &cfg.edge) {
             let ip = c.get_ref().listen.ip();
             let lan = &edge.get_ref().lan;
@@ -227,8 +293,90 @@ impl Validator<'_> {
         }
     }
 
-    fn check_edge(&mut self, edge: &Spanned<crate::EdgeConfig>) {
+    /// Every address the box listens on has a port, and no two share one.
+    fn check_listeners(&mut self, cfg: &Config) {
+        let mut seen: Vec<(&str, std::net::SocketAddr)> = Vec::new();
+        let listeners = [
+            ("hub.listen", cfg.hub().map(|h| h.listen)),
+            ("commerce.listen", cfg.commerce().map(|c| c.listen)),
+            ("metrics.listen", cfg.metrics.as_ref().map(|m| m.listen)),
+        ];
+        for (path, addr) in listeners {
+            let Some(addr) = addr else { continue };
+            if addr.port() == 0 {
+                self.err(
+                    0..0,
+                    path,
+                    "expected a port from 1 to 65535 (0 would be a different one at every start)",
+                );
+                continue;
+            }
+            // Same port on the same address, or on any address while the other listens
+            // on all of them (a TCP API and TCP metrics; the hub's QUIC is UDP).
+            let clash = seen.iter().find(|(other, a)| {
+                a.port() == addr.port()
+                    && (*other != "hub.listen" && path != "hub.listen")
+                    && (a.ip() == addr.ip()
+                        || a.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            });
+            if let Some((other, _)) = clash {
+                self.err(
+                    0..0,
+                    path,
+                    format!("{addr} is already taken by {other}: give each its own port"),
+                );
+            }
+            seen.push((path, addr));
+        }
+    }
+
+    fn check_edge(
+        &mut self,
+        edge: &Spanned<crate::EdgeConfig>,
+        lan: Option<&crate::lan::LanConfig>,
+    ) {
         let e = edge.get_ref();
+        if !grammar::is_iface_name(&e.tun_name) {
+            self.err(
+                edge.span(),
+                "edge.tun_name",
+                format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", e.tun_name),
+            );
+        }
+        if e.uplinks.len() > MAX_UPLINKS {
+            self.err(
+                edge.span(),
+                "edge.uplinks",
+                format!(
+                    "expected at most {MAX_UPLINKS} uplinks, got {}",
+                    e.uplinks.len()
+                ),
+            );
+        }
+        if !table_base_ok(e.table_base) {
+            self.err(
+                edge.span(),
+                "edge.table_base",
+                format!(
+                    "expected 1 to {} or 256 to {} (the tunnel's table and one per uplink \
+                     follow it; 0 and 253-255 are the kernel's own), got {}",
+                    252 - TABLES_USED,
+                    i32::MAX as u32 - TABLES_USED,
+                    e.table_base
+                ),
+            );
+        }
+        if !grammar::is_conf_path(&e.dhcp_leases) {
+            self.err(
+                edge.span(),
+                "edge.dhcp_leases",
+                format!(
+                    "expected an absolute path without commas or control characters, got {:?}",
+                    e.dhcp_leases
+                ),
+            );
+        }
         if e.hubs.is_empty() && e.fallback != crate::Fallback::Direct {
             self.err(
                 edge.span(),
@@ -279,7 +427,7 @@ impl Validator<'_> {
                 );
             }
         }
-        self.check_classes(edge);
+        self.check_classes(edge, lan);
         self.check_reachability(edge.span(), &e.reachability);
         let mut names = HashSet::new();
         let mut ifaces = HashSet::new();
@@ -299,12 +447,21 @@ impl Validator<'_> {
                     format!("duplicate uplink name {:?}", r.name),
                 );
             }
-            if r.interface.is_empty() || r.interface.len() > 15 {
+            if !grammar::is_iface_name(&r.interface) {
                 self.err(
                     u.span(),
                     format!("edge.uplinks[{i}].interface"),
-                    "expected an interface name of 1 to 15 characters",
+                    format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", r.interface),
                 );
+            }
+            if let (Some(lo), Some(hi)) = (r.min_rate, r.max_rate) {
+                if lo > hi {
+                    self.err(
+                        u.span(),
+                        format!("edge.uplinks[{i}].min_rate"),
+                        format!("min_rate {lo} is above max_rate {hi}"),
+                    );
+                }
             }
             self.check_uplink_extras(u.span(), i, r);
             if !ifaces.insert(r.interface.clone()) {
@@ -318,29 +475,23 @@ impl Validator<'_> {
     }
 
     fn check_reachability(&mut self, at: Range<usize>, r: &crate::Reachability) {
-        let host_of = |url: &str, scheme: &str| {
-            url.strip_prefix(scheme)
-                .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""))
-                .filter(|h| !h.is_empty())
-                .map(str::to_string)
-        };
-        if host_of(&r.portal_url, "http://").is_none() {
+        if grammar::url_host(&r.portal_url, "http://").is_none() {
             self.err(
                 at.clone(),
                 "edge.reachability.portal_url",
                 format!(
-                    "expected an http:// URL with a host (a portal only shows on plain \
-                     HTTP), got {:?}",
+                    "expected an http:// URL with a host and no spaces (a portal only shows \
+                     on plain HTTP), got {:?}",
                     r.portal_url
                 ),
             );
         }
-        if host_of(&r.https_url, "https://").is_none() {
+        if grammar::url_host(&r.https_url, "https://").is_none() {
             self.err(
                 at.clone(),
                 "edge.reachability.https_url",
                 format!(
-                    "expected an https:// URL with a host, got {:?}",
+                    "expected an https:// URL with a host and no spaces, got {:?}",
                     r.https_url
                 ),
             );
@@ -369,8 +520,20 @@ impl Validator<'_> {
         }
     }
 
-    fn check_classes(&mut self, edge: &Spanned<crate::EdgeConfig>) {
+    fn check_classes(
+        &mut self,
+        edge: &Spanned<crate::EdgeConfig>,
+        lan: Option<&crate::lan::LanConfig>,
+    ) {
         let e = edge.get_ref();
+        // With [lan], the box creates the LAN's interfaces itself: a rule can only meet
+        // traffic arriving on one of them.
+        let lan_ifaces: Option<Vec<String>> = lan.map(|l| {
+            let mut v = vec![l.interface.clone()];
+            v.extend(l.ports.iter().cloned());
+            v.extend(l.segments.iter().map(|s| s.interface(l)));
+            v
+        });
         let uplinks: HashSet<&str> = e
             .uplinks
             .iter()
@@ -452,11 +615,21 @@ impl Validator<'_> {
                 }
             }
             for n in &r.interface {
-                if n.is_empty() || n.len() > 15 {
+                if !grammar::is_iface_name(n) {
                     self.err(
                         at.clone(),
                         format!("{path}.interface"),
-                        "expected an interface name of 1 to 15 characters",
+                        format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {n:?}"),
+                    );
+                } else if let Some(known) = lan_ifaces.as_ref().filter(|k| !k.contains(n)) {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.interface"),
+                        format!(
+                            "no LAN interface is named {n:?}: [lan] creates {} (a VLAN \
+                             segment is the LAN interface, a dot and its id)",
+                            known.join(", ")
+                        ),
                     );
                 }
             }
@@ -599,17 +772,12 @@ impl Validator<'_> {
         if cfg.role != Role::Edge {
             self.err(at.clone(), "lan", "[lan] belongs to an edge config");
         }
-        let iface_ok = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 15
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
+        let iface_ok = grammar::is_iface_name;
         if !iface_ok(&l.interface) {
             self.err(
                 at.clone(),
                 "lan.interface",
-                "expected an interface name of 1 to 15 characters",
+                format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", l.interface),
             );
         }
         for (i, p) in l.ports.iter().enumerate() {
@@ -651,8 +819,24 @@ impl Validator<'_> {
         }
         let mut macs = HashSet::new();
         let mut addrs = HashSet::new();
+        let mut hosts = HashSet::new();
         for (i, r) in l.reservations.iter().enumerate() {
             let path = format!("lan.reservations[{i}]");
+            if let Some(n) = &r.name {
+                if !grammar::is_host_label(n) {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.name"),
+                        format!("expected a host name of 1 to 63 letters, digits and '-' (not first or last), got {n:?}"),
+                    );
+                } else if !hosts.insert(n.to_ascii_lowercase()) {
+                    self.err(
+                        at.clone(),
+                        format!("{path}.name"),
+                        format!("{n:?} is reserved twice"),
+                    );
+                }
+            }
             if parse_mac(&r.mac).is_none() {
                 self.err(
                     at.clone(),
@@ -729,7 +913,7 @@ impl Validator<'_> {
             {
                 self.err(at.clone(), format!("{path}.name"), format!("expected a unique name of letters, digits, '-' or '_' (not \"lan\"), got {:?}", v.name));
             }
-            if v.interface(l).len() > 15 {
+            if v.interface.is_none() && !iface_ok(&v.interface(l)) {
                 self.err(
                     at.clone(),
                     format!("{path}.vlan"),
@@ -760,8 +944,17 @@ impl Validator<'_> {
     fn check_commerce(&mut self, c: &Spanned<crate::CommerceConfig>) {
         let r = c.get_ref();
         let mut names = HashSet::new();
+        let mut keys = HashSet::new();
         for (i, cl) in r.clients.iter().enumerate() {
             let v = cl.get_ref();
+            if !keys.insert(v.key_sha256.to_ascii_lowercase()) {
+                self.err(
+                    cl.span(),
+                    format!("commerce.clients[{i}].key_sha256"),
+                    "the same key is listed twice (hex digits compare without case): \
+                     each client needs a key of its own",
+                );
+            }
             if v.key_sha256.len() != 64 || !v.key_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 self.err(
                     cl.span(),
@@ -797,14 +990,16 @@ impl Validator<'_> {
     }
 
     fn check_upstream(&mut self, span: std::ops::Range<usize>, u: &crate::Upstream) {
-        let http = u.url.starts_with("https://") || u.url.starts_with("http://");
-        if !http && !u.is_nats() {
+        let has_host = ["https://", "http://", "nats://", "tls://"]
+            .iter()
+            .any(|scheme| grammar::url_host(&u.url, scheme).is_some());
+        if !has_host {
             self.err(
                 span.clone(),
                 "commerce.upstream.url",
                 format!(
-                    "expected an https:// (or http://) URL, or nats:// (or tls://) for \
-                     JetStream, got {:?}",
+                    "expected an https:// (or http://) URL with a host and no spaces, or \
+                     nats:// (or tls://) for JetStream, got {:?}",
                     u.url
                 ),
             );
@@ -856,6 +1051,33 @@ impl Validator<'_> {
 
     fn check_hub(&mut self, hub: &Spanned<crate::HubConfig>) {
         let h = hub.get_ref();
+        if !grammar::is_iface_name(&h.tun_name) {
+            self.err(
+                hub.span(),
+                "hub.tun_name",
+                format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", h.tun_name),
+            );
+        }
+        if !(576..=9000).contains(&h.mtu) {
+            self.err(
+                hub.span(),
+                "hub.mtu",
+                "expected an MTU between 576 and 9000",
+            );
+        }
+        match h.pool {
+            ipnet::IpNet::V4(n) if n.prefix_len() <= 30 => {}
+            ipnet::IpNet::V4(n) => self.err(
+                hub.span(),
+                "hub.pool",
+                format!("expected an IPv4 prefix of /30 or wider (the hub and at least one device), got {n}"),
+            ),
+            ipnet::IpNet::V6(n) => self.err(
+                hub.span(),
+                "hub.pool",
+                format!("expected an IPv4 prefix like 100.64.0.0/24 (tunnel addresses are IPv4 in this version), got {n}"),
+            ),
+        }
         let hosts = match h.pool {
             ipnet::IpNet::V4(n) => 32u32.saturating_sub(u32::from(n.prefix_len())),
             ipnet::IpNet::V6(n) => 128u32.saturating_sub(u32::from(n.prefix_len())),
@@ -878,8 +1100,41 @@ impl Validator<'_> {
         }
         let mut names = HashSet::new();
         let mut ids = HashSet::new();
+        let mut lans: Vec<(usize, ipnet::IpNet)> = Vec::new();
         for (i, d) in h.devices.iter().enumerate() {
             let r = d.get_ref();
+            if r.name.is_empty() || r.name.len() > 63 || !r.name.bytes().all(name_byte) {
+                self.err(
+                    d.span(),
+                    format!("hub.devices[{i}].name"),
+                    format!(
+                        "expected 1 to 63 letters, digits, '-' or '_', got {:?}",
+                        r.name
+                    ),
+                );
+            }
+            for (j, p) in r.lan.iter().enumerate() {
+                if let Some((k, q)) = lans
+                    .iter()
+                    .find(|(_, q)| q.contains(&p.network()) || p.contains(&q.network()))
+                {
+                    self.err(
+                        d.span(),
+                        format!("hub.devices[{i}].lan[{j}]"),
+                        format!("{p} overlaps {q} of hub.devices[{k}]: the hub routes downloads by LAN prefix, so each device needs its own"),
+                    );
+                }
+                lans.push((i, *p));
+            }
+            for (j, p) in r.pos_sources.iter().enumerate() {
+                if !r.lan.iter().any(|l| l.contains(p)) {
+                    self.err(
+                        d.span(),
+                        format!("hub.devices[{i}].pos_sources[{j}]"),
+                        format!("{p} is not inside this device's lan"),
+                    );
+                }
+            }
             if !is_identity(&r.identity) {
                 self.err(
                     d.span(),
@@ -910,6 +1165,18 @@ fn display_list(v: &[ipnet::IpNet]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Most uplinks one edge runs.
+pub const MAX_UPLINKS: usize = 16;
+/// Routing tables from `table_base` on: the tunnel's, then one per uplink, twice over
+/// (a reload starts new uplinks before it stops the ones they replace).
+const TABLES_USED: u32 = 1 + 2 * MAX_UPLINKS as u32;
+
+/// Whether `base` leaves room for every table the edge uses without reaching the
+/// kernel's own (0 unspecified, 253 default, 254 main, 255 local) or overflowing.
+pub fn table_base_ok(base: u32) -> bool {
+    (1..=252 - TABLES_USED).contains(&base) || (256..=i32::MAX as u32 - TABLES_USED).contains(&base)
 }
 
 fn name_byte(b: u8) -> bool {
@@ -988,7 +1255,8 @@ kind = "wifi"
             "{err}"
         );
         assert!(err.0.iter().all(|e| e.line > 0), "{err}");
-        assert_eq!(err.0[2].line, 10, "{err}");
+        // Each at its field: the second uplink's name, not its table header (line 10).
+        assert_eq!(err.0[2].line, 11, "{err}");
     }
 
     #[test]
@@ -1023,9 +1291,9 @@ dst_port = ["2000-1000"]
         assert_eq!(
             got,
             [
-                ("edge.classes.guest.uplinks", 5),
-                ("edge.rules[0].mac", 8),
-                ("edge.rules[0].host", 8),
+                ("edge.classes.guest.uplinks", 7),
+                ("edge.rules[0].mac", 11),
+                ("edge.rules[0].host", 10),
                 ("edge.rules[1]", 12),
             ],
             "{err}"
@@ -1090,9 +1358,16 @@ dst_port = ["2000-1000"]
                 "100",
             ),
         ] {
-            let err = parse_str(Path::new("s.toml"), &commerce(body)).expect_err(body);
+            let text = commerce(body);
+            let err = parse_str(Path::new("s.toml"), &text).expect_err(body);
             let e = &err.0[0];
-            assert_eq!((e.path.as_str(), e.line), (path, 8), "{err}");
+            // At the field's own line, a subject that is missing at its table's.
+            let field = path.rsplit('.').next().unwrap_or(path);
+            let line = text
+                .lines()
+                .position(|l| l.starts_with(&format!("{field} =")))
+                .map_or(8, |i| i + 1);
+            assert_eq!((e.path.as_str(), e.line, e.col), (path, line, 1), "{err}");
             assert!(e.message.contains(says), "{body}: {err}");
         }
         let err = parse_str(

@@ -235,7 +235,7 @@ pub struct EdgeConfig {
     /// LAN prefixes whose traffic enters the tunnel.
     #[schemars(with = "Vec<String>")]
     pub lan: Vec<IpNet>,
-    /// Name of the TUN device.
+    /// Name of the TUN device (1-15 letters, digits, '-', '_' or '.').
     #[serde(default = "default_edge_tun")]
     pub tun_name: String,
     /// MTU of the TUN device: every packet that crosses the tunnel fits in it.
@@ -265,7 +265,8 @@ pub struct EdgeConfig {
     /// for rules by `hostname` and `mac`).
     #[serde(default = "default_leases")]
     pub dhcp_leases: PathBuf,
-    /// First routing table number used for per-uplink tables (one per uplink from here).
+    /// First routing table number: the tunnel's table, then one per uplink from here
+    /// (1-219, or 256 and above; 253-255 are the kernel's own).
     #[serde(default = "default_table_base")]
     pub table_base: u32,
     /// The uplinks (`[[edge.uplinks]]`), at least one.
@@ -405,9 +406,13 @@ pub struct Uplink {
     /// Traffic costs money (a capped SIM): classes that avoid `metered` stay off it.
     #[serde(default)]
     pub metered: bool,
-    /// Lower and upper bounds for the uplink's estimated capacity (either direction).
+    /// The least the uplink's learned send rate may fall to when its queue grows
+    /// (default 500 kbit/s, or `max_rate` when that is lower).
     pub min_rate: Option<Rate>,
-    /// Never send faster than this on the uplink (e.g. a capped SIM).
+    /// Never send faster than this on the uplink (a capped or throttled SIM); the learned
+    /// rate also starts here. Without it a new uplink starts at 50 Mbit/s and grows by
+    /// about 8 % per report (a few per second) while it is kept busy, up to 1 Gbit/s: set
+    /// it to the line's rate to use a fast line fully from the start.
     pub max_rate: Option<Rate>,
     /// Wifi uplinks: the network to join (through wpa_supplicant).
     pub wifi: Option<WifiNetwork>,

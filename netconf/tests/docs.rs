@@ -30,3 +30,19 @@ fn the_json_schema_describes_every_section() {
         assert!(defs.contains_key(d), "{d} missing");
     }
 }
+
+#[test]
+fn every_example_config_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("docs/examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            if let Err(e) = stallnet_netconf::load_file(&path) {
+                panic!("{} does not validate:\n{e}", path.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "only {seen} examples");
+}

@@ -20,11 +20,48 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// The least and the most an uplink's rate may be, bytes per second: both finite and
+/// positive, the least not above the most (so keeping a rate within them never panics,
+/// whatever the config said).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateBounds {
+    min: f64,
+    max: f64,
+}
+
+impl RateBounds {
+    /// 500 kbit/s to 1 Gbit/s.
+    pub const DEFAULT: RateBounds = RateBounds {
+        min: 62_500.0,
+        max: 125_000_000.0,
+    };
+
+    /// `None` unless `0 < min <= max` and both are finite.
+    pub fn new(min: f64, max: f64) -> Option<Self> {
+        (min.is_finite() && max.is_finite() && min > 0.0 && min <= max).then_some(Self { min, max })
+    }
+
+    pub fn min(self) -> f64 {
+        self.min
+    }
+
+    pub fn max(self) -> f64 {
+        self.max
+    }
+
+    /// `rate` kept within the bounds (NaN becomes the least).
+    pub fn fit(self, rate: f64) -> f64 {
+        if rate.is_nan() {
+            return self.min;
+        }
+        rate.max(self.min).min(self.max)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RateConfig {
-    /// Bytes per second.
-    pub min: f64,
-    pub max: f64,
+    pub bounds: RateBounds,
+    /// Bytes per second before anything was learnt (kept within the bounds).
     pub initial: f64,
     pub bloat: Duration,
     pub hold: Duration,
@@ -33,8 +70,7 @@ pub struct RateConfig {
 impl Default for RateConfig {
     fn default() -> Self {
         Self {
-            min: 62_500.0,        // 500 kbit/s
-            max: 125_000_000.0,   // 1 Gbit/s
+            bounds: RateBounds::DEFAULT,
             initial: 6_250_000.0, // 50 Mbit/s
             bloat: Duration::from_millis(20),
             hold: Duration::from_millis(200),
@@ -56,7 +92,7 @@ pub struct RateControl {
 
 impl RateControl {
     pub fn new(cfg: RateConfig) -> Self {
-        let rate = cfg.initial.clamp(cfg.min, cfg.max);
+        let rate = cfg.bounds.fit(cfg.initial);
         Self {
             cfg,
             rate,
@@ -71,7 +107,7 @@ impl RateControl {
     /// New bounds (a reload): the current rate is kept within them; what was learnt of
     /// the uplink's delay stays.
     pub fn set_config(&mut self, cfg: RateConfig) {
-        self.rate = self.rate.clamp(cfg.min, cfg.max);
+        self.rate = cfg.bounds.fit(self.rate);
         self.cfg = cfg;
     }
 
@@ -126,12 +162,12 @@ impl RateControl {
                 } else {
                     self.rate * 0.8
                 };
-                self.rate = target.min(self.rate).clamp(self.cfg.min, self.cfg.max);
+                self.rate = self.cfg.bounds.fit(target.min(self.rate));
                 self.last_decrease = Some(now);
                 self.decreases += 1;
             }
         } else if !bloated && delivered >= 0.75 * self.rate {
-            self.rate = (self.rate * 1.08).clamp(self.cfg.min, self.cfg.max);
+            self.rate = self.cfg.bounds.fit(self.rate * 1.08);
         }
     }
 }
@@ -256,8 +292,7 @@ mod tests {
     fn an_idle_link_keeps_its_rate_and_bounds_hold() {
         let t = Instant::now();
         let mut rc = RateControl::new(RateConfig {
-            min: 100_000.0,
-            max: 200_000.0,
+            bounds: RateBounds::new(100_000.0, 200_000.0).expect("ordered"),
             initial: 1e9,
             ..Default::default()
         });

@@ -1,7 +1,10 @@
 //! The kernel's routing state over rtnetlink: reading links, addresses and default
 //! routes; installing per-uplink tables, policy rules and LAN routes; and a change feed.
 //!
-//! Every change is recorded so that [`Netlink::revert`] removes what stallnet added.
+//! Every change is recorded so that [`Netlink::revert`] undoes it: routes and rules
+//! added, links created, addresses added and removed, links set up or into a bridge.
+//! After `revert` the instance refuses further changes, so a task still running cannot
+//! put one back after the undo.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
@@ -9,7 +12,7 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::LinkFlags;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
@@ -27,15 +30,33 @@ pub struct LinkInfo {
     pub prefixes: Vec<IpNet>,
 }
 
+/// One change to undo.
 #[derive(Debug, Clone)]
 enum Added {
     Route(RouteMessage),
     Rule(RuleMessage),
+    /// A link this instance created (a bridge, a VLAN): deleted.
+    Link(u32),
+    /// An address this instance added: removed.
+    Address(AddressMessage),
+    /// An address this instance removed: added back.
+    RemovedAddress(AddressMessage),
+    /// A link this instance set up that was down: set down.
+    Up(u32),
+    /// A link this instance put into a bridge: taken out.
+    Controller(u32),
+}
+
+/// The changes made, and whether changes are still taken.
+#[derive(Default)]
+struct Ledger {
+    added: Vec<Added>,
+    closed: bool,
 }
 
 pub struct Netlink {
     handle: Handle,
-    added: Mutex<Vec<Added>>,
+    added: Mutex<Ledger>,
     /// One request at a time: concurrent dumps on one socket fail with EBUSY.
     serial: tokio::sync::Mutex<()>,
 }
@@ -47,7 +68,7 @@ impl Netlink {
         tokio::spawn(conn);
         Ok(Self {
             handle,
-            added: Mutex::new(Vec::new()),
+            added: Mutex::new(Ledger::default()),
             serial: tokio::sync::Mutex::new(()),
         })
     }
@@ -176,6 +197,7 @@ impl Netlink {
 
     /// Adds or replaces a route and records it for [`Self::revert`]. Call serialized.
     async fn replace_route(&self, msg: RouteMessage) -> Result<()> {
+        self.check_open()?;
         self.handle
             .route()
             .add(msg.clone())
@@ -210,6 +232,7 @@ impl Netlink {
     /// removes them all (a bridge port).
     pub async fn set_only_prefix(&self, index: u32, addr: Option<ipnet::Ipv4Net>) -> Result<()> {
         let _serial = self.serial.lock().await;
+        self.check_open()?;
         let old: Vec<_> = self
             .handle
             .address()
@@ -219,6 +242,7 @@ impl Netlink {
             .try_collect()
             .await
             .context("reading addresses")?;
+        let old_msgs = old.clone();
         for m in old {
             let is_v4 = m
                 .attributes
@@ -233,11 +257,14 @@ impl Netlink {
             if is_v4 && !same {
                 // Removing a primary address takes its secondaries with it: one of them
                 // may already be gone (EADDRNOTAVAIL), which is what we want anyway.
-                if let Err(e) = self.handle.address().del(m).execute().await {
-                    let gone = matches!(&e, rtnetlink::Error::NetlinkError(m)
-                        if m.raw_code() == -libc::EADDRNOTAVAIL);
-                    if !gone {
-                        return Err(e).context("removing a stale address");
+                match self.handle.address().del(m.clone()).execute().await {
+                    Ok(()) => self.record(Added::RemovedAddress(m)),
+                    Err(e) => {
+                        let gone = matches!(&e, rtnetlink::Error::NetlinkError(m)
+                            if m.raw_code() == -libc::EADDRNOTAVAIL);
+                        if !gone {
+                            return Err(e).context("removing a stale address");
+                        }
                     }
                 }
             }
@@ -245,13 +272,20 @@ impl Netlink {
         let Some(addr) = addr else {
             return Ok(());
         };
-        self.handle
+        let had = old_has(&old_msgs, addr);
+        let mut req = self
+            .handle
             .address()
             .add(index, IpAddr::V4(addr.addr()), addr.prefix_len())
-            .replace()
-            .execute()
+            .replace();
+        let msg = req.message_mut().clone();
+        req.execute()
             .await
-            .with_context(|| format!("address {addr}"))
+            .with_context(|| format!("address {addr}"))?;
+        if !had {
+            self.record(Added::Address(msg));
+        }
+        Ok(())
     }
 
     /// Creates the bridge `name` if it does not exist; returns its index.
@@ -261,6 +295,7 @@ impl Netlink {
         }
         {
             let _serial = self.serial.lock().await;
+            self.check_open()?;
             self.handle
                 .link()
                 .add(rtnetlink::LinkBridge::new(name).build())
@@ -268,10 +303,13 @@ impl Netlink {
                 .await
                 .with_context(|| format!("creating bridge {name}"))?;
         }
-        self.link(name)
+        let index = self
+            .link(name)
             .await?
             .map(|l| l.index)
-            .with_context(|| format!("bridge {name} vanished"))
+            .with_context(|| format!("bridge {name} vanished"))?;
+        self.record(Added::Link(index));
+        Ok(index)
     }
 
     /// Creates the VLAN `name` (id `id` on `parent`) if it does not exist; returns its index.
@@ -281,6 +319,7 @@ impl Netlink {
         }
         {
             let _serial = self.serial.lock().await;
+            self.check_open()?;
             self.handle
                 .link()
                 .add(rtnetlink::LinkVlan::new(name, parent, id).up().build())
@@ -288,15 +327,37 @@ impl Netlink {
                 .await
                 .with_context(|| format!("creating VLAN {name}"))?;
         }
-        self.link(name)
+        let index = self
+            .link(name)
             .await?
             .map(|l| l.index)
-            .with_context(|| format!("VLAN {name} vanished"))
+            .with_context(|| format!("VLAN {name} vanished"))?;
+        self.record(Added::Link(index));
+        Ok(index)
     }
 
     /// Sets interface `index` up, and into bridge `controller` when given.
     pub async fn set_up(&self, index: u32, controller: Option<u32>) -> Result<()> {
         let _serial = self.serial.lock().await;
+        self.check_open()?;
+        let before = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .with_context(|| format!("reading link {index}"))?;
+        let was_up = before
+            .as_ref()
+            .is_some_and(|m| m.header.flags.contains(LinkFlags::Up));
+        let had_controller = before.as_ref().and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                netlink_packet_route::link::LinkAttribute::Controller(c) => Some(*c),
+                _ => None,
+            })
+        });
         let mut b = rtnetlink::LinkUnspec::new_with_index(index).up();
         if let Some(c) = controller {
             b = b.controller(c);
@@ -306,7 +367,14 @@ impl Netlink {
             .set(b.build())
             .execute()
             .await
-            .with_context(|| format!("setting link {index} up"))
+            .with_context(|| format!("setting link {index} up"))?;
+        if !was_up {
+            self.record(Added::Up(index));
+        }
+        if controller.is_some() && had_controller.is_none() {
+            self.record(Added::Controller(index));
+        }
+        Ok(())
     }
 
     /// Routes `dst/32` out of `oif` with preferred source `src` in `table`.
@@ -386,7 +454,8 @@ impl Netlink {
         let _serial = self.serial.lock().await;
         let _ = self.handle.rule().del(msg.clone()).execute().await;
         if let Ok(mut v) = self.added.lock() {
-            v.retain(|a| !matches!(a, Added::Rule(m) if *m == msg));
+            v.added
+                .retain(|a| !matches!(a, Added::Rule(m) if *m == msg));
         }
     }
 
@@ -410,6 +479,7 @@ impl Netlink {
         req: rtnetlink::RuleAddRequest<Ipv4Addr>,
     ) -> Result<()> {
         let _serial = self.serial.lock().await;
+        self.check_open()?;
         // Remove a leftover identical rule from an earlier run first: rules do not replace.
         let _ = self.handle.rule().del(msg.clone()).execute().await;
         req.execute().await.context("policy rule")?;
@@ -419,7 +489,16 @@ impl Netlink {
 
     fn record(&self, a: Added) {
         if let Ok(mut v) = self.added.lock() {
-            v.push(a);
+            v.added.push(a);
+        }
+    }
+
+    /// Refuses a change once [`Self::revert`] has run. Call serialized (under `serial`,
+    /// which `revert` holds while it closes), so no change slips in after the undo.
+    fn check_open(&self) -> Result<()> {
+        match self.added.lock() {
+            Ok(v) if !v.closed => Ok(()),
+            _ => anyhow::bail!("stopping: the kernel's state is being restored"),
         }
     }
 
@@ -429,6 +508,7 @@ impl Netlink {
         self.release(|a| match a {
             Added::Route(m) => route_table(m) == table,
             Added::Rule(m) => rule_table(m) == table,
+            _ => false,
         })
         .await;
     }
@@ -436,22 +516,28 @@ impl Netlink {
     /// Removes the rules this instance added at `priority` (rules rebuilt on a reload).
     pub async fn release_rules_at(&self, priority: u32) {
         self.release(|a| match a {
-            Added::Route(_) => false,
             Added::Rule(m) => m
                 .attributes
                 .iter()
                 .any(|x| matches!(x, RuleAttribute::Priority(p) if *p == priority)),
+            _ => false,
         })
         .await;
     }
 
     /// Removes what `pick` selects among the rules and routes added, newest first.
     async fn release(&self, pick: impl Fn(&Added) -> bool) {
+        self.release_and(pick, false).await;
+    }
+
+    /// Undoes what `pick` selects, newest first; `close` refuses every later change.
+    async fn release_and(&self, pick: impl Fn(&Added) -> bool, close: bool) {
         let _serial = self.serial.lock().await;
         let picked: Vec<Added> = match self.added.lock() {
             Ok(mut v) => {
-                let (picked, kept): (Vec<Added>, Vec<Added>) = v.drain(..).partition(&pick);
-                *v = kept;
+                v.closed |= close;
+                let (picked, kept): (Vec<Added>, Vec<Added>) = v.added.drain(..).partition(&pick);
+                v.added = kept;
                 picked
             }
             Err(_) => return,
@@ -460,6 +546,26 @@ impl Netlink {
             let r = match a {
                 Added::Route(m) => self.handle.route().del(m).execute().await,
                 Added::Rule(m) => self.handle.rule().del(m).execute().await,
+                Added::Link(i) => self.handle.link().del(i).execute().await,
+                Added::Address(m) => self.handle.address().del(m).execute().await,
+                Added::RemovedAddress(m) => {
+                    let mut req =
+                        self.handle
+                            .address()
+                            .add(0, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+                    *req.message_mut() = m;
+                    req.execute().await
+                }
+                Added::Up(i) => {
+                    let msg = rtnetlink::LinkUnspec::new_with_index(i).down().build();
+                    self.handle.link().set(msg).execute().await
+                }
+                Added::Controller(i) => {
+                    let msg = rtnetlink::LinkUnspec::new_with_index(i)
+                        .nocontroller()
+                        .build();
+                    self.handle.link().set(msg).execute().await
+                }
             };
             if let Err(e) = r {
                 tracing::debug!("release: {e}");
@@ -467,10 +573,20 @@ impl Netlink {
         }
     }
 
-    /// Removes every rule and route this instance added, newest first.
+    /// Undoes every change this instance made, newest first, and refuses any later one.
     pub async fn revert(&self) {
-        self.release(|_| true).await;
+        self.release_and(|_| true, true).await;
     }
+}
+
+/// Whether `old` (an address dump) already holds `addr` with its prefix length.
+fn old_has(old: &[AddressMessage], addr: ipnet::Ipv4Net) -> bool {
+    old.iter().any(|m| {
+        m.header.prefix_len == addr.prefix_len()
+            && m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == addr.addr()))
+    })
 }
 
 fn route_table(m: &RouteMessage) -> u32 {
