@@ -21,6 +21,7 @@ use crate::core::classify::{Classifier, ClassifyConfig, DeviceRef};
 use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
 use crate::driver::bond::{Bond, BondConfig, Sent, Side};
+use crate::driver::kernel::{nft, Kernel};
 use crate::driver::netlink::Netlink;
 use crate::driver::sys;
 use crate::events::{self, EventLog, Level, LinkSeen};
@@ -45,7 +46,7 @@ struct Ctx {
     started: EdgeConfig,
     /// The config applied now (the last good reload).
     cfg: RwLock<Arc<EdgeConfig>>,
-    nl: Netlink,
+    nl: Arc<Netlink>,
     bond: Arc<Bond>,
     /// The box's identity, and TLS for the tunnel pinned to the configured hubs.
     me: identity::Identity,
@@ -127,7 +128,23 @@ async fn lan_rules(nl: &Netlink, lan: &[IpNet], tunnel_table: u32) -> Result<()>
     Ok(())
 }
 
+/// Runs the edge until `cancel`; whatever way it ends (an error half-way through the
+/// start included), the kernel is left as it was found.
 pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    notes: Vec<(Level, &'static str, String)>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let kernel = Kernel::new()?;
+    let result = run_with(&kernel, cfg, config_path, notes, cancel.clone()).await;
+    cancel.cancel();
+    kernel.undo().await;
+    result
+}
+
+async fn run_with(
+    kernel: &Kernel,
     cfg: Config,
     config_path: Option<PathBuf>,
     notes: Vec<(Level, &'static str, String)>,
@@ -138,10 +155,11 @@ pub async fn run(
     let client = identity::client_config(&me, &reload::pins(&e))?;
     std::fs::create_dir_all(&cfg.runtime_dir)
         .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
-    sys::sysctl("net/ipv4/ip_forward", "1")?;
+    kernel.sysctl("net/ipv4/ip_forward", "1")?;
+    kernel.owns_nft_table("ip", NFT_TABLE);
 
     let tun = sys::tun(&e.tun_name, e.mtu, None)?;
-    let nl = Netlink::new()?;
+    let nl = kernel.nl.clone();
     let tun_index = nl
         .link(&e.tun_name)
         .await?
@@ -150,8 +168,10 @@ pub async fn run(
     nl.set_default_route(e.table_base, tun_index, None).await?;
     lan_rules(&nl, &e.lan, e.table_base).await?;
     let lan = match &cfg.lan {
-        Some(l) => Some(
+        Some(l) => Some({
+            kernel.owns_nft_table("inet", stallnet_netconf::firewall::TABLE);
             crate::lan_setup::Lan::start(
+                nl.clone(),
                 l.get_ref(),
                 e.dhcp_leases.clone(),
                 cfg.runtime_dir.clone(),
@@ -166,8 +186,8 @@ pub async fn run(
                 cancel.child_token(),
             )
             .await
-            .context("setting up the LAN")?,
-        ),
+            .context("setting up the LAN")?
+        }),
         None => None,
     };
     let specs = classes::specs(&e);
@@ -316,8 +336,6 @@ pub async fn run(
     let result = supervise(&ctx, &cfg, tun_index, commerce).await;
     reader.abort();
     cancel.cancel();
-    ctx.nl.revert().await;
-    let _ = nft_delete().await;
     if ctx.restart.load(Ordering::SeqCst) {
         anyhow::bail!(
             "exiting so that the service manager restarts stallnet with the restored config"
@@ -503,21 +521,6 @@ async fn supervise(
         }
         *lock(&ctx.latest) = Some(doc);
     }
-}
-
-async fn nft(script: &str) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft (is nftables installed?)")?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await?;
-    }
-    let st = child.wait().await?;
-    anyhow::ensure!(st.success(), "nft failed: {script}");
-    Ok(())
 }
 
 async fn nft_masquerade(iface: &str, lan: &[IpNet]) -> Result<()> {

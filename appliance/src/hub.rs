@@ -20,7 +20,7 @@ use crate::core::packet;
 use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
 use crate::core::Class;
 use crate::driver::bond::{Bond, BondConfig, Side};
-use crate::driver::netlink::Netlink;
+use crate::driver::kernel::Kernel;
 use crate::driver::session::{self, Welcome};
 use crate::driver::sys;
 use crate::events::{EventLog, Level};
@@ -42,7 +42,23 @@ impl Device {
     }
 }
 
+/// Runs the hub until `cancel`; whatever way it ends (an error half-way through the
+/// start included), the kernel is left as it was found.
 pub async fn run(
+    cfg: Config,
+    config_path: Option<std::path::PathBuf>,
+    notes: Vec<(Level, &'static str, String)>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let kernel = Kernel::new()?;
+    let result = run_with(&kernel, cfg, config_path, notes, cancel.clone()).await;
+    cancel.cancel();
+    kernel.undo().await;
+    result
+}
+
+async fn run_with(
+    kernel: &Kernel,
     cfg: Config,
     config_path: Option<std::path::PathBuf>,
     notes: Vec<(Level, &'static str, String)>,
@@ -57,9 +73,9 @@ pub async fn run(
     };
     let mut hosts = pool.hosts();
     let hub_addr: Ipv4Addr = hosts.next().context("hub.pool has no host addresses")?;
-    sys::sysctl("net/ipv4/ip_forward", "1")?;
+    kernel.sysctl("net/ipv4/ip_forward", "1")?;
     let tun = sys::tun(&h.tun_name, h.mtu, Some((hub_addr, pool.prefix_len())))?;
-    let nl = Netlink::new()?;
+    let nl = &kernel.nl;
     let tun_index = nl.link(&h.tun_name).await?.context("TUN vanished")?.index;
 
     let mut devices = Vec::new();
@@ -228,7 +244,6 @@ pub async fn run(
     endpoint.close(0u32.into(), b"shutdown");
     acceptor.abort();
     reader.abort();
-    nl.revert().await;
     if restart.load(Ordering::SeqCst) {
         bail!("exiting so that the service manager restarts stallnet with the restored config");
     }

@@ -56,24 +56,10 @@ pub async fn apply_links(nl: &Netlink, lan: &LanConfig) -> Result<()> {
 
 /// Replaces the firewall table in one nft transaction.
 pub async fn apply_firewall(lan: &LanConfig, inputs: &firewall::Inputs) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
     let script = firewall::render(lan, inputs)?;
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft (is nftables installed?)")?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await?;
-    }
-    let out = child.wait_with_output().await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "the firewall was refused by nft: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    crate::driver::kernel::nft(&script)
+        .await
+        .context("the firewall was refused")
 }
 
 /// The rendered file's path in the runtime directory.
@@ -156,14 +142,16 @@ pub struct Lan {
 impl Lan {
     /// Applies `lan` and starts dnsmasq (when a DHCP range or DNS is configured, dnsmasq
     /// always runs: it is the LAN's resolver).
+    /// Its changes go through `nl` (the daemon's, which undoes them at exit); the
+    /// firewall table is the caller's to remove.
     pub async fn start(
+        nl: Arc<Netlink>,
         lan: &LanConfig,
         leases: PathBuf,
         runtime_dir: PathBuf,
         firewall: firewall::Inputs,
         cancel: CancellationToken,
     ) -> Result<Self> {
-        let nl = Arc::new(Netlink::new()?);
         apply_links(&nl, lan).await?;
         apply_firewall(lan, &firewall).await?;
         write_conf(lan, &leases, &runtime_dir)?;

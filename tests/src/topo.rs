@@ -194,6 +194,42 @@ impl Topology {
         }
     }
 
+    /// Waits up to `limit` for a process started with [`Self::spawn`] to exit by itself
+    /// (after `sigterm`, when set); its exit status. A process still running after
+    /// `limit` is an error (and is left to [`Self::stop`] or the drop).
+    pub fn wait_exit(
+        &mut self,
+        label: &str,
+        sigterm: bool,
+        limit: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let i = self
+            .children
+            .iter()
+            .position(|(l, _)| l == label)
+            .with_context(|| format!("no process {label}"))?;
+        let child = &mut self.children[i].1;
+        if sigterm {
+            let pid = i32::try_from(child.id()).context("pid")?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.children.remove(i);
+                return Ok(st);
+            }
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "{label} still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Process id of a process started with [`Self::spawn`].
     pub fn pid(&self, label: &str) -> Option<u32> {
         self.children

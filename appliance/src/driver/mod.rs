@@ -2,6 +2,7 @@
 //! nothing themselves.
 
 pub mod bond;
+pub mod kernel;
 pub mod lan;
 pub mod netlink;
 pub mod session;
