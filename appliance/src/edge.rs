@@ -150,6 +150,8 @@ async fn run_with(
     notes: Vec<(Level, &'static str, String)>,
     cancel: CancellationToken,
 ) -> Result<()> {
+    // Everything the config asks for, built before the kernel is touched.
+    crate::plan::edge(&cfg).context("the config validated but cannot run (please report this)")?;
     let e = cfg.edge().context("config has no [edge] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
     let client = identity::client_config(&me, &reload::pins(&e))?;
@@ -175,14 +177,7 @@ async fn run_with(
                 l.get_ref(),
                 e.dhcp_leases.clone(),
                 cfg.runtime_dir.clone(),
-                stallnet_netconf::firewall::Inputs {
-                    api: cfg.commerce().map(|c| c.listen),
-                    metrics: cfg.metrics.as_ref().map(|m| m.listen),
-                    guest_prefixes: cfg
-                        .commerce()
-                        .map(|c| c.deny_from.clone())
-                        .unwrap_or_default(),
-                },
+                crate::plan::firewall_inputs(&cfg),
                 cancel.child_token(),
             )
             .await

@@ -2,7 +2,7 @@
 //! connections form its bond; download traffic from the hub's TUN device is routed to the
 //! device whose LAN (or tunnel address) it is for, through that bond's scheduler.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -64,24 +64,24 @@ async fn run_with(
     notes: Vec<(Level, &'static str, String)>,
     cancel: CancellationToken,
 ) -> Result<()> {
+    // Everything the config asks for, built before the kernel is touched.
+    let plan = crate::plan::hub(&cfg)
+        .context("the config validated but cannot run (please report this)")?;
     let h = cfg.hub().context("config has no [hub] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
     std::fs::create_dir_all(&cfg.runtime_dir)
         .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
-    let IpNet::V4(pool) = h.pool else {
-        bail!("hub.pool: only IPv4 pools are supported for now");
-    };
-    let mut hosts = pool.hosts();
-    let hub_addr: Ipv4Addr = hosts.next().context("hub.pool has no host addresses")?;
+    let hub_addr = plan.hub_address;
+    let mut addresses = plan.device_addresses.iter().copied();
     kernel.sysctl("net/ipv4/ip_forward", "1")?;
-    let tun = sys::tun(&h.tun_name, h.mtu, Some((hub_addr, pool.prefix_len())))?;
+    let tun = sys::tun(&h.tun_name, h.mtu, Some((hub_addr, plan.prefix_len)))?;
     let nl = &kernel.nl;
     let tun_index = nl.link(&h.tun_name).await?.context("TUN vanished")?.index;
 
     let mut devices = Vec::new();
     for d in &h.devices {
         let d = d.get_ref();
-        let address = IpAddr::V4(hosts.next().context("hub.pool exhausted")?);
+        let address = IpAddr::V4(addresses.next().context("hub.pool exhausted")?);
         for p in &d.lan {
             nl.route_prefix(*p, tun_index, 254).await?;
         }

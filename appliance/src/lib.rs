@@ -31,6 +31,7 @@ pub mod identity;
 pub mod lan_setup;
 pub mod metrics;
 pub mod modem;
+pub mod plan;
 pub mod reach_probe;
 pub mod service;
 pub mod status;

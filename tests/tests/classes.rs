@@ -57,6 +57,18 @@ fn pos_and_the_stream_keep_their_service_under_saturating_bulk_both_ways() -> Re
     })?;
     let edge = t.status("edge")?;
     let hub = t.status("hub")?;
+    // The figures, for a distribution over runs (`-- --nocapture`).
+    eprintln!(
+        "measured: pos idle p50 {:.1} p99 {:.1} ms; loaded p50 {:.1} p99 {:.1} ms lost {}; stream jitter p99 {:.1} ms, {} of {}",
+        f(&idle, "rtt_p50_ms"),
+        f(&idle, "rtt_p99_ms"),
+        f(&pos, "rtt_p50_ms"),
+        f(&pos, "rtt_p99_ms"),
+        pos["lost"],
+        f(&stream, "jitter_p99_ms"),
+        stream["received"],
+        stream["sent"]
+    );
     // The load really saturated both directions: bulk was queued and dropped by us.
     let bulk_up = class(&edge, "hub", "bulk");
     let bulk_down = class(&hub, "stall", "bulk");

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::uplinks::{lock, Rt};
 use super::{nft, Ctx};
-use crate::core::reach::{Change, Https, Portal, Reach, ReachConfig};
+use crate::core::reach::{Change, Https, Portal, Reach};
 use crate::events::Level;
 use crate::reach_probe::{self, Via};
 
@@ -48,15 +48,7 @@ pub(super) async fn run(
 ) {
     let r = ctx.cfg().reachability.clone();
     let u = rt.settings();
-    let mut reach = Reach::new(
-        ReachConfig {
-            interval: secs(r.interval_s),
-            https_interval: secs(r.https_interval_s),
-            backup_interval: secs(r.backup_interval_s),
-            https_failures: 2,
-        },
-        Instant::now(),
-    );
+    let mut reach = Reach::new(crate::plan::reach_config(&r), Instant::now());
     let mark = rt.table(ctx.started.table_base);
     let slot = &rt.reach;
     let (tx, mut rx) = mpsc::channel::<Checked>(4);

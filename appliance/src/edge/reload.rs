@@ -54,6 +54,11 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
     let e = new.edge().cloned().ok_or_else(|| {
         invalid("the file is not an edge config; the running config is unchanged".into())
     })?;
+    crate::plan::edge(&new).map_err(|err| {
+        invalid(format!(
+            "the config validated but cannot run ({err}); the running config is unchanged"
+        ))
+    })?;
     let old = ctx.cfg();
     let started = &ctx.started;
 
