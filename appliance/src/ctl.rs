@@ -12,17 +12,34 @@ use stallnet::control_client::{Client, ClientError};
 #[derive(clap::Subcommand)]
 pub enum Ctl {
     /// The daemon's state: online/degraded/offline, uplinks, classes, sales.
-    Status,
+    Status {
+        #[command(flatten)]
+        at: At,
+    },
     /// Each uplink: state, RTT, jitter, loss, rate, bytes.
-    Uplinks,
+    Uplinks {
+        #[command(flatten)]
+        at: At,
+    },
     /// Each traffic class: packets, bytes, drops, queue delay.
-    Classes,
+    Classes {
+        #[command(flatten)]
+        at: At,
+    },
     /// The busiest flows.
-    Flows,
+    Flows {
+        #[command(flatten)]
+        at: At,
+    },
     /// The bitrate a live-stream encoder can use now (for scripts that set it).
-    StreamAdvice,
+    StreamAdvice {
+        #[command(flatten)]
+        at: At,
+    },
     /// Recent events; `--follow` keeps printing new ones.
     Events {
+        #[command(flatten)]
+        at: At,
         #[arg(long, short)]
         follow: bool,
         /// Only events after this sequence number.
@@ -31,11 +48,41 @@ pub enum Ctl {
     },
     /// Switch an uplink off or on, or prefer it (until a restart).
     Uplink {
+        #[command(flatten)]
+        at: At,
         #[command(subcommand)]
         action: UplinkAction,
     },
     /// Re-read the config file: class settings apply at once; says what needs a restart.
-    Reload,
+    Reload {
+        #[command(flatten)]
+        at: At,
+    },
+}
+
+/// Which daemon to talk to.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct At {
+    /// The daemon's config: its control socket is found from the config's `runtime_dir`,
+    /// as `stallnet run --config` puts it (instead of `--runtime-dir`).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+impl Ctl {
+    /// Where this command's daemon is.
+    pub fn at(&self) -> &At {
+        match self {
+            Ctl::Status { at }
+            | Ctl::Uplinks { at }
+            | Ctl::Classes { at }
+            | Ctl::Flows { at }
+            | Ctl::StreamAdvice { at }
+            | Ctl::Reload { at }
+            | Ctl::Events { at, .. }
+            | Ctl::Uplink { at, .. } => at,
+        }
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -76,6 +123,7 @@ pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<Exi
             Ctl::Events {
                 follow: true,
                 since,
+                ..
             } => {
                 let path = format!("/v1/events/stream?since={since}");
                 client
@@ -94,16 +142,16 @@ pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<Exi
                 .get(&format!("/v1/events?since={since}"))
                 .await
                 .map(Some),
-            Ctl::Status => client.get("/v1/status").await.map(Some),
-            Ctl::Uplinks => client.get("/v1/uplinks").await.map(Some),
-            Ctl::Classes => client.get("/v1/classes").await.map(Some),
-            Ctl::Flows => client.get("/v1/flows").await.map(Some),
-            Ctl::StreamAdvice => client.get("/v1/stream").await.map(Some),
-            Ctl::Reload => client
+            Ctl::Status { .. } => client.get("/v1/status").await.map(Some),
+            Ctl::Uplinks { .. } => client.get("/v1/uplinks").await.map(Some),
+            Ctl::Classes { .. } => client.get("/v1/classes").await.map(Some),
+            Ctl::Flows { .. } => client.get("/v1/flows").await.map(Some),
+            Ctl::StreamAdvice { .. } => client.get("/v1/stream").await.map(Some),
+            Ctl::Reload { .. } => client
                 .request(hyper::Method::POST, "/v1/reload")
                 .await
                 .map(Some),
-            Ctl::Uplink { action } => {
+            Ctl::Uplink { action, .. } => {
                 let (method, path) = match &action {
                     UplinkAction::Disable { name } => {
                         (hyper::Method::POST, format!("/v1/uplinks/{name}/disable"))

@@ -23,9 +23,10 @@ struct Cli {
     /// Print versioned JSON documents (errors as JSON on stderr).
     #[arg(long, global = true)]
     json: bool,
-    /// Where the running daemon's control socket is.
-    #[arg(long, global = true, default_value = "/run/stallnet")]
-    runtime_dir: PathBuf,
+    /// Where the running daemon's control socket is (default: the `runtime_dir` of the
+    /// config given with `--config`, else /run/stallnet).
+    #[arg(long, global = true)]
+    runtime_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -117,10 +118,15 @@ impl StateDir {
             return Ok(d.clone());
         }
         if let Some(c) = &self.config {
-            return Ok(stallnet_netconf::load_file(c)?.state_dir);
+            return Ok(dirs_of(c)?.0);
         }
         Ok(PathBuf::from("/var/lib/stallnet"))
     }
+}
+
+/// The state and runtime directories `config` names, without validating the rest.
+fn dirs_of(config: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    Ok(stallnet_netconf::load::dirs(config)?)
 }
 
 fn main() -> ExitCode {
@@ -130,6 +136,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour on a terminal only: the journal and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match real_main(cli) {
@@ -319,7 +327,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Cmd::Ctl(c) => ctl::run(c, cli.runtime_dir, json),
+        Cmd::Ctl(c) => {
+            let dir = match (cli.runtime_dir, &c.at().config) {
+                (Some(d), _) => d,
+                (None, Some(cfg)) => dirs_of(cfg)?.1,
+                (None, None) => PathBuf::from("/run/stallnet"),
+            };
+            ctl::run(c, dir, json)
+        }
         Cmd::Config { cmd } => config_cmd::run(cmd, json),
     }
 }

@@ -79,6 +79,33 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     parse_str(path, &text)
 }
 
+/// The state and runtime directories `path` names (or their defaults), read without
+/// validating the rest: a device's first key is made before its config is complete (the
+/// config needs the hub's identity, which needs the hub's key first).
+pub fn dirs(path: &Path) -> Result<(PathBuf, PathBuf), ConfigErrors> {
+    let fail = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            col: 0,
+            path: String::new(),
+            message,
+        }])
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| fail(e.message().to_string()))?;
+    let dir = |key: &str, default: &str| {
+        table
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map_or_else(|| PathBuf::from(default), PathBuf::from)
+    };
+    Ok((
+        dir("state_dir", "/var/lib/stallnet"),
+        dir("runtime_dir", "/run/stallnet"),
+    ))
+}
+
 /// Parses and validates `text`, naming `file` in errors.
 pub fn parse_str(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let cfg: Config = toml::from_str(text).map_err(|e| {

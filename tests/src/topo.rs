@@ -28,6 +28,24 @@ pub const POS_CLIENT: &str = "10.1.0.10";
 pub const GUEST_CLIENT: &str = "10.1.0.20";
 
 /// Path of a binary built by this workspace (`STALLNET_BIN_DIR` overrides).
+/// What runs `args` at the harness's priority: everything but stallnet itself (the link
+/// emulators, the servers, iperf3, the traffic tools) is other hardware in the field — a
+/// modem, a phone, a till, the internet — and must not be slowed by the CPU load the
+/// product is tested under (a test's CPU hog, a busy CI machine), or a timing test
+/// measures its own harness. So those run at nice -20, and stallnet at the default 0,
+/// sharing the CPU with whatever else runs, as on a Pi.
+fn harness_priority(args: &[&str]) -> &'static [&'static str] {
+    let product = args.first().is_some_and(|a| {
+        let p = Path::new(a);
+        p == bin("stallnet") || p == bin("stallnet-tui")
+    });
+    if product {
+        &[]
+    } else {
+        &["nice", "-n", "-20"]
+    }
+}
+
 pub fn bin(name: &str) -> PathBuf {
     if let Ok(d) = std::env::var("STALLNET_BIN_DIR") {
         return Path::new(&d).join(name);
@@ -164,6 +182,7 @@ impl Topology {
     pub fn exec(&self, role: &str, args: &[&str]) -> Result<Output> {
         run(Command::new("ip")
             .args(["netns", "exec", &self.ns(role)])
+            .args(harness_priority(args))
             .args(args))
     }
 
@@ -172,6 +191,7 @@ impl Topology {
         let log = std::fs::File::create(self.dir.join(format!("{label}.log")))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(role)])
+            .args(harness_priority(args))
             .args(args)
             .env(
                 "RUST_LOG",

@@ -290,3 +290,44 @@ fn a_degraded_uplink_loses_the_stream_before_it_dies() -> Result<()> {
     );
     Ok(())
 }
+
+/// A flow that is `pos` by an edge rule only (not in `pos_sources`, which the hub also
+/// knows): its uploads travel as `pos`, and the hub, which has no rules of the edge,
+/// mirrors the class the edge gave the flow, so the replies come down as `pos` too.
+#[test]
+fn a_pos_rule_on_the_edge_makes_the_replies_pos_too() -> Result<()> {
+    let opts = Options {
+        edge_extra: Some(format!(
+            "[[edge.rules]]\nclass = \"pos\"\nsrc = [\"{LAN_CLIENT}/32\"]\ndst_port = [7002]\n"
+        )),
+        ..Default::default()
+    };
+    let mut t = Topology::build(vec![UplinkSpec::wifi(), UplinkSpec::cell()], opts)?;
+    t.start()?;
+    t.start_echo(7002)?;
+    let before_up = class(&t.status("edge")?, "hub", "pos")["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    let before_down = class(&t.status("hub")?, "stall", "pos")["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    let flow = t.udp_flow(LAN_CLIENT, 7002, 20, 3.0)?;
+    assert_eq!(flow["lost"], 0, "{flow}");
+    let sent = flow["sent"].as_u64().unwrap_or(0);
+    let mut up = 0;
+    let mut down = 0;
+    wait_for(Duration::from_secs(5), || {
+        up = class(&t.status("edge")?, "hub", "pos")["packets"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(before_up);
+        down = class(&t.status("hub")?, "stall", "pos")["packets"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(before_down);
+        Ok(up >= sent && down >= sent)
+    })
+    .with_context(|| format!("{sent} exchanged; pos packets up {up}, down {down}"))?;
+    eprintln!("measured: {sent} exchanges, pos packets up {up}, down {down}");
+    Ok(())
+}

@@ -95,6 +95,37 @@ fn status_without_a_daemon_says_so() -> Result<()> {
     Ok(())
 }
 
+/// The client commands find the daemon the way `stallnet run --config` placed it: from
+/// the config's `runtime_dir`; and the first key of a device is made from a config that
+/// cannot validate yet (it lacks the hub's identity, which needs the hub's key first).
+#[test]
+fn commands_find_the_daemon_and_the_state_from_the_config() -> Result<()> {
+    let d = tmp("by-config");
+    let run_dir = d.join("elsewhere-run");
+    let state = d.join("elsewhere-state");
+    let f = d.join("stall.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "role = \"edge\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n[edge]\nlan = [\"10.1.0.0/24\"]\n",
+            state.display(),
+            run_dir.display()
+        ),
+    )?;
+    let path = f.to_str().expect("utf-8");
+    let out = stallnet(&["status", "--config", path])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}", run_dir.join("control.sock").display())),
+        "looked elsewhere: {err}"
+    );
+    let k = stallnet(&["keygen", "--config", path])?;
+    assert!(k.status.success(), "{}", String::from_utf8_lossy(&k.stderr));
+    assert!(state.join("device.key").exists() || std::fs::read_dir(&state)?.count() > 0);
+    Ok(())
+}
+
 #[test]
 fn receipts_verify_offline_and_tampering_is_reported() -> Result<()> {
     use ring::signature::{Ed25519KeyPair, KeyPair};
