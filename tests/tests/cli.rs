@@ -60,7 +60,8 @@ fn a_bad_config_is_refused_with_positions_and_nothing_starts() -> Result<()> {
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(
-        err.contains(&format!("{path}:2:1: edge.hubs: expected at least one hub")),
+        // At the field itself (line 4, `hubs = []`), not at its table's header.
+        err.contains(&format!("{path}:4:1: edge.hubs: expected at least one hub")),
         "{err}"
     );
     // A typo is a parse error with its line and column.
