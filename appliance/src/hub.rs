@@ -50,15 +50,15 @@ pub async fn run(
     notes: Vec<(Level, &'static str, String)>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let kernel = Kernel::new()?;
-    let result = run_with(&kernel, cfg, config_path, notes, cancel.clone()).await;
-    cancel.cancel();
-    kernel.undo().await;
-    result
+    let c = cancel.clone();
+    Kernel::scoped(&cancel, |kernel| {
+        run_with(kernel, cfg, config_path, notes, c)
+    })
+    .await
 }
 
 async fn run_with(
-    kernel: &Kernel,
+    kernel: Arc<Kernel>,
     cfg: Config,
     config_path: Option<std::path::PathBuf>,
     notes: Vec<(Level, &'static str, String)>,

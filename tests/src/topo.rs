@@ -677,6 +677,23 @@ impl Topology {
         )
     }
 
+    /// Starts an HTTP upstream for the outbox in the internet namespace on `port`
+    /// (`stallnet-traffic http-sink`): it answers every POST with 201 and logs each
+    /// request's idempotency key and source to `log`, one JSON line each.
+    pub fn start_http_sink(&mut self, port: u16, log: &Path) -> Result<()> {
+        let t = bin("stallnet-traffic");
+        self.spawn(
+            &format!("upstream{port}"),
+            "inet",
+            &[
+                t.to_str().context("path")?,
+                "http-sink",
+                &format!("{SERVER}:{port}"),
+                log.to_str().context("path")?,
+            ],
+        )
+    }
+
     /// Runs a UDP flow from the LAN (source `from`) to the echo server; returns its summary.
     pub fn udp_flow(
         &self,

@@ -75,17 +75,7 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
         },
     )?;
     let log = t.dir.join("upstream.jsonl");
-    let traffic = bin("stallnet-traffic");
-    t.spawn(
-        "upstream",
-        "inet",
-        &[
-            traffic.to_str().context("path")?,
-            "http-sink",
-            &format!("{SERVER}:8090"),
-            log.to_str().context("path")?,
-        ],
-    )?;
+    t.start_http_sink(8090, &log)?;
     t.start()?;
 
     // Every uplink silently dead: sales are taken and wait on the box.

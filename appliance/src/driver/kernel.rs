@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
 
 use crate::driver::netlink::Netlink;
 
@@ -53,6 +54,21 @@ impl Kernel {
                 v.push(t);
             }
         }
+    }
+
+    /// Runs a role's `body` with a new `Kernel`, then cancels its tasks and undoes every
+    /// change it made, whatever `body` returned: the one way `edge::run` and `hub::run`
+    /// end.
+    pub async fn scoped<F, Fut>(cancel: &CancellationToken, body: F) -> Result<()>
+    where
+        F: FnOnce(Arc<Kernel>) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let kernel = Arc::new(Kernel::new()?);
+        let result = body(kernel.clone()).await;
+        cancel.cancel();
+        kernel.undo().await;
+        result
     }
 
     /// Undoes every change, newest first: nft tables, netlink, sysctls. Errors are

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use stallnet_tests::topo::{bin, link_state, Options, Topology, UplinkSpec, SERVER};
+use anyhow::Result;
+use stallnet_tests::topo::{link_state, Options, Topology, UplinkSpec, SERVER};
 
 /// The lab till's API key (its SHA-256 is in the edge's config).
 const TILL_KEY: &str = "lab-till-key-not-a-secret";
@@ -41,17 +41,7 @@ fn main() -> Result<()> {
         },
     )?;
     let sink_log = t.dir.join("upstream.jsonl");
-    let traffic_bin = bin("stallnet-traffic");
-    t.spawn(
-        "upstream",
-        "inet",
-        &[
-            traffic_bin.to_str().context("path")?,
-            "http-sink",
-            &format!("{SERVER}:8090"),
-            sink_log.to_str().context("path")?,
-        ],
-    )?;
+    t.start_http_sink(8090, &sink_log)?;
     std::fs::write(
         "/tmp/stallnet-lab.env",
         format!("PREFIX={}\nDIR={}\n", t.prefix, t.dir.display()),
