@@ -196,7 +196,25 @@ fn reload(cfg: &stallnet_netconf::Config) -> Result<String, String> {
     }
 }
 
+/// How long a change waits for another one to finish before it gives up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn exec(cmd: ConfigCmd) -> Result<Out> {
+    // Changes to the live config run one at a time (see `config_lock`); reads need no lock.
+    let live = match &cmd {
+        ConfigCmd::Apply { opts, .. } | ConfigCmd::Set { opts, .. } => {
+            Some(opts.live.config.clone())
+        }
+        ConfigCmd::Confirm { live } | ConfigCmd::Rollback { live, .. } => Some(live.config.clone()),
+        _ => None,
+    };
+    let _lock = match live {
+        Some(l) => match stallnet::config_lock::lock(&l, LOCK_WAIT) {
+            Ok(lock) => Some(lock),
+            Err(e) => return Ok(refused("busy", e.to_string())),
+        },
+        None => None,
+    };
     match cmd {
         ConfigCmd::Schema => {
             let s = stallnet_netconf::docs::json_schema();

@@ -23,6 +23,19 @@ fn now() -> i64 {
 /// `config_path` and returns what was done (for the log and the event).
 pub fn roll_back_if_due(config_path: &Path, state_dir: &Path) -> Result<Option<String>> {
     let store = Store::open(&Store::dir_for(state_dir))?;
+    if !matches!(
+        revisions::decide(store.pending()?.as_ref(), now()),
+        Decision::RollBack(_)
+    ) {
+        return Ok(None);
+    }
+    // Due: under the config lock, and looked at again (a confirm may have just won it).
+    let _lock = match crate::config_lock::lock(config_path, Duration::from_secs(2)) {
+        Ok(l) => l,
+        // A tech's change is running: the next look decides.
+        Err(crate::config_lock::LockError::Busy(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     let pending = store.pending()?;
     let Decision::RollBack(previous) = revisions::decide(pending.as_ref(), now()) else {
         return Ok(None);

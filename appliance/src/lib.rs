@@ -19,6 +19,7 @@ pub mod cap_meter;
 pub mod classes;
 pub mod clock;
 pub mod commerce;
+pub mod config_lock;
 pub mod confirm;
 pub mod control;
 pub mod control_client;

@@ -18,6 +18,8 @@ use stallnet_netconf::Upstream;
 use tokio_util::sync::CancellationToken;
 
 const KEY: &str = "till-1-secret-key-0123456789";
+/// A second till on the same box.
+const KEY2: &str = "till-2-secret-key-9876543210";
 
 /// A state directory removed when the test ends (kept if it panicked, for a look).
 struct TmpDir(std::path::PathBuf);
@@ -75,6 +77,17 @@ async fn start(
     deny: Vec<ipnet::IpNet>,
     upstream: Option<Upstream>,
 ) -> TestBox {
+    start_on("127.0.0.1:0", dir, limits, deny, upstream).await
+}
+
+/// [`start`] with the API listening on `bind`.
+async fn start_on(
+    bind: &str,
+    dir: &std::path::Path,
+    limits: Limits,
+    deny: Vec<ipnet::IpNet>,
+    upstream: Option<Upstream>,
+) -> TestBox {
     let key = device_key(dir);
     let public_key = hex::encode(key.public_key().as_ref());
     let online = Arc::new(AtomicBool::new(false));
@@ -83,10 +96,16 @@ async fn start(
         store: SledStore::open(&dir.join("commerce"), key).expect("store"),
         sealer: seal::Sealer::load_or_create(dir).expect("sealer"),
         access: std::sync::RwLock::new(stallnet::commerce::api::Access {
-            clients: HashMap::from([(
-                hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
-                "till-1".to_string(),
-            )]),
+            clients: HashMap::from([
+                (
+                    hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())),
+                    "till-1".to_string(),
+                ),
+                (
+                    hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY2.as_bytes())),
+                    "till-2".to_string(),
+                ),
+            ]),
             deny_from: deny,
             limits,
             alert_hours: vec![12, 20],
@@ -95,9 +114,7 @@ async fn start(
         public_key,
         online: Arc::new(move || o.load(Ordering::SeqCst)),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cancel = CancellationToken::new();
     let c = cancel.clone();
@@ -120,6 +137,17 @@ async fn start(
         cancel,
         svc,
     }
+}
+
+/// The key a record of this test's till carries upstream (`kind`: checkout or event).
+fn up_key(dir: &std::path::Path, kind: &str, key: &str) -> String {
+    let device = stallnet::commerce::store::device_tag(device_key(dir).public_key().as_ref());
+    stallnet::commerce::store::upstream_key(&device, "till-1", kind, key)
+}
+
+/// The till's own key inside an upstream key.
+fn till_key(upstream: &str) -> &str {
+    upstream.rsplit(':').next().unwrap_or("")
 }
 
 fn limits() -> Limits {
@@ -457,7 +485,7 @@ async fn carts_version_and_checkouts_chain_signed_receipts_that_survive_a_restar
         .await
         .expect("json");
     assert_eq!(out.len(), 5, "one outbox record per sale");
-    assert_eq!(out[0]["key"], "sale-1");
+    assert_eq!(out[0]["key"], up_key(&dir, "checkout", "sale-1"));
 }
 
 /// An upstream that fails on purpose: per key, the first `fail` answers are 500 (or a
@@ -659,14 +687,18 @@ async fn the_outbox_waits_offline_then_delivers_each_record_once_in_order_per_ca
     );
     // The stalled and the dropped record were tried again with the same key.
     let attempts = up.attempts.lock().expect("lock").clone();
-    assert_eq!(attempts.get("stall-1"), Some(&2), "{attempts:?}");
-    assert_eq!(attempts.get("drop-1"), Some(&2), "{attempts:?}");
-    assert_eq!(*up.late.lock().expect("lock"), ["stall-1"]);
+    let (stall, drop) = (
+        up_key(&dir, "event", "stall-1"),
+        up_key(&dir, "event", "drop-1"),
+    );
+    assert_eq!(attempts.get(&stall), Some(&2), "{attempts:?}");
+    assert_eq!(attempts.get(&drop), Some(&2), "{attempts:?}");
+    assert_eq!(*up.late.lock().expect("lock"), [stall]);
     // Order within the loyalty group.
     let seen = up.seen.lock().expect("lock").clone();
     let loyalty: Vec<&str> = seen
         .iter()
-        .map(|s| s.0.as_str())
+        .map(|s| till_key(&s.0))
         .filter(|k| k.starts_with("ev-a-"))
         .collect();
     assert_eq!(loyalty, ["ev-a-0", "ev-a-1", "ev-a-2"]);
@@ -799,7 +831,7 @@ async fn jetstream_gets_every_record_once_in_order_across_a_server_restart() {
     // A publish of the first record that landed before the box heard the ack (the box
     // then lost power): the box will publish it again, and the stream must keep one.
     let mut h = async_nats::HeaderMap::new();
-    h.insert("Nats-Msg-Id", "ev-0-0000");
+    h.insert("Nats-Msg-Id", up_key(&dir, "event", "ev-0-0000").as_str());
     js.publish_with_headers("sales.market.stall-1", h, "landed-before".into())
         .await
         .expect("publish")
@@ -901,8 +933,9 @@ async fn jetstream_gets_every_record_once_in_order_across_a_server_restart() {
     assert_eq!(unique.len(), ids.len(), "a key stored twice");
     assert_eq!(ids.len(), total, "left at the restart: {left}");
     for g in 0..GROUPS {
-        let order: Vec<&String> = ids
+        let order: Vec<&str> = ids
             .iter()
+            .map(|k| till_key(k))
             .filter(|k| k.starts_with(&format!("ev-{g}-")))
             .collect();
         let mut sorted = order.clone();
@@ -910,7 +943,10 @@ async fn jetstream_gets_every_record_once_in_order_across_a_server_restart() {
         assert_eq!(order, sorted, "group g{g} out of order");
         assert_eq!(order.len(), PER_GROUP);
     }
-    assert!(ids.contains(&"sale-1".to_string()) && ids.contains(&"sale-2".to_string()));
+    assert!(
+        ids.contains(&up_key(&dir, "checkout", "sale-1"))
+            && ids.contains(&up_key(&dir, "checkout", "sale-2"))
+    );
 }
 
 /// A real TLS server on loopback (tokio-rustls) with a certificate from a private CA,
@@ -1054,5 +1090,183 @@ async fn an_https_upstream_on_a_private_ca_is_trusted_only_with_its_ca_file() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(*seen.lock().expect("lock"), ["trusted-1", "trusted-2"]);
+    let keys: Vec<String> = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|k| till_key(k).to_string())
+        .collect();
+    assert_eq!(keys, ["trusted-1", "trusted-2"]);
+}
+
+/// Two tills and an app event that pick the same `Idempotency-Key` are three sales: the
+/// upstream gets three records under three keys (device, client, kind and the till's
+/// key), each delivered once, never two of one key in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tills_with_one_key_are_three_records_upstream_each_once() {
+    let dir = tmpdir("shared-key");
+    let (url, up) = upstream().await;
+    let up_cfg = Upstream {
+        timeout_ms: 2000,
+        ..Upstream::new(url)
+    };
+    let b = start(&dir, limits(), vec![], Some(up_cfg)).await;
+    let c = http();
+    for (till, n) in [(KEY, 1), (KEY2, 2)] {
+        let r = c
+            .post(format!("{}/v1/outbox", b.base))
+            .bearer_auth(till)
+            .header("idempotency-key", "k1")
+            .json(&json!({ "group": "sales", "body": { "till": n } }))
+            .send()
+            .await
+            .expect("req");
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let u = format!("{}/v1/carts/ra", b.base);
+    c.put(&u)
+        .bearer_auth(KEY)
+        .json(&cart(1))
+        .send()
+        .await
+        .expect("req");
+    let r = c
+        .post(format!("{u}/checkout"))
+        .bearer_auth(KEY)
+        .header("idempotency-key", "k1")
+        .json(&json!({ "payment": "cash" }))
+        .send()
+        .await
+        .expect("req");
+    assert!(r.status().is_success(), "{}", r.status());
+    b.online.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while up.delivered.lock().expect("lock").len() < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered = up.delivered.lock().expect("lock").clone();
+    let mut keys: Vec<&String> = delivered.keys().collect();
+    keys.sort();
+    let want = {
+        let mut w = vec![
+            up_key(&dir, "checkout", "k1"),
+            up_key(&dir, "event", "k1"),
+            stallnet::commerce::store::upstream_key(
+                &stallnet::commerce::store::device_tag(device_key(&dir).public_key().as_ref()),
+                "till-2",
+                "event",
+                "k1",
+            ),
+        ];
+        w.sort();
+        w
+    };
+    assert_eq!(keys, want.iter().collect::<Vec<_>>(), "{delivered:?}");
+    assert!(delivered.values().all(|n| *n == 1), "{delivered:?}");
+    assert!(
+        !up.overlap.load(Ordering::SeqCst),
+        "two of one key in flight"
+    );
+    // The fake upstream answers 500, 409, then 201 per key: three attempts each.
+    let attempts = up.attempts.lock().expect("lock").clone();
+    assert_eq!(attempts.values().sum::<usize>(), 9, "{attempts:?}");
+}
+
+/// A key already used for one cart, sent with another cart, is refused (409): the second
+/// cart stays unsold instead of being answered with the first cart's receipt. The same
+/// key on the same cart is still the same receipt; an event likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_on_another_cart_is_refused_not_answered_with_another_sale() {
+    let dir = tmpdir("reused-key");
+    let b = start(&dir, limits(), vec![], None).await;
+    let c = http();
+    for id in ["ra", "rb"] {
+        let r = c
+            .put(format!("{}/v1/carts/{id}", b.base))
+            .bearer_auth(KEY)
+            .json(&cart(1))
+            .send()
+            .await
+            .expect("req");
+        assert!(r.status().is_success());
+    }
+    let checkout = |id: &'static str| {
+        c.post(format!("{}/v1/carts/{id}/checkout", b.base))
+            .bearer_auth(KEY)
+            .header("idempotency-key", "k1")
+            .json(&json!({ "payment": "cash" }))
+            .send()
+    };
+    let first: Receipt = checkout("ra")
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("receipt");
+    assert_eq!(first.order.cart_id, "ra");
+    let r = checkout("rb").await.expect("req");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["code"], "idempotency_key_reused", "{e}");
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("\"ra\""),
+        "{e}"
+    );
+    // Cart rb is still there, unsold; the retry of ra is still ra's receipt.
+    let rb = c
+        .get(format!("{}/v1/carts/rb", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(rb.status(), StatusCode::OK);
+    let again: Receipt = checkout("ra")
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("receipt");
+    assert_eq!(again, first);
+    // Events: the same key and body is the same record; another body is refused.
+    let event = |n: i64| {
+        c.post(format!("{}/v1/outbox", b.base))
+            .bearer_auth(KEY)
+            .header("idempotency-key", "ev-1")
+            .json(&json!({ "group": "loyalty", "body": { "points": n } }))
+            .send()
+    };
+    assert!(event(5).await.expect("req").status().is_success());
+    assert!(event(5).await.expect("req").status().is_success());
+    let r = event(7).await.expect("req");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "idempotency_key_reused"
+    );
+    assert_eq!(
+        b.svc.store.outbox_len(),
+        2,
+        "one checkout and one event queued"
+    );
+}
+
+/// An API listening on `[::]` (it validates) sees an IPv4 guest as `::ffff:a.b.c.d`: the
+/// guest's prefix in `deny_from` still refuses it, key or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_guest_is_refused_on_a_dual_stack_listener() {
+    let dir = tmpdir("dual-stack");
+    let deny = vec!["127.0.0.0/8".parse().expect("net")];
+    let b = start_on("[::]:0", &dir, limits(), deny, None).await;
+    let port = b.base.rsplit(':').next().unwrap_or("0").to_string();
+    let r = http()
+        .get(format!("http://127.0.0.1:{port}/v1/status"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "forbidden_network"
+    );
 }

@@ -47,12 +47,14 @@ fn post_sale_as(t: &Topology, bearer: &str, key: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-/// What the upstream received: key → the source addresses it came from.
+/// What the upstream received: the till's key (the last part of the upstream key,
+/// DEVICE:CLIENT:KIND:KEY) → the source addresses it came from.
 fn received(log: &std::path::Path) -> HashMap<String, Vec<String>> {
     let mut m: HashMap<String, Vec<String>> = HashMap::new();
     for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            m.entry(v["key"].as_str().unwrap_or("").to_string())
+            let key = v["key"].as_str().unwrap_or("");
+            m.entry(key.rsplit(':').next().unwrap_or("").to_string())
                 .or_default()
                 .push(v["peer"].as_str().unwrap_or("").to_string());
         }

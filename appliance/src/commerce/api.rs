@@ -126,6 +126,9 @@ impl From<StoreError> for ApiError {
                 err.extra = current.map(|c| serde_json::to_value(*c).unwrap_or_default());
                 err
             }
+            StoreError::KeyReused(m) => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_key_reused", m)
+            }
             StoreError::Redeemed => ApiError::new(
                 StatusCode::CONFLICT,
                 "already_redeemed",
@@ -167,7 +170,10 @@ fn auth<S: CommerceStore>(
     from: SocketAddr,
 ) -> Result<String, ApiError> {
     let access = svc.access();
-    if access.deny_from.iter().any(|n| n.contains(&from.ip())) {
+    // An IPv4 guest reaching an API on `[::]` arrives as `::ffff:a.b.c.d`: compare the
+    // IPv4 address it is.
+    let ip = from.ip().to_canonical();
+    if access.deny_from.iter().any(|n| n.contains(&ip)) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden_network",

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use ring::signature::Ed25519KeyPair;
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use sled::transaction::{ConflictableTransactionError as Cte, TransactionError, Transactional};
 use sled::Tree;
 
@@ -20,6 +20,10 @@ pub enum StoreError {
     NotFound,
     #[error("version conflict")]
     Conflict(Option<Box<Cart>>),
+    /// The idempotency key was already used for a different request (another cart,
+    /// another event): never answered with the other request's result.
+    #[error("{0}")]
+    KeyReused(String),
     #[error("already redeemed")]
     Redeemed,
     #[error("expired")]
@@ -121,10 +125,28 @@ pub struct SledStore {
     checkouts: Tree,
     synced: Tree,
     key: Ed25519KeyPair,
+    /// [`device_tag`] of `key`.
+    device: String,
     /// One flush at a time: sled 0.34's `flush_async` can hang when many callers flush at
     /// once (seen here with 32 concurrent outbox deliveries), so flushes are serialized and
     /// run as blocking calls; a flush covers every write made before it.
     flushing: tokio::sync::Mutex<()>,
+}
+
+/// The `Idempotency-Key` (HTTP) or `Nats-Msg-Id` (JetStream) a record carries upstream:
+/// unique per device, client, kind of record and the client's key, so two tills (or two
+/// stalls, or a checkout and an event) that pick the same key never collide in an
+/// idempotent backend, which would keep one sale and drop the others. `device` is
+/// [`device_tag`] of the box's signing key.
+pub fn upstream_key(device: &str, client: &str, kind: &str, key: &str) -> String {
+    format!("{device}:{client}:{kind}:{key}")
+}
+
+/// 16 hex digits of the SHA-256 of the device's receipt-signing public key: names the
+/// stall in upstream keys.
+pub fn device_tag(public_key: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, public_key);
+    hex::encode(&d.as_ref()[..8])
 }
 
 fn k(client: &str, id: &str) -> Vec<u8> {
@@ -214,6 +236,7 @@ impl SledStore {
             checkouts: db.open_tree("checkouts")?,
             synced: db.open_tree("synced")?,
             db,
+            device: device_tag(key.public_key().as_ref()),
             key,
             flushing: tokio::sync::Mutex::new(()),
         };
@@ -408,10 +431,19 @@ impl CommerceStore for SledStore {
             &self.checkouts,
         )
             .transaction(|(carts, usage, receipts, outbox, meta, checkouts)| {
-                // The same checkout again: the receipt it already got.
+                // The same checkout again: the receipt it already got. The same key on
+                // another cart is refused: that cart is not sold.
                 if let Some(seq) = checkouts.get(&ikey)? {
                     let r = receipts.get(seq)?.ok_or(Cte::Abort(StoreError::NotFound))?;
-                    return from_json::<Receipt>(&r).map_err(Cte::Abort);
+                    let r = from_json::<Receipt>(&r).map_err(Cte::Abort)?;
+                    if r.order.cart_id != cart_id {
+                        return Err(Cte::Abort(StoreError::KeyReused(format!(
+                            "this Idempotency-Key already sold cart {:?} (receipt {}); \
+                             cart {cart_id:?} is not sold: use a new key for a new checkout",
+                            r.order.cart_id, r.seq
+                        ))));
+                    }
+                    return Ok(r);
                 }
                 let Some(old) = carts.get(&ckey)? else {
                     return Err(Cte::Abort(StoreError::NotFound));
@@ -448,7 +480,7 @@ impl CommerceStore for SledStore {
                 meta.insert("outbox_seq", &id.to_be_bytes())?;
                 let rec = OutboxRecord {
                     id,
-                    key: idem.to_string(),
+                    key: upstream_key(&self.device, client, "checkout", idem),
                     group: format!("cart:{client}:{cart_id}"),
                     client: client.to_string(),
                     body: serde_json::json!({ "type": "checkout", "receipt": r }),
@@ -475,17 +507,28 @@ impl CommerceStore for SledStore {
         let rec = (&self.outbox, &self.meta, &self.checkouts).transaction(
             |(outbox, meta, checkouts)| {
                 if let Some(id) = checkouts.get(&ikey)? {
-                    // Already queued (or delivered): the same record, once.
+                    // Already queued: the same record, once; the same key on another
+                    // event is refused.
                     if let Some(v) = outbox.get(&id)? {
-                        return from_json::<OutboxRecord>(&v).map_err(Cte::Abort);
+                        let old = from_json::<OutboxRecord>(&v).map_err(Cte::Abort)?;
+                        if old.body != body || old.group != format!("event:{client}:{group}") {
+                            return Err(Cte::Abort(StoreError::KeyReused(
+                                "this Idempotency-Key already queued a different event: \
+                                 use a new key for a new event"
+                                    .into(),
+                            )));
+                        }
+                        return Ok(old);
                     }
-                    return Err(Cte::Abort(StoreError::Conflict(None)));
+                    return Err(Cte::Abort(StoreError::KeyReused(
+                        "this Idempotency-Key's event was already delivered".into(),
+                    )));
                 }
                 let id = u64_of(meta.get("outbox_seq")?) + 1;
                 meta.insert("outbox_seq", &id.to_be_bytes())?;
                 let rec = OutboxRecord {
                     id,
-                    key: key.to_string(),
+                    key: upstream_key(&self.device, client, "event", key),
                     group: format!("event:{client}:{group}"),
                     client: client.to_string(),
                     body: body.clone(),
