@@ -304,6 +304,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 format!("{}: expected a JSON array of receipts", file.display())
             })?;
             let pk = hex::decode(public_key.trim()).context("--public-key: expected hex")?;
+            anyhow::ensure!(
+                pk.len() == 32,
+                "--public-key: expected an Ed25519 public key, 64 hex digits (GET \
+                 /v1/receipts/public-key), got {} bytes",
+                pk.len()
+            );
             let errors = stallnet::commerce::receipt::verify(&pk, &receipts);
             if json {
                 let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();

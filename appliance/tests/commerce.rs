@@ -1270,3 +1270,140 @@ async fn an_ipv4_guest_is_refused_on_a_dual_stack_listener() {
         "forbidden_network"
     );
 }
+
+/// Money-shaped small holes: a redeemed voucher stays redeemed when PUT again, an empty
+/// cart does not check out, and a till sees, retries and drops only its own outbox
+/// records and dead letters (they hold full receipts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vouchers_stay_spent_empty_carts_do_not_sell_and_tills_see_only_their_records() {
+    let dir = tmpdir("small-holes");
+    let (url, _up) = upstream().await;
+    let up_cfg = Upstream {
+        timeout_ms: 2000,
+        ..Upstream::new(url)
+    };
+    let b = start(&dir, limits(), vec![], Some(up_cfg)).await;
+    let c = http();
+    // A voucher, spent, then PUT again: still spent.
+    let t = format!("{}/v1/tokens/v1", b.base);
+    let voucher = json!({ "value": "VOUCHER-5-EUR", "kind": "voucher", "scope": "stall", "expires_at": 4_000_000_000i64 });
+    let r = c
+        .put(&t)
+        .bearer_auth(KEY)
+        .json(&voucher)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = c
+        .post(format!("{t}/redeem"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = c
+        .put(&t)
+        .bearer_auth(KEY)
+        .json(&voucher)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["code"],
+        "already_redeemed"
+    );
+    let r = c
+        .post(format!("{t}/redeem"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(
+        r.status(),
+        StatusCode::CONFLICT,
+        "a spent voucher was spent twice"
+    );
+    // An empty cart: 422, and it stays.
+    let u = format!("{}/v1/carts/empty", b.base);
+    let r = c
+        .put(&u)
+        .bearer_auth(KEY)
+        .json(&json!({ "currency": "EUR", "items": [] }))
+        .send()
+        .await
+        .expect("req");
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = c
+        .post(format!("{u}/checkout"))
+        .bearer_auth(KEY)
+        .json(&json!({ "payment": "cash" }))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.json::<Value>().await.expect("json")["code"], "empty_cart");
+    assert_eq!(b.svc.store.outbox_len(), 0);
+    // Till 1's event is refused upstream for good (422): a dead letter of till 1's.
+    let r = c
+        .post(format!("{}/v1/outbox", b.base))
+        .bearer_auth(KEY)
+        .header("idempotency-key", "refuse-1")
+        .json(&json!({ "group": "g", "body": { "refuse": true } }))
+        .send()
+        .await
+        .expect("req");
+    assert!(r.status().is_success());
+    let list = |key: &'static str, path: &'static str| {
+        let c = c.clone();
+        let base = b.base.clone();
+        async move {
+            c.get(format!("{base}{path}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("req")
+                .json::<Vec<Value>>()
+                .await
+                .expect("json")
+        }
+    };
+    assert_eq!(list(KEY, "/v1/outbox").await.len(), 1);
+    assert!(
+        list(KEY2, "/v1/outbox").await.is_empty(),
+        "till 2 saw till 1's record"
+    );
+    b.online.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while list(KEY, "/v1/outbox/dead").await.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dead = list(KEY, "/v1/outbox/dead").await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(list(KEY2, "/v1/outbox/dead").await.is_empty());
+    let id = dead[0]["record"]["id"].as_u64().expect("id");
+    let retry = c
+        .post(format!("{}/v1/outbox/dead/{id}/retry", b.base))
+        .bearer_auth(KEY2)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(
+        retry.status(),
+        StatusCode::NOT_FOUND,
+        "till 2 may retry till 1's"
+    );
+    let drop = c
+        .delete(format!("{}/v1/outbox/dead/{id}", b.base))
+        .bearer_auth(KEY2)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(
+        drop.status(),
+        StatusCode::NOT_FOUND,
+        "till 2 may drop till 1's"
+    );
+    assert_eq!(list(KEY, "/v1/outbox/dead").await.len(), 1, "still there");
+}

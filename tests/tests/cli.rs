@@ -183,6 +183,20 @@ fn receipts_verify_offline_and_tampering_is_reported() -> Result<()> {
         errors.contains("gap") && errors.contains("bad signature"),
         "{v}"
     );
+    // A key that is not an Ed25519 public key is refused, not taken to verify nothing.
+    let empty = d.join("empty.json");
+    std::fs::write(&empty, "[]")?;
+    let out = stallnet(&[
+        "verify-receipts",
+        empty.to_str().unwrap_or(""),
+        "--public-key",
+        "00",
+    ])?;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("64 hex digits"),
+        "{out:?}"
+    );
     // Keys are configured by their hash.
     let out = stallnet(&["hash-key", "till-1-secret-key-0123456789"])?;
     assert_eq!(

@@ -126,6 +126,11 @@ impl From<StoreError> for ApiError {
                 err.extra = current.map(|c| serde_json::to_value(*c).unwrap_or_default());
                 err
             }
+            StoreError::EmptyCart => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "empty_cart",
+                "the cart has no items: nothing to sell",
+            ),
             StoreError::KeyReused(m) => {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_key_reused", m)
             }
@@ -507,8 +512,16 @@ async fn list_outbox<S: CommerceStore>(
     ConnectInfo(from): Peer,
     headers: HeaderMap,
 ) -> ApiResult {
-    auth(&svc, &headers, from)?;
-    Ok(Json(svc.store.outbox(1000)?).into_response())
+    let client = auth(&svc, &headers, from)?;
+    // A client sees its own records only (they hold full receipts).
+    let mine: Vec<_> = svc
+        .store
+        .outbox(usize::MAX)?
+        .into_iter()
+        .filter(|r| r.client == client)
+        .take(1000)
+        .collect();
+    Ok(Json(mine).into_response())
 }
 
 async fn list_dead<S: CommerceStore>(
@@ -516,8 +529,28 @@ async fn list_dead<S: CommerceStore>(
     ConnectInfo(from): Peer,
     headers: HeaderMap,
 ) -> ApiResult {
-    auth(&svc, &headers, from)?;
-    Ok(Json(svc.store.dead_letters()?).into_response())
+    let client = auth(&svc, &headers, from)?;
+    let mine: Vec<_> = svc
+        .store
+        .dead_letters()?
+        .into_iter()
+        .filter(|d| d.record.client == client)
+        .collect();
+    Ok(Json(mine).into_response())
+}
+
+/// `Ok` when dead letter `id` is `client`'s; another client's is "not found" to it.
+fn own_dead<S: CommerceStore>(svc: &Service<S>, client: &str, id: u64) -> Result<(), ApiError> {
+    let mine = svc
+        .store
+        .dead_letters()?
+        .iter()
+        .any(|d| d.record.id == id && d.record.client == client);
+    if mine {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound.into())
+    }
 }
 
 async fn retry_dead<S: CommerceStore>(
@@ -526,7 +559,8 @@ async fn retry_dead<S: CommerceStore>(
     Path(id): Path<u64>,
     headers: HeaderMap,
 ) -> ApiResult {
-    auth(&svc, &headers, from)?;
+    let client = auth(&svc, &headers, from)?;
+    own_dead(&svc, &client, id)?;
     svc.store.retry_dead(id)?;
     durable(&svc).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -538,7 +572,8 @@ async fn drop_dead<S: CommerceStore>(
     Path(id): Path<u64>,
     headers: HeaderMap,
 ) -> ApiResult {
-    auth(&svc, &headers, from)?;
+    let client = auth(&svc, &headers, from)?;
+    own_dead(&svc, &client, id)?;
     svc.store.drop_dead(id)?;
     durable(&svc).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

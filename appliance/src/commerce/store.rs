@@ -24,6 +24,9 @@ pub enum StoreError {
     /// another event): never answered with the other request's result.
     #[error("{0}")]
     KeyReused(String),
+    /// A checkout of a cart without items: nothing to sell.
+    #[error("the cart has no items: nothing to sell")]
+    EmptyCart,
     #[error("already redeemed")]
     Redeemed,
     #[error("expired")]
@@ -281,7 +284,14 @@ impl CommerceStore for SledStore {
         let key = k(client, id);
         let val = to_json(t);
         (&self.tokens, &self.usage).transaction(|(tokens, usage)| {
-            let old = tokens.get(&key)?.map(|v| v.len());
+            let old = tokens.get(&key)?;
+            // A redeemed token stays redeemed: a PUT over it would make it spendable again.
+            if let Some(o) = &old {
+                if from_json::<StoredToken>(o).is_ok_and(|t| t.redeemed_at.is_some()) {
+                    return Err(Cte::Abort(StoreError::Redeemed));
+                }
+            }
+            let old = old.map(|v| v.len());
             apply_usage(usage, client, old, Some(val.len()), Some(l))?;
             tokens.insert(key.as_slice(), val.as_slice())?;
             Ok(())
@@ -449,6 +459,9 @@ impl CommerceStore for SledStore {
                     return Err(Cte::Abort(StoreError::NotFound));
                 };
                 let cart: Cart = from_json(&old).map_err(Cte::Abort)?;
+                if cart.items.is_empty() {
+                    return Err(Cte::Abort(StoreError::EmptyCart));
+                }
                 if if_match.is_some_and(|v| v != cart.version) {
                     return Err(Cte::Abort(StoreError::Conflict(Some(Box::new(cart)))));
                 }

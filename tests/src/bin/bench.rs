@@ -434,7 +434,12 @@ mod commerce_bench {
             id,
             version: 0,
             currency: "EUR".into(),
-            items: vec![],
+            items: vec![stallnet::commerce::model::LineItem {
+                sku: "coffee".into(),
+                name: String::new(),
+                quantity: 1,
+                unit_price: 100,
+            }],
             total: 100,
             updated_at: 0,
         }

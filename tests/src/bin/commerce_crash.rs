@@ -41,7 +41,12 @@ fn main() -> Result<()> {
             id: id.clone(),
             version: 0,
             currency: "EUR".into(),
-            items: vec![],
+            items: vec![stallnet::commerce::model::LineItem {
+                sku: "coffee".into(),
+                name: String::new(),
+                quantity: 1,
+                unit_price: n as i64,
+            }],
             total: n as i64,
             updated_at: 0,
         };
