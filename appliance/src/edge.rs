@@ -151,7 +151,8 @@ async fn run_with(
     cancel: CancellationToken,
 ) -> Result<()> {
     // Everything the config asks for, built before the kernel is touched.
-    crate::plan::edge(&cfg).context("the config validated but cannot run (please report this)")?;
+    let plan = crate::plan::edge(&cfg)
+        .context("the config validated but cannot run (please report this)")?;
     let e = cfg.edge().context("config has no [edge] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
     let client = identity::client_config(&me, &reload::pins(&e))?;
@@ -185,13 +186,13 @@ async fn run_with(
         }),
         None => None,
     };
-    let specs = classes::specs(&e);
-    let classifier = Classifier::new(&classes::rules(&e), ClassifyConfig::default());
+    // The cores run with what the plan built.
+    let classifier = Classifier::new(&plan.rules, ClassifyConfig::default());
     let bond = Bond::new(
         tun.clone(),
         BondConfig {
             side: Side::Edge,
-            sched: classes::sched_config(&specs, e.mode),
+            sched: plan.sched.clone(),
             classifier,
         },
         None,
@@ -228,7 +229,7 @@ async fn run_with(
         uplinks: Mutex::new(Vec::new()),
         preferred: Mutex::new(None),
         changes: change_rx,
-        class_specs: watch::Sender::new(classes::specs(&e)),
+        class_specs: watch::Sender::new(plan.specs.clone()),
         tls: Mutex::new(tls),
         fail_fast: AtomicBool::new(e.fallback == Fallback::None),
         device_rules: Mutex::new(device_rules(&e)),

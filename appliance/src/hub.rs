@@ -72,39 +72,28 @@ async fn run_with(
     std::fs::create_dir_all(&cfg.runtime_dir)
         .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
     let hub_addr = plan.hub_address;
-    let mut addresses = plan.device_addresses.iter().copied();
     kernel.sysctl("net/ipv4/ip_forward", "1")?;
     let tun = sys::tun(&h.tun_name, h.mtu, Some((hub_addr, plan.prefix_len)))?;
     let nl = &kernel.nl;
     let tun_index = nl.link(&h.tun_name).await?.context("TUN vanished")?.index;
 
     let mut devices = Vec::new();
-    for d in &h.devices {
+    // The plan holds an address and the download rules for each device, in config order.
+    let per_device = plan.device_addresses.iter().zip(&plan.device_rules);
+    for (d, (address, rules)) in h.devices.iter().zip(per_device) {
         let d = d.get_ref();
-        let address = IpAddr::V4(addresses.next().context("hub.pool exhausted")?);
+        let address = IpAddr::V4(*address);
         for p in &d.lan {
             nl.route_prefix(*p, tun_index, 254).await?;
         }
         let mut accept = d.lan.clone();
         accept.push(IpNet::from(address));
-        // Downloads follow the class the edge gave each flow; flows the edge did not start
-        // are classified by the device's POS sources and the built-in rules.
-        let mut rules = Vec::new();
-        if !d.pos_sources.is_empty() {
-            rules.push(stallnet_netconf::Rule {
-                class: stallnet_netconf::ClassName::Pos,
-                dst: d.pos_sources.clone(),
-                ..Default::default()
-            });
-        }
-        rules.extend(stallnet_netconf::classes::default_rules());
-        let specs = stallnet_netconf::classes::effective_classes(&Default::default());
         let bond = Bond::new(
             tun.clone(),
             BondConfig {
                 side: Side::Hub,
-                sched: classes::sched_config(&specs, h.mode),
-                classifier: Classifier::new(&rules, ClassifyConfig::default()),
+                sched: plan.sched.clone(),
+                classifier: Classifier::new(rules, ClassifyConfig::default()),
             },
             Some(accept),
             cancel.child_token(),

@@ -72,6 +72,8 @@ pub struct HubPlan {
     pub prefix_len: u8,
     /// Each device's tunnel address, in config order.
     pub device_addresses: Vec<Ipv4Addr>,
+    /// Each device's download rules (its POS sources, then the built-in rules).
+    pub device_rules: Vec<Vec<Rule>>,
     pub sched: SchedulerConfig,
 }
 
@@ -194,7 +196,10 @@ pub fn hub(cfg: &Config) -> Result<HubPlan, PlanError> {
     let specs = stallnet_netconf::classes::effective_classes(&Default::default());
     let sched = classes::sched_config(&specs, h.mode);
     let _ = Scheduler::new(sched.clone());
+    let mut device_rules = Vec::new();
     for d in &h.devices {
+        // Downloads follow the class the edge gave each flow; flows the edge did not
+        // start are classified by the device's POS sources and the built-in rules.
         let mut rules = Vec::new();
         if !d.get_ref().pos_sources.is_empty() {
             rules.push(Rule {
@@ -205,11 +210,13 @@ pub fn hub(cfg: &Config) -> Result<HubPlan, PlanError> {
         }
         rules.extend(stallnet_netconf::classes::default_rules());
         let _ = Classifier::new(&rules, ClassifyConfig::default());
+        device_rules.push(rules);
     }
     Ok(HubPlan {
         hub_address,
         prefix_len: pool.prefix_len(),
         device_addresses,
+        device_rules,
         sched,
     })
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_spanned::Spanned;
 
 use crate::classes::{is_host_pattern, parse_mac, ClassName, ClassPath};
-use crate::grammar;
+use crate::grammar::{self, IFACE_EXPECTED};
 use crate::schema::{is_identity, Config, Role};
 
 /// One thing wrong with a config, with its position.
@@ -368,7 +368,7 @@ impl Validator<'_> {
             self.err(
                 edge.span(),
                 "edge.tun_name",
-                format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", e.tun_name),
+                format!("expected {IFACE_EXPECTED}, got {:?}", e.tun_name),
             );
         }
         if e.uplinks.len() > MAX_UPLINKS {
@@ -478,7 +478,7 @@ impl Validator<'_> {
                 self.err(
                     u.span(),
                     format!("edge.uplinks[{i}].interface"),
-                    format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", r.interface),
+                    format!("expected {IFACE_EXPECTED}, got {:?}", r.interface),
                 );
             }
             if let (Some(lo), Some(hi)) = (r.min_rate, r.max_rate) {
@@ -646,7 +646,7 @@ impl Validator<'_> {
                     self.err(
                         at.clone(),
                         format!("{path}.interface"),
-                        format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {n:?}"),
+                        format!("expected {IFACE_EXPECTED}, got {n:?}"),
                     );
                 } else if let Some(known) = lan_ifaces.as_ref().filter(|k| !k.contains(n)) {
                     self.err(
@@ -804,7 +804,7 @@ impl Validator<'_> {
             self.err(
                 at.clone(),
                 "lan.interface",
-                format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", l.interface),
+                format!("expected {IFACE_EXPECTED}, got {:?}", l.interface),
             );
         }
         for (i, p) in l.ports.iter().enumerate() {
@@ -1082,7 +1082,7 @@ impl Validator<'_> {
             self.err(
                 hub.span(),
                 "hub.tun_name",
-                format!("expected an interface name of 1 to 15 letters, digits, '-', '_' or '.', got {:?}", h.tun_name),
+                format!("expected {IFACE_EXPECTED}, got {:?}", h.tun_name),
             );
         }
         if !(576..=9000).contains(&h.mtu) {

@@ -46,6 +46,29 @@ fn harness_priority(args: &[&str]) -> &'static [&'static str] {
     }
 }
 
+/// A till's `POST /v1/outbox` from namespace `ns` to the commerce API at `api`
+/// (`host:port`) with `bearer` and idempotency `key`: the HTTP status ("201", or "000"
+/// when nothing answered).
+pub fn post_outbox(ns: &str, api: &str, bearer: &str, key: &str, body: &str) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(harness_priority(&["curl"]))
+        .args(["curl", "-sS", "--max-time", "5", "-o", "/dev/null"])
+        .args([
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            &format!("http://{api}/v1/outbox"),
+        ])
+        .args(["-H", &format!("authorization: Bearer {bearer}")])
+        .args(["-H", &format!("idempotency-key: {key}")])
+        .args(["-H", "content-type: application/json", "-d", body])
+        .output()
+        .context("running curl")?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 pub fn bin(name: &str) -> PathBuf {
     if let Ok(d) = std::env::var("STALLNET_BIN_DIR") {
         return Path::new(&d).join(name);

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use stallnet_tests::topo::{bin, wait_for, Options, Topology, UplinkSpec, HUB_ADDR, SERVER};
+use stallnet_tests::topo::{
+    bin, post_outbox, wait_for, Options, Topology, UplinkSpec, HUB_ADDR, SERVER,
+};
 
 const KEY: &str = "till-e2e-key-0123456789abcdef";
 const API: &str = "10.1.0.1:8080";
@@ -20,31 +22,8 @@ fn post_sale(t: &Topology, key: &str) -> Result<()> {
 
 /// Posts a sale with bearer key `bearer`; the HTTP status.
 fn post_sale_as(t: &Topology, bearer: &str, key: &str) -> Result<String> {
-    let out = t.exec(
-        "lan",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "POST",
-            &format!("http://{API}/v1/outbox"),
-            "-H",
-            &format!("authorization: Bearer {bearer}"),
-            "-H",
-            &format!("idempotency-key: {key}"),
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &format!(r#"{{"group":"sales","body":{{"sale":"{key}"}}}}"#),
-        ],
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    let body = format!(r#"{{"group":"sales","body":{{"sale":"{key}"}}}}"#);
+    post_outbox(&t.ns("lan"), API, bearer, key, &body)
 }
 
 /// What the upstream received: the till's key (the last part of the upstream key,

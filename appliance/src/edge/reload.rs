@@ -14,7 +14,6 @@ use stallnet_netconf::{EdgeConfig, Fallback};
 
 use super::uplinks::{self, lock};
 use super::{lan_rules, Ctx, LAN_LOCAL_PRIORITY, LAN_TUNNEL_PRIORITY};
-use crate::classes;
 use crate::control::ActionError;
 use crate::events::Level;
 
@@ -54,7 +53,7 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
     let e = new.edge().cloned().ok_or_else(|| {
         invalid("the file is not an edge config; the running config is unchanged".into())
     })?;
-    crate::plan::edge(&new).map_err(|err| {
+    let plan = crate::plan::edge(&new).map_err(|err| {
         invalid(format!(
             "the config validated but cannot run ({err}); the running config is unchanged"
         ))
@@ -103,10 +102,8 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
     if let Ok(mut c) = ctx.cfg.write() {
         *c = Arc::new(e.clone());
     }
-    let specs = classes::specs(&e);
-    ctx.bond.configure(classes::sched_config(&specs, e.mode));
-    let rules = classes::rules(&e);
-    ctx.bond.set_rules(&rules);
+    ctx.bond.configure(plan.sched.clone());
+    ctx.bond.set_rules(&plan.rules);
     *lock(&ctx.device_rules) = super::device_rules(&e);
     ctx.devices_changed.notify_one();
     let classes_changed = !same(&old.classes, &e.classes);
@@ -241,7 +238,7 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
     if classes_changed {
         // The hub schedules the way down with the edge's class settings: each uplink's
         // connection tells it.
-        ctx.class_specs.send_replace(classes::specs(&e));
+        ctx.class_specs.send_replace(plan.specs.clone());
     }
     // Config order (the dashboard's, the fallback's).
     lock(&ctx.uplinks).sort_by_key(|r| {

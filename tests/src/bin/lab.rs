@@ -137,24 +137,7 @@ fn till(ns: &str, stop: &AtomicBool) {
         n += 1;
         let key = format!("lab-sale-{n:05}");
         let body = format!(r#"{{"group":"sales","body":{{"sale":"{key}","amount_cents":450}}}}"#);
-        let _ = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "-o",
-                "/dev/null",
-            ])
-            .args(["-X", "POST", &format!("http://{API}/v1/outbox")])
-            .args(["-H", &format!("authorization: Bearer {TILL_KEY}")])
-            .args(["-H", &format!("idempotency-key: {key}")])
-            .args(["-H", "content-type: application/json", "-d", &body])
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = stallnet_tests::topo::post_outbox(ns, API, TILL_KEY, &key, &body);
     }
 }
 
