@@ -294,16 +294,11 @@ async fn run_with(
                 tokio::spawn(async move { route_upstream(c, tun_index, url).await });
             }
             let _ = ctx.commerce.set(svc.clone());
-            let (s, c) = (svc.clone(), cancel.clone());
-            tokio::spawn(async move {
-                if let Err(e) = crate::commerce::run(s, com, c).await {
-                    tracing::error!("commerce service: {e:#}");
-                }
-            });
-            Some(svc)
+            Some(crate::commerce::spawn(svc, com, cancel.clone())?)
         }
         None => None,
     };
+    let (commerce_thread, commerce) = commerce.unzip();
     let c = ctx.clone();
     tokio::spawn(async move { resolve_devices(c).await });
     tracing::info!(identity = %ctx.me.id, "edge running");
@@ -332,6 +327,17 @@ async fn run_with(
     let result = supervise(&ctx, &cfg, tun_index, commerce).await;
     reader.abort();
     cancel.cancel();
+    if let Some(t) = commerce_thread {
+        // Its store flushes as it closes; a store stuck on a failing disk does not keep
+        // the daemon (and the kernel changes it undoes) from exiting.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !t.is_finished() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !t.is_finished() {
+            tracing::warn!("the commerce service did not stop within 5 s");
+        }
+    }
     if ctx.restart.load(Ordering::SeqCst) {
         anyhow::bail!(
             "exiting so that the service manager restarts stallnet with the restored config"
@@ -345,7 +351,7 @@ async fn supervise(
     ctx: &Arc<Ctx>,
     cfg: &Config,
     tun_index: u32,
-    commerce: Option<Arc<CommerceService>>,
+    commerce: Option<crate::commerce::StatusCell>,
 ) -> Result<()> {
     let mut commerce_doc = None;
     let mut ticks = 0u64;
@@ -460,12 +466,14 @@ async fn supervise(
         } else {
             "online"
         };
-        // The commerce figures read the store: once a second is plenty.
+        // The commerce figures come from the service's own thread (never the store
+        // itself: a full disk must not stall this loop).
         if ticks % 4 == 0 {
             clock = status::clock_state();
-            commerce_doc = commerce
-                .as_ref()
-                .and_then(|s| crate::commerce::api::status(s).ok());
+            commerce_doc = commerce.as_ref().and_then(|c| match c.lock() {
+                Ok(d) => d.clone(),
+                Err(p) => p.into_inner().clone(),
+            });
         }
         ticks += 1;
         let preferred = lock(&ctx.preferred).clone();

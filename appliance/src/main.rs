@@ -149,10 +149,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Lifts the soft open-file limit to the hard one (at most 65 536): the commerce API
+/// takes a quarter of it at most, the rest is the daemon's own.
+fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(65_536);
+        if want > soft {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                tracing::warn!("raising the open-file limit from {soft}: {e}");
+            }
+        }
+    }
+}
+
 fn real_main(cli: Cli) -> Result<ExitCode> {
     let json = cli.json;
     match cli.cmd {
         Cmd::Run { config, boot_dir } => {
+            raise_file_limit();
             let mut notes: Vec<(Level, &'static str, String)> = Vec::new();
             match stallnet::boot_import::import(&boot_dir, &config) {
                 Ok(Outcome::Nothing) => {}

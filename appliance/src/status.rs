@@ -88,6 +88,15 @@ pub fn human(s: &serde_json::Value) -> String {
                 format!(", oldest {}h{:02}m", a / 3600, (a % 3600) / 60)
             });
         let dead = c["dead_letters"].as_u64().unwrap_or(0);
+        if c["storage"]["ok"].as_bool() == Some(false) {
+            let _ = writeln!(
+                out,
+                "STORAGE FULL: new sales are refused; free space on the SD card ({} free)",
+                c["storage"]["free_bytes"]
+                    .as_u64()
+                    .map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            );
+        }
         let _ = writeln!(
             out,
             "sales: {n} waiting to upload{age}{}",

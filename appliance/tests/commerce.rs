@@ -2,7 +2,6 @@
 //! the outbox against a real upstream HTTP server on loopback that fails on purpose.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -117,16 +116,11 @@ async fn start_on(
     let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let router = api::router(svc.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { c.cancelled().await })
-        .await;
-    });
+    tokio::spawn(stallnet::commerce::serve(
+        listener,
+        svc.clone(),
+        cancel.clone(),
+    ));
     if let Some(up) = upstream {
         let (s, c) = (svc.clone(), cancel.clone());
         tokio::spawn(worker::run(s, up, c));
@@ -1406,4 +1400,627 @@ async fn vouchers_stay_spent_empty_carts_do_not_sell_and_tills_see_only_their_re
         "till 2 may drop till 1's"
     );
     assert_eq!(list(KEY, "/v1/outbox/dead").await.len(), 1, "still there");
+}
+
+/// Every page of a list, following `x-next-from`.
+async fn all_pages<T: serde::de::DeserializeOwned>(
+    c: &reqwest::Client,
+    url: &str,
+    key: &str,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    let mut from = 1u64;
+    for _ in 0..10_000 {
+        let r = c
+            .get(format!("{url}?from={from}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("page");
+        assert_eq!(r.status(), StatusCode::OK);
+        let next = r
+            .headers()
+            .get("x-next-from")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        out.extend(r.json::<Vec<T>>().await.expect("json"));
+        match next {
+            Some(n) => from = n,
+            None => return out,
+        }
+    }
+    panic!("no end to the pages of {url}");
+}
+
+/// A tmpfs mounted for one test, unmounted when it ends (also on a panic).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Needs root: fails loudly under `CI=true`, says so and returns `None` otherwise.
+    fn mount(name: &str, size: &str) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").is_err(),
+                "mounting a tmpfs needs root (CI runs the suite as root)"
+            );
+            eprintln!("skipped outside CI: mounting a tmpfs needs root");
+            return None;
+        }
+        let d = std::env::temp_dir().join(format!("sn-tmpfs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("mountpoint");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&d)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mount tmpfs on {}", d.display());
+        Some(Self(d))
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("remount");
+        assert!(ok.success(), "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A big cart (about 3 KB stored), to fill a small disk quickly.
+fn big_cart(i: usize) -> Value {
+    let items: Vec<Value> = (0..30)
+        .map(|n| json!({ "sku": format!("sku-{i}-{n}"), "name": "Hand-thrown stoneware mug, glazed", "quantity": 1, "unit_price": 1200 }))
+        .collect();
+    json!({ "currency": "EUR", "items": items })
+}
+
+/// One sale (cart, then checkout with key `k{i}`); the checkout's answer.
+async fn sell(c: &reqwest::Client, base: &str, i: usize) -> (StatusCode, Value) {
+    let url = format!("{base}/v1/carts/full-{i}");
+    let r = c
+        .put(&url)
+        .bearer_auth(KEY)
+        .json(&big_cart(i))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("the API answers while the disk is full");
+    if !r.status().is_success() {
+        let s = r.status();
+        return (s, r.json().await.unwrap_or_default());
+    }
+    let r = c
+        .post(format!("{url}/checkout"))
+        .bearer_auth(KEY)
+        .header("idempotency-key", format!("k{i}"))
+        .json(&json!({ "payment": "card-77" }))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("the API answers while the disk is full");
+    let s = r.status();
+    (s, r.json().await.unwrap_or_default())
+}
+
+/// The state directory on a real, small tmpfs filled by sales: the API refuses new
+/// sales with 507 storage_full (never a hang, never a 500), the status says the storage
+/// is full, and once the filesystem has room again sales are taken with no restart;
+/// every acknowledged sale is still there, its receipt chain intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_sales_with_507_and_recovers_by_itself() {
+    let Some(fs) = Tmpfs::mount("full", "12m") else {
+        return;
+    };
+    let big = Limits {
+        max_entries: 1_000_000,
+        max_bytes: 1 << 40,
+    };
+    let b = start(&fs.0, big, vec![], None).await;
+    let c = http();
+    let mut sold = Vec::new();
+    let mut refusal = None;
+    let t0 = std::time::Instant::now();
+    for i in 0..20_000 {
+        let (s, body) = sell(&c, &b.base, i).await;
+        if s == StatusCode::CREATED {
+            sold.push(body["seq"].as_u64().expect("seq"));
+            continue;
+        }
+        refusal = Some((i, s, body));
+        break;
+    }
+    let (i, s, body) = refusal.expect("the disk filled up");
+    eprintln!(
+        "{} sales acknowledged in {:?}, then {s} {body}",
+        sold.len(),
+        t0.elapsed()
+    );
+    assert_eq!(s, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    assert_eq!(body["code"], "storage_full", "{body}");
+    assert!(
+        sold.len() > 100,
+        "a 12 MB disk holds more than {} sales",
+        sold.len()
+    );
+    // While full: refused again at once, and the status says so in plain words.
+    for j in 0..5 {
+        let t = std::time::Instant::now();
+        let (s, body) = sell(&c, &b.base, i + 1 + j).await;
+        assert!(
+            s == StatusCode::INSUFFICIENT_STORAGE || s == StatusCode::SERVICE_UNAVAILABLE,
+            "{s} {body}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "refused in {:?}",
+            t.elapsed()
+        );
+    }
+    let st: Value = c
+        .get(format!("{}/v1/status", b.base))
+        .bearer_auth(KEY)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(st["storage"]["ok"], false, "{st}");
+    // Room again: sales are taken within seconds, without a restart.
+    fs.resize("64m");
+    let t = std::time::Instant::now();
+    let mut n = i + 10;
+    loop {
+        let (s, body) = sell(&c, &b.base, n).await;
+        if s == StatusCode::CREATED {
+            sold.push(body["seq"].as_u64().expect("seq"));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still refused {:?} after space returned: {s} {body}",
+            t.elapsed()
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("sales taken again {:?} after space returned", t.elapsed());
+    // Nothing acknowledged was lost, and the chain verifies.
+    let all: Vec<Receipt> = all_pages(&c, &format!("{}/v1/receipts", b.base), KEY).await;
+    let have: std::collections::HashSet<u64> = all.iter().map(|r| r.seq).collect();
+    let lost: Vec<_> = sold.iter().filter(|s| !have.contains(s)).collect();
+    assert!(lost.is_empty(), "acknowledged sales missing: {lost:?}");
+    let key = hex::decode(&b.svc.public_key).expect("hex");
+    assert!(receipt::verify(&key, &all).is_empty(), "the chain verifies");
+    let st = api::status(&b.svc);
+    assert_eq!(st["storage"]["ok"], true, "{st}");
+    drop(b);
+}
+
+/// The disk fills under the store itself (no reserve left, as when another process
+/// fills the card): sled's write fails, and its error is sticky. The store stops
+/// answering from memory, says the storage is not ok, and reopens itself from disk
+/// once the filesystem has room: nothing acknowledged (flushed) is lost, the receipt
+/// chain goes on unbroken, and no restart is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_hit_a_full_disk_reopens_itself_when_space_returns() {
+    let Some(fs) = Tmpfs::mount("enospc", "8m") else {
+        return;
+    };
+    let key = device_key(&fs.0);
+    let public = key.public_key().as_ref().to_vec();
+    let store = SledStore::open(&fs.0.join("commerce"), key)
+        .expect("store")
+        .with_reserve(0);
+    let big = Limits {
+        max_entries: 1_000_000,
+        max_bytes: 1 << 40,
+    };
+    let cart = |i: usize| stallnet::commerce::model::Cart {
+        id: format!("c{i}"),
+        version: 0,
+        currency: "EUR".into(),
+        items: serde_json::from_value(big_cart(i)["items"].clone()).expect("items"),
+        total: 36_000,
+        updated_at: 0,
+    };
+    let mut acked = Vec::new();
+    let mut failure = None;
+    for i in 0..50_000 {
+        let r = async {
+            store.put_cart("till-1", cart(i), None, big)?;
+            let r = store.checkout(
+                "till-1",
+                &format!("c{i}"),
+                None,
+                "card",
+                &format!("k{i}"),
+                1,
+            )?;
+            store.flush().await?;
+            Ok::<_, stallnet::commerce::store::StoreError>(r.seq)
+        }
+        .await;
+        match r {
+            Ok(seq) => acked.push(seq),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failure.expect("the disk filled up");
+    eprintln!("{} sales flushed, then: {e:?}", acked.len());
+    assert!(
+        matches!(e, stallnet::commerce::store::StoreError::Full(_)),
+        "{e:?}"
+    );
+    assert!(!store.storage().ok);
+    // Nothing is answered from memory (it may hold what never reached the disk).
+    assert_eq!(
+        store.receipts(1, 10, usize::MAX).err(),
+        Some(stallnet::commerce::store::StoreError::Unavailable)
+    );
+    fs.resize("64m");
+    let seq = store
+        .checkout("till-1", "none", None, "card", "after", 2)
+        .err();
+    assert_eq!(
+        seq,
+        Some(stallnet::commerce::store::StoreError::NotFound),
+        "reopened"
+    );
+    assert!(store.storage().ok);
+    store
+        .put_cart("till-1", cart(999_999), None, big)
+        .expect("cart");
+    let r = store
+        .checkout("till-1", "c999999", None, "card", "k-after", 3)
+        .expect("a sale after space returned");
+    store.flush().await.expect("flush");
+    let all = store
+        .receipts(1, usize::MAX, usize::MAX)
+        .expect("receipts")
+        .items;
+    let have: std::collections::HashSet<u64> = all.iter().map(|r| r.seq).collect();
+    let lost: Vec<_> = acked.iter().filter(|s| !have.contains(s)).collect();
+    assert!(lost.is_empty(), "acknowledged sales missing: {lost:?}");
+    assert_eq!(all.last().map(|l| l.seq), Some(r.seq));
+    assert!(
+        receipt::verify(&public, &all).is_empty(),
+        "the chain verifies"
+    );
+}
+
+/// Sends `req` on a fresh connection and reads the whole answer (the server closes it or
+/// it ends in a complete JSON body); `None` if nothing came within `wait`.
+async fn raw(addr: &str, req: &[u8], wait: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(req).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(wait, async {
+        while let Ok(n) = s.read(&mut buf).await {
+            out.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&out);
+            if n == 0 || (text.contains("\r\n\r\n") && text.trim_end().ends_with('}')) {
+                break;
+            }
+        }
+    })
+    .await;
+    (!out.is_empty()).then(|| String::from_utf8_lossy(&out).to_string())
+}
+
+/// The JSON body of a raw answer.
+fn raw_json(answer: &str) -> Value {
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"))
+}
+
+/// One LAN device cannot take the API from the others: it holds at most 32 connections
+/// (the next ones get a JSON 503 at once), a till elsewhere on the LAN is still served,
+/// idle connections are closed after 10 s, a body announced over the limit is refused
+/// before it is read, and a body that never arrives ends in a 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_cannot_exhaust_or_hold_the_api() {
+    use stallnet::commerce::listen::{HEADER_TIMEOUT, PER_SOURCE, REQUEST_TIMEOUT};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tmpdir("conns");
+    let b = start(&dir, limits(), vec![], None).await;
+    let addr = b.base.trim_start_matches("http://").to_string();
+    let port = addr.rsplit(':').next().unwrap_or("0").to_string();
+    // A phone on 127.0.0.1 opens idle connections.
+    let get = format!("GET /v1/status HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\r\n");
+    let mut idle = Vec::new();
+    for i in 0..PER_SOURCE {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        if i == 0 {
+            // One that made a request first and then stays open (keep-alive).
+            s.write_all(get.as_bytes()).await.expect("write");
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        }
+        idle.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let over = raw(&addr, get.as_bytes(), Duration::from_secs(3))
+        .await
+        .expect("an answer");
+    assert!(over.starts_with("HTTP/1.1 503"), "{over}");
+    assert_eq!(raw_json(&over)["code"], "too_many_connections");
+    // A till on another address is served meanwhile.
+    let _ = http(); // installs the TLS provider reqwest's builder wants
+    let till = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("client");
+    let r = till
+        .get(format!("http://127.0.0.1:{port}/v1/status"))
+        .bearer_auth(KEY)
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .expect("the till is served");
+    assert_eq!(r.status(), StatusCode::OK);
+    // A declared body over the limit: 413 before a byte of it is sent.
+    let huge = format!(
+        "PUT /v1/carts/a HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 99999999999\r\n\r\n"
+    );
+    let till_addr = format!("127.0.0.1:{port}");
+    drop(idle.pop()); // room for one more from this device (not the keep-alive one)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let a = raw(&till_addr, huge.as_bytes(), Duration::from_secs(3))
+        .await
+        .expect("an answer");
+    assert!(a.starts_with("HTTP/1.1 413"), "{a}");
+    assert_eq!(raw_json(&a)["code"], "body_too_large");
+    // A body that stops arriving, and the idle connections: both end by themselves.
+    let slow = tokio::spawn({
+        let addr = addr.clone();
+        async move {
+            let t = std::time::Instant::now();
+            let req = format!(
+                "PUT /v1/carts/slow HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\
+                 content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"curr"
+            );
+            let a = raw(
+                &addr,
+                req.as_bytes(),
+                REQUEST_TIMEOUT + Duration::from_secs(5),
+            )
+            .await;
+            (a, t.elapsed())
+        }
+    });
+    let t = std::time::Instant::now();
+    let mut closed = 0;
+    for mut s in idle {
+        let mut buf = [0u8; 64];
+        let left = (HEADER_TIMEOUT + Duration::from_secs(3)).saturating_sub(t.elapsed());
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(left, s.read(&mut buf)).await {
+            closed += 1;
+        }
+        let _ = s.shutdown().await;
+    }
+    assert_eq!(closed, PER_SOURCE - 1, "idle connections closed by the API");
+    let (a, took) = slow.await.expect("slow");
+    let a = a.expect("an answer to the stalled body");
+    assert!(a.starts_with("HTTP/1.1 408"), "{a}");
+    assert_eq!(raw_json(&a)["code"], "request_timeout");
+    assert!(took < REQUEST_TIMEOUT + Duration::from_secs(3), "{took:?}");
+}
+
+/// Errors the HTTP framework answers itself come in the documented JSON shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framework_errors_are_json_with_a_code() {
+    let dir = tmpdir("framework");
+    let b = start(&dir, limits(), vec![], None).await;
+    let c = http();
+    let check = |r: reqwest::Response, status: StatusCode, code: &'static str| async move {
+        assert_eq!(r.status(), status);
+        let ct = r.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(ct.starts_with("application/json"), "{ct}");
+        let j: Value = r.json().await.expect("json");
+        assert_eq!(j["code"], code, "{j}");
+        assert!(!j["message"].as_str().unwrap_or("").is_empty(), "{j}");
+    };
+    let send =
+        |rb: reqwest::RequestBuilder| async move { rb.bearer_auth(KEY).send().await.expect("req") };
+    check(
+        send(c.post(format!("{}/v1/outbox/dead/abc/retry", b.base))).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    check(
+        send(c.get(format!("{}/v1/receipts?from=minus-one", b.base))).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    check(
+        send(c.patch(format!("{}/v1/carts/a", b.base))).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+    check(
+        send(c.get(format!("{}/v1/carts/{}", b.base, "a".repeat(3000)))).await,
+        StatusCode::URI_TOO_LONG,
+        "uri_too_long",
+    )
+    .await;
+    // A body over the limit with no declared length (chunked).
+    let mut req = format!(
+        "PUT /v1/carts/a HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..40 {
+        req.extend_from_slice(b"400\r\n");
+        req.extend_from_slice(&[b' '; 1024]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let a = raw(
+        b.base.trim_start_matches("http://"),
+        &req,
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("an answer");
+    assert!(a.starts_with("HTTP/1.1 413"), "{a}");
+    assert_eq!(raw_json(&a)["code"], "body_too_large");
+}
+
+/// Posts an event of about `size` bytes with key `key`; the HTTP status and the code.
+async fn post_event(
+    c: &reqwest::Client,
+    base: &str,
+    bearer: &str,
+    key: &str,
+    size: usize,
+) -> (StatusCode, Value) {
+    let r = c
+        .post(format!("{base}/v1/outbox"))
+        .bearer_auth(bearer)
+        .header("idempotency-key", key)
+        .json(&json!({ "group": format!("g-{key}"), "body": { "pad": "x".repeat(size) } }))
+        .send()
+        .await
+        .expect("req");
+    let s = r.status();
+    (s, r.json().await.unwrap_or_default())
+}
+
+/// Peak resident memory of this process since the last reset, in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Events count against their client's limits until delivered (another till is not
+/// affected), and a delivered event gives its room back; the outbox lists come in
+/// bounded pages, each record once; and sixteen hostile parallel reads of a 24 MB outbox
+/// do not grow the daemon's memory by more than a few pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_writes_count_against_limits_and_lists_are_bounded_pages() {
+    let dir = tmpdir("outbox-limits");
+    let (url, up) = upstream().await;
+    let b = start(&dir, limits(), vec![], Some(Upstream::new(url))).await;
+    let c = http();
+    // 1 MB per client: 15 KB events fill it after about 68.
+    let mut accepted = 0;
+    let refused = loop {
+        let (s, body) = post_event(&c, &b.base, KEY, &format!("e{accepted}"), 15_000).await;
+        if s != StatusCode::ACCEPTED {
+            break (s, body);
+        }
+        accepted += 1;
+        assert!(
+            accepted < 200,
+            "events never counted against the 1 MB limit"
+        );
+    };
+    assert_eq!(refused.0, StatusCode::INSUFFICIENT_STORAGE, "{refused:?}");
+    assert_eq!(refused.1["code"], "over_limit");
+    assert!(
+        (60..=70).contains(&accepted),
+        "{accepted} events of 15 KB under 1 MB"
+    );
+    // Another till still has its own room.
+    let (s, _) = post_event(&c, &b.base, KEY2, "other", 15_000).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    // Pages: 100 by default, then the rest; each record once, in order.
+    let first = c
+        .get(format!("{}/v1/outbox?limit=10", b.base))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("req");
+    assert!(first.headers().contains_key("x-next-from"));
+    assert_eq!(first.json::<Vec<Value>>().await.expect("json").len(), 10);
+    let all: Vec<Value> = all_pages(&c, &format!("{}/v1/outbox", b.base), KEY).await;
+    assert_eq!(all.len(), accepted);
+    let ids: Vec<u64> = all.iter().filter_map(|r| r["id"].as_u64()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    // Delivered: the room comes back.
+    b.online.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while b.svc.store.outbox_len() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.svc.store.outbox_len(), 0, "delivered");
+    let (s, body) = post_event(&c, &b.base, KEY, "after-delivery", 15_000).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    drop(up);
+    drop(b);
+
+    // Hostile reads: a 24 MB outbox, 16 parallel full reads.
+    let dir = tmpdir("outbox-reads");
+    let big = Limits {
+        max_entries: 1_000_000,
+        max_bytes: 1 << 40,
+    };
+    let b = start(&dir, big, vec![], None).await;
+    for i in 0..1600 {
+        let (s, _) = post_event(&c, &b.base, KEY, &format!("r{i}"), 15_000).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+    }
+    let _ = std::fs::write("/proc/self/clear_refs", "5"); // resets the peak
+    let before = peak_rss_kib();
+    let reads: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, base) = (c.clone(), b.base.clone());
+            tokio::spawn(async move {
+                let r = c
+                    .get(format!("{base}/v1/outbox?limit=1000"))
+                    .bearer_auth(KEY)
+                    .send()
+                    .await
+                    .expect("req");
+                let s = r.status();
+                (s, r.bytes().await.map_or(0, |b| b.len()))
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for r in reads {
+        let (s, len) = r.await.expect("read");
+        if s == StatusCode::OK {
+            ok += 1;
+            assert!(len <= 2 * 1024 * 1024, "a page of {len} bytes");
+        } else {
+            assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+    let grew_mib = peak_rss_kib().saturating_sub(before) / 1024;
+    eprintln!("16 parallel reads of a 24 MB outbox: {ok} answered, peak memory +{grew_mib} MiB");
+    assert!(ok >= 4, "{ok}");
+    assert!(grew_mib < 48, "memory grew by {grew_mib} MiB");
 }

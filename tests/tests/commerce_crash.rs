@@ -74,8 +74,9 @@ fn acknowledged_checkouts_survive_sigkill_and_are_delivered_once() -> Result<()>
     let public = key.public_key().as_ref().to_vec();
     let store = SledStore::open(&dir.join("commerce"), key).map_err(|e| anyhow::anyhow!("{e}"))?;
     let receipts = store
-        .receipts(1, usize::MAX)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .receipts(1, usize::MAX, usize::MAX)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .items;
     assert_eq!(
         receipt::verify(&public, &receipts),
         vec![],

@@ -51,6 +51,8 @@ pub struct Sales {
     pub oldest_s: Option<i64>,
     pub dead: u64,
     pub online: bool,
+    /// The box's storage is full: new sales are refused until space is freed.
+    pub storage_full: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,6 +224,7 @@ impl Model {
             oldest_s: c["oldest_undelivered_age_s"].as_i64(),
             dead: c["dead_letters"].as_u64().unwrap_or(0),
             online: c["online"].as_bool().unwrap_or(false),
+            storage_full: c["storage"]["ok"].as_bool() == Some(false),
         });
         let overall = match status["state"].as_str() {
             Some("online") => Overall::Online,
@@ -304,7 +307,14 @@ pub fn rate(bps: f64) -> String {
 pub fn sales_sentence(s: &Sales) -> String {
     let n = s.waiting;
     let sales = if n == 1 { "sale" } else { "sales" };
-    let mut out = match (n, s.online) {
+    let mut out = if s.storage_full {
+        "STORAGE FULL: new sales cannot be saved on this box. Free space on the SD card \
+         (or get the box online so saved sales upload). "
+            .to_string()
+    } else {
+        String::new()
+    };
+    out += &match (n, s.online) {
         (0, _) => "All sales are uploaded.".to_string(),
         (_, false) => format!(
             "Offline: {n} {sales} saved on this box; they will upload by themselves when a connection returns."
@@ -387,6 +397,7 @@ mod tests {
             oldest_s: Some(2 * 3600 + 13 * 60),
             dead: 0,
             online: false,
+            storage_full: false,
         };
         assert_eq!(
             sales_sentence(&s),
@@ -400,5 +411,11 @@ mod tests {
         };
         assert!(sales_sentence(&late).contains("may be void"));
         assert!(sales_sentence(&late).contains("2 refused"));
+        let full = Sales {
+            storage_full: true,
+            ..s
+        };
+        assert!(sales_sentence(&full).starts_with("STORAGE FULL"));
+        assert!(!sales_sentence(&s).contains("STORAGE FULL"));
     }
 }

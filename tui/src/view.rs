@@ -300,13 +300,14 @@ fn draw_sales(f: &mut Frame, r: Rect, c: &Connected) {
             Style::default().fg(Color::DarkGray),
         ),
         Some(s) => {
-            let colour = if s.dead > 0 || s.oldest_s.is_some_and(|o| o >= 12 * 3600) {
-                RED
-            } else if s.waiting > 0 && !s.online {
-                YELLOW
-            } else {
-                GREEN
-            };
+            let colour =
+                if s.storage_full || s.dead > 0 || s.oldest_s.is_some_and(|o| o >= 12 * 3600) {
+                    RED
+                } else if s.waiting > 0 && !s.online {
+                    YELLOW
+                } else {
+                    GREEN
+                };
             (sales_sentence(s), Style::default().fg(colour))
         }
     };

@@ -137,6 +137,16 @@ fn offline() -> Model {
     m
 }
 
+/// Offline with the SD card full: new sales are refused.
+fn storage_full() -> Model {
+    model(
+        "offline",
+        |_| vec![link("wifi", "wifi", "down", None, 400_000)],
+        json!({ "online": false, "undelivered": 3, "oldest_undelivered_age_s": 600,
+                "dead_letters": 0, "storage": { "ok": false, "free_bytes": 1_000_000 } }),
+    )
+}
+
 fn missing() -> Model {
     let mut m = Model::default();
     m.unreachable("No such file or directory (os error 2)".into());
@@ -192,4 +202,7 @@ fn the_words_say_it_without_colour() {
     assert!(off.contains("(X) OFFLINE"));
     assert!(off.contains("12 sales saved on this box"), "{off}");
     assert!(render_text(&missing(), &ui(), 80, 24).contains("stallnet is not running, retrying"));
+    let full = render_text(&storage_full(), &ui(), 80, 24);
+    assert!(full.contains("STORAGE FULL"), "{full}");
+    assert!(!off.contains("STORAGE FULL"), "{off}");
 }

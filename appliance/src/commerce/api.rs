@@ -145,12 +145,23 @@ impl From<StoreError> for ApiError {
             StoreError::OverLimit(m) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "over_limit", m)
             }
+            StoreError::Full(m) => {
+                tracing::warn!("commerce store: the disk is full; a write was refused");
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", m)
+            }
+            StoreError::Unavailable => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "the box's storage filled up; the store reopens by itself once there is \
+                 free space: retry in a few seconds",
+            ),
             StoreError::Io(m) => {
                 tracing::error!("commerce store: {m}");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "storage",
-                    "the store failed; nothing was written",
+                    "the store failed; this request was not saved (a retry with the same \
+                     Idempotency-Key is safe)",
                 )
             }
         }
@@ -459,23 +470,73 @@ pub fn new_key() -> String {
     hex::encode(b)
 }
 
+/// A page request: `from` (a sequence number or record id) and `limit`.
 #[derive(Deserialize)]
-struct Page {
+#[serde(deny_unknown_fields)]
+struct PageIn {
     from: Option<u64>,
     limit: Option<usize>,
+}
+
+/// Records one list answer holds at most (fewer when they pass [`PAGE_BYTES`]).
+pub const MAX_PAGE: usize = 1000;
+/// About how many bytes of records one list answer holds.
+pub const PAGE_BYTES: usize = 1024 * 1024;
+/// List answers built at once; more wait (up to [`LIST_WAIT`]) so that hostile reads
+/// cannot grow the daemon's memory.
+const LISTS_AT_ONCE: usize = 4;
+const LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+static LISTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LISTS_AT_ONCE);
+
+impl PageIn {
+    fn from(&self) -> u64 {
+        self.from.unwrap_or(1)
+    }
+
+    fn limit(&self, default: usize) -> usize {
+        match self.limit.unwrap_or(default) {
+            0 => 1,
+            n => n.min(MAX_PAGE),
+        }
+    }
+}
+
+/// A place among the list answers being built, or 503 when all are taken for too long.
+async fn list_slot() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
+    match tokio::time::timeout(LIST_WAIT, LISTS.acquire()).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many list requests at once; retry shortly",
+        )),
+    }
+}
+
+/// The page as a JSON array; `x-next-from` says where the next page starts, when there
+/// is one.
+fn page_response<T: serde::Serialize>(p: super::store::Page<T>) -> Response {
+    let mut r = Json(p.items).into_response();
+    if let Some(next) = p.next {
+        if let Ok(v) = HeaderValue::from_str(&next.to_string()) {
+            r.headers_mut().insert("x-next-from", v);
+        }
+    }
+    r
 }
 
 async fn receipts<S: CommerceStore>(
     State(svc): Svc<S>,
     ConnectInfo(from): Peer,
     headers: HeaderMap,
-    Query(p): Query<Page>,
+    Query(p): Query<PageIn>,
 ) -> ApiResult {
     auth(&svc, &headers, from)?;
-    let list = svc
+    let _slot = list_slot().await?;
+    let page = svc
         .store
-        .receipts(p.from.unwrap_or(1), p.limit.unwrap_or(1000).min(10_000))?;
-    Ok(Json(list).into_response())
+        .receipts(p.from(), p.limit(MAX_PAGE), PAGE_BYTES)?;
+    Ok(page_response(page))
 }
 
 async fn public_key<S: CommerceStore>(State(svc): Svc<S>) -> Response {
@@ -500,9 +561,9 @@ async fn post_event<S: CommerceStore>(
     let e: EventIn = parse(&body)?;
     check_id(&e.group)?;
     let key = idempotency_key(&headers)?;
-    let rec = svc
-        .store
-        .enqueue_event(&client, &e.group, &key, e.body, now())?;
+    let rec =
+        svc.store
+            .enqueue_event(&client, &e.group, &key, e.body, now(), svc.access().limits)?;
     durable(&svc).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
 }
@@ -511,42 +572,34 @@ async fn list_outbox<S: CommerceStore>(
     State(svc): Svc<S>,
     ConnectInfo(from): Peer,
     headers: HeaderMap,
+    Query(p): Query<PageIn>,
 ) -> ApiResult {
     let client = auth(&svc, &headers, from)?;
+    let _slot = list_slot().await?;
     // A client sees its own records only (they hold full receipts).
-    let mine: Vec<_> = svc
+    let page = svc
         .store
-        .outbox(usize::MAX)?
-        .into_iter()
-        .filter(|r| r.client == client)
-        .take(1000)
-        .collect();
-    Ok(Json(mine).into_response())
+        .outbox_of(&client, p.from(), p.limit(100), PAGE_BYTES)?;
+    Ok(page_response(page))
 }
 
 async fn list_dead<S: CommerceStore>(
     State(svc): Svc<S>,
     ConnectInfo(from): Peer,
     headers: HeaderMap,
+    Query(p): Query<PageIn>,
 ) -> ApiResult {
     let client = auth(&svc, &headers, from)?;
-    let mine: Vec<_> = svc
+    let _slot = list_slot().await?;
+    let page = svc
         .store
-        .dead_letters()?
-        .into_iter()
-        .filter(|d| d.record.client == client)
-        .collect();
-    Ok(Json(mine).into_response())
+        .dead_of(&client, p.from(), p.limit(100), PAGE_BYTES)?;
+    Ok(page_response(page))
 }
 
 /// `Ok` when dead letter `id` is `client`'s; another client's is "not found" to it.
 fn own_dead<S: CommerceStore>(svc: &Service<S>, client: &str, id: u64) -> Result<(), ApiError> {
-    let mine = svc
-        .store
-        .dead_letters()?
-        .iter()
-        .any(|d| d.record.id == id && d.record.client == client);
-    if mine {
+    if svc.store.dead_letter(id)?.record.client == client {
         Ok(())
     } else {
         Err(StoreError::NotFound.into())
@@ -579,10 +632,17 @@ async fn drop_dead<S: CommerceStore>(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// The status document: online/offline, what waits upstream and since when.
-pub fn status<S: CommerceStore>(svc: &Service<S>) -> Result<serde_json::Value, StoreError> {
+/// The status document: online/offline, what waits upstream and since when, and whether
+/// the store can take sales ("storage": {"ok": false} on a full disk). Parts the store
+/// cannot read right now are null; the document itself is always there.
+pub fn status<S: CommerceStore>(svc: &Service<S>) -> serde_json::Value {
     let t = now();
-    let oldest = svc.store.outbox(1)?.first().map(|r| r.created_at);
+    let storage = svc.store.storage();
+    let oldest = svc
+        .store
+        .outbox(1)
+        .ok()
+        .and_then(|o| o.first().map(|r| r.created_at));
     let age = oldest.map(|o| (t - o).max(0));
     let alerts: Vec<u32> = svc
         .access()
@@ -591,16 +651,20 @@ pub fn status<S: CommerceStore>(svc: &Service<S>) -> Result<serde_json::Value, S
         .copied()
         .filter(|h| age.is_some_and(|a| a >= i64::from(*h) * 3600))
         .collect();
-    Ok(serde_json::json!({
+    let last_sync = svc.store.last_sync().ok().map(|l| {
+        l.into_iter()
+            .map(|(c, at)| (c, serde_json::json!({ "at": at, "age_s": t - at })))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    serde_json::json!({
         "online": (svc.online)(),
+        "storage": storage,
         "undelivered": svc.store.outbox_len(),
         "oldest_undelivered_age_s": age,
-        "dead_letters": svc.store.dead_letters()?.len(),
+        "dead_letters": svc.store.dead_len(),
         "alerts_hours_passed": alerts,
-        "last_sync": svc.store.last_sync()?.into_iter()
-            .map(|(c, at)| (c, serde_json::json!({ "at": at, "age_s": t - at })))
-            .collect::<serde_json::Map<_, _>>(),
-    }))
+        "last_sync": last_sync,
+    })
 }
 
 async fn get_status<S: CommerceStore>(
@@ -609,7 +673,7 @@ async fn get_status<S: CommerceStore>(
     headers: HeaderMap,
 ) -> ApiResult {
     auth(&svc, &headers, from)?;
-    Ok(Json(status(&svc)?).into_response())
+    Ok(Json(status(&svc)).into_response())
 }
 
 async fn openapi() -> Response {
@@ -628,7 +692,86 @@ async fn fallback() -> ApiError {
     )
 }
 
-/// The router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+/// Longest request target accepted (ids are at most 128 characters).
+pub const MAX_URI: usize = 2048;
+
+/// Around every request: an over-long target or a declared body over the limit is refused
+/// before anything is read; the whole request must finish within
+/// [`super::listen::REQUEST_TIMEOUT`]; and an error the HTTP framework itself answers
+/// (a path or query that does not parse, a method the route does not take, a body over
+/// the limit) gets the documented `{code, message}` JSON like every other error.
+async fn guard(
+    State(max_body): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_URI {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is {target} bytes; the limit is {MAX_URI}"),
+        )
+        .into_response();
+    }
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > max_body as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is {n} bytes; the limit is {max_body}"),
+        )
+        .into_response();
+    }
+    let resp = match tokio::time::timeout(super::listen::REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request did not complete within {} s",
+                    super::listen::REQUEST_TIMEOUT.as_secs()
+                ),
+            )
+            .into_response()
+        }
+    };
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = resp.status();
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let text = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
+}
+
+/// The router; serve it with [`super::listen::serve`].
 pub fn router<S: CommerceStore + 'static>(svc: Arc<Service<S>>) -> Router {
     let max = svc.max_body;
     Router::new()
@@ -659,5 +802,6 @@ pub fn router<S: CommerceStore + 'static>(svc: Arc<Service<S>>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(max))
+        .layer(axum::middleware::from_fn_with_state(max, guard))
         .with_state(svc)
 }

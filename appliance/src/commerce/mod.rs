@@ -7,10 +7,12 @@
 //! - [`sync`]: the delivery policy (sans-IO): order per group, backoff, what answers mean.
 //! - [`store`]: the durable store (sled) behind our own trait.
 //! - [`api`]: the LAN HTTP API (axum).
+//! - [`listen`]: its connections: guests refused first, per-device and total caps, timeouts.
 //! - [`upstream`]: where records go (HTTP(S) or NATS JetStream).
 //! - [`worker`]: the delivery worker.
 
 pub mod api;
+pub mod listen;
 pub mod model;
 pub mod receipt;
 pub mod seal;
@@ -19,7 +21,6 @@ pub mod sync;
 pub mod upstream;
 pub mod worker;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -53,14 +54,51 @@ pub fn service(
     })
 }
 
-/// Serves the API and runs the delivery worker and the token sweep until cancelled.
-/// The API's address may not exist yet at boot (the LAN comes up later): binding is
-/// retried every 2 s, with a warning, until it works.
-pub async fn run(
+/// The commerce status document ([`api::status`]) as last computed by the service.
+pub type StatusCell = Arc<std::sync::Mutex<Option<serde_json::Value>>>;
+
+/// Starts the service on a thread of its own, with its own runtime: the store's calls
+/// are blocking disk I/O, and on a failing or full disk they may stall; the tunnel, the
+/// control socket and the dashboard never wait for them. The status document is
+/// refreshed every second into the returned cell for the edge to read.
+pub fn spawn(
     svc: Arc<Service<SledStore>>,
     cfg: CommerceConfig,
     cancel: CancellationToken,
+) -> std::io::Result<(std::thread::JoinHandle<()>, StatusCell)> {
+    let cell = StatusCell::default();
+    let out = cell.clone();
+    let thread = std::thread::Builder::new()
+        .name("commerce".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("commerce service: no runtime: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = rt.block_on(run(svc, cfg, cell, cancel)) {
+                tracing::error!("commerce service: {e:#}");
+            }
+        })?;
+    Ok((thread, out))
+}
+
+/// Serves the API and runs the delivery worker, the token sweep and the status refresh
+/// until cancelled. The API's address may not exist yet at boot (the LAN comes up
+/// later): binding is retried every 2 s, with a warning, until it works.
+pub async fn run(
+    svc: Arc<Service<SledStore>>,
+    cfg: CommerceConfig,
+    status: StatusCell,
+    cancel: CancellationToken,
 ) -> Result<()> {
+    let (s, c) = (svc.clone(), cancel.clone());
+    tokio::spawn(async move { housekeeping(s, status, c).await });
     let listener = loop {
         match tokio::net::TcpListener::bind(cfg.listen).await {
             Ok(l) => break l,
@@ -82,39 +120,75 @@ pub async fn run(
             }
         });
     }
-    let (s, c) = (svc.clone(), cancel.clone());
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-        let mut alerted = 0usize;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = c.cancelled() => return,
+    serve(listener, svc, cancel).await;
+    Ok(())
+}
+
+/// Serves the API on `listener` under [`listen`]'s caps until `cancel`.
+pub async fn serve<S: store::CommerceStore + 'static>(
+    listener: tokio::net::TcpListener,
+    svc: Arc<Service<S>>,
+    cancel: CancellationToken,
+) {
+    let s = svc.clone();
+    let denied =
+        Arc::new(move |ip: std::net::IpAddr| s.access().deny_from.iter().any(|n| n.contains(&ip)));
+    listen::serve(
+        listener,
+        api::router(svc),
+        listen::Caps::for_this_process(),
+        denied,
+        cancel,
+    )
+    .await;
+}
+
+/// Every second: the status document (which also lets a store that failed on a full disk
+/// reopen as soon as there is room) and a warning when the disk fills or frees; every
+/// minute: expired tokens swept, and a warning when the oldest undelivered sale passes
+/// an alert age.
+async fn housekeeping(svc: Arc<Service<SledStore>>, cell: StatusCell, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let (mut alerted, mut ticks, mut storage_ok) = (0usize, 0u64, true);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let st = api::status(&svc);
+        let ok = st["storage"]["ok"].as_bool().unwrap_or(false);
+        if ok != storage_ok {
+            if ok {
+                tracing::info!("commerce storage has room again: sales are saved");
+            } else {
+                tracing::error!(
+                    free_bytes = %st["storage"]["free_bytes"],
+                    "commerce storage is full: sales are refused until space is freed"
+                );
             }
+            storage_ok = ok;
+        }
+        if ticks % 60 == 0 {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            if let Err(e) = store::CommerceStore::sweep_tokens(&s.store, now) {
+            if let Err(e) = store::CommerceStore::sweep_tokens(&svc.store, now) {
                 tracing::warn!("token sweep: {e}");
             }
-            if let Ok(st) = api::status(&s) {
-                let passed = st["alerts_hours_passed"].as_array().map_or(0, Vec::len);
-                if passed > alerted {
-                    tracing::warn!(
-                        age_s = %st["oldest_undelivered_age_s"],
-                        "the oldest undelivered sale is older than {} h: get the box online",
-                        st["alerts_hours_passed"]
-                    );
-                }
-                alerted = passed;
+            let passed = st["alerts_hours_passed"].as_array().map_or(0, Vec::len);
+            if passed > alerted {
+                tracing::warn!(
+                    age_s = %st["oldest_undelivered_age_s"],
+                    "the oldest undelivered sale is older than {} h: get the box online",
+                    st["alerts_hours_passed"]
+                );
             }
+            alerted = passed;
         }
-    });
-    axum::serve(
-        listener,
-        api::router(svc).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { cancel.cancelled().await })
-    .await?;
-    Ok(())
+        ticks += 1;
+        match cell.lock() {
+            Ok(mut c) => *c = Some(st),
+            Err(p) => *p.into_inner() = Some(st),
+        }
+    }
 }

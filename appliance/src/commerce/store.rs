@@ -2,8 +2,16 @@
 //! engine. Every change is one sled transaction (a checkout writes the cart's removal,
 //! the receipt, the outbox record and the counters together) and callers acknowledge only
 //! after [`CommerceStore::flush`]. A schema version is kept in `meta` and migrated on open.
+//!
+//! A full disk: a write is refused up front ([`StoreError::Full`], nothing touched) while
+//! the filesystem has less than [`RESERVE_BYTES`] free. If sled still fails (its first I/O
+//! error is sticky: every later write fails, even once space is back), the store stops
+//! answering from memory (which may hold what was never saved) and reopens itself from
+//! disk as soon as there is room again: no restart needed, nothing acknowledged lost.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use sled::transaction::{ConflictableTransactionError as Cte, TransactionError, Transactional};
@@ -13,6 +21,11 @@ use super::model::{Cart, DeadLetter, Order, OutboxRecord, Receipt, StoredToken};
 use super::receipt;
 
 pub const SCHEMA_VERSION: u64 = 1;
+
+/// Free space the store leaves on its filesystem: sled writes in 512 KiB segments and
+/// rewrites them as it compacts, and the daemon's own files (status, revisions) live on
+/// the same card.
+pub const RESERVE_BYTES: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -33,13 +46,28 @@ pub enum StoreError {
     Expired,
     #[error("{0}")]
     OverLimit(String),
+    /// The disk is full: nothing was saved.
+    #[error("{0}")]
+    Full(String),
+    /// The store failed on a full disk and is reopening from disk once there is room.
+    #[error("the store is waiting for free space to reopen")]
+    Unavailable,
     #[error("storage: {0}")]
     Io(String),
 }
 
+const FULL: &str =
+    "the box's storage is full: this request was not saved; free space on the SD card \
+                    (a retry with the same Idempotency-Key is safe)";
+
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Io(e.to_string())
+        match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+                StoreError::Full(FULL.into())
+            }
+            e => StoreError::Io(e.to_string()),
+        }
     }
 }
 
@@ -47,7 +75,7 @@ impl From<TransactionError<StoreError>> for StoreError {
     fn from(e: TransactionError<StoreError>) -> Self {
         match e {
             TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+            TransactionError::Storage(e) => e.into(),
         }
     }
 }
@@ -94,6 +122,8 @@ pub trait CommerceStore: Send + Sync {
         idem: &str,
         now: i64,
     ) -> Result<Receipt, StoreError>;
+    /// Queues an event; it counts against the client's limits until it is delivered (or,
+    /// refused for good, dropped from the dead letters).
     fn enqueue_event(
         &self,
         client: &str,
@@ -101,22 +131,107 @@ pub trait CommerceStore: Send + Sync {
         key: &str,
         body: serde_json::Value,
         now: i64,
+        l: Limits,
     ) -> Result<OutboxRecord, StoreError>;
-    fn receipts(&self, from: u64, limit: usize) -> Result<Vec<Receipt>, StoreError>;
+    /// Receipts from sequence number `from` on: at most `limit`, and no more than about
+    /// `max_bytes` of them (at least one).
+    fn receipts(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page<Receipt>, StoreError>;
     fn outbox(&self, limit: usize) -> Result<Vec<OutboxRecord>, StoreError>;
+    /// `client`'s undelivered records from id `from` on, bounded like [`Self::receipts`].
+    fn outbox_of(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page<OutboxRecord>, StoreError>;
     fn outbox_len(&self) -> usize;
     fn delivered(&self, id: u64, now: i64) -> Result<(), StoreError>;
     fn retry_later(&self, id: u64, next_at_ms: i64, error: &str) -> Result<(), StoreError>;
     fn dead(&self, id: u64, reason: &str, now: i64) -> Result<(), StoreError>;
     fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
+    /// `client`'s dead letters from id `from` on, bounded like [`Self::receipts`].
+    fn dead_of(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page<DeadLetter>, StoreError>;
+    fn dead_letter(&self, id: u64) -> Result<DeadLetter, StoreError>;
+    fn dead_len(&self) -> usize;
     fn retry_dead(&self, id: u64) -> Result<(), StoreError>;
     fn drop_dead(&self, id: u64) -> Result<(), StoreError>;
     /// Per client: unix time of its last record delivered upstream.
     fn last_sync(&self) -> Result<Vec<(String, i64)>, StoreError>;
     fn flush(&self) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+    /// Whether the store can take writes now (and how much room is left).
+    fn storage(&self) -> Storage;
 }
 
-pub struct SledStore {
+/// One page of a list, and where the next one starts (`None`: this was the last).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<u64>,
+}
+
+/// Reads records keyed by big-endian ids from `from` on, those `keep` accepts, up to
+/// `limit` of them and about `max_bytes` (always at least one).
+fn page<T: serde::de::DeserializeOwned>(
+    tree: &Tree,
+    from: u64,
+    limit: usize,
+    max_bytes: usize,
+    keep: impl Fn(&T) -> bool,
+) -> Result<Page<T>, StoreError> {
+    let mut items = Vec::new();
+    let mut bytes = 0usize;
+    for r in tree.range(from.to_be_bytes()..) {
+        let (k, v) = r?;
+        let id = <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes);
+        let item: T = from_json(&v)?;
+        if !keep(&item) {
+            continue;
+        }
+        if items.len() >= limit || (!items.is_empty() && bytes + v.len() > max_bytes) {
+            return Ok(Page {
+                items,
+                next: Some(id),
+            });
+        }
+        bytes += v.len();
+        items.push(item);
+    }
+    Ok(Page { items, next: None })
+}
+
+/// What an event counts against its client's limits: its body, group and key as stored
+/// (the same figure when queued and when it leaves).
+fn event_size(rec: &OutboxRecord) -> usize {
+    to_json(&rec.body).len() + rec.group.len() + rec.key.len()
+}
+
+fn is_event(rec: &OutboxRecord) -> bool {
+    rec.group.starts_with("event:")
+}
+
+/// What the store's disk allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Storage {
+    /// False while writes are refused for lack of space (or the store is reopening).
+    pub ok: bool,
+    /// Bytes free on the store's filesystem.
+    pub free_bytes: u64,
+}
+
+/// The open database and its trees.
+struct Trees {
     db: sled::Db,
     tokens: Tree,
     carts: Tree,
@@ -127,6 +242,38 @@ pub struct SledStore {
     usage: Tree,
     checkouts: Tree,
     synced: Tree,
+}
+
+impl Trees {
+    fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(16 * 1024 * 1024)
+            .open()?;
+        Ok(Self {
+            tokens: db.open_tree("tokens")?,
+            carts: db.open_tree("carts")?,
+            receipts: db.open_tree("receipts")?,
+            outbox: db.open_tree("outbox")?,
+            dead: db.open_tree("dead")?,
+            meta: db.open_tree("meta")?,
+            usage: db.open_tree("usage")?,
+            checkouts: db.open_tree("checkouts")?,
+            synced: db.open_tree("synced")?,
+            db,
+        })
+    }
+}
+
+pub struct SledStore {
+    dir: PathBuf,
+    /// `None` while the database is closed to be reopened after a failure.
+    trees: RwLock<Option<Trees>>,
+    /// Set by an I/O failure: sled's error is sticky, and its memory may hold writes that
+    /// never reached the disk. Cleared by a reopen.
+    failed: AtomicBool,
+    /// Free bytes below which writes are refused up front ([`RESERVE_BYTES`]).
+    reserve: u64,
     key: Ed25519KeyPair,
     /// [`device_tag`] of `key`.
     device: String,
@@ -134,6 +281,25 @@ pub struct SledStore {
     /// once (seen here with 32 concurrent outbox deliveries), so flushes are serialized and
     /// run as blocking calls; a flush covers every write made before it.
     flushing: tokio::sync::Mutex<()>,
+}
+
+/// Whether an operation writes (refused up front on a nearly full disk).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    /// Adds data: refused below [`RESERVE_BYTES`] free.
+    Write,
+    /// Removes or marks data (a delivery, a drop, a sweep): runs in the reserve, so a full
+    /// box can still drain its outbox.
+    Free,
+}
+
+/// Bytes free to unprivileged writers on the filesystem holding `dir`.
+// `fsblkcnt_t` and the fragment size are not u64 on every target.
+#[allow(clippy::useless_conversion)]
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
 }
 
 /// The `Idempotency-Key` (HTTP) or `Nats-Msg-Id` (JetStream) a record carries upstream:
@@ -224,52 +390,105 @@ fn apply_usage(
 impl SledStore {
     /// Opens (or creates) the store in `dir`, migrating the schema; `key` signs receipts.
     pub fn open(dir: &Path, key: Ed25519KeyPair) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(16 * 1024 * 1024)
-            .open()?;
-        let s = Self {
-            tokens: db.open_tree("tokens")?,
-            carts: db.open_tree("carts")?,
-            receipts: db.open_tree("receipts")?,
-            outbox: db.open_tree("outbox")?,
-            dead: db.open_tree("dead")?,
-            meta: db.open_tree("meta")?,
-            usage: db.open_tree("usage")?,
-            checkouts: db.open_tree("checkouts")?,
-            synced: db.open_tree("synced")?,
-            db,
+        let trees = Trees::open(dir)?;
+        migrate(&trees)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            trees: RwLock::new(Some(trees)),
+            failed: AtomicBool::new(false),
+            reserve: RESERVE_BYTES,
             device: device_tag(key.public_key().as_ref()),
             key,
             flushing: tokio::sync::Mutex::new(()),
-        };
-        s.migrate()?;
-        Ok(s)
+        })
     }
 
-    fn migrate(&self) -> Result<(), StoreError> {
-        let v = u64_of(self.meta.get("schema")?);
-        match v {
-            0 => {
-                // A new store (version 0 never existed on disk): stamp it.
-                self.meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
-                self.db.flush()?;
-                Ok(())
-            }
-            SCHEMA_VERSION => Ok(()),
-            newer => Err(StoreError::Io(format!(
-                "the store has schema {newer}, this stallnet knows up to {SCHEMA_VERSION}: \
-                 refusing to touch it (downgrade?)"
-            ))),
+    /// The same store with `bytes` of free space kept instead of [`RESERVE_BYTES`]
+    /// (0: write until the disk itself refuses, as when another process fills it).
+    pub fn with_reserve(mut self, bytes: u64) -> Self {
+        self.reserve = bytes;
+        self
+    }
+
+    fn room(&self) -> u64 {
+        free_bytes(&self.dir).unwrap_or(u64::MAX)
+    }
+
+    /// After a failure: closes the database and opens it again from disk once the
+    /// filesystem has room. `Ok` when the store is usable.
+    fn recover(&self) -> Result<(), StoreError> {
+        if !self.failed.load(Ordering::SeqCst) {
+            return Ok(());
         }
+        if self.room() < self.reserve.max(1024 * 1024) {
+            return Err(StoreError::Unavailable);
+        }
+        // No flush may hold the old database open meanwhile.
+        let Ok(_flush) = self.flushing.try_lock() else {
+            return Err(StoreError::Unavailable);
+        };
+        let mut slot = match self.trees.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if !self.failed.load(Ordering::SeqCst) {
+            return Ok(()); // another request reopened it meanwhile
+        }
+        // Closing first releases sled's lock on its files.
+        drop(slot.take());
+        let trees = Trees::open(&self.dir).inspect_err(|e| {
+            tracing::warn!("reopening the commerce store: {e}");
+        })?;
+        migrate(&trees)?;
+        *slot = Some(trees);
+        self.failed.store(false, Ordering::SeqCst);
+        tracing::info!("the commerce store has room again and was reopened from disk");
+        Ok(())
+    }
+
+    /// Runs `f` on the open trees. A write is refused on a nearly full disk; a failed
+    /// store is reopened first (or refused until it can be); an I/O error marks it failed.
+    fn with<T>(
+        &self,
+        op: Op,
+        f: impl FnOnce(&Trees) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.recover()?;
+        if op == Op::Write && self.room() < self.reserve {
+            return Err(StoreError::Full(FULL.into()));
+        }
+        let guard: RwLockReadGuard<'_, Option<Trees>> = match self.trees.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let trees = guard.as_ref().ok_or(StoreError::Unavailable)?;
+        let r = f(trees);
+        if let Err(StoreError::Io(_) | StoreError::Full(_)) = &r {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        r
     }
 
     pub fn schema(&self) -> u64 {
-        self.meta
-            .get("schema")
-            .ok()
-            .flatten()
-            .map_or(0, |v| u64_of(Some(v)))
+        self.with(Op::Read, |tr| Ok(u64_of(tr.meta.get("schema")?)))
+            .unwrap_or(0)
+    }
+}
+
+fn migrate(tr: &Trees) -> Result<(), StoreError> {
+    let v = u64_of(tr.meta.get("schema")?);
+    match v {
+        0 => {
+            // A new store (version 0 never existed on disk): stamp it.
+            tr.meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+            tr.db.flush()?;
+            Ok(())
+        }
+        SCHEMA_VERSION => Ok(()),
+        newer => Err(StoreError::Io(format!(
+            "the store has schema {newer}, this stallnet knows up to {SCHEMA_VERSION}: \
+             refusing to touch it (downgrade?)"
+        ))),
     }
 }
 
@@ -281,92 +500,101 @@ impl CommerceStore for SledStore {
         t: &StoredToken,
         l: Limits,
     ) -> Result<(), StoreError> {
-        let key = k(client, id);
-        let val = to_json(t);
-        (&self.tokens, &self.usage).transaction(|(tokens, usage)| {
-            let old = tokens.get(&key)?;
-            // A redeemed token stays redeemed: a PUT over it would make it spendable again.
-            if let Some(o) = &old {
-                if from_json::<StoredToken>(o).is_ok_and(|t| t.redeemed_at.is_some()) {
-                    return Err(Cte::Abort(StoreError::Redeemed));
+        self.with(Op::Write, |tr| {
+            let key = k(client, id);
+            let val = to_json(t);
+            (&tr.tokens, &tr.usage).transaction(|(tokens, usage)| {
+                let old = tokens.get(&key)?;
+                // A redeemed token stays redeemed: a PUT over it would make it spendable again.
+                if let Some(o) = &old {
+                    if from_json::<StoredToken>(o).is_ok_and(|t| t.redeemed_at.is_some()) {
+                        return Err(Cte::Abort(StoreError::Redeemed));
+                    }
                 }
-            }
-            let old = old.map(|v| v.len());
-            apply_usage(usage, client, old, Some(val.len()), Some(l))?;
-            tokens.insert(key.as_slice(), val.as_slice())?;
+                let old = old.map(|v| v.len());
+                apply_usage(usage, client, old, Some(val.len()), Some(l))?;
+                tokens.insert(key.as_slice(), val.as_slice())?;
+                Ok(())
+            })?;
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn get_token(&self, client: &str, id: &str) -> Result<StoredToken, StoreError> {
-        let v = self
-            .tokens
-            .get(k(client, id))?
-            .ok_or(StoreError::NotFound)?;
-        from_json(&v)
+        self.with(Op::Read, |tr| {
+            let v = tr.tokens.get(k(client, id))?.ok_or(StoreError::NotFound)?;
+            from_json(&v)
+        })
     }
 
     fn delete_token(&self, client: &str, id: &str) -> Result<(), StoreError> {
-        let key = k(client, id);
-        (&self.tokens, &self.usage).transaction(|(tokens, usage)| {
-            let Some(old) = tokens.remove(key.as_slice())? else {
-                return Err(Cte::Abort(StoreError::NotFound));
-            };
-            apply_usage(usage, client, Some(old.len()), None, None)?;
+        self.with(Op::Free, |tr| {
+            let key = k(client, id);
+            (&tr.tokens, &tr.usage).transaction(|(tokens, usage)| {
+                let Some(old) = tokens.remove(key.as_slice())? else {
+                    return Err(Cte::Abort(StoreError::NotFound));
+                };
+                apply_usage(usage, client, Some(old.len()), None, None)?;
+                Ok(())
+            })?;
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn redeem_token(&self, client: &str, id: &str, now: i64) -> Result<StoredToken, StoreError> {
-        let key = k(client, id);
-        let t = self.tokens.transaction(|tokens| {
-            let Some(v) = tokens.get(&key)? else {
-                return Err(Cte::Abort(StoreError::NotFound));
-            };
-            let mut t: StoredToken = from_json(&v).map_err(Cte::Abort)?;
-            if t.expires_at <= now {
-                return Err(Cte::Abort(StoreError::Expired));
-            }
-            if t.redeemed_at.is_some() {
-                return Err(Cte::Abort(StoreError::Redeemed));
-            }
-            t.redeemed_at = Some(now);
-            tokens.insert(key.as_slice(), to_json(&t))?;
+        self.with(Op::Write, |tr| {
+            let key = k(client, id);
+            let t = tr.tokens.transaction(|tokens| {
+                let Some(v) = tokens.get(&key)? else {
+                    return Err(Cte::Abort(StoreError::NotFound));
+                };
+                let mut t: StoredToken = from_json(&v).map_err(Cte::Abort)?;
+                if t.expires_at <= now {
+                    return Err(Cte::Abort(StoreError::Expired));
+                }
+                if t.redeemed_at.is_some() {
+                    return Err(Cte::Abort(StoreError::Redeemed));
+                }
+                t.redeemed_at = Some(now);
+                tokens.insert(key.as_slice(), to_json(&t))?;
+                Ok(t)
+            })?;
             Ok(t)
-        })?;
-        Ok(t)
+        })
     }
 
     fn sweep_tokens(&self, now: i64) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for item in self.tokens.iter() {
-            let (key, v) = item?;
-            let Ok(t) = from_json::<StoredToken>(&v) else {
-                continue;
-            };
-            if t.expires_at <= now {
-                let client = key.split(|b| *b == 0).next().unwrap_or_default();
-                let client = String::from_utf8_lossy(client).to_string();
-                let removed = (&self.tokens, &self.usage).transaction(|(tokens, usage)| {
-                    if let Some(old) = tokens.remove(&key)? {
-                        apply_usage(usage, &client, Some(old.len()), None, None)?;
-                        return Ok(true);
+        self.with(Op::Free, |tr| {
+            let mut n = 0;
+            for item in tr.tokens.iter() {
+                let (key, v) = item?;
+                let Ok(t) = from_json::<StoredToken>(&v) else {
+                    continue;
+                };
+                if t.expires_at <= now {
+                    let client = key.split(|b| *b == 0).next().unwrap_or_default();
+                    let client = String::from_utf8_lossy(client).to_string();
+                    let removed = (&tr.tokens, &tr.usage).transaction(|(tokens, usage)| {
+                        if let Some(old) = tokens.remove(&key)? {
+                            apply_usage(usage, &client, Some(old.len()), None, None)?;
+                            return Ok(true);
+                        }
+                        Ok(false)
+                    });
+                    if matches!(removed, Ok(true)) {
+                        n += 1;
                     }
-                    Ok(false)
-                });
-                if matches!(removed, Ok(true)) {
-                    n += 1;
                 }
             }
-        }
-        Ok(n)
+            Ok(n)
+        })
     }
 
     fn get_cart(&self, client: &str, id: &str) -> Result<Cart, StoreError> {
-        let v = self.carts.get(k(client, id))?.ok_or(StoreError::NotFound)?;
-        from_json(&v)
+        self.with(Op::Read, |tr| {
+            let v = tr.carts.get(k(client, id))?.ok_or(StoreError::NotFound)?;
+            from_json(&v)
+        })
     }
 
     fn put_cart(
@@ -376,49 +604,53 @@ impl CommerceStore for SledStore {
         if_match: Option<u64>,
         l: Limits,
     ) -> Result<Cart, StoreError> {
-        let key = k(client, &cart.id);
-        let c = (&self.carts, &self.usage).transaction(|(carts, usage)| {
-            let old = carts.get(&key)?;
-            let current: Option<Cart> = match &old {
-                Some(v) => Some(from_json(v).map_err(Cte::Abort)?),
-                None => None,
-            };
-            if let Some(want) = if_match {
-                if current.as_ref().map(|c| c.version) != Some(want) {
-                    return Err(Cte::Abort(StoreError::Conflict(current.map(Box::new))));
+        self.with(Op::Write, |tr| {
+            let key = k(client, &cart.id);
+            let c = (&tr.carts, &tr.usage).transaction(|(carts, usage)| {
+                let old = carts.get(&key)?;
+                let current: Option<Cart> = match &old {
+                    Some(v) => Some(from_json(v).map_err(Cte::Abort)?),
+                    None => None,
+                };
+                if let Some(want) = if_match {
+                    if current.as_ref().map(|c| c.version) != Some(want) {
+                        return Err(Cte::Abort(StoreError::Conflict(current.map(Box::new))));
+                    }
                 }
-            }
-            let mut cart = cart.clone();
-            cart.version = current.as_ref().map_or(1, |c| c.version + 1);
-            let val = to_json(&cart);
-            apply_usage(
-                usage,
-                client,
-                old.map(|v| v.len()),
-                Some(val.len()),
-                Some(l),
-            )?;
-            carts.insert(key.as_slice(), val)?;
-            Ok(cart)
-        })?;
-        Ok(c)
+                let mut cart = cart.clone();
+                cart.version = current.as_ref().map_or(1, |c| c.version + 1);
+                let val = to_json(&cart);
+                apply_usage(
+                    usage,
+                    client,
+                    old.map(|v| v.len()),
+                    Some(val.len()),
+                    Some(l),
+                )?;
+                carts.insert(key.as_slice(), val)?;
+                Ok(cart)
+            })?;
+            Ok(c)
+        })
     }
 
     fn delete_cart(&self, client: &str, id: &str, if_match: Option<u64>) -> Result<(), StoreError> {
-        let key = k(client, id);
-        (&self.carts, &self.usage).transaction(|(carts, usage)| {
-            let Some(old) = carts.get(&key)? else {
-                return Err(Cte::Abort(StoreError::NotFound));
-            };
-            let current: Cart = from_json(&old).map_err(Cte::Abort)?;
-            if if_match.is_some_and(|v| v != current.version) {
-                return Err(Cte::Abort(StoreError::Conflict(Some(Box::new(current)))));
-            }
-            carts.remove(key.as_slice())?;
-            apply_usage(usage, client, Some(old.len()), None, None)?;
+        self.with(Op::Free, |tr| {
+            let key = k(client, id);
+            (&tr.carts, &tr.usage).transaction(|(carts, usage)| {
+                let Some(old) = carts.get(&key)? else {
+                    return Err(Cte::Abort(StoreError::NotFound));
+                };
+                let current: Cart = from_json(&old).map_err(Cte::Abort)?;
+                if if_match.is_some_and(|v| v != current.version) {
+                    return Err(Cte::Abort(StoreError::Conflict(Some(Box::new(current)))));
+                }
+                carts.remove(key.as_slice())?;
+                apply_usage(usage, client, Some(old.len()), None, None)?;
+                Ok(())
+            })?;
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn checkout(
@@ -430,82 +662,84 @@ impl CommerceStore for SledStore {
         idem: &str,
         now: i64,
     ) -> Result<Receipt, StoreError> {
-        let ckey = k(client, cart_id);
-        let ikey = k(client, idem);
-        let r = (
-            &self.carts,
-            &self.usage,
-            &self.receipts,
-            &self.outbox,
-            &self.meta,
-            &self.checkouts,
-        )
-            .transaction(|(carts, usage, receipts, outbox, meta, checkouts)| {
-                // The same checkout again: the receipt it already got. The same key on
-                // another cart is refused: that cart is not sold.
-                if let Some(seq) = checkouts.get(&ikey)? {
-                    let r = receipts.get(seq)?.ok_or(Cte::Abort(StoreError::NotFound))?;
-                    let r = from_json::<Receipt>(&r).map_err(Cte::Abort)?;
-                    if r.order.cart_id != cart_id {
-                        return Err(Cte::Abort(StoreError::KeyReused(format!(
-                            "this Idempotency-Key already sold cart {:?} (receipt {}); \
-                             cart {cart_id:?} is not sold: use a new key for a new checkout",
-                            r.order.cart_id, r.seq
-                        ))));
+        self.with(Op::Write, |tr| {
+            let ckey = k(client, cart_id);
+            let ikey = k(client, idem);
+            let r = (
+                &tr.carts,
+                &tr.usage,
+                &tr.receipts,
+                &tr.outbox,
+                &tr.meta,
+                &tr.checkouts,
+            )
+                .transaction(|(carts, usage, receipts, outbox, meta, checkouts)| {
+                    // The same checkout again: the receipt it already got. The same key on
+                    // another cart is refused: that cart is not sold.
+                    if let Some(seq) = checkouts.get(&ikey)? {
+                        let r = receipts.get(seq)?.ok_or(Cte::Abort(StoreError::NotFound))?;
+                        let r = from_json::<Receipt>(&r).map_err(Cte::Abort)?;
+                        if r.order.cart_id != cart_id {
+                            return Err(Cte::Abort(StoreError::KeyReused(format!(
+                                "this Idempotency-Key already sold cart {:?} (receipt {}); \
+                                 cart {cart_id:?} is not sold: use a new key for a new checkout",
+                                r.order.cart_id, r.seq
+                            ))));
+                        }
+                        return Ok(r);
                     }
-                    return Ok(r);
-                }
-                let Some(old) = carts.get(&ckey)? else {
-                    return Err(Cte::Abort(StoreError::NotFound));
-                };
-                let cart: Cart = from_json(&old).map_err(Cte::Abort)?;
-                if cart.items.is_empty() {
-                    return Err(Cte::Abort(StoreError::EmptyCart));
-                }
-                if if_match.is_some_and(|v| v != cart.version) {
-                    return Err(Cte::Abort(StoreError::Conflict(Some(Box::new(cart)))));
-                }
-                let seq = u64_of(meta.get("receipt_seq")?) + 1;
-                let prev = meta
-                    .get("receipt_head")?
-                    .map(|v| String::from_utf8_lossy(&v).to_string())
-                    .unwrap_or_else(|| receipt::GENESIS.to_string());
-                let order = Order {
-                    order_id: format!("{client}-{seq}"),
-                    client: client.to_string(),
-                    cart_id: cart.id.clone(),
-                    cart_version: cart.version,
-                    currency: cart.currency.clone(),
-                    items: cart.items.clone(),
-                    total: cart.total,
-                    payment: payment.to_string(),
-                    created_at: now,
-                };
-                let r = receipt::sign(&self.key, seq, &prev, order);
-                let seq_key = seq.to_be_bytes();
-                receipts.insert(&seq_key, to_json(&r))?;
-                meta.insert("receipt_seq", &seq_key)?;
-                meta.insert("receipt_head", receipt::hash(&r).as_bytes())?;
-                checkouts.insert(ikey.as_slice(), &seq_key)?;
-                carts.remove(ckey.as_slice())?;
-                apply_usage(usage, client, Some(old.len()), None, None)?;
-                let id = u64_of(meta.get("outbox_seq")?) + 1;
-                meta.insert("outbox_seq", &id.to_be_bytes())?;
-                let rec = OutboxRecord {
-                    id,
-                    key: upstream_key(&self.device, client, "checkout", idem),
-                    group: format!("cart:{client}:{cart_id}"),
-                    client: client.to_string(),
-                    body: serde_json::json!({ "type": "checkout", "receipt": r }),
-                    created_at: now,
-                    attempts: 0,
-                    next_at_ms: 0,
-                    last_error: None,
-                };
-                outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
-                Ok(r)
-            })?;
-        Ok(r)
+                    let Some(old) = carts.get(&ckey)? else {
+                        return Err(Cte::Abort(StoreError::NotFound));
+                    };
+                    let cart: Cart = from_json(&old).map_err(Cte::Abort)?;
+                    if cart.items.is_empty() {
+                        return Err(Cte::Abort(StoreError::EmptyCart));
+                    }
+                    if if_match.is_some_and(|v| v != cart.version) {
+                        return Err(Cte::Abort(StoreError::Conflict(Some(Box::new(cart)))));
+                    }
+                    let seq = u64_of(meta.get("receipt_seq")?) + 1;
+                    let prev = meta
+                        .get("receipt_head")?
+                        .map(|v| String::from_utf8_lossy(&v).to_string())
+                        .unwrap_or_else(|| receipt::GENESIS.to_string());
+                    let order = Order {
+                        order_id: format!("{client}-{seq}"),
+                        client: client.to_string(),
+                        cart_id: cart.id.clone(),
+                        cart_version: cart.version,
+                        currency: cart.currency.clone(),
+                        items: cart.items.clone(),
+                        total: cart.total,
+                        payment: payment.to_string(),
+                        created_at: now,
+                    };
+                    let r = receipt::sign(&self.key, seq, &prev, order);
+                    let seq_key = seq.to_be_bytes();
+                    receipts.insert(&seq_key, to_json(&r))?;
+                    meta.insert("receipt_seq", &seq_key)?;
+                    meta.insert("receipt_head", receipt::hash(&r).as_bytes())?;
+                    checkouts.insert(ikey.as_slice(), &seq_key)?;
+                    carts.remove(ckey.as_slice())?;
+                    apply_usage(usage, client, Some(old.len()), None, None)?;
+                    let id = u64_of(meta.get("outbox_seq")?) + 1;
+                    meta.insert("outbox_seq", &id.to_be_bytes())?;
+                    let rec = OutboxRecord {
+                        id,
+                        key: upstream_key(&self.device, client, "checkout", idem),
+                        group: format!("cart:{client}:{cart_id}"),
+                        client: client.to_string(),
+                        body: serde_json::json!({ "type": "checkout", "receipt": r }),
+                        created_at: now,
+                        attempts: 0,
+                        next_at_ms: 0,
+                        last_error: None,
+                    };
+                    outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
+                    Ok(r)
+                })?;
+            Ok(r)
+        })
     }
 
     fn enqueue_event(
@@ -515,154 +749,240 @@ impl CommerceStore for SledStore {
         key: &str,
         body: serde_json::Value,
         now: i64,
+        l: Limits,
     ) -> Result<OutboxRecord, StoreError> {
-        let ikey = k(client, &format!("event:{key}"));
-        let rec = (&self.outbox, &self.meta, &self.checkouts).transaction(
-            |(outbox, meta, checkouts)| {
-                if let Some(id) = checkouts.get(&ikey)? {
-                    // Already queued: the same record, once; the same key on another
-                    // event is refused.
-                    if let Some(v) = outbox.get(&id)? {
-                        let old = from_json::<OutboxRecord>(&v).map_err(Cte::Abort)?;
-                        if old.body != body || old.group != format!("event:{client}:{group}") {
-                            return Err(Cte::Abort(StoreError::KeyReused(
-                                "this Idempotency-Key already queued a different event: \
-                                 use a new key for a new event"
-                                    .into(),
-                            )));
+        self.with(Op::Write, |tr| {
+            let ikey = k(client, &format!("event:{key}"));
+            let rec = (&tr.outbox, &tr.meta, &tr.checkouts, &tr.usage).transaction(
+                |(outbox, meta, checkouts, usage)| {
+                    if let Some(id) = checkouts.get(&ikey)? {
+                        // Already queued: the same record, once; the same key on another
+                        // event is refused.
+                        if let Some(v) = outbox.get(&id)? {
+                            let old = from_json::<OutboxRecord>(&v).map_err(Cte::Abort)?;
+                            if old.body != body || old.group != format!("event:{client}:{group}") {
+                                return Err(Cte::Abort(StoreError::KeyReused(
+                                    "this Idempotency-Key already queued a different event: \
+                                     use a new key for a new event"
+                                        .into(),
+                                )));
+                            }
+                            return Ok(old);
                         }
-                        return Ok(old);
+                        return Err(Cte::Abort(StoreError::KeyReused(
+                            "this Idempotency-Key's event was already delivered".into(),
+                        )));
                     }
-                    return Err(Cte::Abort(StoreError::KeyReused(
-                        "this Idempotency-Key's event was already delivered".into(),
-                    )));
-                }
-                let id = u64_of(meta.get("outbox_seq")?) + 1;
-                meta.insert("outbox_seq", &id.to_be_bytes())?;
-                let rec = OutboxRecord {
-                    id,
-                    key: upstream_key(&self.device, client, "event", key),
-                    group: format!("event:{client}:{group}"),
-                    client: client.to_string(),
-                    body: body.clone(),
-                    created_at: now,
-                    attempts: 0,
-                    next_at_ms: 0,
-                    last_error: None,
-                };
-                outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
-                checkouts.insert(ikey.as_slice(), &id.to_be_bytes())?;
-                Ok(rec)
-            },
-        )?;
-        Ok(rec)
+                    let id = u64_of(meta.get("outbox_seq")?) + 1;
+                    meta.insert("outbox_seq", &id.to_be_bytes())?;
+                    let rec = OutboxRecord {
+                        id,
+                        key: upstream_key(&self.device, client, "event", key),
+                        group: format!("event:{client}:{group}"),
+                        client: client.to_string(),
+                        body: body.clone(),
+                        created_at: now,
+                        attempts: 0,
+                        next_at_ms: 0,
+                        last_error: None,
+                    };
+                    apply_usage(usage, client, None, Some(event_size(&rec)), Some(l))?;
+                    outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
+                    checkouts.insert(ikey.as_slice(), &id.to_be_bytes())?;
+                    Ok(rec)
+                },
+            )?;
+            Ok(rec)
+        })
     }
 
-    fn receipts(&self, from: u64, limit: usize) -> Result<Vec<Receipt>, StoreError> {
-        self.receipts
-            .range(from.to_be_bytes()..)
-            .take(limit)
-            .map(|r| from_json(&r?.1))
-            .collect()
+    fn receipts(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page<Receipt>, StoreError> {
+        self.with(Op::Read, |tr| {
+            page(&tr.receipts, from, limit, max_bytes, |_| true)
+        })
+    }
+
+    fn outbox_of(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page<OutboxRecord>, StoreError> {
+        self.with(Op::Read, |tr| {
+            page(&tr.outbox, from, limit, max_bytes, |r: &OutboxRecord| {
+                r.client == client
+            })
+        })
+    }
+
+    fn dead_of(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page<DeadLetter>, StoreError> {
+        self.with(Op::Read, |tr| {
+            page(&tr.dead, from, limit, max_bytes, |d: &DeadLetter| {
+                d.record.client == client
+            })
+        })
+    }
+
+    fn dead_letter(&self, id: u64) -> Result<DeadLetter, StoreError> {
+        self.with(Op::Read, |tr| {
+            from_json(&tr.dead.get(id.to_be_bytes())?.ok_or(StoreError::NotFound)?)
+        })
+    }
+
+    fn dead_len(&self) -> usize {
+        self.with(Op::Read, |tr| Ok(tr.dead.len())).unwrap_or(0)
     }
 
     fn outbox(&self, limit: usize) -> Result<Vec<OutboxRecord>, StoreError> {
-        self.outbox
-            .iter()
-            .take(limit)
-            .map(|r| from_json(&r?.1))
-            .collect()
+        self.with(Op::Read, |tr| {
+            tr.outbox
+                .iter()
+                .take(limit)
+                .map(|r| from_json(&r?.1))
+                .collect()
+        })
     }
 
     fn outbox_len(&self) -> usize {
-        self.outbox.len()
+        self.with(Op::Read, |tr| Ok(tr.outbox.len())).unwrap_or(0)
     }
 
     fn delivered(&self, id: u64, now: i64) -> Result<(), StoreError> {
-        (&self.outbox, &self.synced).transaction(|(outbox, synced)| {
-            if let Some(v) = outbox.remove(&id.to_be_bytes())? {
-                let rec: OutboxRecord = from_json(&v).map_err(Cte::Abort)?;
-                synced.insert(rec.client.as_bytes(), &now.to_be_bytes())?;
-            }
+        self.with(Op::Free, |tr| {
+            (&tr.outbox, &tr.synced, &tr.usage).transaction(|(outbox, synced, usage)| {
+                if let Some(v) = outbox.remove(&id.to_be_bytes())? {
+                    let rec: OutboxRecord = from_json(&v).map_err(Cte::Abort)?;
+                    synced.insert(rec.client.as_bytes(), &now.to_be_bytes())?;
+                    if is_event(&rec) {
+                        apply_usage(usage, &rec.client, Some(event_size(&rec)), None, None)?;
+                    }
+                }
+                Ok(())
+            })?;
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn retry_later(&self, id: u64, next_at_ms: i64, error: &str) -> Result<(), StoreError> {
-        self.outbox.transaction(|outbox| {
-            if let Some(v) = outbox.get(id.to_be_bytes())? {
-                let mut rec: OutboxRecord = from_json(&v).map_err(Cte::Abort)?;
-                rec.attempts += 1;
-                rec.next_at_ms = next_at_ms;
-                rec.last_error = Some(error.to_string());
-                outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
-            }
+        self.with(Op::Free, |tr| {
+            tr.outbox.transaction(|outbox| {
+                if let Some(v) = outbox.get(id.to_be_bytes())? {
+                    let mut rec: OutboxRecord = from_json(&v).map_err(Cte::Abort)?;
+                    rec.attempts += 1;
+                    rec.next_at_ms = next_at_ms;
+                    rec.last_error = Some(error.to_string());
+                    outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
+                }
+                Ok(())
+            })?;
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn dead(&self, id: u64, reason: &str, now: i64) -> Result<(), StoreError> {
-        (&self.outbox, &self.dead).transaction(|(outbox, dead)| {
-            if let Some(v) = outbox.remove(&id.to_be_bytes())? {
-                let mut record: OutboxRecord = from_json(&v).map_err(Cte::Abort)?;
-                record.attempts += 1;
-                let d = DeadLetter {
-                    record,
-                    reason: reason.to_string(),
-                    at: now,
-                };
-                dead.insert(&id.to_be_bytes(), to_json(&d))?;
-            }
+        self.with(Op::Free, |tr| {
+            (&tr.outbox, &tr.dead).transaction(|(outbox, dead)| {
+                if let Some(v) = outbox.remove(&id.to_be_bytes())? {
+                    let mut record: OutboxRecord = from_json(&v).map_err(Cte::Abort)?;
+                    record.attempts += 1;
+                    let d = DeadLetter {
+                        record,
+                        reason: reason.to_string(),
+                        at: now,
+                    };
+                    dead.insert(&id.to_be_bytes(), to_json(&d))?;
+                }
+                Ok(())
+            })?;
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        self.dead.iter().map(|r| from_json(&r?.1)).collect()
+        self.with(Op::Read, |tr| {
+            tr.dead.iter().map(|r| from_json(&r?.1)).collect()
+        })
     }
 
     fn retry_dead(&self, id: u64) -> Result<(), StoreError> {
-        (&self.outbox, &self.dead).transaction(|(outbox, dead)| {
-            let Some(v) = dead.remove(&id.to_be_bytes())? else {
-                return Err(Cte::Abort(StoreError::NotFound));
-            };
-            let d: DeadLetter = from_json(&v).map_err(Cte::Abort)?;
-            let mut rec = d.record;
-            rec.next_at_ms = 0;
-            // Back in its original place: order within its group is kept.
-            outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
+        self.with(Op::Write, |tr| {
+            (&tr.outbox, &tr.dead).transaction(|(outbox, dead)| {
+                let Some(v) = dead.remove(&id.to_be_bytes())? else {
+                    return Err(Cte::Abort(StoreError::NotFound));
+                };
+                let d: DeadLetter = from_json(&v).map_err(Cte::Abort)?;
+                let mut rec = d.record;
+                rec.next_at_ms = 0;
+                // Back in its original place: order within its group is kept.
+                outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
+                Ok(())
+            })?;
             Ok(())
-        })?;
-        Ok(())
+        })
     }
 
     fn drop_dead(&self, id: u64) -> Result<(), StoreError> {
-        self.dead
-            .remove(id.to_be_bytes())?
-            .map(|_| ())
-            .ok_or(StoreError::NotFound)
+        self.with(Op::Free, |tr| {
+            (&tr.dead, &tr.usage).transaction(|(dead, usage)| {
+                let Some(v) = dead.remove(&id.to_be_bytes())? else {
+                    return Err(Cte::Abort(StoreError::NotFound));
+                };
+                let d: DeadLetter = from_json(&v).map_err(Cte::Abort)?;
+                if is_event(&d.record) {
+                    let size = Some(event_size(&d.record));
+                    apply_usage(usage, &d.record.client, size, None, None)?;
+                }
+                Ok(())
+            })?;
+            Ok(())
+        })
     }
 
     fn last_sync(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        self.synced
-            .iter()
-            .map(|r| {
-                let (k, v) = r?;
-                let t = <[u8; 8]>::try_from(v.as_ref()).map_or(0, i64::from_be_bytes);
-                Ok((String::from_utf8_lossy(&k).to_string(), t))
-            })
-            .collect()
+        self.with(Op::Read, |tr| {
+            tr.synced
+                .iter()
+                .map(|r| {
+                    let (k, v) = r?;
+                    let t = <[u8; 8]>::try_from(v.as_ref()).map_or(0, i64::from_be_bytes);
+                    Ok((String::from_utf8_lossy(&k).to_string(), t))
+                })
+                .collect()
+        })
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
         let _one = self.flushing.lock().await;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let db = self.with(Op::Read, |tr| Ok(tr.db.clone()))?;
+        let r = tokio::task::spawn_blocking(move || db.flush())
             .await
-            .map_err(|e| StoreError::Io(format!("flush task: {e}")))??;
+            .map_err(|e| StoreError::Io(format!("flush task: {e}")))?;
+        if let Err(e) = r {
+            // What the request changed may be in memory only: serve nothing from memory
+            // until the store is reopened from disk.
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
         Ok(())
+    }
+
+    fn storage(&self) -> Storage {
+        let free_bytes = self.room();
+        Storage {
+            ok: !self.failed.load(Ordering::SeqCst) && free_bytes >= self.reserve,
+            free_bytes,
+        }
     }
 }
