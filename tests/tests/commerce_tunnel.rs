@@ -144,3 +144,151 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
     assert_eq!(t.pid("edge"), pid, "no restart");
     Ok(())
 }
+
+/// The edge's state directory on a real tmpfs mounted for the test; unmounted when the
+/// test ends (before the topology removes its directory), also on failure.
+struct StateOnTmpfs(std::path::PathBuf);
+
+impl StateOnTmpfs {
+    /// Moves `dir`'s files (the keys) onto a fresh tmpfs of `size` mounted there.
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Self> {
+        let aside = dir.with_extension("aside");
+        std::fs::rename(dir, &aside)?;
+        std::fs::create_dir_all(dir)?;
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()?;
+        anyhow::ensure!(st.success(), "mount tmpfs on {}", dir.display());
+        let guard = Self(dir.to_path_buf());
+        for e in std::fs::read_dir(&aside)? {
+            let e = e?;
+            std::fs::copy(e.path(), dir.join(e.file_name()))?;
+        }
+        std::fs::remove_dir_all(&aside)?;
+        Ok(guard)
+    }
+
+    fn resize(&self, size: &str) -> Result<()> {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()?;
+        anyhow::ensure!(st.success(), "remount {}", self.0.display());
+        Ok(())
+    }
+}
+
+impl Drop for StateOnTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Loss (%) of `n` pings from the LAN through the tunnel to the internet server.
+fn tunnel_loss(t: &Topology, n: u32) -> Result<f64> {
+    let out = t.exec(
+        "lan",
+        &[
+            "ping",
+            "-c",
+            &n.to_string(),
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            "-q",
+            SERVER,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let loss = text
+        .split(',')
+        .find_map(|p| p.trim().strip_suffix("% packet loss"))
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("ping said: {text}"))?;
+    Ok(loss)
+}
+
+/// The SD card fills with sales while the box runs: the API refuses with 507
+/// storage_full, the status and `stallnet status` (over the control socket) say
+/// STORAGE FULL, the tunnel carries the LAN's traffic as before; when space returns the
+/// same daemon takes sales again by itself.
+#[test]
+fn a_full_sd_card_refuses_sales_but_never_the_tunnel_and_recovers_without_a_restart() -> Result<()>
+{
+    let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes()));
+    let extra = format!(
+        "\n[commerce]\nlisten = \"{API}\"\nclients = [{{ name = \"till\", key_sha256 = \"{hash}\" }}]\n"
+    );
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi()],
+        Options {
+            edge_extra: Some(extra),
+            ..Options::default()
+        },
+    )?;
+    let state = StateOnTmpfs::mount(&t.dir.join("edge-state"), "16m")?;
+    t.start()?;
+    wait_for(Duration::from_secs(10), || {
+        Ok(post_sale(&t, "probe").is_ok())
+    })?;
+    let before = tunnel_loss(&t, 20)?;
+    let pid = t.pid("edge");
+    // 48 KB events until the card is full.
+    let pad = "x".repeat(48 * 1024);
+    let mut n = 0;
+    let code = loop {
+        let body = format!(r#"{{"group":"g{n}","body":{{"pad":"{pad}"}}}}"#);
+        let code = post_outbox(&t.ns("lan"), API, KEY, &format!("fill-{n}"), &body)?;
+        if code != "202" {
+            break code;
+        }
+        n += 1;
+        anyhow::ensure!(n < 1000, "a 16 MB card never filled");
+    };
+    eprintln!("{n} events of 48 KB taken, then HTTP {code}");
+    assert_eq!(code, "507");
+    let s = t.wait_status("edge", Duration::from_secs(5), |s| {
+        s["commerce"]["storage"]["ok"] == false
+    })?;
+    assert_eq!(s["state"], "online", "{s}");
+    let out = t.exec(
+        "edge",
+        &[
+            bin("stallnet").to_str().context("path")?,
+            "status",
+            "--runtime-dir",
+            t.dir.join("edge-run").to_str().context("path")?,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("STORAGE FULL"), "{text}");
+    let during = tunnel_loss(&t, 20)?;
+    eprintln!("tunnel loss before {before}%, with the card full {during}%");
+    assert!(
+        during <= 5.0,
+        "the tunnel lost {during}% with the card full"
+    );
+    // Space returns: sales are taken again, by the same daemon.
+    state.resize("64m")?;
+    wait_for(Duration::from_secs(10), || {
+        Ok(post_sale(&t, "after-space").is_ok())
+    })?;
+    t.wait_status("edge", Duration::from_secs(5), |s| {
+        s["commerce"]["storage"]["ok"] == true
+    })?;
+    assert_eq!(t.pid("edge"), pid, "no restart");
+    t.stop("edge");
+    drop(state);
+    Ok(())
+}
