@@ -75,6 +75,9 @@ struct Ctx {
     reloading: Mutex<()>,
     events: Arc<EventLog>,
     latest: Mutex<Option<Status>>,
+    /// The per-source cap on LAN traffic into the tunnel in force, and the packets
+    /// dropped over it (see `cap_lan_sources`).
+    lan_cap: Mutex<Option<(u32, u64)>>,
     config_path: Option<PathBuf>,
     state_dir: PathBuf,
     runtime_dir: PathBuf,
@@ -238,6 +241,7 @@ async fn run_with(
         reloading: Mutex::new(()),
         events: Arc::new(EventLog::new()),
         latest: Mutex::new(None),
+        lan_cap: Mutex::new(None),
         config_path,
         state_dir: cfg.state_dir.clone(),
         runtime_dir: cfg.runtime_dir.clone(),
@@ -301,6 +305,9 @@ async fn run_with(
     let (commerce_thread, commerce) = commerce.unzip();
     let c = ctx.clone();
     tokio::spawn(async move { resolve_devices(c).await });
+    kernel.owns_nft_table(crate::lan_cap::FAMILY, crate::lan_cap::TABLE);
+    let (c, tun_name) = (ctx.clone(), e.tun_name.clone());
+    tokio::spawn(async move { cap_lan_sources(c, tun_name).await });
     tracing::info!(identity = %ctx.me.id, "edge running");
 
     if let Some(path) = ctx.config_path.clone() {
@@ -512,6 +519,8 @@ async fn supervise(
             peer: e.hubs.first().map(|h| h.address.to_string()),
             clock: clock.clone(),
             stream_advice: Some(stream_advice),
+            lan_source_cap: lock(&ctx.lan_cap)
+                .map(|(pps, dropped)| serde_json::json!({ "pps": pps, "dropped": dropped })),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
@@ -693,6 +702,80 @@ async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
                     tracing::debug!("offline answer: {e}");
                 }
             }
+        }
+    }
+}
+
+/// Keeps the kernel's per-source cap on LAN traffic into the tunnel
+/// ([`crate::lan_cap`]) at what [`SourceCap`] decides from the uplinks' capacity, POS
+/// sources exempt (as the config has them now).
+async fn cap_lan_sources(ctx: Arc<Ctx>, tun: String) {
+    use crate::core::source_cap::{SourceCap, SourceCapConfig};
+    let mut cap = SourceCap::new(SourceCapConfig::default());
+    let mut installed: Option<(u32, Vec<IpNet>)> = None;
+    let mut warned = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // Dropped by tables replaced before, and in all (as last read).
+    let (mut dropped, mut reported) = (0u64, 0u64);
+    let (mut ticks, mut told) = (0u64, (0u64, None::<Instant>));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.cancel.cancelled() => return,
+        }
+        ticks += 1;
+        cap.update(ctx.bond.capacity(), Instant::now());
+        let Some(pps) = cap.current() else {
+            continue;
+        };
+        let want = (pps, ctx.cfg().pos_sources.clone());
+        if installed.as_ref() != Some(&want) {
+            // The new table starts its counters at zero: keep the old one's.
+            let old = match installed {
+                Some(_) => crate::lan_cap::dropped().await.unwrap_or(0),
+                None => 0,
+            };
+            let applied = match crate::lan_cap::render(&tun, want.0, &want.1) {
+                Ok(script) => nft(&script).await,
+                Err(e) => Err(e.into()),
+            };
+            match applied {
+                Ok(()) => {
+                    tracing::debug!(pps, "LAN sources capped into the tunnel");
+                    dropped += old;
+                    installed = Some(want);
+                    warned = false;
+                }
+                Err(e) if !warned => {
+                    tracing::warn!("capping LAN sources: {e:#}");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+        }
+        if ticks % 8 == 0 {
+            if let Ok(n) = crate::lan_cap::dropped().await {
+                reported = dropped.saturating_add(n);
+            }
+        }
+        *lock(&ctx.lan_cap) = installed.as_ref().map(|(p, _)| (*p, reported));
+        let now_dropped = reported;
+        // Said at most once a minute while it goes on.
+        if now_dropped > told.0
+            && told
+                .1
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            ctx.events.push(
+                Level::Warning,
+                "lan_flood",
+                None,
+                format!(
+                    "a LAN device sends more than {pps} packets/s into the tunnel: {} over it dropped",
+                    now_dropped - told.0
+                ),
+            );
+            told = (now_dropped, Some(Instant::now()));
         }
     }
 }

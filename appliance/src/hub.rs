@@ -206,6 +206,7 @@ async fn run_with(
             peer: None,
             clock,
             stream_advice: None,
+            lan_source_cap: None,
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");

@@ -29,6 +29,7 @@ pub mod edge;
 pub mod events;
 pub mod hub;
 pub mod identity;
+pub mod lan_cap;
 pub mod lan_setup;
 pub mod metrics;
 pub mod modem;

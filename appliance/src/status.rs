@@ -37,6 +37,10 @@ pub struct Status {
     /// count on now (`{"bitrate_bps", "uplink", "basis"}`), or null when nothing carries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_advice: Option<serde_json::Value>,
+    /// The edge's cap on what one LAN source sends into the tunnel (`{"pps", "dropped"}`:
+    /// packets per second, and packets dropped over it since the daemon started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan_source_cap: Option<serde_json::Value>,
 }
 
 /// The clock's trustworthiness (see [`Status::clock`]).

@@ -333,7 +333,13 @@ pub struct Classifier {
     dns: HashMap<IpAddr, Vec<DnsName>>,
     next_id: u64,
     stats: ClassifyStats,
+    /// When a full flow table was last swept: at most once per [`FULL_SWEEP_EVERY`], so
+    /// a flood of new flows costs a hash lookup per packet, not a walk of the table.
+    full_swept: Option<Instant>,
 }
+
+/// How often a full flow table is swept for idle flows.
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Most names remembered per address (CDNs put many names on one address).
 const NAMES_PER_ADDR: usize = 8;
@@ -347,6 +353,7 @@ impl Classifier {
             dns: HashMap::new(),
             next_id: 1,
             stats: ClassifyStats::default(),
+            full_swept: None,
         }
     }
 
@@ -473,7 +480,12 @@ impl Classifier {
     }
 
     fn insert(&mut self, key: FlowKey, class: Class, now: Instant, len: u64) -> u64 {
-        if self.flows.len() >= self.cfg.max_flows {
+        if self.flows.len() >= self.cfg.max_flows
+            && self
+                .full_swept
+                .is_none_or(|t| now.saturating_duration_since(t) >= FULL_SWEEP_EVERY)
+        {
+            self.full_swept = Some(now);
             self.sweep(now);
         }
         if self.flows.len() >= self.cfg.max_flows {
@@ -971,6 +983,12 @@ mod tests {
         assert_eq!(c.stats().flow_table_full, 10);
         // The newest answers were kept.
         assert!(!c.names_of(IpAddr::from([192, 0, 2, 19]), t).is_empty());
+        // A full table is swept at most once a second, however many new flows arrive:
+        // idle flows make room then, not on every packet.
+        let later = t + Duration::from_secs(600);
+        c.classify(&udp4(LAN, NET, 3000, 9, &[0; 8]), later)
+            .expect("ok");
+        assert_eq!(c.flow_count(), 1, "the idle flows were swept");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod rate;
 pub mod reach;
 pub mod reorder;
 pub mod scheduler;
+pub mod source_cap;
 
 /// Traffic class of a packet (decided by [`classify`], queued by [`qos`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -513,6 +513,17 @@ impl Bond {
         self.lock().sched.online()
     }
 
+    /// What the uplinks together have delivered at most lately, bytes per second (0 when
+    /// nothing was measured).
+    pub fn capacity(&self) -> f64 {
+        self.lock()
+            .links
+            .iter()
+            .flatten()
+            .map(|l| l.inflight.capacity())
+            .sum()
+    }
+
     /// Classifies an IP packet read from the TUN device and queues it for the peer. With
     /// `fail_fast`, a POS packet is not queued when no uplink reaches the peer at all, so
     /// the caller can answer it at once.

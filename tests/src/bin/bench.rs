@@ -48,6 +48,7 @@ fn main() -> Result<()> {
         "commerce",
         "dashboard",
         "idle-backup",
+        "flood",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -116,6 +117,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "commerce" => commerce_bench::run()?,
             "dashboard" => dashboard_bench::run()?,
             "idle-backup" => idle_backup()?,
+            "flood" => flood()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -126,6 +128,100 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
         }
     }
     Ok(acc)
+}
+
+/// One LAN device (a phone gone wrong) floods 64-byte UDP datagrams at 90 000 per second
+/// on 10 000 flows, then on 40 000, while the till pays (10 POS packets/s) and a ping runs
+/// from another device: POS RTT and loss, through stallnet (wifi + cellular) and through
+/// plain routing over wifi alone, on the same machine in the same run.
+fn flood() -> Result<Figures1> {
+    let mut figs = Vec::new();
+    for label in ["stallnet", "plain wifi"] {
+        let mut t = if label == "stallnet" {
+            let mut t = Topology::build(deep_links(), Options::default())?;
+            t.start()?;
+            t
+        } else {
+            let p = Topology::build(deep_links()[..1].to_vec(), Options::default())?;
+            p.nft("edge", "table ip plain { chain post { type nat hook postrouting priority srcnat; oifname \"wan1\" masquerade; }\n}")?;
+            p
+        };
+        t.start_echo(7001)?;
+        // The flooding phone has an address of its own on the LAN.
+        t.exec("lan", &["ip", "addr", "add", "10.1.0.30/24", "dev", "eth0"])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let idle = t.udp_flow_sized(POS_CLIENT, 7001, 10, 8.0, 200)?;
+        let g = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        figs.push((
+            format!("{label}: POS RTT idle p99"),
+            "ms",
+            g(&idle, "rtt_p99_ms"),
+        ));
+        for flows in [10_000u32, 40_000] {
+            let flooder = bin("stallnet-traffic");
+            let f = flooder.to_str().context("path")?.to_string();
+            let fl = flows.to_string();
+            t.spawn(
+                "flood",
+                "lan",
+                &[
+                    &f,
+                    "udp-flood",
+                    SERVER,
+                    "10.1.0.30:0",
+                    "90000",
+                    "24",
+                    &fl,
+                    "64",
+                ],
+            )?;
+            std::thread::sleep(Duration::from_secs(3));
+            let cpu0 = cpu_seconds(&[t.pid("edge")]);
+            let pos = t.udp_flow_sized(POS_CLIENT, 7001, 10, 15.0, 200)?;
+            let cpu = cpu_seconds(&[t.pid("edge")]) - cpu0;
+            if let Ok(o) = t.exec("edge", &["ip", "-s", "-s", "link"]) {
+                eprintln!(
+                    "  edge CPU {:.0}% over the POS run\n{}",
+                    cpu / 15.0 * 100.0,
+                    String::from_utf8_lossy(&o.stdout)
+                );
+            }
+            if let Ok(st) = t.status("edge") {
+                eprintln!("  classes: {}", st["bonds"]["hub"]["classes"]);
+            }
+            let _ = t.wait_exit("flood", false, Duration::from_secs(15));
+            let sent = t
+                .log("flood")
+                .lines()
+                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .map_or(f64::NAN, |v| g(&v, "pps"));
+            t.stop("flood");
+            eprintln!("  {label}, {flows} flows: the flooder sent {sent:.0}/s; POS {pos}");
+            let k = flows / 1000;
+            figs.push((
+                format!("{label}: flood {k}k flows: flooder sent"),
+                "pkt/s",
+                sent,
+            ));
+            figs.push((
+                format!("{label}: flood {k}k flows: POS RTT p50"),
+                "ms",
+                g(&pos, "rtt_p50_ms"),
+            ));
+            figs.push((
+                format!("{label}: flood {k}k flows: POS RTT p99"),
+                "ms",
+                g(&pos, "rtt_p99_ms"),
+            ));
+            figs.push((
+                format!("{label}: flood {k}k flows: POS lost"),
+                "%",
+                100.0 * g(&pos, "lost") / g(&pos, "sent"),
+            ));
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+    Ok(figs)
 }
 
 /// Idle POS, then POS, the stream and saturating bulk both ways together; returns the

@@ -6,6 +6,9 @@
 //!   prints a JSON summary: sent, received, lost, duplicates, the longest gap between
 //!   echoes, the RTT percentiles and the jitter (p99 of the change in RTT between
 //!   consecutive echoes).
+//! - `udp-flood TO_IP BIND PPS SECS FLOWS [SIZE]`: one misbehaving LAN device: SIZE-byte
+//!   datagrams (default 64) to TO_IP on FLOWS distinct ports in turn, at up to PPS per
+//!   second for SECS seconds; prints `{"sent": N, "pps": X}`. Nothing listens for them.
 //! - `tcp-connect TO`: one TCP connection attempt (3 s limit); prints the outcome
 //!   (`connected`, `refused`, `timeout`, `error`) and how long it took.
 //! - `dns-query SERVER NAME`: an A query over UDP (up to 3 tries); prints the addresses in
@@ -49,6 +52,20 @@ fn main() -> Result<()> {
             let size: usize = size.parse()?;
             anyhow::ensure!((16..=1400).contains(&size), "SIZE must be 16..=1400");
             flow(to, bind, pps.parse()?, secs.parse()?, size)
+        }
+        Some("udp-flood") => {
+            let (to, bind, pps, secs, flows, size) = match &args[1..] {
+                [to, bind, pps, secs, flows] => (to, bind, pps, secs, flows, "64"),
+                [to, bind, pps, secs, flows, size] => {
+                    (to, bind, pps, secs, flows, size.as_str())
+                }
+                _ => bail!("usage: udp-flood TO_IP BIND PPS SECS FLOWS [SIZE]"),
+            };
+            let size: usize = size.parse()?;
+            anyhow::ensure!((1..=1400).contains(&size), "SIZE must be 1..=1400");
+            let flows: u16 = flows.parse()?;
+            anyhow::ensure!(flows >= 1, "FLOWS must be at least 1");
+            flood(to, bind, pps.parse()?, secs.parse()?, flows, size)
         }
         Some("tcp-connect") => tcp_connect(args.get(1).context("TO")?),
         Some("dns-query") => {
@@ -198,6 +215,39 @@ fn dns_query(server: &str, name: &str) -> Result<()> {
         })
         .collect();
     println!("{}", serde_json::json!({ "addresses": addrs }));
+    Ok(())
+}
+
+fn flood(to: &str, bind: &str, pps: u64, secs: f64, flows: u16, size: usize) -> Result<()> {
+    let ip: std::net::IpAddr = to.parse().context("TO_IP")?;
+    let s = UdpSocket::bind(bind)?;
+    let payload = vec![0x5au8; size];
+    let start = Instant::now();
+    let stop = Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    let mut port = 0u16;
+    // Paced in batches of 64 every 64/PPS seconds: bounded in count and time.
+    let batch = 64u64;
+    let every = Duration::from_secs_f64(batch as f64 / pps.max(1) as f64);
+    let mut next = start;
+    while start.elapsed() < stop {
+        for _ in 0..batch {
+            let dst = std::net::SocketAddr::new(ip, 20_000 + port);
+            port = (port + 1) % flows;
+            if s.send_to(&payload, dst).is_ok() {
+                sent += 1;
+            }
+        }
+        next += every;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "sent": sent, "pps": sent as f64 / start.elapsed().as_secs_f64() })
+    );
     Ok(())
 }
 
