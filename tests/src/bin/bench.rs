@@ -967,6 +967,10 @@ fn unshaped() -> Result<Vec<(String, &'static str, f64)>> {
     let started = std::time::Instant::now();
     let tunnel = iperf(&mut t, false, 8, 4)?;
     let sn_cores = (cpu_seconds(&pids) - cpu0) / started.elapsed().as_secs_f64();
+    if let Ok(st) = t.status("edge") {
+        eprintln!("  edge LAN source cap: {}", st["lan_source_cap"]);
+    }
+    print_links(&t);
     drop(t);
     let mut p = Topology::build(vec![fast], Options::default())?;
     // Plain routing: the edge namespace forwards LAN traffic out of wan1 with NAT.
