@@ -41,6 +41,20 @@ fn received(log: &std::path::Path) -> HashMap<String, Vec<String>> {
     m
 }
 
+/// What `stallnet status` prints for the edge (over its control socket).
+fn status_text(t: &Topology) -> Result<String> {
+    let out = t.exec(
+        "edge",
+        &[
+            bin("stallnet").to_str().context("path")?,
+            "status",
+            "--runtime-dir",
+            t.dir.join("edge-run").to_str().context("path")?,
+        ],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 #[test]
 fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<()> {
     let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes()));
@@ -104,16 +118,7 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
         assert_eq!(peers[0], HUB_ADDR, "{k} came from {}", peers[0]);
     }
     // `stallnet status` says it in words, too.
-    let out = t.exec(
-        "edge",
-        &[
-            bin("stallnet").to_str().context("path")?,
-            "status",
-            "--runtime-dir",
-            t.dir.join("edge-run").to_str().context("path")?,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status_text(&t)?;
     assert!(text.contains("sales: 0 waiting to upload"), "{text}");
 
     // A till replaced without a restart: the new key works, the old one is refused.
@@ -262,16 +267,7 @@ fn a_full_sd_card_refuses_sales_but_never_the_tunnel_and_recovers_without_a_rest
         s["commerce"]["storage"]["ok"] == false
     })?;
     assert_eq!(s["state"], "online", "{s}");
-    let out = t.exec(
-        "edge",
-        &[
-            bin("stallnet").to_str().context("path")?,
-            "status",
-            "--runtime-dir",
-            t.dir.join("edge-run").to_str().context("path")?,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status_text(&t)?;
     assert!(text.contains("STORAGE FULL"), "{text}");
     let during = tunnel_loss(&t, 20)?;
     eprintln!("tunnel loss before {before}%, with the card full {during}%");

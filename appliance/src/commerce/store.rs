@@ -403,6 +403,32 @@ impl SledStore {
         })
     }
 
+    /// A new outbox record with the next id (counted in `meta`): `kind` and the client's
+    /// key make its upstream key.
+    fn new_record(
+        &self,
+        meta: &sled::transaction::TransactionalTree,
+        client: &str,
+        (kind, key): (&str, &str),
+        group: String,
+        body: serde_json::Value,
+        now: i64,
+    ) -> Result<OutboxRecord, Cte<StoreError>> {
+        let id = u64_of(meta.get("outbox_seq")?) + 1;
+        meta.insert("outbox_seq", &id.to_be_bytes())?;
+        Ok(OutboxRecord {
+            id,
+            key: upstream_key(&self.device, client, kind, key),
+            group,
+            client: client.to_string(),
+            body,
+            created_at: now,
+            attempts: 0,
+            next_at_ms: 0,
+            last_error: None,
+        })
+    }
+
     /// The same store with `bytes` of free space kept instead of [`RESERVE_BYTES`]
     /// (0: write until the disk itself refuses, as when another process fills it).
     pub fn with_reserve(mut self, bytes: u64) -> Self {
@@ -722,20 +748,15 @@ impl CommerceStore for SledStore {
                     checkouts.insert(ikey.as_slice(), &seq_key)?;
                     carts.remove(ckey.as_slice())?;
                     apply_usage(usage, client, Some(old.len()), None, None)?;
-                    let id = u64_of(meta.get("outbox_seq")?) + 1;
-                    meta.insert("outbox_seq", &id.to_be_bytes())?;
-                    let rec = OutboxRecord {
-                        id,
-                        key: upstream_key(&self.device, client, "checkout", idem),
-                        group: format!("cart:{client}:{cart_id}"),
-                        client: client.to_string(),
-                        body: serde_json::json!({ "type": "checkout", "receipt": r }),
-                        created_at: now,
-                        attempts: 0,
-                        next_at_ms: 0,
-                        last_error: None,
-                    };
-                    outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
+                    let rec = self.new_record(
+                        meta,
+                        client,
+                        ("checkout", idem),
+                        format!("cart:{client}:{cart_id}"),
+                        serde_json::json!({ "type": "checkout", "receipt": r }),
+                        now,
+                    )?;
+                    outbox.insert(&rec.id.to_be_bytes(), to_json(&rec))?;
                     Ok(r)
                 })?;
             Ok(r)
@@ -773,22 +794,17 @@ impl CommerceStore for SledStore {
                             "this Idempotency-Key's event was already delivered".into(),
                         )));
                     }
-                    let id = u64_of(meta.get("outbox_seq")?) + 1;
-                    meta.insert("outbox_seq", &id.to_be_bytes())?;
-                    let rec = OutboxRecord {
-                        id,
-                        key: upstream_key(&self.device, client, "event", key),
-                        group: format!("event:{client}:{group}"),
-                        client: client.to_string(),
-                        body: body.clone(),
-                        created_at: now,
-                        attempts: 0,
-                        next_at_ms: 0,
-                        last_error: None,
-                    };
+                    let rec = self.new_record(
+                        meta,
+                        client,
+                        ("event", key),
+                        format!("event:{client}:{group}"),
+                        body.clone(),
+                        now,
+                    )?;
                     apply_usage(usage, client, None, Some(event_size(&rec)), Some(l))?;
-                    outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
-                    checkouts.insert(ikey.as_slice(), &id.to_be_bytes())?;
+                    outbox.insert(&rec.id.to_be_bytes(), to_json(&rec))?;
+                    checkouts.insert(ikey.as_slice(), &rec.id.to_be_bytes())?;
                     Ok(rec)
                 },
             )?;
@@ -883,7 +899,7 @@ impl CommerceStore for SledStore {
                     rec.attempts += 1;
                     rec.next_at_ms = next_at_ms;
                     rec.last_error = Some(error.to_string());
-                    outbox.insert(&id.to_be_bytes(), to_json(&rec))?;
+                    outbox.insert(&rec.id.to_be_bytes(), to_json(&rec))?;
                 }
                 Ok(())
             })?;
