@@ -16,6 +16,10 @@ use stallnet::commerce::{receipt, seal, worker};
 use stallnet_netconf::Upstream;
 use tokio_util::sync::CancellationToken;
 
+/// The test of memory under hostile reads measures this process's peak: it runs alone,
+/// every other test alongside each other.
+static PROCESS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 const KEY: &str = "till-1-secret-key-0123456789";
 /// A second till on the same box.
 const KEY2: &str = "till-2-secret-key-9876543210";
@@ -164,6 +168,7 @@ fn cart(n: i64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_limits_and_bad_input_get_clear_4xx() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("auth");
     let b = start(
         &dir,
@@ -283,6 +288,7 @@ async fn auth_limits_and_bad_input_get_clear_4xx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_sealed_expire_and_redeem_exactly_once() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("tokens");
     let b = start(&dir, limits(), vec![], None).await;
     let c = http();
@@ -356,6 +362,7 @@ fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carts_version_and_checkouts_chain_signed_receipts_that_survive_a_restart() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("carts");
     let b = start(&dir, limits(), vec![], None).await;
     let c = http();
@@ -592,6 +599,7 @@ async fn upstream() -> (String, Arc<FlakyUpstream>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_waits_offline_then_delivers_each_record_once_in_order_per_cart() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("outbox");
     let (url, up) = upstream().await;
     let up_cfg = Upstream {
@@ -806,6 +814,7 @@ impl Drop for NatsServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_gets_every_record_once_in_order_across_a_server_restart() {
+    let _process = PROCESS.read().await;
     use async_nats::jetstream;
     const GROUPS: usize = 3;
     const PER_GROUP: usize = 400;
@@ -1020,6 +1029,7 @@ async fn tls_upstream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_on_a_private_ca_is_trusted_only_with_its_ca_file() {
+    let _process = PROCESS.read().await;
     let ca_dir = tmpdir("https-ca");
     let (url, ca, seen) = tls_upstream(&ca_dir).await;
     let c = http();
@@ -1098,6 +1108,7 @@ async fn an_https_upstream_on_a_private_ca_is_trusted_only_with_its_ca_file() {
 /// key), each delivered once, never two of one key in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tills_with_one_key_are_three_records_upstream_each_once() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("shared-key");
     let (url, up) = upstream().await;
     let up_cfg = Upstream {
@@ -1171,6 +1182,7 @@ async fn two_tills_with_one_key_are_three_records_upstream_each_once() {
 /// key on the same cart is still the same receipt; an event likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_reused_on_another_cart_is_refused_not_answered_with_another_sale() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("reused-key");
     let b = start(&dir, limits(), vec![], None).await;
     let c = http();
@@ -1248,6 +1260,7 @@ async fn a_key_reused_on_another_cart_is_refused_not_answered_with_another_sale(
 /// guest's prefix in `deny_from` still refuses it, key or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv4_guest_is_refused_on_a_dual_stack_listener() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("dual-stack");
     let deny = vec!["127.0.0.0/8".parse().expect("net")];
     let b = start_on("[::]:0", &dir, limits(), deny, None).await;
@@ -1270,6 +1283,7 @@ async fn an_ipv4_guest_is_refused_on_a_dual_stack_listener() {
 /// records and dead letters (they hold full receipts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vouchers_stay_spent_empty_carts_do_not_sell_and_tills_see_only_their_records() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("small-holes");
     let (url, _up) = upstream().await;
     let up_cfg = Upstream {
@@ -1519,6 +1533,7 @@ async fn sell(c: &reqwest::Client, base: &str, i: usize) -> (StatusCode, Value) 
 /// every acknowledged sale is still there, its receipt chain intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_sales_with_507_and_recovers_by_itself() {
+    let _process = PROCESS.read().await;
     let Some(fs) = Tmpfs::mount("full", "12m") else {
         return;
     };
@@ -1616,6 +1631,7 @@ async fn a_full_disk_refuses_sales_with_507_and_recovers_by_itself() {
 /// chain goes on unbroken, and no restart is needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_hit_a_full_disk_reopens_itself_when_space_returns() {
+    let _process = PROCESS.read().await;
     let Some(fs) = Tmpfs::mount("enospc", "8m") else {
         return;
     };
@@ -1737,6 +1753,7 @@ fn raw_json(answer: &str) -> Value {
 /// before it is read, and a body that never arrives ends in a 408.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_device_cannot_exhaust_or_hold_the_api() {
+    let _process = PROCESS.read().await;
     use stallnet::commerce::listen::{HEADER_TIMEOUT, PER_SOURCE, REQUEST_TIMEOUT};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tmpdir("conns");
@@ -1831,6 +1848,7 @@ async fn one_device_cannot_exhaust_or_hold_the_api() {
 /// Errors the HTTP framework answers itself come in the documented JSON shape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framework_errors_are_json_with_a_code() {
+    let _process = PROCESS.read().await;
     let dir = tmpdir("framework");
     let b = start(&dir, limits(), vec![], None).await;
     let c = http();
@@ -1930,6 +1948,7 @@ fn peak_rss_kib() -> u64 {
 /// do not grow the daemon's memory by more than a few pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_writes_count_against_limits_and_lists_are_bounded_pages() {
+    let _process = PROCESS.write().await;
     let dir = tmpdir("outbox-limits");
     let (url, up) = upstream().await;
     let b = start(&dir, limits(), vec![], Some(Upstream::new(url))).await;

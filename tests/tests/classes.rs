@@ -10,6 +10,14 @@ use stallnet_tests::topo::{
     SERVER,
 };
 
+/// The flood test saturates the whole machine (90 000 packets a second): it runs alone,
+/// the other tests of this file (several measure latency) alongside each other.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn f(v: &serde_json::Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
 }
@@ -34,6 +42,7 @@ fn class<'a>(status: &'a serde_json::Value, bond: &str, name: &str) -> &'a serde
 
 #[test]
 fn pos_and_the_stream_keep_their_service_under_saturating_bulk_both_ways() -> Result<()> {
+    let _machine = shared();
     let mut t = Topology::build(deep_links(), Options::default())?;
     t.start()?;
     t.start_echo(7001)?;
@@ -96,6 +105,7 @@ fn pos_and_the_stream_keep_their_service_under_saturating_bulk_both_ways() -> Re
 
 #[test]
 fn guest_traffic_is_capped_in_both_directions() -> Result<()> {
+    let _machine = shared();
     let opts = Options {
         edge_extra: Some(format!(
             "[edge.classes.guest]\nmax_rate = \"2mbit\"\n\n[[edge.rules]]\nclass = \"guest\"\nsrc = [\"{GUEST_CLIENT}/32\"]\n"
@@ -159,6 +169,7 @@ fn guest_traffic_is_capped_in_both_directions() -> Result<()> {
 
 #[test]
 fn a_lowest_latency_flow_stays_on_its_uplink() -> Result<()> {
+    let _machine = shared();
     let mut t = Topology::build(
         vec![UplinkSpec::wifi(), UplinkSpec::cell()],
         Options::default(),
@@ -193,6 +204,7 @@ fn a_lowest_latency_flow_stays_on_its_uplink() -> Result<()> {
 
 #[test]
 fn offline_a_syn_to_a_pos_host_learned_from_dns_is_refused_at_once() -> Result<()> {
+    let _machine = shared();
     let mut t = Topology::build(
         vec![UplinkSpec::wifi(), UplinkSpec::cell()],
         Options::default(),
@@ -238,6 +250,7 @@ fn offline_a_syn_to_a_pos_host_learned_from_dns_is_refused_at_once() -> Result<(
 
 #[test]
 fn a_degraded_uplink_loses_the_stream_before_it_dies() -> Result<()> {
+    let _machine = shared();
     let mut t = Topology::build(
         vec![UplinkSpec::wifi(), UplinkSpec::cell()],
         Options::default(),
@@ -296,6 +309,7 @@ fn a_degraded_uplink_loses_the_stream_before_it_dies() -> Result<()> {
 /// mirrors the class the edge gave the flow, so the replies come down as `pos` too.
 #[test]
 fn a_pos_rule_on_the_edge_makes_the_replies_pos_too() -> Result<()> {
+    let _machine = shared();
     let opts = Options {
         edge_extra: Some(format!(
             "[[edge.rules]]\nclass = \"pos\"\nsrc = [\"{LAN_CLIENT}/32\"]\ndst_port = [7002]\n"
@@ -347,6 +361,7 @@ fn tun_dropped(t: &Topology) -> Result<u64> {
 /// from every source alike (before the cap: 26 % of POS lost, p99 445 ms).
 #[test]
 fn one_flooding_lan_device_does_not_take_pos_or_the_stream_down() -> Result<()> {
+    let _machine = MACHINE.write().unwrap_or_else(|e| e.into_inner());
     let mut t = Topology::build(deep_links(), Options::default())?;
     t.start()?;
     t.start_echo(7001)?;
