@@ -720,12 +720,30 @@ async fn guard(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(n) = declared.filter(|n| *n > max_body as u64) {
-        return ApiError::new(
+        // Closing with the client's body unread resets the connection, which can take the
+        // answer with it: read and drop what arrives within a second (a few limits' worth
+        // at most), then answer and close.
+        let drain = async {
+            use futures::StreamExt;
+            let mut body = req.into_body().into_data_stream();
+            let mut seen = 0usize;
+            while let Some(Ok(chunk)) = body.next().await {
+                seen = seen.saturating_add(chunk.len());
+                if seen > max_body.saturating_mul(4) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+        let mut r = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("the body is {n} bytes; the limit is {max_body}"),
         )
         .into_response();
+        r.headers_mut()
+            .insert("connection", HeaderValue::from_static("close"));
+        return r;
     }
     let resp = match tokio::time::timeout(super::listen::REQUEST_TIMEOUT, next.run(req)).await {
         Ok(r) => r,

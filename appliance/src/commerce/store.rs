@@ -154,7 +154,6 @@ pub trait CommerceStore: Send + Sync {
     fn delivered(&self, id: u64, now: i64) -> Result<(), StoreError>;
     fn retry_later(&self, id: u64, next_at_ms: i64, error: &str) -> Result<(), StoreError>;
     fn dead(&self, id: u64, reason: &str, now: i64) -> Result<(), StoreError>;
-    fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
     /// `client`'s dead letters from id `from` on, bounded like [`Self::receipts`].
     fn dead_of(
         &self,
@@ -923,12 +922,6 @@ impl CommerceStore for SledStore {
                 Ok(())
             })?;
             Ok(())
-        })
-    }
-
-    fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        self.with(Op::Read, |tr| {
-            tr.dead.iter().map(|r| from_json(&r?.1)).collect()
         })
     }
 
