@@ -182,6 +182,10 @@ pub struct Options {
     /// The edge's `reachability` (an inline table); default: checks off (the test
     /// internet has no check server unless the test starts one).
     pub reachability: Option<String>,
+    /// Kernel links instead of the userspace emulator: each `emuN` namespace bridges its
+    /// two sides and, when the uplink has a rate, shapes each direction with `tbf` (a
+    /// `queue_ms`-deep buffer; no added delay, no emulator commands).
+    pub kernel_links: bool,
 }
 
 pub struct Topology {
@@ -432,7 +436,9 @@ impl Topology {
                 &isp,
                 "table ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }\n}",
             )?;
-            if opts.missing_uplink != Some(i) {
+            if opts.kernel_links {
+                self.kernel_link(i)?;
+            } else if opts.missing_uplink != Some(i) {
                 self.start_emulator(i)?;
             }
         }
@@ -487,6 +493,44 @@ impl Topology {
         self.spawn(&format!("emu{i}"), &format!("emu{i}"), &argv)?;
         wait_for(Duration::from_secs(5), || Ok(sock.exists()))
             .context("link emulator did not start")?;
+        Ok(())
+    }
+
+    /// Uplink `i` as the kernel carries it: a bridge in `emuN`, `tbf` on both egresses
+    /// when the uplink has a rate (see [`Options::kernel_links`]).
+    fn kernel_link(&mut self, i: usize) -> Result<()> {
+        let s = self.uplinks[i - 1].clone();
+        let emu = format!("emu{i}");
+        self.exec(&emu, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        for dev in ["toedge", "toisp"] {
+            self.exec(&emu, &["ip", "link", "set", dev, "master", "br0"])?;
+        }
+        self.exec(&emu, &["ip", "link", "set", "br0", "up"])?;
+        if s.rate_kbit > 0 {
+            // The buffer holds `queue_ms` at the rate (at least two full frames).
+            let limit = (s.rate_kbit * 1000 / 8 * s.queue_ms / 1000).max(3028);
+            let burst = (s.rate_kbit * 1000 / 8 / 250).max(3028);
+            for dev in ["toedge", "toisp"] {
+                self.exec(
+                    &emu,
+                    &[
+                        "tc",
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        &format!("{}kbit", s.rate_kbit),
+                        "burst",
+                        &burst.to_string(),
+                        "limit",
+                        &limit.to_string(),
+                    ],
+                )?;
+            }
+        }
         Ok(())
     }
 

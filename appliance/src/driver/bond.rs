@@ -152,6 +152,8 @@ struct Link {
     inflight: Inflight,
     rate: RateControl,
     pacer: Pacer,
+    /// The pacer held queued traffic back since the last rate sample.
+    pacer_limited: bool,
     /// Classes this uplink may carry.
     classes: ClassMask,
     /// When we last reported our received byte count to the peer, and that count.
@@ -307,6 +309,7 @@ impl Bond {
             inflight: Inflight::new(),
             rate: RateControl::new(rate.unwrap_or_else(|| self.rate_cfg.clone())),
             pacer: Pacer::new(),
+            pacer_limited: false,
             classes,
             reported: (Instant::now(), 0),
             backup,
@@ -749,6 +752,9 @@ impl Bond {
                     None => {
                         let now = Instant::now();
                         let paced = l.pacer.wait(now, l.rate.rate());
+                        if paced.is_some() && st.sched.has_work(id) {
+                            l.pacer_limited = true;
+                        }
                         // Held back by the pacer, a link still sends POS at once.
                         let allowed = if paced.is_some() {
                             bit(Class::Pos)
@@ -857,7 +863,8 @@ impl Bond {
                             // One-way delay towards the peer, up to the clocks' offset.
                             let owd = rx_us as i64 - echo as i64;
                             let delivered = l.inflight.delivery_rate(now, DELIVERY_WINDOW);
-                            l.rate.on_sample(now, owd, delivered);
+                            let limited = std::mem::take(&mut l.pacer_limited);
+                            l.rate.on_sample(now, owd, delivered, limited);
                         }
                     }
                     Self::refresh(&mut st, now);

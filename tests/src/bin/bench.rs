@@ -951,63 +951,78 @@ fn fault_gap(silent: bool) -> Result<Vec<(String, &'static str, f64)>> {
     ])
 }
 
-/// iperf3 through stallnet vs plain routing over the same unshaped emulated path.
+/// iperf3 (10 s, one flow and four) through a fresh stallnet with the default config over
+/// two unshaped uplinks, beside plain routing and wireguard-go over the first one, on the
+/// userspace emulator's links and on kernel (bridged) links; with the CPU both ends of
+/// each tunnel used.
 fn unshaped() -> Result<Vec<(String, &'static str, f64)>> {
-    let fast = UplinkSpec {
-        name: "wifi",
+    let fast = |name| UplinkSpec {
+        name,
         kind: "ethernet",
         rate_kbit: 0,
         delay_ms: 0.0,
         queue_ms: 50,
     };
-    let mut t = Topology::build(vec![fast.clone()], Options::default())?;
-    t.start()?;
-    let pids = [t.pid("edge"), t.pid("hub")];
-    let cpu0 = cpu_seconds(&pids);
-    let started = std::time::Instant::now();
-    let tunnel = iperf(&mut t, false, 8, 4)?;
-    let sn_cores = (cpu_seconds(&pids) - cpu0) / started.elapsed().as_secs_f64();
-    if let Ok(st) = t.status("edge") {
-        eprintln!("  edge LAN source cap: {}", st["lan_source_cap"]);
+    let mut out = Vec::new();
+    for (kind, kernel_links) in [("emulator", false), ("kernel", true)] {
+        let opts = Options {
+            kernel_links,
+            ..Options::default()
+        };
+        for streams in [1, 4] {
+            let mut t = Topology::build(vec![fast("wifi"), fast("eth")], opts.clone())?;
+            t.start()?;
+            let pids = [t.pid("edge"), t.pid("hub")];
+            let cpu0 = cpu_seconds(&pids);
+            let started = std::time::Instant::now();
+            let mbps = iperf(&mut t, false, 10, streams)?;
+            let cores = (cpu_seconds(&pids) - cpu0) / started.elapsed().as_secs_f64();
+            eprintln!("  stallnet {kind} -P {streams}: {mbps:.0} Mbit/s at {cores:.2} cores");
+            print_links(&t);
+            out.push((
+                format!("unshaped ({kind} links), -P {streams}: stallnet"),
+                "Mbit/s",
+                mbps,
+            ));
+            out.push((
+                format!("unshaped ({kind} links), -P {streams}: stallnet per core (edge + hub)"),
+                "Mbit/s per core",
+                mbps / cores.max(1e-3),
+            ));
+        }
+        for streams in [1, 4] {
+            let mut p = Topology::build(vec![fast("wifi")], opts.clone())?;
+            // Plain routing: the edge namespace forwards LAN traffic out of wan1 with NAT.
+            p.nft("edge", "table ip plain { chain post { type nat hook postrouting priority srcnat; oifname \"wan1\" masquerade; }\n}")?;
+            let mbps = iperf(&mut p, false, 10, streams)?;
+            out.push((
+                format!("unshaped ({kind} links), -P {streams}: plain routing"),
+                "Mbit/s",
+                mbps,
+            ));
+        }
+        for streams in [1, 4] {
+            let mut w = Topology::build(vec![fast("wifi")], opts.clone())?;
+            wireguard(&mut w)?;
+            let pids = [w.pid("wg-edge"), w.pid("wg-hub")];
+            let cpu0 = cpu_seconds(&pids);
+            let started = std::time::Instant::now();
+            let mbps = iperf(&mut w, false, 10, streams)?;
+            let cores = (cpu_seconds(&pids) - cpu0) / started.elapsed().as_secs_f64();
+            eprintln!("  wireguard-go {kind} -P {streams}: {mbps:.0} Mbit/s at {cores:.2} cores");
+            out.push((
+                format!("unshaped ({kind} links), -P {streams}: wireguard-go"),
+                "Mbit/s",
+                mbps,
+            ));
+            out.push((
+                format!("unshaped ({kind} links), -P {streams}: wireguard-go per core (both ends)"),
+                "Mbit/s per core",
+                mbps / cores.max(1e-3),
+            ));
+        }
     }
-    print_links(&t);
-    drop(t);
-    let mut p = Topology::build(vec![fast], Options::default())?;
-    // Plain routing: the edge namespace forwards LAN traffic out of wan1 with NAT.
-    p.nft("edge", "table ip plain { chain post { type nat hook postrouting priority srcnat; oifname \"wan1\" masquerade; }\n}")?;
-    let plain = iperf(&mut p, false, 8, 4)?;
-    drop(p);
-    let mut w = Topology::build(
-        vec![UplinkSpec {
-            name: "wifi",
-            kind: "ethernet",
-            rate_kbit: 0,
-            delay_ms: 0.0,
-            queue_ms: 50,
-        }],
-        Options::default(),
-    )?;
-    wireguard(&mut w)?;
-    let pids = [w.pid("wg-edge"), w.pid("wg-hub")];
-    let cpu0 = cpu_seconds(&pids);
-    let started = std::time::Instant::now();
-    let wg = iperf(&mut w, false, 8, 4)?;
-    let wg_cores = (cpu_seconds(&pids) - cpu0) / started.elapsed().as_secs_f64();
-    Ok(vec![
-        ("unshaped: iperf3 through stallnet".into(), "Mbit/s", tunnel),
-        ("unshaped: iperf3 plain routing".into(), "Mbit/s", plain),
-        ("unshaped: iperf3 through wireguard-go".into(), "Mbit/s", wg),
-        (
-            "unshaped: stallnet per core (edge + hub CPU)".into(),
-            "Mbit/s per core",
-            tunnel / sn_cores.max(1e-3),
-        ),
-        (
-            "unshaped: wireguard-go per core (both ends' CPU)".into(),
-            "Mbit/s per core",
-            wg / wg_cores.max(1e-3),
-        ),
-    ])
+    Ok(out)
 }
 
 /// User + system CPU seconds consumed so far by these processes (and their threads).
