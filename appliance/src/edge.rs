@@ -20,7 +20,7 @@ use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig, DeviceRef};
 use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
-use crate::driver::bond::{Bond, BondConfig, Sent, Side};
+use crate::driver::bond::{Bond, BondConfig, LinkCondition, Sent, Side};
 use crate::driver::kernel::{nft, Kernel};
 use crate::driver::netlink::Netlink;
 use crate::driver::sys;
@@ -402,7 +402,7 @@ async fn supervise(
         links_seen.retain(|name, _| b.links.iter().any(|l| l.name == *name));
         for l in &b.links {
             let now = LinkSeen {
-                state: l.state.clone(),
+                state: Some(l.state),
                 degraded: l.degraded,
             };
             let before = links_seen.entry(l.name.clone()).or_default();
@@ -464,10 +464,19 @@ async fn supervise(
             }
             None => {}
         }
-        let up = b.links.iter().filter(|l| l.state == "up").count();
+        let up = b
+            .links
+            .iter()
+            .filter(|l| l.state == LinkCondition::Up)
+            .count();
         let state = if !b.online {
             "offline"
-        } else if up < b.links.iter().filter(|l| l.state != "disabled").count() {
+        } else if up
+            < b.links
+                .iter()
+                .filter(|l| l.state != LinkCondition::Disabled)
+                .count()
+        {
             // An uplink the operator switched off does not make the box degraded.
             "degraded"
         } else {
@@ -580,7 +589,7 @@ fn stream_advice(
         .filter_map(|l| Some((rts.iter().find(|r| r.name == l.name)?.settings(), l)))
         .filter(|(u, l)| {
             classes::link_mask(&specs, u) & bit(Class::Stream) != 0
-                && l.state == "up"
+                && l.state == LinkCondition::Up
                 && !l.degraded
         })
         .map(|(u, l)| (u.name, l.rate_mbps * 1e6))

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use crate::core::bond::LinkCondition;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -108,25 +109,26 @@ impl EventLog {
 /// What the daemon last saw of one uplink, to turn status snapshots into events.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkSeen {
-    pub state: String,
+    pub state: Option<LinkCondition>,
     pub degraded: bool,
 }
 
 /// Compares an uplink's previous and current state and records the change, if any.
 pub fn link_change(log: &EventLog, name: &str, before: &LinkSeen, now: &LinkSeen) {
     if before.state != now.state {
-        match now.state.as_str() {
-            "up" => log.push(
+        use LinkCondition::{Absent, Down, Suspect, Up};
+        match now.state {
+            Some(Up) => log.push(
                 Level::Info,
                 "uplink_up",
                 Some(name),
                 format!("{name} is up"),
             ),
-            "down" | "absent" if before.state == "up" || before.state == "suspect" => log.push(
+            Some(s @ (Down | Absent)) if matches!(before.state, Some(Up | Suspect)) => log.push(
                 Level::Warning,
                 "uplink_down",
                 Some(name),
-                format!("{name} is {}", now.state),
+                format!("{name} is {}", s.name()),
             ),
             _ => {}
         }
@@ -155,10 +157,13 @@ mod tests {
     use super::*;
 
     fn seen(state: &str, degraded: bool) -> LinkSeen {
-        LinkSeen {
-            state: state.into(),
-            degraded,
-        }
+        use LinkCondition::*;
+        let state = [
+            Up, Suspect, Down, Probing, Absent, Disabled, Captive, Hijacked,
+        ]
+        .into_iter()
+        .find(|c| c.name() == state);
+        LinkSeen { state, degraded }
     }
 
     #[test]

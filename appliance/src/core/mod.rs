@@ -3,6 +3,7 @@
 //! Invariant: nothing in this module tree does IO, spawns tasks or reads the clock. Time
 //! comes in as `now: Instant` arguments; results come out as return values.
 
+pub mod bond;
 pub mod cap;
 pub mod classify;
 pub mod fallback;

@@ -353,6 +353,17 @@ impl<T: QItem> Qos<T> {
             .any(|(c, q)| q.items.iter().any(|i| fits(i, link, free & (1 << c) != 0)))
     }
 
+    /// When a class with queued items, held back by its maximum rate, has tokens again.
+    pub fn next_ready(&self) -> Option<Instant> {
+        let since = self.last_refill?;
+        self.queues
+            .iter()
+            .filter(|q| !q.items.is_empty())
+            .filter_map(|q| q.max.filter(|b| b.tokens <= 0.0))
+            .map(|b| since + Duration::from_secs_f64((1.0 - b.tokens) / b.rate.max(1.0)))
+            .min()
+    }
+
     fn account_out(&mut self, c: usize, len: usize) {
         self.queues[c].bytes -= len;
         self.bytes -= len;

@@ -185,6 +185,13 @@ pub struct SchedStats {
 pub struct Wake(pub u64);
 
 impl Wake {
+    /// Just link `id`.
+    pub fn of(id: LinkId) -> Wake {
+        let mut w = Wake::default();
+        w.add(id);
+        w
+    }
+
     pub fn contains(self, id: LinkId) -> bool {
         id < 64 && self.0 & (1 << id) != 0
     }
@@ -542,6 +549,11 @@ impl Scheduler {
     /// True when `link` would get a packet from [`Self::poll`].
     pub fn has_work(&self, link: LinkId) -> bool {
         self.qos.has_work(link, self.free_mask(link))
+    }
+
+    /// When a class held back by its maximum rate may send again, if one is.
+    pub fn next_ready(&self) -> Option<Instant> {
+        self.qos.next_ready()
     }
 
     /// The next packet for `link` to send, if any, with its sequence number. `allowed`

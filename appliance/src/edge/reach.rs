@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::driver::bond::Held;
 use anyhow::Result;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -162,8 +163,8 @@ async fn apply(ctx: &Ctx, rt: &Rt, ch: &Change) {
     match ch {
         Change::Portal { from, to } => {
             let reason = match to {
-                Portal::Captive { .. } => Some("captive"),
-                Portal::DnsForged { .. } => Some("hijacked"),
+                Portal::Captive { .. } => Some(Held::Captive),
+                Portal::DnsForged { .. } => Some(Held::Hijacked),
                 _ => None,
             };
             ctx.bond.set_held(id, reason);

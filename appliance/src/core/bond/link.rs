@@ -1,0 +1,268 @@
+//! One uplink slot of a bond: what the bond knows and decides about it — whether it may
+//! carry anything (absent, disabled, held), its health, in-flight cap, rate and pacer,
+//! the control frames waiting for it, when it reports what it received, and what the peer
+//! must hear of it.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::core::frame::Frame;
+use crate::core::health::{HealthConfig, LinkHealth, LinkState};
+use crate::core::inflight::Inflight;
+use crate::core::qos::{bit, ClassMask};
+use crate::core::rate::{Pacer, RateConfig, RateControl};
+use crate::core::scheduler::LinkView;
+use crate::core::Class;
+
+/// How often each end reports its received bytes on a busy connection.
+pub const REPORT_EVERY: Duration = Duration::from_millis(10);
+/// Received bytes that make a report worth sending at [`REPORT_EVERY`]: data, not just
+/// the peer's probes and reports (which would otherwise answer each other forever).
+pub const REPORT_MIN_BYTES: u64 = 1500;
+/// A link carrying only control traffic reports this rarely.
+pub const REPORT_IDLE: Duration = Duration::from_secs(30);
+/// Control frames kept for a link that cannot send them (the newest are kept).
+const CONTROL_MAX: usize = 16;
+
+/// Why the reachability checks keep an uplink out of the bond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Held {
+    /// Behind a login page.
+    Captive,
+    /// Its DNS answers are forged.
+    Hijacked,
+}
+
+impl Held {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Captive => "captive",
+            Self::Hijacked => "hijacked",
+        }
+    }
+}
+
+/// What the other end must know of an uplink to send on it the way this end does: whether
+/// it is a backup now and the classes it may carry now (POS off while its HTTPS check
+/// fails and a verified uplink carries the tunnel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerView {
+    pub backup: bool,
+    pub classes: ClassMask,
+}
+
+/// Totals the transport (QUIC) keeps for a connection, fed by the driver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    pub rtt: Duration,
+    pub udp_tx_bytes: u64,
+    pub udp_rx_bytes: u64,
+    pub lost_bytes: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct LinkSlot {
+    pub name: String,
+    pub health: LinkHealth,
+    pub connected: bool,
+    /// Probes, probe answers and reports waiting to go out (before data).
+    pub control: VecDeque<Bytes>,
+    pub inflight: Inflight,
+    pub rate: RateControl,
+    pub pacer: Pacer,
+    /// The pacer held queued traffic back since the last rate sample.
+    pub pacer_limited: bool,
+    /// Classes this uplink may carry (its config, or what the peer said).
+    pub classes: ClassMask,
+    /// The transport's latest totals.
+    pub stats: TransportStats,
+    /// When we last reported our received byte count to the peer, and that count.
+    pub reported: (Instant, u64),
+    /// Datagram bytes received since that report (what makes the next one due).
+    pub rx_since_report: u64,
+    pub backup: bool,
+    pub absent: bool,
+    /// Switched off by the operator (or its data cap): carries nothing.
+    pub disabled: bool,
+    /// Kept out by the reachability checks: like disabled.
+    pub held: Option<Held>,
+    /// Its HTTPS check has not (or no longer) succeeded: no POS while a verified uplink
+    /// carries the tunnel (see [`crate::core::reach::pos_allowed`]).
+    pub unverified: bool,
+    /// Carries POS now (the outcome of the above across all uplinks).
+    pub pos_ok: bool,
+    /// What the peer was last told of this uplink.
+    pub peer: PeerView,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+impl LinkSlot {
+    pub fn new(
+        name: &str,
+        backup: bool,
+        classes: ClassMask,
+        health: HealthConfig,
+        rate: RateConfig,
+        now: Instant,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            health: LinkHealth::new(health, now),
+            connected: false,
+            control: VecDeque::new(),
+            inflight: Inflight::new(),
+            rate: RateControl::new(rate),
+            pacer: Pacer::new(),
+            pacer_limited: false,
+            classes,
+            stats: TransportStats::default(),
+            reported: (now, 0),
+            rx_since_report: 0,
+            backup,
+            absent: false,
+            disabled: false,
+            held: None,
+            unverified: false,
+            pos_ok: true,
+            peer: PeerView { backup, classes },
+            tx_packets: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            rx_bytes: 0,
+        }
+    }
+
+    /// Kept out of the bond whatever its health: absent, disabled or held.
+    pub fn out(&self) -> bool {
+        self.absent || self.disabled || self.held.is_some()
+    }
+
+    /// Whether the link could carry POS were the HTTPS checks not considered.
+    pub fn pos_capable(&self) -> bool {
+        self.health.usable() && !self.out() && self.classes & bit(Class::Pos) != 0
+    }
+
+    /// The classes it may carry now.
+    pub fn classes_now(&self) -> ClassMask {
+        if self.pos_ok {
+            self.classes
+        } else {
+            self.classes & !bit(Class::Pos)
+        }
+    }
+
+    pub fn view(&self) -> LinkView {
+        LinkView {
+            state: self.health.state(),
+            backup: self.backup,
+            srtt: self.health.srtt(),
+            disabled: self.out(),
+            room: self.inflight.has_room(),
+            verified_until: self.health.verified_until(),
+            degraded: self.health.degraded(),
+            classes: self.classes_now(),
+        }
+    }
+
+    /// Queues a control frame (bounded: a stuck link keeps the newest).
+    pub fn push_control(&mut self, frame: Frame<'_>) {
+        if self.control.len() >= CONTROL_MAX {
+            self.control.pop_front();
+        }
+        self.control.push_back(Bytes::from(frame.to_vec()));
+    }
+
+    /// The transport's totals: RTT for health, sent and lost bytes for the in-flight cap.
+    pub fn on_stats(&mut self, stats: TransportStats) {
+        self.stats = stats;
+        self.health.on_transport_rtt(stats.rtt);
+        self.inflight
+            .on_transport(stats.udp_tx_bytes, stats.lost_bytes, self.health.min_rtt());
+    }
+
+    /// When the next report of received bytes is due, if one is.
+    pub fn report_due(&self) -> Option<Instant> {
+        if !self.connected || self.rx_since_report == 0 {
+            return None;
+        }
+        Some(if self.rx_since_report >= REPORT_MIN_BYTES {
+            self.reported.0 + REPORT_EVERY
+        } else {
+            self.reported.0 + REPORT_IDLE
+        })
+    }
+
+    /// Reports what the transport has received, if a report is due.
+    pub fn maybe_report(&mut self, now: Instant, at_us: u64) {
+        if self.report_due().is_some_and(|t| now >= t) {
+            let rx = self.stats.udp_rx_bytes;
+            self.reported = (now, rx);
+            self.rx_since_report = 0;
+            self.push_control(Frame::Report {
+                rx_bytes: rx,
+                at_us,
+            });
+        }
+    }
+
+    /// What the status calls the link's state.
+    pub fn condition(&self) -> LinkCondition {
+        if self.absent {
+            LinkCondition::Absent
+        } else if self.disabled {
+            LinkCondition::Disabled
+        } else if let Some(h) = self.held {
+            match h {
+                Held::Captive => LinkCondition::Captive,
+                Held::Hijacked => LinkCondition::Hijacked,
+            }
+        } else {
+            match self.health.state() {
+                LinkState::Up => LinkCondition::Up,
+                LinkState::Suspect => LinkCondition::Suspect,
+                LinkState::Down => LinkCondition::Down,
+                LinkState::Probing => LinkCondition::Probing,
+            }
+        }
+    }
+}
+
+/// An uplink's state as the status shows it: its health, or why it is kept out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkCondition {
+    Up,
+    Suspect,
+    Down,
+    Probing,
+    /// The interface is missing.
+    Absent,
+    /// Switched off by the operator (or its data cap).
+    Disabled,
+    /// Behind a login page.
+    Captive,
+    /// Its DNS answers are forged.
+    Hijacked,
+}
+
+impl LinkCondition {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Suspect => "suspect",
+            Self::Down => "down",
+            Self::Probing => "probing",
+            Self::Absent => "absent",
+            Self::Disabled => "disabled",
+            Self::Captive => "captive",
+            Self::Hijacked => "hijacked",
+        }
+    }
+}

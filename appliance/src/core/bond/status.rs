@@ -1,0 +1,86 @@
+//! What a bond shows of itself: typed figures for the status document, the dashboard and
+//! the metrics (serialized by the API layer as they are).
+
+use serde::Serialize;
+
+use super::link::LinkCondition;
+use crate::core::classify::ClassifyStats;
+use crate::core::qos::ClassStats;
+use crate::core::reorder::ReorderStats;
+use crate::core::scheduler::SchedStats;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    pub name: String,
+    pub state: LinkCondition,
+    pub connected: bool,
+    pub backup: bool,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: f64,
+    pub loss: f64,
+    pub capacity_mbps: f64,
+    pub in_flight_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub probes_sent: u64,
+    pub probes_lost: u64,
+    pub flaps: u32,
+    pub degraded: bool,
+    /// Whether point-of-sale traffic may use the uplink now (its classes, and the HTTPS
+    /// reachability check).
+    pub carries_pos: bool,
+    /// What rate control lets this end send on the uplink.
+    pub rate_mbps: f64,
+    pub queue_delay_ms: f64,
+    pub rate_decreases: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowStatus {
+    pub flow: String,
+    pub class: &'static str,
+    pub bytes: u64,
+    pub packets: u64,
+    pub age_s: f64,
+    /// The uplink a lowest-latency flow is pinned to; absent for spread or duplicated ones.
+    pub uplink: Option<String>,
+}
+
+/// Packets the bond counted and dropped (or answered) instead of carrying.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets from the TUN that could not be classified (not IP, truncated).
+    pub malformed: u64,
+    /// POS packets answered at once (RST / unreachable) because nothing reached the peer.
+    pub refused_offline: u64,
+    /// Datagrams from the peer that are not a valid frame.
+    pub bad_frames: u64,
+    /// Packets too large for the uplink's datagrams (answered with ICMP "too big").
+    pub too_big: u64,
+    /// Packets from the peer with a source it may not use.
+    pub spoofed: u64,
+    /// Released packets the TUN writer had no room for.
+    pub tun_overflow: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BondStatus {
+    pub online: bool,
+    pub links: Vec<LinkStatus>,
+    pub scheduler: SchedStats,
+    pub classes: Vec<ClassStats>,
+    pub classify: ClassifyStats,
+    pub top_flows: Vec<FlowStatus>,
+    /// Packets that could not be classified (not IP, truncated): dropped.
+    pub malformed: u64,
+    /// POS packets answered at once (RST / unreachable) because nothing reached the peer.
+    pub refused_offline: u64,
+    pub reorder: ReorderStats,
+    pub reorder_hold_ms: f64,
+    pub bad_frames: u64,
+    pub too_big: u64,
+    pub spoofed: u64,
+    pub tun_overflow: u64,
+}
