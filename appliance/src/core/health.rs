@@ -388,8 +388,16 @@ impl LinkHealth {
         if self.connected && self.carrier {
             at(self.next_probe_at);
         }
+        // An overdue probe turns an Up link Suspect and a Probing one Down; in any state
+        // an unanswered probe is counted lost at twice that (only times that change
+        // something: a time already past would have the caller spin).
         if let Some(o) = self.oldest_overdue_at() {
-            at(o);
+            if matches!(self.state, LinkState::Up | LinkState::Probing) {
+                at(o);
+            }
+        }
+        if let Some((_, sent)) = self.outstanding.front() {
+            at(*sent + self.overdue_after() * 2);
         }
         match self.state {
             LinkState::Suspect => at(self.since + self.cfg.down_after),

@@ -428,14 +428,17 @@ impl Scheduler {
         }
     }
 
-    /// Links usable for `class`, best first: healthy before degraded, non-backup before
-    /// backup, then by RTT. Falls back to every usable link when none is allowed.
+    /// Links usable for `class`, best first: healthy before degraded, then by RTT; a
+    /// backup only when no primary that may carry the class is usable (a backup stays
+    /// quiet meanwhile, even for a second copy of a payment).
     fn ranked(&self, class: Class) -> Vec<LinkId> {
+        let usable = |s: &&Slot| s.present && s.view.usable() && s.view.carries(class);
+        let primary = self.links.iter().filter(usable).any(|s| !s.view.backup);
         let mut c: Vec<(bool, bool, Duration, LinkId)> = self
             .links
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.present && s.view.usable() && s.view.carries(class))
+            .filter(|(_, s)| usable(s) && !(primary && s.view.backup))
             .map(|(i, s)| {
                 (
                     s.view.degraded,
@@ -464,9 +467,12 @@ impl Scheduler {
         let healthy_exists = !self.links[first].view.degraded;
         if let Some(s) = self.sticky.get_mut(&flow) {
             let v = self.links.get(s.link).map(|l| (l.present, l.view));
-            let keep = v.is_some_and(|(present, v)| {
-                present && v.usable() && v.carries(class) && !(v.degraded && healthy_exists)
-            });
+            // (`ranked` leaves a backup out once a primary is usable: a flow that began
+            // on a backup moves to the primary.)
+            let keep = ranked.contains(&s.link)
+                && v.is_some_and(|(present, v)| {
+                    present && v.usable() && v.carries(class) && !(v.degraded && healthy_exists)
+                });
             if keep {
                 s.last = now;
                 return Some(s.link);
