@@ -464,24 +464,12 @@ async fn supervise(
             }
             None => {}
         }
-        let up = b
-            .links
+        let conditions: Vec<LinkCondition> = b.links.iter().map(|l| l.state).collect();
+        let state = crate::core::box_state::BoxState::of(b.online, &conditions).name();
+        let up = conditions
             .iter()
-            .filter(|l| l.state == LinkCondition::Up)
+            .filter(|c| **c == LinkCondition::Up)
             .count();
-        let state = if !b.online {
-            "offline"
-        } else if up
-            < b.links
-                .iter()
-                .filter(|l| l.state != LinkCondition::Disabled)
-                .count()
-        {
-            // An uplink the operator switched off does not make the box degraded.
-            "degraded"
-        } else {
-            "online"
-        };
         // The commerce figures come from the service's own thread (never the store
         // itself: a full disk must not stall this loop).
         if ticks % 4 == 0 {
@@ -567,50 +555,47 @@ async fn nft_delete() -> Result<()> {
     .await
 }
 
-/// The bitrate a live-stream encoder can use now: a stream flow rides one uplink (the
-/// class is lowest-latency), so 80 % of the best usable uplink's send rate among those
-/// the stream class may use (rate control lowers it as soon as the uplink's queue grows),
-/// never above the class's `max_rate`. 80 % leaves room for payments, the stream's own
-/// audio and retransmissions.
+/// The stream advice (decided in [`crate::core::box_state::stream_advice`]) as the status
+/// document shows it.
 fn stream_advice(
     cfg: &EdgeConfig,
     rts: &[Arc<Rt>],
     b: &crate::driver::bond::BondStatus,
 ) -> serde_json::Value {
+    use crate::core::box_state::{self, AdviceBasis, StreamPath};
     use crate::core::{qos::bit, Class};
     let specs = classes::specs(cfg);
     let class_max = specs
         .iter()
         .find(|s| s.name == stallnet_netconf::ClassName::Stream)
         .and_then(|s| s.max_rate);
-    let best = b
+    let paths: Vec<(String, StreamPath)> = b
         .links
         .iter()
-        .filter_map(|l| Some((rts.iter().find(|r| r.name == l.name)?.settings(), l)))
-        .filter(|(u, l)| {
-            classes::link_mask(&specs, u) & bit(Class::Stream) != 0
-                && l.state == LinkCondition::Up
-                && !l.degraded
+        .filter_map(|l| {
+            let u = rts.iter().find(|r| r.name == l.name)?.settings();
+            Some((
+                u.name.clone(),
+                StreamPath {
+                    name: "",
+                    allowed: classes::link_mask(&specs, &u) & bit(Class::Stream) != 0,
+                    up: l.state == LinkCondition::Up,
+                    degraded: l.degraded,
+                    rate_bps: l.rate_mbps * 1e6,
+                },
+            ))
         })
-        .map(|(u, l)| (u.name, l.rate_mbps * 1e6))
-        .max_by(|a, b| a.1.total_cmp(&b.1));
-    match best {
-        None => serde_json::json!({
-            "bitrate_bps": 0, "uplink": null,
-            "basis": "no usable uplink may carry the stream",
-        }),
-        Some((name, rate)) => {
-            let mut bps = rate * 0.8;
-            let mut basis = format!("80 % of {name}'s current send rate");
-            if let Some(m) = class_max {
-                if (m as f64) < bps {
-                    bps = m as f64;
-                    basis = "the stream class's max_rate".into();
-                }
-            }
-            serde_json::json!({ "bitrate_bps": bps as u64, "uplink": name, "basis": basis })
-        }
-    }
+        .collect();
+    let (bps, uplink, basis) = box_state::stream_advice(
+        paths.iter().map(|(n, p)| StreamPath { name: n, ..*p }),
+        class_max,
+    );
+    let basis = match basis {
+        AdviceBasis::NoUplink => "no usable uplink may carry the stream".to_string(),
+        AdviceBasis::ShareOf(name) => format!("80 % of {name}'s current send rate"),
+        AdviceBasis::ClassMax => "the stream class's max_rate".to_string(),
+    };
+    serde_json::json!({ "bitrate_bps": bps, "uplink": uplink, "basis": basis })
 }
 
 /// Sends the box's own deliveries to the commerce upstream through the tunnel, like the

@@ -4,6 +4,7 @@
 //! comes in as `now: Instant` arguments; results come out as return values.
 
 pub mod bond;
+pub mod box_state;
 pub mod cap;
 pub mod classify;
 pub mod fallback;

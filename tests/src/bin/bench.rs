@@ -49,6 +49,7 @@ fn main() -> Result<()> {
         "dashboard",
         "idle-backup",
         "flood",
+        "idle",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -118,6 +119,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "dashboard" => dashboard_bench::run()?,
             "idle-backup" => idle_backup()?,
             "flood" => flood()?,
+            "idle" => idle()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -1023,6 +1025,34 @@ fn unshaped() -> Result<Vec<(String, &'static str, f64)>> {
         }
     }
     Ok(out)
+}
+
+/// CPU of an idle edge with two uplinks up (default config, no traffic) and of its hub,
+/// each as % of one core over 20 s after the links settled.
+fn idle() -> Result<Vec<(String, &'static str, f64)>> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
+        Options::default(),
+    )?;
+    t.start()?;
+    std::thread::sleep(Duration::from_secs(5));
+    let (edge, hub) = ([t.pid("edge")], [t.pid("hub")]);
+    let (e0, h0) = (cpu_seconds(&edge), cpu_seconds(&hub));
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let secs = started.elapsed().as_secs_f64();
+    Ok(vec![
+        (
+            "idle, two uplinks up: edge CPU".into(),
+            "% of a core",
+            (cpu_seconds(&edge) - e0) / secs * 100.0,
+        ),
+        (
+            "idle, two uplinks up: hub CPU (one stall)".into(),
+            "% of a core",
+            (cpu_seconds(&hub) - h0) / secs * 100.0,
+        ),
+    ])
 }
 
 /// User + system CPU seconds consumed so far by these processes (and their threads).

@@ -16,6 +16,7 @@
 //! receiver releases at once, the reorder hold from the RTT spread, the one-way-delay
 //! sample, the anti-spoofing check and refusing POS when nothing reaches the peer.
 
+pub mod arbitrary;
 pub mod link;
 pub mod status;
 
@@ -768,3 +769,6 @@ impl BondState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

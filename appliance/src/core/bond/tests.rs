@@ -1,0 +1,329 @@
+//! The bond's decisions, tested on the state machine alone (no sockets, no root): POS
+//! gating by the HTTPS checks, a paced link still sending POS, a backup's sparse probes,
+//! packets of a failing link sent again on the others, refusing POS when nothing reaches
+//! the peer, bad input counted and dropped.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::core::classify::ClassifyConfig;
+use crate::core::frame::Frame;
+use crate::core::rate::RateBounds;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// An IPv4/UDP packet from `src` to `dst` of `len` bytes (don't-fragment set).
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, len: usize) -> Bytes {
+    let mut p = vec![0u8; len.max(28)];
+    let total = u16::try_from(p.len()).unwrap_or(u16::MAX);
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p[6] = 0x40;
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    p[24..26].copy_from_slice(&(total - 20).to_be_bytes());
+    Bytes::from(p)
+}
+
+fn pos_packet() -> Bytes {
+    udp([10, 1, 0, 10], 40000, [198, 18, 0, 1], 7001, 200)
+}
+
+fn bulk_packet() -> Bytes {
+    udp([10, 1, 0, 2], 40001, [198, 18, 0, 1], 5201, 1200)
+}
+
+fn edge(now: Instant) -> BondState {
+    let rules = vec![stallnet_netconf::Rule {
+        class: stallnet_netconf::ClassName::Pos,
+        dst_port: vec![stallnet_netconf::classes::PortRange(7001, 7001)],
+        ..Default::default()
+    }];
+    BondState::new(
+        BondConfig {
+            side: Side::Edge,
+            sched: SchedulerConfig::default(),
+            classifier: Classifier::new(&rules, ClassifyConfig::default()),
+            accept_src: None,
+        },
+        now,
+    )
+}
+
+/// Brings link `id` up: connected, probes answered for its hold.
+fn bring_up(b: &mut BondState, ids: &[LinkId], now: &mut Instant) {
+    for &id in ids {
+        b.handle_link_event(*now, id, LinkEvent::Connected);
+    }
+    let end = *now + Duration::from_secs(3);
+    while *now < end {
+        b.handle_timeout(*now);
+        answer_probes(b, ids, *now + 10 * MS);
+        *now += 50 * MS;
+    }
+}
+
+/// Takes what each link has to send; answers its probes as the peer would.
+fn answer_probes(b: &mut BondState, ids: &[LinkId], at: Instant) -> Vec<(LinkId, Frame<'static>)> {
+    let mut other = Vec::new();
+    for &id in ids {
+        while let Transmit::Datagram(d) = b.poll_transmit(at, id, 1400) {
+            match Frame::decode(&d) {
+                Ok(Frame::Probe { id: pid, echo }) => {
+                    let ack = Frame::ProbeAck {
+                        id: pid,
+                        echo,
+                        rx_us: echo,
+                    };
+                    b.handle_datagram(at, id, Bytes::from(ack.to_vec()));
+                }
+                Ok(Frame::Data { class, seq, .. }) => other.push((
+                    id,
+                    Frame::Data {
+                        class,
+                        seq,
+                        packet: &[],
+                    },
+                )),
+                _ => {}
+            }
+        }
+    }
+    other
+}
+
+fn data_classes(sent: &[(LinkId, Frame<'static>)], link: LinkId) -> Vec<Class> {
+    sent.iter()
+        .filter(|(l, _)| *l == link)
+        .filter_map(|(_, f)| match f {
+            Frame::Data { class, .. } => Some(*class),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn pos_goes_only_on_verified_uplinks_while_one_carries_the_tunnel() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
+    let c = b.add_link("cell", false, ALL_CLASSES, None, now);
+    bring_up(&mut b, &[a, c], &mut now);
+    // The venue wifi's HTTPS check fails (a filtering network): no POS on it.
+    b.set_verified(a, false, now);
+    assert_eq!(
+        b.peer_view(a).map(|v| v.classes & bit(Class::Pos)),
+        Some(0),
+        "the hub is told too"
+    );
+    while b.poll_event().is_some() {}
+    for _ in 0..20 {
+        assert!(matches!(
+            b.handle_tun_packet(now, pos_packet(), false),
+            Ok(Sent::Queued(_))
+        ));
+    }
+    let sent = answer_probes(&mut b, &[a, c], now);
+    assert!(
+        data_classes(&sent, a).is_empty(),
+        "POS on the unverified wifi"
+    );
+    assert_eq!(data_classes(&sent, c).len(), 20);
+    // Once no verified uplink carries the tunnel, payments take any path: what cell sent
+    // lately goes out again on wifi, then the new one.
+    b.handle_link_event(
+        now,
+        c,
+        LinkEvent::Carrier {
+            present: true,
+            carrier: false,
+        },
+    );
+    b.handle_tun_packet(now, pos_packet(), false).expect("ip");
+    let sent = answer_probes(&mut b, &[a, c], now);
+    assert_eq!(data_classes(&sent, a), vec![Class::Pos; 21]);
+    let status = b.status(now);
+    assert!(
+        status.links[0].carries_pos,
+        "the status says wifi carries POS now"
+    );
+}
+
+#[test]
+fn a_paced_uplink_still_sends_pos_at_once() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    let slow = RateConfig {
+        bounds: RateBounds::new(10_000.0, 10_000.0).expect("ordered"),
+        ..Default::default()
+    };
+    let a = b.add_link("cell", false, ALL_CLASSES, Some(slow), now);
+    bring_up(&mut b, &[a], &mut now);
+    // Bulk drains the pacer's bucket; what follows waits for it.
+    for _ in 0..10 {
+        b.handle_tun_packet(now, bulk_packet(), false).expect("ip");
+    }
+    let sent = answer_probes(&mut b, &[a], now);
+    let bulk_now = data_classes(&sent, a).len();
+    assert!(
+        bulk_now < 10,
+        "the pacer let {bulk_now} of 10 through at once"
+    );
+    match b.poll_transmit(now, a, 1400) {
+        Transmit::Idle { until: Some(t) } => assert!(t > now, "paced until {t:?}"),
+        other => panic!("expected a paced wait, got {other:?}"),
+    }
+    // A payment does not wait for the pacer.
+    b.handle_tun_packet(now, pos_packet(), false).expect("ip");
+    let sent = answer_probes(&mut b, &[a], now);
+    assert_eq!(data_classes(&sent, a), vec![Class::Pos]);
+}
+
+#[test]
+fn an_idle_backup_probes_sparsely_and_a_primary_often() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    let p = b.add_link("wifi", false, ALL_CLASSES, None, now);
+    let k = b.add_link("cell", true, ALL_CLASSES, None, now);
+    bring_up(&mut b, &[p, k], &mut now);
+    assert!(b.idle_backup(k) && !b.idle_backup(p));
+    let probes = |b: &BondState, i: usize| b.status(Instant::now()).links[i].probes_sent;
+    let (p0, k0) = (probes(&b, 0), probes(&b, 1));
+    let end = now + Duration::from_secs(10);
+    while now < end {
+        b.handle_timeout(now);
+        answer_probes(&mut b, &[p, k], now + 10 * MS);
+        now = b.poll_timeout().unwrap_or(end).max(now + MS);
+    }
+    let (dp, dk) = (probes(&b, 0) - p0, probes(&b, 1) - k0);
+    assert!((90..=110).contains(&dp), "primary: {dp} probes in 10 s");
+    assert!((2..=3).contains(&dk), "idle backup: {dk} probes in 10 s");
+}
+
+#[test]
+fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
+    let c = b.add_link("cell", false, ALL_CLASSES, None, now);
+    bring_up(&mut b, &[a, c], &mut now);
+    // Bulk goes out on both; then wifi loses its carrier.
+    for _ in 0..40 {
+        b.handle_tun_packet(now, bulk_packet(), false).expect("ip");
+    }
+    let sent = answer_probes(&mut b, &[a, c], now);
+    let on_a: Vec<u64> = sent
+        .iter()
+        .filter_map(|(l, f)| match f {
+            Frame::Data { seq, .. } if *l == a => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert!(!on_a.is_empty(), "wifi carried part of the bulk");
+    now += 5 * MS;
+    b.handle_link_event(
+        now,
+        a,
+        LinkEvent::Carrier {
+            present: true,
+            carrier: false,
+        },
+    );
+    let again = answer_probes(&mut b, &[a, c], now);
+    let resent: Vec<u64> = again
+        .iter()
+        .filter_map(|(l, f)| match f {
+            Frame::Data { seq, .. } if *l == c => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    for s in &on_a {
+        assert!(
+            resent.contains(s),
+            "seq {s} sent on wifi was not sent again"
+        );
+    }
+    assert!(again.iter().all(|(l, _)| *l == c));
+}
+
+#[test]
+fn pos_is_refused_at_once_when_nothing_reaches_the_peer() {
+    let now = Instant::now();
+    let mut b = edge(now);
+    b.add_link("wifi", false, ALL_CLASSES, None, now);
+    // Never connected: hopeless.
+    assert!(matches!(
+        b.handle_tun_packet(now, pos_packet(), true),
+        Ok(Sent::Offline(_))
+    ));
+    // Without fail-fast (or for other classes) it is queued.
+    assert!(matches!(
+        b.handle_tun_packet(now, pos_packet(), false),
+        Ok(Sent::Queued(_))
+    ));
+    assert!(matches!(
+        b.handle_tun_packet(now, bulk_packet(), true),
+        Ok(Sent::Queued(_))
+    ));
+    assert_eq!(b.counters().refused_offline, 1);
+    assert!(!b.online());
+}
+
+#[test]
+fn bad_input_is_counted_and_dropped() {
+    let mut now = Instant::now();
+    let mut b = BondState::new(
+        BondConfig {
+            side: Side::Hub,
+            sched: SchedulerConfig::default(),
+            classifier: Classifier::new(&[], ClassifyConfig::default()),
+            accept_src: Some(vec!["10.1.0.0/24".parse().expect("prefix")]),
+        },
+        now,
+    );
+    let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
+    bring_up(&mut b, &[a], &mut now);
+    b.handle_datagram(now, a, Bytes::from_static(&[0xff, 1, 2]));
+    b.handle_datagram(now, a, Bytes::new());
+    assert_eq!(b.counters().bad_frames, 2);
+    // A stall may only send from its own LAN.
+    let spoofed = udp([192, 168, 9, 9], 1, [198, 18, 0, 1], 2, 100);
+    let frame = Frame::Data {
+        class: Class::Bulk,
+        seq: 1,
+        packet: &spoofed,
+    };
+    b.handle_datagram(now, a, Bytes::from(frame.to_vec()));
+    assert_eq!(b.counters().spoofed, 1);
+    assert!(b.poll_tun().is_none());
+    assert!(b
+        .handle_tun_packet(now, Bytes::from_static(b"junk"), false)
+        .is_err());
+    assert_eq!(b.counters().malformed, 1);
+    // A datagram for a link that does not exist changes nothing.
+    b.handle_datagram(now, 7, Bytes::from(frame.to_vec()));
+    assert_eq!(
+        b.poll_transmit(now, 7, 1400),
+        Transmit::Idle { until: None }
+    );
+}
+
+mod arbitrary_input {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Any sequence of datagrams, packets, link events, time jumps and polls: no
+        /// panic, no timer in the past (the fuzz target runs the same driver).
+        #[test]
+        fn any_input_sequence_is_survived(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            super::super::arbitrary::drive(&data);
+        }
+    }
+}
