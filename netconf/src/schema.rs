@@ -410,9 +410,9 @@ pub struct Uplink {
     /// (default 500 kbit/s, or `max_rate` when that is lower).
     pub min_rate: Option<Rate>,
     /// Never send faster than this on the uplink (a capped or throttled SIM); the learned
-    /// rate also starts here. Without it a new uplink starts at 50 Mbit/s and grows by
-    /// about 8 % per report (a few per second) while it is kept busy, up to 1 Gbit/s: set
-    /// it to the line's rate to use a fast line fully from the start.
+    /// rate also starts here. Without it a new uplink starts at 50 Mbit/s and, while
+    /// traffic waits and the delay stays flat, grows by half per delay sample (ten a
+    /// second) up to 1 Gbit/s: a fast line is found within about a second.
     pub max_rate: Option<Rate>,
     /// Wifi uplinks: the network to join (through wpa_supplicant).
     pub wifi: Option<WifiNetwork>,
