@@ -424,6 +424,9 @@ impl<'a> World<'a> {
         }
         let base = self.base;
         let s = self.side(d);
+        if !s.st.take_timers_moved() {
+            return;
+        }
         let t =
             s.st.poll_timeout()
                 .map(|t| t.saturating_duration_since(base));

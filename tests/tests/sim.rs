@@ -219,8 +219,9 @@ fn every_class_recovers_from_a_black_hole_and_loses_little_around_it() {
                 out.hub
             );
         }
-        // Bulk: a few packets wait out the queue's hard sojourn limit while the surviving
-        // uplinks' in-flight caps grow to the whole load (a round trip at a time).
+        // Bulk: in some seeds a few packets outlive the queue's 150 ms hard sojourn limit
+        // while the survivors carry the resend burst and the moved load (issue 18, item
+        // 4, is to make this 0).
         assert!(
             lost * 100 <= around * 5,
             "seed {seed}: {lost} of {around} lost around the fault: {by:?}\nedge {}\nhub {}",

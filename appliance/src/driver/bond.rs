@@ -140,6 +140,9 @@ impl Bond {
                 }
             }
         }
+        if !g.st.take_timers_moved() {
+            return;
+        }
         let t = g.st.poll_timeout();
         if t.is_some_and(|t| g.armed.is_none_or(|a| t < a)) {
             g.armed = t;

@@ -156,6 +156,9 @@ pub struct BondState {
     counters: Counters,
     /// Scratch for the reorder buffer's releases.
     out: Vec<Bytes>,
+    /// Something happened that may have moved [`Self::poll_timeout`] (see
+    /// [`Self::take_timers_moved`]).
+    timers_moved: bool,
 }
 
 impl BondState {
@@ -178,6 +181,7 @@ impl BondState {
             events: VecDeque::new(),
             counters: Counters::default(),
             out: Vec::new(),
+            timers_moved: true,
         }
     }
 
@@ -207,6 +211,7 @@ impl BondState {
         rate: Option<RateConfig>,
         now: Instant,
     ) -> LinkId {
+        self.timers_moved = true;
         let id = self.sched.add_link();
         let slot = LinkSlot::new(
             name,
@@ -225,6 +230,7 @@ impl BondState {
 
     /// Removes an uplink slot (its connection is to be closed).
     pub fn remove_link(&mut self, id: LinkId, now: Instant) {
+        self.timers_moved = true;
         if self.links.get_mut(id).and_then(Option::take).is_some() {
             self.events
                 .push_back(BondEvent::Close(id, CloseReason::Removed));
@@ -236,6 +242,7 @@ impl BondState {
     /// The peer's sequence space starts anew when its epoch changes. True when it did
     /// (a restarted peer).
     pub fn peer_epoch(&mut self, epoch: u64) -> bool {
+        self.timers_moved = true;
         if self.peer_epoch == Some(epoch) {
             return false;
         }
@@ -246,6 +253,7 @@ impl BondState {
     }
 
     pub fn handle_link_event(&mut self, now: Instant, id: LinkId, ev: LinkEvent) {
+        self.timers_moved = true;
         let Some(l) = self.link_mut(id) else {
             return;
         };
@@ -418,6 +426,7 @@ impl BondState {
 
     /// A datagram from the peer on uplink `id`.
     pub fn handle_datagram(&mut self, now: Instant, id: LinkId, d: Bytes) {
+        self.timers_moved = true;
         let rx_us = self.micros(now);
         let frame = match Frame::decode(&d) {
             Ok(f) => f,
@@ -459,12 +468,8 @@ impl BondState {
                 self.refresh(now);
             }
             Frame::Report { rx_bytes, at_us } => {
-                if let Some(l) = self.links.get_mut(id).and_then(Option::as_mut) {
+                if let Some(l) = self.link_mut(id) {
                     l.inflight.on_report(rx_bytes, at_us, now);
-                    // Deliveries free room under the in-flight cap: the scheduler hears
-                    // of it now, not at the next timer.
-                    let wake = self.sched.update_link(id, l.view());
-                    self.wake.0 |= wake.0;
                 }
             }
             Frame::Data { seq, packet, class } => {
@@ -513,6 +518,7 @@ impl BondState {
 
     /// The timers: health transitions and probes, reports, reorder holds, the flow sweep.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.timers_moved = true;
         let at_us = self.micros(now);
         for (id, l) in self.links.iter_mut().enumerate() {
             let Some(l) = l else { continue };
@@ -541,6 +547,13 @@ impl BondState {
             self.last_sweep = now;
             self.classifier.sweep(now);
         }
+    }
+
+    /// Whether [`Self::poll_timeout`] may have changed since this was last asked: a TUN
+    /// packet queued or a datagram polled never moves a timer, so the driver's hot path
+    /// skips recomputing it.
+    pub fn take_timers_moved(&mut self) -> bool {
+        std::mem::take(&mut self.timers_moved)
     }
 
     /// When [`Self::handle_timeout`] next has work (before it, the driver feeds each
@@ -658,6 +671,7 @@ impl BondState {
     /// Pushes each link's health into the scheduler and decides which links carry POS
     /// and what the peer hears; wakes links that may now pull; sets the reorder hold.
     fn refresh(&mut self, now: Instant) {
+        self.timers_moved = true;
         let primary_up = self
             .links
             .iter()
