@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use etherparse::PacketBuilder;
+use stallnet::classes::core_rules;
 use stallnet::core::classify::{Classifier, ClassifyConfig};
+use stallnet::core::classify::{PortRange, Rule};
 use stallnet::core::health::LinkState;
 use stallnet::core::qos::ALL_CLASSES;
 use stallnet::core::scheduler::{LinkView, Scheduler, SchedulerConfig};
-use stallnet_netconf::classes::{default_rules, PortRange, Proto};
-use stallnet_netconf::{ClassName, Rule};
+use stallnet::core::Class;
+use stallnet_netconf::classes::default_rules;
 
 fn packets() -> Vec<Bytes> {
     (0..1000u32)
@@ -38,18 +40,18 @@ fn packets() -> Vec<Bytes> {
 fn rules() -> Vec<Rule> {
     let mut r = vec![
         Rule {
-            class: ClassName::Guest,
+            class: Class::Guest,
             src: vec!["10.2.0.0/24".parse().expect("net")],
             ..Default::default()
         },
         Rule {
-            class: ClassName::Stream,
-            proto: vec![Proto(17)],
+            class: Class::Stream,
+            proto: vec![17],
             dst_port: vec![PortRange(5000, 5100)],
             ..Default::default()
         },
     ];
-    r.extend(default_rules());
+    r.extend(core_rules(&default_rules()));
     r
 }
 

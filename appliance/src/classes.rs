@@ -3,10 +3,11 @@
 //! bounds, and the ordered rule list (configured rules, the POS-source shortcut, then the
 //! built-in ones).
 
-use stallnet_netconf::classes::{default_rules, effective_classes, ClassSpec, Rate};
+use stallnet_netconf::classes::{default_rules, effective_classes, parse_mac, ClassSpec, Rate};
 use stallnet_netconf::UplinkPriority;
 use stallnet_netconf::{ClassMode, ClassName, EdgeConfig, Rule, SchedMode, Uplink, UplinkKind};
 
+use crate::core::classify;
 use crate::core::qos::{bit, ClassMask, ClassParams, QosConfig, CLASSES};
 use crate::core::rate::{RateBounds, RateConfig};
 use crate::core::scheduler::{Mode, SchedulerConfig};
@@ -18,7 +19,7 @@ pub fn sched_config(specs: &[ClassSpec], mode: SchedMode) -> SchedulerConfig {
     let mut cfg = SchedulerConfig::default();
     let mut qos = QosConfig::default();
     for s in specs {
-        let i = Class::from_name(s.name) as usize;
+        let i = class_of(s.name) as usize;
         if i >= CLASSES {
             continue;
         }
@@ -54,7 +55,7 @@ pub fn mask_for(
     specs
         .iter()
         .filter(|s| s.allows(name, backup, metered, cellular))
-        .fold(0, |m, s| m | bit(Class::from_name(s.name)))
+        .fold(0, |m, s| m | bit(class_of(s.name)))
 }
 
 /// Rate-control bounds of an uplink. A bound the config sets moves the default of the
@@ -81,8 +82,45 @@ pub fn specs(e: &EdgeConfig) -> Vec<ClassSpec> {
     effective_classes(&e.classes)
 }
 
+/// The core's class for a config class name.
+pub fn class_of(n: ClassName) -> Class {
+    match n {
+        ClassName::Pos => Class::Pos,
+        ClassName::Stream => Class::Stream,
+        ClassName::Interactive => Class::Interactive,
+        ClassName::Bulk => Class::Bulk,
+        ClassName::Guest => Class::Guest,
+    }
+}
+
+/// A config rule in the classifier's terms (MAC addresses parsed: validation has
+/// refused a malformed one already).
+pub fn core_rule(r: &Rule) -> classify::Rule {
+    let ports = |v: &[stallnet_netconf::classes::PortRange]| {
+        v.iter().map(|p| classify::PortRange(p.0, p.1)).collect()
+    };
+    classify::Rule {
+        class: class_of(r.class),
+        macs: r.mac.iter().filter_map(|m| parse_mac(m)).collect(),
+        hostnames: r.hostname.clone(),
+        interfaces: r.interface.clone(),
+        src: r.src.clone(),
+        dst: r.dst.clone(),
+        hosts: r.host.clone(),
+        proto: r.proto.iter().map(|p| p.0).collect(),
+        src_port: ports(&r.src_port),
+        dst_port: ports(&r.dst_port),
+        dscp: r.dscp.clone(),
+    }
+}
+
+/// Config rules in the classifier's terms, in order.
+pub fn core_rules(rules: &[Rule]) -> Vec<classify::Rule> {
+    rules.iter().map(core_rule).collect()
+}
+
 /// The rules in the order they are tried.
-pub fn rules(e: &EdgeConfig) -> Vec<Rule> {
+pub fn rules(e: &EdgeConfig) -> Vec<classify::Rule> {
     let mut v: Vec<Rule> = e.rules.iter().map(|r| r.get_ref().clone()).collect();
     if !e.pos_sources.is_empty() {
         v.push(Rule {
@@ -94,13 +132,55 @@ pub fn rules(e: &EdgeConfig) -> Vec<Rule> {
     if e.default_rules {
         v.extend(default_rules());
     }
-    v
+    core_rules(&v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use stallnet_netconf::classes::ClassesConfig;
+
+    /// The shipped rules and a configured device rule, as the classifier runs them: the
+    /// conversion keeps every field the config gives (ports, protocols, hosts, MACs).
+    #[test]
+    fn config_rules_reach_the_classifier_whole() {
+        use crate::core::classify::{Classifier, ClassifyConfig};
+        use std::time::Instant;
+        let mut rules = vec![Rule {
+            class: ClassName::Guest,
+            mac: vec!["AA:bb:cc:dd:ee:0f".into()],
+            hostname: vec!["Till-1".into()],
+            ..Default::default()
+        }];
+        rules.extend(default_rules());
+        let core = core_rules(&rules);
+        assert_eq!(core.len(), rules.len());
+        assert_eq!(core[0].macs, vec![[0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x0f]]);
+        assert_eq!(core[1].class, Class::Pos);
+        assert!(core[1].hosts.iter().any(|h| h == "*.sumup.com"));
+        let mut c = Classifier::new(&core, ClassifyConfig::default());
+        let packet = |proto: u8, dport: u16| {
+            let b = etherparse::PacketBuilder::ipv4([10, 1, 0, 7], [198, 51, 100, 9], 64);
+            let mut out = Vec::new();
+            let r = if proto == 17 {
+                b.udp(40000, dport).write(&mut out, &[0; 40])
+            } else {
+                b.tcp(40000, dport, 1, 1000).syn().write(&mut out, &[])
+            };
+            r.expect("a packet");
+            out
+        };
+        let t = Instant::now();
+        let class = |c: &mut Classifier, p: Vec<u8>| c.classify(&p, t).expect("ok").flow_class;
+        assert_eq!(class(&mut c, packet(6, 1935)), Class::Stream);
+        assert_eq!(class(&mut c, packet(17, 9000)), Class::Stream);
+        assert_eq!(class(&mut c, packet(17, 53)), Class::Interactive);
+        assert_eq!(class(&mut c, packet(6, 22)), Class::Interactive);
+        assert_eq!(class(&mut c, packet(17, 9002)), Class::Bulk);
+        // The device rule waits for the driver to resolve the MAC and the host name.
+        let devices = c.rules()[0].devices.clone().expect("a device rule");
+        assert_eq!(devices.hostnames, vec!["till-1".to_string()]);
+    }
 
     #[test]
     fn masks_follow_the_classes_allowed_uplinks() {

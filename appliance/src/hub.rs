@@ -18,7 +18,6 @@ use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig};
 use crate::core::packet;
 use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
-use crate::core::Class;
 use crate::driver::bond::{Bond, BondConfig, Side};
 use crate::driver::kernel::Kernel;
 use crate::driver::session::{self, Welcome};
@@ -301,7 +300,7 @@ async fn serve(
 
 /// The class mask of the classes named.
 fn mask_of(names: &[stallnet_netconf::ClassName]) -> ClassMask {
-    names.iter().fold(0, |m, n| m | bit(Class::from_name(*n)))
+    names.iter().fold(0, |m, n| m | bit(classes::class_of(*n)))
 }
 
 async fn tun_reader(

@@ -1,8 +1,9 @@
 //! stallnet: the appliance daemon (edge and hub roles) and its CLI.
 //!
 //! Layout:
-//! - [`core`]: sans-IO state machines (frame codec, classifier, class queues, link health,
-//!   rate control, scheduler, reorder, packet edits). No IO, no clock.
+//! - [`core`]: the `stallnet-proto` crate (`appliance/proto`), sans-IO state machines (the
+//!   bond, frame codec, classifier, class queues, link health, rate control, scheduler,
+//!   reorder, packet edits). No IO, no clock.
 //! - [`classes`]: the config's classes, rules and uplinks turned into core parameters.
 //! - [`identity`]: device keys, certificates and the pinned-identity TLS configuration.
 //! - [`driver`]: tokio code that moves bytes between the TUN device, QUIC and the kernel.
@@ -23,7 +24,8 @@ pub mod config_lock;
 pub mod confirm;
 pub mod control;
 pub mod control_client;
-pub mod core;
+/// The sans-IO cores live in their own crate (`appliance/proto`); `crate::core` names it.
+pub use stallnet_proto as core;
 pub mod driver;
 pub mod edge;
 pub mod events;

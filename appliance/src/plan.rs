@@ -55,7 +55,7 @@ pub struct UplinkPlan {
 pub struct EdgePlan {
     pub specs: Vec<ClassSpec>,
     pub sched: SchedulerConfig,
-    pub rules: Vec<Rule>,
+    pub rules: Vec<crate::core::classify::Rule>,
     pub uplinks: Vec<UplinkPlan>,
     pub reach: ReachConfig,
     /// The rendered dnsmasq file and firewall script (with `[lan]`).
@@ -73,7 +73,7 @@ pub struct HubPlan {
     /// Each device's tunnel address, in config order.
     pub device_addresses: Vec<Ipv4Addr>,
     /// Each device's download rules (its POS sources, then the built-in rules).
-    pub device_rules: Vec<Vec<Rule>>,
+    pub device_rules: Vec<Vec<crate::core::classify::Rule>>,
     pub sched: SchedulerConfig,
 }
 
@@ -209,6 +209,7 @@ pub fn hub(cfg: &Config) -> Result<HubPlan, PlanError> {
             });
         }
         rules.extend(stallnet_netconf::classes::default_rules());
+        let rules = classes::core_rules(&rules);
         let _ = Classifier::new(&rules, ClassifyConfig::default());
         device_rules.push(rules);
     }

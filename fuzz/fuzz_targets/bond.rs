@@ -4,5 +4,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    stallnet::core::bond::arbitrary::drive(data);
+    let rules = stallnet::classes::core_rules(&stallnet_netconf::classes::default_rules());
+    stallnet::core::bond::arbitrary::drive(data, &rules);
 });

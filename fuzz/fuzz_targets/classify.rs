@@ -10,7 +10,8 @@ use stallnet_netconf::classes::default_rules;
 
 fuzz_target!(|data: &[u8]| {
     let t = Instant::now();
-    let mut c = Classifier::new(&default_rules(), ClassifyConfig::default());
+    let rules = stallnet::classes::core_rules(&default_rules());
+    let mut c = Classifier::new(&rules, ClassifyConfig::default());
     let _ = c.classify(data, t);
     c.observe_download(data, t);
     c.learn_dns(data, t);

@@ -31,11 +31,10 @@ use rand::{Rng, SeedableRng};
 use stallnet::core::bond::{
     BondConfig, BondEvent, BondState, LinkEvent, Side, Transmit, TransportStats,
 };
-use stallnet::core::classify::{Classifier, ClassifyConfig};
+use stallnet::core::classify::{Classifier, ClassifyConfig, PortRange, Rule};
 use stallnet::core::qos::ALL_CLASSES;
 use stallnet::core::scheduler::{Mode, SchedulerConfig};
 use stallnet::core::Class;
-use stallnet_netconf::classes::{ClassName, PortRange, Rule};
 
 /// What QUIC adds to a datagram on the wire.
 const WIRE_OVERHEAD: u64 = 40;
@@ -233,9 +232,9 @@ fn rules() -> Vec<Rule> {
         ..Default::default()
     };
     vec![
-        port(ClassName::Pos, 7001),
-        port(ClassName::Stream, 9000),
-        port(ClassName::Bulk, 5201),
+        port(Class::Pos, 7001),
+        port(Class::Stream, 9000),
+        port(Class::Bulk, 5201),
     ]
 }
 

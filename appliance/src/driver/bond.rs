@@ -332,7 +332,7 @@ impl Bond {
     }
 
     /// New classification rules.
-    pub fn set_rules(&self, rules: &[stallnet_netconf::Rule]) {
+    pub fn set_rules(&self, rules: &[crate::core::classify::Rule]) {
         self.with(|st, _| st.set_rules(rules));
     }
 

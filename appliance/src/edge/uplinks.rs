@@ -18,7 +18,6 @@ use super::{reach, Ctx};
 use crate::classes;
 use crate::core::qos::{bit, ClassMask};
 use crate::core::scheduler::LinkId;
-use crate::core::Class;
 use crate::driver::bond::PeerView;
 use crate::driver::session::{self, Hello};
 use crate::driver::sys;
@@ -496,7 +495,7 @@ struct Told {
 fn class_names(specs: &[ClassSpec], mask: ClassMask) -> Vec<ClassName> {
     specs
         .iter()
-        .filter(|s| mask & bit(Class::from_name(s.name)) != 0)
+        .filter(|s| mask & bit(classes::class_of(s.name)) != 0)
         .map(|s| s.name)
         .collect()
 }

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use etherparse::{IpHeadersSlice, IpSlice, TcpSlice, UdpSlice};
 use ipnet::IpNet;
-use stallnet_netconf::classes::{parse_mac, ClassName, PortRange, Rule};
 
 use super::Class;
 
@@ -199,6 +198,39 @@ impl HostPattern {
     }
 }
 
+/// An inclusive port range (`443..=443`, `8000..=8999`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange(pub u16, pub u16);
+
+impl PortRange {
+    pub fn contains(self, p: u16) -> bool {
+        self.0 <= p && p <= self.1
+    }
+}
+
+/// One classification rule in the core's own terms (the daemon builds these from its
+/// config): every field given must match; within a field, any value may. The first rule
+/// a flow's first packet matches decides the flow's class.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub class: Class,
+    /// LAN devices by MAC address, DHCP host name or interface: resolved by the driver
+    /// into source prefixes ([`Classifier::set_resolved`]).
+    pub macs: Vec<[u8; 6]>,
+    pub hostnames: Vec<String>,
+    pub interfaces: Vec<String>,
+    pub src: Vec<IpNet>,
+    pub dst: Vec<IpNet>,
+    /// Destination host names learned from DNS: `api.stripe.com` or `*.sumup.com`.
+    pub hosts: Vec<String>,
+    /// IP protocol numbers.
+    pub proto: Vec<u8>,
+    pub src_port: Vec<PortRange>,
+    pub dst_port: Vec<PortRange>,
+    /// DSCP code points.
+    pub dscp: Vec<u8>,
+}
+
 /// A rule ready to match.
 #[derive(Debug, Clone)]
 pub struct CompiledRule {
@@ -226,18 +258,18 @@ pub struct DeviceRef {
 
 impl CompiledRule {
     pub fn new(r: &Rule) -> Self {
-        let devices = (!r.mac.is_empty() || !r.hostname.is_empty() || !r.interface.is_empty())
+        let devices = (!r.macs.is_empty() || !r.hostnames.is_empty() || !r.interfaces.is_empty())
             .then(|| DeviceRef {
-                macs: r.mac.iter().filter_map(|m| parse_mac(m)).collect(),
-                hostnames: r.hostname.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                interfaces: r.interface.clone(),
+                macs: r.macs.clone(),
+                hostnames: r.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                interfaces: r.interfaces.clone(),
             });
         Self {
-            class: Class::from_name(r.class),
+            class: r.class,
             src: r.src.clone(),
             dst: r.dst.clone(),
-            hosts: r.host.iter().map(|h| HostPattern::new(h)).collect(),
-            proto: r.proto.iter().map(|p| p.0).collect(),
+            hosts: r.hosts.iter().map(|h| HostPattern::new(h)).collect(),
+            proto: r.proto.clone(),
             sport: r.src_port.clone(),
             dport: r.dst_port.clone(),
             dscp: r.dscp.clone(),
@@ -307,7 +339,8 @@ pub struct Verdict {
     pub flow: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ClassifyStats {
     pub flows: u64,
     pub flows_expired: u64,
@@ -672,24 +705,11 @@ fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
-impl Class {
-    pub fn from_name(n: ClassName) -> Self {
-        match n {
-            ClassName::Pos => Self::Pos,
-            ClassName::Stream => Self::Stream,
-            ClassName::Interactive => Self::Interactive,
-            ClassName::Bulk => Self::Bulk,
-            ClassName::Guest => Self::Guest,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
-    use stallnet_netconf::classes::{default_rules, Proto};
 
     fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool, data: &[u8]) -> Vec<u8> {
         let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 1000);
@@ -721,11 +741,38 @@ mod tests {
         out
     }
 
-    fn rule(class: ClassName) -> Rule {
+    fn rule(class: Class) -> Rule {
         Rule {
             class,
             ..Default::default()
         }
+    }
+
+    /// A rule set like the shipped defaults (payment hosts, stream ports, DNS and SSH)
+    /// without depending on the config crate.
+    fn default_rules() -> Vec<Rule> {
+        vec![
+            Rule {
+                hosts: ["*.sumup.com", "api.stripe.com", "*.stripe.com"]
+                    .map(String::from)
+                    .to_vec(),
+                ..rule(Class::Pos)
+            },
+            Rule {
+                proto: vec![TCP],
+                dst_port: vec![PortRange(1935, 1935)],
+                ..rule(Class::Stream)
+            },
+            Rule {
+                proto: vec![UDP],
+                dst_port: vec![PortRange(53, 53), PortRange(123, 123)],
+                ..rule(Class::Interactive)
+            },
+            Rule {
+                dscp: vec![46],
+                ..rule(Class::Interactive)
+            },
+        ]
     }
 
     fn dns_answer(name: &str, addr: [u8; 4], ttl: u32) -> Vec<u8> {
@@ -770,28 +817,28 @@ mod tests {
         let rules = vec![
             Rule {
                 dscp: vec![46],
-                ..rule(ClassName::Stream)
+                ..rule(Class::Stream)
             },
             Rule {
                 src: vec!["10.1.0.99/32".parse().expect("net")],
-                ..rule(ClassName::Pos)
+                ..rule(Class::Pos)
             },
             Rule {
                 dst: vec!["203.0.113.0/24".parse().expect("net")],
-                proto: vec![Proto(6)],
-                ..rule(ClassName::Guest)
+                proto: vec![TCP],
+                ..rule(Class::Guest)
             },
             Rule {
                 dst_port: vec![PortRange(8000, 8999)],
-                ..rule(ClassName::Stream)
+                ..rule(Class::Stream)
             },
             Rule {
                 src_port: vec![PortRange(5000, 5000)],
-                ..rule(ClassName::Interactive)
+                ..rule(Class::Interactive)
             },
             Rule {
-                mac: vec!["aa:bb:cc:dd:ee:ff".into()],
-                ..rule(ClassName::Guest)
+                macs: vec![[0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]],
+                ..rule(Class::Guest)
             },
         ];
         let mut c = Classifier::new(&rules, ClassifyConfig::default());
@@ -864,9 +911,9 @@ mod tests {
         let t = Instant::now();
         let rules = vec![Rule {
             dst: vec!["2001:db8::/32".parse().expect("net")],
-            proto: vec![Proto(17)],
+            proto: vec![UDP],
             dst_port: vec![PortRange(443, 443)],
-            ..rule(ClassName::Pos)
+            ..rule(Class::Pos)
         }];
         let mut c = Classifier::new(&rules, ClassifyConfig::default());
         let mut a = [0u8; 16];
@@ -884,7 +931,7 @@ mod tests {
         let t = Instant::now();
         let rules = vec![Rule {
             dst_port: vec![PortRange(22, 22)],
-            ..rule(ClassName::Interactive)
+            ..rule(Class::Interactive)
         }];
         let mut c = Classifier::new(&rules, ClassifyConfig::default());
         let syn = c
@@ -916,7 +963,7 @@ mod tests {
         let t = Instant::now();
         let rules = vec![Rule {
             src: vec!["10.1.0.7/32".parse().expect("net")],
-            ..rule(ClassName::Pos)
+            ..rule(Class::Pos)
         }];
         let mut c = Classifier::new(&rules, ClassifyConfig::default());
         let up = udp4(LAN, NET, 1000, 2000, &[0; 10]);
@@ -1060,7 +1107,7 @@ mod tests {
         fn port_rules_match_exactly_their_range(lo in 1u16..60000, len in 0u16..1000, port in 1u16..65535) {
             let t = Instant::now();
             let hi = lo.saturating_add(len);
-            let rules = vec![Rule { dst_port: vec![PortRange(lo, hi)], ..rule(ClassName::Stream) }];
+            let rules = vec![Rule { dst_port: vec![PortRange(lo, hi)], ..rule(Class::Stream) }];
             let mut c = Classifier::new(&rules, ClassifyConfig::default());
             let v = c.classify(&udp4(LAN, NET, 1, port, &[0; 4]), t).expect("ok");
             prop_assert_eq!(v.class == Class::Stream, (lo..=hi).contains(&port));

@@ -11,8 +11,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::Class;
 
 pub const CLASSES: usize = 5;
@@ -120,7 +118,8 @@ impl DelayHist {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ClassStats {
     pub class: &'static str,
     pub packets: u64,

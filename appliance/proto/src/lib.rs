@@ -1,7 +1,12 @@
-//! Sans-IO cores: every decision stallnet makes, as plain state machines.
+//! stallnet's sans-IO cores: every decision the bond makes, as plain state machines.
 //!
-//! Invariant: nothing in this module tree does IO, spawns tasks or reads the clock. Time
-//! comes in as `now: Instant` arguments; results come out as return values.
+//! Invariant: nothing in this crate does IO, spawns tasks or reads the clock. Time comes
+//! in as `now: Instant` arguments; results come out as return values and `poll_*` calls.
+//! The crate depends on no runtime (tokio), no transport (quinn) and no config format
+//! (netconf): the daemon turns its config into this crate's types ([`classify::Rule`],
+//! [`bond::BondConfig`]) and pumps bytes; the simulator in `tests/` drives the same
+//! [`bond::BondState`]. The `serde` feature only derives `Serialize` on status types for
+//! the daemon's API.
 
 pub mod bond;
 pub mod box_state;
@@ -20,12 +25,13 @@ pub mod scheduler;
 pub mod source_cap;
 
 /// Traffic class of a packet (decided by [`classify`], queued by [`qos`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum Class {
     Pos = 0,
     Stream = 1,
     Interactive = 2,
+    #[default]
     Bulk = 3,
     Guest = 4,
 }

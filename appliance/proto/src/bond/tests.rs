@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
-use crate::core::classify::ClassifyConfig;
-use crate::core::frame::Frame;
-use crate::core::rate::RateBounds;
+use crate::classify::{ClassifyConfig, PortRange, Rule};
+use crate::frame::Frame;
+use crate::rate::RateBounds;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -40,9 +40,9 @@ fn bulk_packet() -> Bytes {
 }
 
 fn edge(now: Instant) -> BondState {
-    let rules = vec![stallnet_netconf::Rule {
-        class: stallnet_netconf::ClassName::Pos,
-        dst_port: vec![stallnet_netconf::classes::PortRange(7001, 7001)],
+    let rules = vec![Rule {
+        class: Class::Pos,
+        dst_port: vec![PortRange(7001, 7001)],
         ..Default::default()
     }];
     BondState::new(
@@ -315,6 +315,8 @@ fn bad_input_is_counted_and_dropped() {
 }
 
 mod arbitrary_input {
+    use crate::classify::{PortRange, Rule};
+    use crate::Class;
     use proptest::prelude::*;
 
     proptest! {
@@ -323,7 +325,12 @@ mod arbitrary_input {
         /// panic, no timer in the past (the fuzz target runs the same driver).
         #[test]
         fn any_input_sequence_is_survived(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
-            super::super::arbitrary::drive(&data);
+            let rules = [Rule {
+                class: Class::Pos,
+                dst_port: vec![PortRange(7001, 7001)],
+                ..Default::default()
+            }];
+            super::super::arbitrary::drive(&data, &rules);
         }
     }
 }

@@ -27,15 +27,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ipnet::IpNet;
 
-use crate::core::classify::{Classifier, Malformed, Verdict};
-use crate::core::frame::{Frame, DATA_OVERHEAD};
-use crate::core::health::HealthConfig;
-use crate::core::packet;
-use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
-use crate::core::rate::RateConfig;
-use crate::core::reorder::{self, Reorder};
-use crate::core::scheduler::{LinkId, Scheduler, SchedulerConfig, Wake};
-use crate::core::Class;
+use crate::classify::{Classifier, Malformed, Verdict};
+use crate::frame::{Frame, DATA_OVERHEAD};
+use crate::health::HealthConfig;
+use crate::packet;
+use crate::qos::{bit, ClassMask, ALL_CLASSES};
+use crate::rate::RateConfig;
+use crate::reorder::{self, Reorder};
+use crate::scheduler::{LinkId, Scheduler, SchedulerConfig, Wake};
+use crate::Class;
 use link::LinkSlot;
 pub use link::{Held, LinkCondition, PeerView, TransportStats};
 pub use status::{BondStatus, Counters, FlowStatus, LinkStatus};
@@ -381,7 +381,7 @@ impl BondState {
     }
 
     /// New classification rules (see [`Classifier::set_rules`]).
-    pub fn set_rules(&mut self, rules: &[stallnet_netconf::Rule]) {
+    pub fn set_rules(&mut self, rules: &[crate::classify::Rule]) {
         self.classifier.set_rules(rules);
     }
 
@@ -389,7 +389,7 @@ impl BondState {
     pub fn set_resolved(
         &mut self,
         index: usize,
-        devices: &crate::core::classify::DeviceRef,
+        devices: &crate::classify::DeviceRef,
         prefixes: Vec<IpNet>,
     ) {
         self.classifier.set_resolved(index, devices, prefixes);
@@ -685,7 +685,7 @@ impl BondState {
                 None => (false, false),
             })
             .collect();
-        let pos_ok = crate::core::reach::pos_allowed(&gate);
+        let pos_ok = crate::reach::pos_allowed(&gate);
         for id in 0..self.links.len() {
             let Some(l) = self.links[id].as_mut() else {
                 continue;

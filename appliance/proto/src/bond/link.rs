@@ -7,15 +7,14 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Serialize;
 
-use crate::core::frame::Frame;
-use crate::core::health::{HealthConfig, LinkHealth, LinkState};
-use crate::core::inflight::Inflight;
-use crate::core::qos::{bit, ClassMask};
-use crate::core::rate::{Pacer, RateConfig, RateControl};
-use crate::core::scheduler::LinkView;
-use crate::core::Class;
+use crate::frame::Frame;
+use crate::health::{HealthConfig, LinkHealth, LinkState};
+use crate::inflight::Inflight;
+use crate::qos::{bit, ClassMask};
+use crate::rate::{Pacer, RateConfig, RateControl};
+use crate::scheduler::LinkView;
+use crate::Class;
 
 /// How often each end reports its received bytes on a busy connection.
 pub const REPORT_EVERY: Duration = Duration::from_millis(10);
@@ -28,8 +27,9 @@ pub const REPORT_IDLE: Duration = Duration::from_secs(30);
 const CONTROL_MAX: usize = 16;
 
 /// Why the reachability checks keep an uplink out of the bond.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Held {
     /// Behind a login page.
     Captive,
@@ -91,7 +91,7 @@ pub(super) struct LinkSlot {
     /// Kept out by the reachability checks: like disabled.
     pub held: Option<Held>,
     /// Its HTTPS check has not (or no longer) succeeded: no POS while a verified uplink
-    /// carries the tunnel (see [`crate::core::reach::pos_allowed`]).
+    /// carries the tunnel (see [`crate::reach::pos_allowed`]).
     pub unverified: bool,
     /// Carries POS now (the outcome of the above across all uplinks).
     pub pos_ok: bool,
@@ -235,8 +235,9 @@ impl LinkSlot {
 }
 
 /// An uplink's state as the status shows it: its health, or why it is kept out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum LinkCondition {
     Up,
     Suspect,

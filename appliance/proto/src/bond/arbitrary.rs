@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{BondConfig, BondState, LinkEvent, Side, Transmit, TransportStats};
-use crate::core::classify::{Classifier, ClassifyConfig};
-use crate::core::qos::ALL_CLASSES;
-use crate::core::scheduler::SchedulerConfig;
+use crate::classify::{Classifier, ClassifyConfig, Rule};
+use crate::qos::ALL_CLASSES;
+use crate::scheduler::SchedulerConfig;
 
 /// Reads bytes as input operations, front to back.
 struct Ops<'a>(&'a [u8]);
@@ -31,18 +31,16 @@ impl Ops<'_> {
 }
 
 /// Runs `data` as a sequence of inputs into both sides of a bond of three uplinks; what
-/// one side sends reaches the other (or is lost, as the input says).
-pub fn drive(data: &[u8]) {
+/// one side sends reaches the other (or is lost, as the input says). The edge classifies
+/// with `rules`.
+pub fn drive(data: &[u8], rules: &[Rule]) {
     let mut now = Instant::now();
     let new = |side: Side| {
         let mut st = BondState::new(
             BondConfig {
                 side,
                 sched: SchedulerConfig::default(),
-                classifier: Classifier::new(
-                    &stallnet_netconf::classes::default_rules(),
-                    ClassifyConfig::default(),
-                ),
+                classifier: Classifier::new(rules, ClassifyConfig::default()),
                 accept_src: (side == Side::Hub)
                     .then(|| vec!["10.1.0.0/24".parse().expect("a prefix")]),
             },

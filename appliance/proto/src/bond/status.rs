@@ -1,15 +1,14 @@
 //! What a bond shows of itself: typed figures for the status document, the dashboard and
 //! the metrics (serialized by the API layer as they are).
 
-use serde::Serialize;
-
 use super::link::LinkCondition;
-use crate::core::classify::ClassifyStats;
-use crate::core::qos::ClassStats;
-use crate::core::reorder::ReorderStats;
-use crate::core::scheduler::SchedStats;
+use crate::classify::ClassifyStats;
+use crate::qos::ClassStats;
+use crate::reorder::ReorderStats;
+use crate::scheduler::SchedStats;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LinkStatus {
     pub name: String,
     pub state: LinkCondition,
@@ -37,7 +36,8 @@ pub struct LinkStatus {
     pub rate_decreases: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct FlowStatus {
     pub flow: String,
     pub class: &'static str,
@@ -65,7 +65,8 @@ pub struct Counters {
     pub tun_overflow: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct BondStatus {
     pub online: bool,
     pub links: Vec<LinkStatus>,

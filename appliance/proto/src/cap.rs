@@ -4,8 +4,6 @@
 //! re-created interface, a reboot) are handled; the thresholds crossed (75, 95, 100 %).
 //! The state is small and serializable so the daemon keeps it across restarts.
 
-use serde::{Deserialize, Serialize};
-
 /// Percentages that raise an event, in order.
 pub const THRESHOLDS: [u8; 3] = [75, 95, 100];
 
@@ -24,7 +22,8 @@ pub struct CapSpec {
     pub period: Period,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CapState {
     /// Unix time (s) the current period started.
     pub period_start: i64,

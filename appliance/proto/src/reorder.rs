@@ -42,7 +42,8 @@ pub fn hold_for(paths: impl Iterator<Item = (Duration, Duration)>) -> Option<Dur
 /// Sequence numbers remembered behind the release point for duplicate suppression.
 pub const WINDOW: u64 = 8192;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ReorderStats {
     pub delivered: u64,
     pub duplicates: u64,

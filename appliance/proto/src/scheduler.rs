@@ -170,7 +170,8 @@ impl QItem for Queued {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SchedStats {
     pub enqueued: u64,
     pub duplicated: u64,
