@@ -58,6 +58,8 @@ struct Ctx {
     uplinks: Mutex<Vec<Arc<Rt>>>,
     /// The operator's preferred uplink (runtime only; the config is the lasting truth).
     preferred: Mutex<Option<String>>,
+    /// The hub the whole bond uses (every uplink connects to it).
+    hub_choice: Mutex<crate::core::hub_choice::HubChoice>,
     /// Bumped by every netlink change (uplink tasks look again).
     changes: watch::Receiver<u64>,
     /// The class settings the hub must have (each uplink's connection tells it).
@@ -231,6 +233,7 @@ async fn run_with(
         cancel: cancel.clone(),
         uplinks: Mutex::new(Vec::new()),
         preferred: Mutex::new(None),
+        hub_choice: Mutex::new(crate::core::hub_choice::HubChoice::new(e.hubs.len())),
         changes: change_rx,
         class_specs: watch::Sender::new(plan.specs.clone()),
         tls: Mutex::new(tls),

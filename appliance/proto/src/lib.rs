@@ -15,6 +15,7 @@ pub mod classify;
 pub mod fallback;
 pub mod frame;
 pub mod health;
+pub mod hub_choice;
 pub mod inflight;
 pub mod packet;
 pub mod qos;
@@ -23,6 +24,7 @@ pub mod reach;
 pub mod reorder;
 pub mod scheduler;
 pub mod source_cap;
+pub mod uplink;
 
 /// Traffic class of a packet (decided by [`classify`], queued by [`qos`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

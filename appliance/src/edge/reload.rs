@@ -134,6 +134,7 @@ pub(super) fn reload(ctx: &Arc<Ctx>) -> Result<(String, Vec<&'static str>), Acti
     // configured (address and identity) closes, and its uplink connects again.
     if let Some(client) = client {
         *lock(&ctx.client) = client;
+        lock(&ctx.hub_choice).set_hubs(e.hubs.len());
         for r in ctx.uplinks() {
             let Some(conn) = ctx.bond.connection(r.id) else {
                 continue;

@@ -18,6 +18,7 @@ use super::{reach, Ctx};
 use crate::classes;
 use crate::core::qos::{bit, ClassMask};
 use crate::core::scheduler::LinkId;
+use crate::core::uplink::{self, Action, CloseReason, Interface, Phase, UplinkState};
 use crate::driver::bond::PeerView;
 use crate::driver::session::{self, Hello};
 use crate::driver::sys;
@@ -213,15 +214,15 @@ pub(super) fn retune(ctx: &Ctx, rt: &Rt, u: &Uplink, cfg: &EdgeConfig) {
     refresh_backup(ctx, rt);
 }
 
-/// Sets uplink `rt`'s backup flag from everything that decides it: a data cap past its
-/// allowance (backup-only), else the operator's preferred uplink (every other one is a
-/// backup), else the configured priority.
+/// Sets uplink `rt`'s backup flag from everything that decides it (see
+/// [`uplink::is_backup`]).
 pub(super) fn refresh_backup(ctx: &Ctx, rt: &Rt) {
-    let backup = rt.capped.load(Ordering::SeqCst)
-        || match lock(&ctx.preferred).as_deref() {
-            Some(p) => p != rt.name,
-            None => rt.settings().priority == UplinkPriority::Backup,
-        };
+    let backup = uplink::is_backup(
+        rt.capped.load(Ordering::SeqCst),
+        lock(&ctx.preferred).as_deref(),
+        &rt.name,
+        rt.settings().priority == UplinkPriority::Backup,
+    );
     ctx.bond.set_backup(rt.id, backup);
 }
 
@@ -331,7 +332,9 @@ async fn modem_task(ctx: Arc<Ctx>, rt: Arc<Rt>) {
 }
 
 /// Follows one uplink: interface presence, carrier and address from netlink; its routing
-/// table and rule; its QUIC endpoint and connection, rebound or reconnected as needed.
+/// table and rule; its QUIC endpoint and connection. When to connect, back off or close
+/// is [`UplinkState`]'s decision, which hub [`crate::core::hub_choice`]'s; this task does
+/// the IO they ask for.
 async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch::Receiver<u64>) {
     let u = rt.settings();
     let id = rt.id;
@@ -339,22 +342,16 @@ async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch
     let mut routed: Option<(u32, Option<Ipv4Addr>)> = None;
     let mut ruled = false;
     let mut endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)> = None;
-    let mut backoff = Duration::from_millis(200);
-    let shutdown = |endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)>| {
+    let mut st = UplinkState::new();
+    let shutdown = |ctx: &Ctx, endpoint: Option<(quinn::Endpoint, u32, Ipv4Addr)>| {
+        lock(&ctx.hub_choice).remove(id);
         if let Some((ep, _, _)) = endpoint {
             ep.close(0u32.into(), b"shutdown");
         }
     };
     loop {
-        if rt.is_disabled() {
-            if let Some(c) = ctx.bond.connection(id) {
-                c.close(0u32.into(), b"disabled by the operator");
-            }
-            tokio::select! {
-                _ = rt.wake.notified() => continue,
-                _ = rt.cancel.cancelled() => return shutdown(endpoint),
-            }
-        }
+        st.set_disabled(rt.is_disabled());
+        st.set_held(ctx.bond.held(id).is_some());
         let info = match ctx.nl.link(&u.interface).await {
             Ok(i) => i,
             Err(e) => {
@@ -362,23 +359,24 @@ async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch
                 None
             }
         };
-        let mut usable_addr = None;
+        let addr = info
+            .as_ref()
+            .filter(|li| li.carrier)
+            .and_then(|li| li.ipv4.first().copied());
+        st.handle_interface(match (&info, addr) {
+            (None, _) => Interface::Absent,
+            (Some(li), None) if !li.carrier => Interface::NoCarrier,
+            (Some(_), None) => Interface::NoAddress,
+            (Some(_), Some(_)) => Interface::Ready,
+        });
         match &info {
             None => {
                 ctx.bond.set_carrier(id, false, false);
-                if let Some((ep, _, _)) = endpoint.take() {
-                    ep.close(0u32.into(), b"interface gone");
-                }
                 routed = None;
             }
-            Some(li) => {
-                ctx.bond.set_carrier(id, true, li.carrier);
-                if li.carrier {
-                    usable_addr = li.ipv4.first().copied();
-                }
-            }
+            Some(li) => ctx.bond.set_carrier(id, true, li.carrier),
         }
-        if let (Some(li), Some(addr)) = (&info, usable_addr) {
+        if let (Some(li), Some(addr)) = (&info, addr) {
             let gw = match u.gateway {
                 Some(IpAddr::V4(g)) => Some(g),
                 _ => ctx.nl.default_gateway(li.index).await.ok().flatten(),
@@ -405,46 +403,104 @@ async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch
             if let Err(e) = ensure_endpoint(&u, table, li.index, addr, &mut endpoint) {
                 tracing::warn!(uplink = %u.name, "{e:#}");
             }
-            let connected = ctx
-                .bond
-                .connection(id)
-                .is_some_and(|c| c.close_reason().is_none());
-            // Held out by the reachability checks: routes stay (the checks use them),
-            // the tunnel waits until the uplink is released.
-            if !connected && ctx.bond.held(id).is_none() {
-                if let Some((ep, _, _)) = &endpoint {
-                    match connect(&ctx, ep, &rt).await {
-                        Ok((conn, told)) => {
-                            tracing::info!(uplink = %u.name, "connected to hub");
-                            ctx.bond.attach(id, conn.clone());
-                            tokio::spawn(tell_hub(conn, told, rt.name.clone(), rt.cancel.clone()));
-                            backoff = Duration::from_millis(200);
-                        }
-                        Err(e) => {
-                            tracing::info!(uplink = %u.name, "connect: {e:#}");
-                            backoff = (backoff * 2).min(Duration::from_secs(3));
-                        }
-                    }
-                }
-            }
         } else {
             lock(&rt.seen).carrier = false;
         }
+        if ctx
+            .bond
+            .connection(id)
+            .is_none_or(|c| c.close_reason().is_some())
+        {
+            st.handle_closed();
+            lock(&ctx.hub_choice).handle_closed(id);
+        }
+        while let Some(action) = st.poll_action(Instant::now()) {
+            match action {
+                Action::Close(reason) => {
+                    if let Some(c) = ctx.bond.connection(id) {
+                        c.close(0u32.into(), reason.as_bytes());
+                    }
+                    if reason == CloseReason::InterfaceGone {
+                        if let Some((ep, _, _)) = endpoint.take() {
+                            ep.close(0u32.into(), reason.as_bytes());
+                        }
+                    }
+                }
+                Action::Connect => attempt(&ctx, &rt, endpoint.as_ref(), &mut st).await,
+            }
+        }
+        if matches!(
+            st.phase(Instant::now()),
+            Phase::Disabled | Phase::Waiting | Phase::Held
+        ) {
+            lock(&ctx.hub_choice).remove(id);
+        }
+        // Wake for a retry the state names, a netlink change, the checks or the operator
+        // (`wake`), the connection closing; and now and then to read the interface again.
+        let wait = st
+            .poll_timeout()
+            .map_or(uplink::RECHECK, |t| {
+                t.saturating_duration_since(Instant::now())
+            })
+            .min(uplink::RECHECK);
         let conn = ctx.bond.connection(id);
-        let retry = ctx.bond.held(id).is_none() && conn.is_none();
-        // Connected, or held out by the reachability checks (they wake us on release):
-        // nothing to retry soon.
-        let wait = if retry {
-            backoff
-        } else {
-            Duration::from_secs(2)
-        };
         tokio::select! {
             _ = changes.changed() => {}
             _ = rt.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = async { match conn { Some(c) => { c.closed().await; } None => std::future::pending().await } } => {}
-            _ = rt.cancel.cancelled() => return shutdown(endpoint),
+            _ = rt.cancel.cancelled() => return shutdown(&ctx, endpoint),
+        }
+    }
+}
+
+/// One attempt to reach the bond's hub through uplink `rt`; its result goes to the
+/// uplink's state and the bond's hub choice (which may move the whole bond).
+async fn attempt(
+    ctx: &Ctx,
+    rt: &Rt,
+    endpoint: Option<&(quinn::Endpoint, u32, Ipv4Addr)>,
+    st: &mut UplinkState,
+) {
+    let hub = lock(&ctx.hub_choice).current();
+    let (Some((ep, _, _)), Some(hub)) = (endpoint, hub) else {
+        st.handle_failed(Instant::now());
+        return;
+    };
+    match connect(ctx, ep, rt, hub).await {
+        // The bond moved while this attempt ran: no uplink stays on the old hub.
+        Ok((conn, _)) if lock(&ctx.hub_choice).current() != Some(hub) => {
+            conn.close(0u32.into(), b"the bond moved to another hub");
+            st.handle_failed(Instant::now());
+        }
+        Ok((conn, told)) => {
+            tracing::info!(uplink = %rt.name, hub, "connected to hub");
+            st.handle_connected();
+            lock(&ctx.hub_choice).handle_connected(rt.id, hub);
+            ctx.bond.attach(rt.id, conn.clone());
+            tokio::spawn(tell_hub(conn, told, rt.name.clone(), rt.cancel.clone()));
+        }
+        Err(e) => {
+            tracing::info!(uplink = %rt.name, "connect: {e:#}");
+            st.handle_failed(Instant::now());
+            let moved = lock(&ctx.hub_choice).handle_failed(rt.id, hub);
+            if let Some(m) = moved {
+                let cfg = ctx.cfg();
+                let addr = |i: usize| cfg.hubs.get(i).map(|h| h.address.to_string());
+                ctx.events.push(
+                    Level::Warning,
+                    "hub_moved",
+                    None,
+                    format!(
+                        "no uplink reaches hub {} any more: the bond moves to hub {}",
+                        addr(m.from).unwrap_or_default(),
+                        addr(m.to).unwrap_or_default()
+                    ),
+                );
+                for r in ctx.uplinks() {
+                    r.wake.notify_one();
+                }
+            }
         }
     }
 }
@@ -500,9 +556,14 @@ fn class_names(specs: &[ClassSpec], mask: ClassMask) -> Vec<ClassName> {
         .collect()
 }
 
-/// Connects to the first hub that answers and says hello with the uplink's settings (as
+/// Connects to configured hub number `hub` and says hello with the uplink's settings (as
 /// the bond has them now: an operator's preference or a data cap may make it a backup).
-async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<(quinn::Connection, Told)> {
+async fn connect(
+    ctx: &Ctx,
+    ep: &quinn::Endpoint,
+    rt: &Rt,
+    hub: usize,
+) -> Result<(quinn::Connection, Told)> {
     let cfg = ctx.cfg();
     let mut view = ctx
         .bond
@@ -512,46 +573,48 @@ async fn connect(ctx: &Ctx, ep: &quinn::Endpoint, rt: &Rt) -> Result<(quinn::Con
     let now = *view.borrow_and_update();
     let specs = specs_rx.borrow_and_update().clone();
     let client = lock(&ctx.client).clone();
-    let mut last = None;
-    for hub in &cfg.hubs {
-        let addr: SocketAddr = hub.address;
-        let attempt = async {
-            let conn = ep
-                .connect_with(client.clone(), addr, identity::HUB_NAME)
-                .context("connect")?
-                .await
-                .context("handshake")?;
-            let w = session::hello(
-                &conn,
-                &Hello {
-                    version: 1,
-                    epoch: ctx.epoch,
-                    link: rt.name.clone(),
-                    backup: now.backup,
-                    link_classes: Some(class_names(&specs, now.classes)),
-                    classes: Some(specs.clone()),
-                },
+    let addr: SocketAddr = cfg
+        .hubs
+        .get(hub)
+        .map(|h| h.address)
+        .context("no such hub configured")?;
+    let attempt = async {
+        let conn = ep
+            .connect_with(client, addr, identity::HUB_NAME)
+            .context("connect")?
+            .await
+            .context("handshake")?;
+        let w = session::hello(
+            &conn,
+            &Hello {
+                version: 1,
+                epoch: ctx.epoch,
+                link: rt.name.clone(),
+                backup: now.backup,
+                link_classes: Some(class_names(&specs, now.classes)),
+                classes: Some(specs.clone()),
+            },
+        )
+        .await?;
+        ctx.bond.peer_epoch(w.epoch);
+        ctx.bond.set_icmp_source(w.address);
+        *lock(&ctx.tunnel_address) = Some(w.address);
+        anyhow::Ok(conn)
+    };
+    let conn = tokio::time::timeout(uplink::ATTEMPT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "hub {addr} did not answer within {} s",
+                uplink::ATTEMPT_TIMEOUT.as_secs()
             )
-            .await?;
-            ctx.bond.peer_epoch(w.epoch);
-            ctx.bond.set_icmp_source(w.address);
-            *lock(&ctx.tunnel_address) = Some(w.address);
-            anyhow::Ok(conn)
-        };
-        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-            Ok(Ok(c)) => {
-                let told = Told {
-                    view,
-                    specs: specs_rx,
-                    sent_specs: specs,
-                };
-                return Ok((c, told));
-            }
-            Ok(Err(e)) => last = Some(e),
-            Err(_) => last = Some(anyhow::anyhow!("hub {addr} did not answer within 3 s")),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no hub configured")))
+        })??;
+    let told = Told {
+        view,
+        specs: specs_rx,
+        sent_specs: specs,
+    };
+    Ok((conn, told))
 }
 
 /// Tells the hub what changes about the uplink while connection `conn` runs (see
