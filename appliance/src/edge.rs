@@ -372,6 +372,8 @@ async fn supervise(
     let mut generation = u64::MAX;
     let mut was_online = false;
     let mut links_seen: std::collections::HashMap<String, LinkSeen> = Default::default();
+    // What the last published document said of the box.
+    let mut published: Option<(&str, bool, Vec<LinkCondition>)> = None;
 
     let mut notifier = crate::service::Notifier::new();
     notifier.ready("starting: connecting uplinks");
@@ -473,16 +475,26 @@ async fn supervise(
             .iter()
             .filter(|c| **c == LinkCondition::Up)
             .count();
+        // The document is rebuilt once a second, and at once when what it says of the box
+        // changes (its state, an uplink's condition, the fallback): building and writing
+        // it four times a second was most of an idle edge's CPU.
+        let shape = (state, fallback.active().is_some(), conditions);
+        let changed = published.as_ref() != Some(&shape);
+        let due = ticks % 4 == 0;
+        ticks += 1;
+        if !due && !changed {
+            continue;
+        }
+        published = Some(shape);
         // The commerce figures come from the service's own thread (never the store
         // itself: a full disk must not stall this loop).
-        if ticks % 4 == 0 {
+        if due {
             clock = status::clock_state();
             commerce_doc = commerce.as_ref().and_then(|c| match c.lock() {
                 Ok(d) => d.clone(),
                 Err(p) => p.into_inner().clone(),
             });
         }
-        ticks += 1;
         let preferred = lock(&ctx.preferred).clone();
         let stream_advice = stream_advice(&e, &rts, &b);
         let mut b = serde_json::to_value(&b).unwrap_or_default();
@@ -516,7 +528,11 @@ async fn supervise(
             bonds: serde_json::json!({ "hub": b }),
             commerce: commerce_doc.clone(),
             uptime_s: started.elapsed().as_secs(),
-            peer: e.hubs.first().map(|h| h.address.to_string()),
+            // The hub the whole bond uses now (see `core::hub_choice`).
+            peer: lock(&ctx.hub_choice)
+                .current()
+                .and_then(|i| e.hubs.get(i))
+                .map(|h| h.address.to_string()),
             clock: clock.clone(),
             stream_advice: Some(stream_advice),
             lan_source_cap: lock(&ctx.lan_cap)
@@ -715,6 +731,7 @@ async fn cap_lan_sources(ctx: Arc<Ctx>, tun: String) {
     // Dropped by tables replaced before, and in all (as last read).
     let (mut dropped, mut reported) = (0u64, 0u64);
     let (mut ticks, mut told) = (0u64, (0u64, None::<Instant>));
+    let (mut tun_seen, mut trailing, mut read_at) = (0u64, false, Instant::now());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -750,10 +767,21 @@ async fn cap_lan_sources(ctx: Arc<Ctx>, tun: String) {
                 Err(_) => {}
             }
         }
+        // The table's counters are read (a `nft` process) only when a source may have
+        // been over the cap: a source held at the cap still gets `pps` packets a second
+        // into the tunnel, so fewer than that in 2 s means nothing was dropped. One more
+        // read after such a period takes the last drops; one every 30 s regardless.
         if ticks % 8 == 0 {
-            if let Ok(n) = crate::lan_cap::dropped().await {
-                reported = dropped.saturating_add(n);
+            let seen = ctx.bond.tun_packets();
+            let busy = seen.wrapping_sub(tun_seen) >= u64::from(pps);
+            tun_seen = seen;
+            if busy || trailing || read_at.elapsed() >= Duration::from_secs(30) {
+                if let Ok(n) = crate::lan_cap::dropped().await {
+                    reported = dropped.saturating_add(n);
+                }
+                read_at = Instant::now();
             }
+            trailing = busy;
         }
         *lock(&ctx.lan_cap) = installed.as_ref().map(|(p, _)| (*p, reported));
         let now_dropped = reported;

@@ -4,7 +4,9 @@
 //! The driver calls [`LinkHealth::poll_probe`] to learn when to send a probe, feeds back
 //! acknowledgements, carrier and connection events and the transport's RTT, and calls
 //! [`LinkHealth::handle_timeout`] at [`LinkHealth::poll_timeout`]. Probes are sent on every
-//! active uplink every `probe_interval`; a backup uplink that carries no traffic probes only
+//! active uplink every `probe_interval`; while the whole bond is quiet (no data either way
+//! for a few seconds) an Up link probes every `quiet_probe_interval`, and at the regular
+//! rate again from the first packet; a backup uplink that carries no traffic probes only
 //! every `backup_probe_interval` so a capped SIM does not drain while idle.
 
 use std::collections::VecDeque;
@@ -27,6 +29,8 @@ pub enum LinkState {
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
     pub probe_interval: Duration,
+    /// An Up link's probe interval while the bond carries no data.
+    pub quiet_probe_interval: Duration,
     pub backup_probe_interval: Duration,
     /// Floor of the overdue-probe threshold.
     pub suspect_min: Duration,
@@ -45,6 +49,7 @@ impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             probe_interval: Duration::from_millis(100),
+            quiet_probe_interval: Duration::from_secs(1),
             backup_probe_interval: Duration::from_secs(4),
             suspect_min: Duration::from_millis(60),
             suspect_max: Duration::from_millis(600),
@@ -67,6 +72,8 @@ pub struct LinkHealth {
     connected: bool,
     /// Backup uplinks probe sparsely while the scheduler does not use them.
     sparse: bool,
+    /// The bond carries no data: probe at the quiet rate.
+    quiet: bool,
     srtt: Option<Duration>,
     rttvar: Duration,
     min_rtt: Option<Duration>,
@@ -107,6 +114,7 @@ impl LinkHealth {
             carrier: true,
             connected: false,
             sparse: false,
+            quiet: false,
             srtt: None,
             rttvar: Duration::ZERO,
             min_rtt: None,
@@ -199,16 +207,25 @@ impl LinkHealth {
         self.sparse = sparse;
     }
 
+    /// Switches between the regular and the quiet (no data in the bond) probe rate; the
+    /// regular rate resumes at once, with a probe due now.
+    pub fn set_quiet(&mut self, quiet: bool, now: Instant) {
+        if self.quiet && !quiet {
+            self.next_probe_at = self.next_probe_at.min(now);
+        }
+        self.quiet = quiet;
+    }
+
     /// Whether the link probes at the sparse (idle backup) rate.
     pub fn sparse(&self) -> bool {
         self.sparse
     }
 
     fn interval(&self) -> Duration {
-        if self.sparse && self.state == LinkState::Up {
-            self.cfg.backup_probe_interval
-        } else {
-            self.cfg.probe_interval
+        match self.state {
+            LinkState::Up if self.sparse => self.cfg.backup_probe_interval,
+            LinkState::Up if self.quiet => self.cfg.quiet_probe_interval,
+            _ => self.cfg.probe_interval,
         }
     }
 

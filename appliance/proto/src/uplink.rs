@@ -17,7 +17,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(3);
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the interface is read again when nothing else wakes the task (netlink
 /// notifications wake it sooner; this catches one that was missed).
-pub const RECHECK: Duration = Duration::from_secs(2);
+pub const RECHECK: Duration = Duration::from_secs(5);
 
 /// What the interface offers, from netlink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

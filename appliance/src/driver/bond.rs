@@ -315,6 +315,11 @@ impl Bond {
         self.lock().st.online()
     }
 
+    /// Packets read from the TUN so far (see [`BondState::tun_packets`]).
+    pub fn tun_packets(&self) -> u64 {
+        self.lock().st.tun_packets()
+    }
+
     /// What the uplinks together have delivered at most lately, bytes per second.
     pub fn capacity(&self) -> f64 {
         self.lock().st.capacity()

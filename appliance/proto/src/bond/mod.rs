@@ -159,7 +159,17 @@ pub struct BondState {
     /// Something happened that may have moved [`Self::poll_timeout`] (see
     /// [`Self::take_timers_moved`]).
     timers_moved: bool,
+    /// Data moved (either way) until then; after it the bond is quiet and its links
+    /// probe at the quiet rate.
+    active_until: Instant,
+    /// The links probe at the quiet rate.
+    quiet: bool,
+    /// Packets handed in from the TUN, ever.
+    tun_packets: u64,
 }
+
+/// How long after the last data packet (either way) the bond turns quiet.
+pub const QUIET_AFTER: Duration = Duration::from_secs(3);
 
 impl BondState {
     pub fn new(cfg: BondConfig, now: Instant) -> Self {
@@ -168,6 +178,9 @@ impl BondState {
             sched: Scheduler::new(cfg.sched),
             classifier: cfg.classifier,
             last_sweep: now,
+            active_until: now + QUIET_AFTER,
+            quiet: false,
+            tun_packets: 0,
             reorder: Reorder::new(REORDER_MAX, Duration::from_millis(40)),
             links: Vec::new(),
             peer_epoch: None,
@@ -366,6 +379,11 @@ impl BondState {
 
     /// What the uplinks together have delivered at most lately, bytes per second (0 when
     /// nothing was measured).
+    /// Packets handed in from the TUN so far (any class, carried or not).
+    pub fn tun_packets(&self) -> u64 {
+        self.tun_packets
+    }
+
     pub fn capacity(&self) -> f64 {
         self.links
             .iter()
@@ -404,6 +422,7 @@ impl BondState {
         packet: Bytes,
         fail_fast: bool,
     ) -> Result<Sent, Malformed> {
+        self.tun_packets = self.tun_packets.wrapping_add(1);
         let v = match self.side {
             Side::Hub => self.classifier.classify_and_learn(&packet, now),
             Side::Edge => self.classifier.classify(&packet, now),
@@ -421,6 +440,7 @@ impl BondState {
         }
         let wake = self.sched.enqueue(v.class, v.flow, packet, now);
         self.wake.0 |= wake.0;
+        self.data_moved(now);
         Ok(Sent::Queued(v))
     }
 
@@ -485,6 +505,7 @@ impl BondState {
                     l.rx_packets += 1;
                     l.rx_bytes += d.len() as u64;
                 }
+                self.data_moved(now);
                 let payload = d.slice(DATA_OVERHEAD..);
                 let mut out = std::mem::take(&mut self.out);
                 // Bulk and guest wait for their order; the urgent classes go at once.
@@ -495,6 +516,19 @@ impl BondState {
                 }
                 self.release(&mut out);
                 self.out = out;
+            }
+        }
+    }
+
+    /// A data packet was queued or received: the bond is active for [`QUIET_AFTER`]; a
+    /// quiet bond's links probe at the regular rate again at once.
+    fn data_moved(&mut self, now: Instant) {
+        self.active_until = now + QUIET_AFTER;
+        if self.quiet {
+            self.quiet = false;
+            self.timers_moved = true;
+            for l in self.links.iter_mut().flatten() {
+                l.health.set_quiet(false, now);
             }
         }
     }
@@ -520,8 +554,10 @@ impl BondState {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.timers_moved = true;
         let at_us = self.micros(now);
+        self.quiet = now >= self.active_until;
         for (id, l) in self.links.iter_mut().enumerate() {
             let Some(l) = l else { continue };
+            l.health.set_quiet(self.quiet, now);
             l.health.handle_timeout(now);
             if !l.connected {
                 continue;

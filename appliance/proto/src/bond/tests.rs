@@ -186,7 +186,7 @@ fn a_paced_uplink_still_sends_pos_at_once() {
 }
 
 #[test]
-fn an_idle_backup_probes_sparsely_and_a_primary_often() {
+fn an_idle_backup_probes_sparsely_and_a_primary_often_while_data_moves() {
     let mut now = Instant::now();
     let mut b = edge(now);
     let p = b.add_link("wifi", false, ALL_CLASSES, None, now);
@@ -194,16 +194,51 @@ fn an_idle_backup_probes_sparsely_and_a_primary_often() {
     bring_up(&mut b, &[p, k], &mut now);
     assert!(b.idle_backup(k) && !b.idle_backup(p));
     let probes = |b: &BondState, i: usize| b.status(Instant::now()).links[i].probes_sent;
-    let (p0, k0) = (probes(&b, 0), probes(&b, 1));
-    let end = now + Duration::from_secs(10);
-    while now < end {
-        b.handle_timeout(now);
-        answer_probes(&mut b, &[p, k], now + 10 * MS);
-        now = b.poll_timeout().unwrap_or(end).max(now + MS);
-    }
-    let (dp, dk) = (probes(&b, 0) - p0, probes(&b, 1) - k0);
-    assert!((90..=110).contains(&dp), "primary: {dp} probes in 10 s");
+    // Runs the bond for `secs`, a bulk packet every 50 ms when `data`; the probes sent
+    // on each link meanwhile.
+    let run = |b: &mut BondState, now: &mut Instant, secs: u64, data: bool| {
+        let (p0, k0) = (probes(b, 0), probes(b, 1));
+        let end = *now + Duration::from_secs(secs);
+        let mut next_packet = *now;
+        while *now < end {
+            if data && *now >= next_packet {
+                b.handle_tun_packet(*now, bulk_packet(), false)
+                    .expect("queued");
+                next_packet = *now + 50 * MS;
+            }
+            b.handle_timeout(*now);
+            answer_probes(b, &[p, k], *now + 10 * MS);
+            let t = b.poll_timeout().unwrap_or(end);
+            *now = if data { t.min(next_packet) } else { t }.max(*now + MS);
+        }
+        (probes(b, 0) - p0, probes(b, 1) - k0)
+    };
+    let (dp, dk) = run(&mut b, &mut now, 10, true);
+    assert!(
+        (90..=110).contains(&dp),
+        "primary with data: {dp} probes in 10 s"
+    );
     assert!((2..=3).contains(&dk), "idle backup: {dk} probes in 10 s");
+    // No data: after QUIET_AFTER (3 s) the primary probes once a second.
+    let (dp, dk) = run(&mut b, &mut now, 13, false);
+    assert!(
+        (38..=45).contains(&dp),
+        "primary, quiet bond: {dp} probes in 13 s"
+    );
+    assert!((3..=4).contains(&dk), "idle backup: {dk} probes in 13 s");
+    // The first packet brings the regular rate back at once.
+    b.handle_tun_packet(now, bulk_packet(), false)
+        .expect("queued");
+    assert!(b.take_timers_moved());
+    assert!(
+        b.poll_timeout().is_some_and(|t| t <= now),
+        "a probe is due now"
+    );
+    let (dp, _) = run(&mut b, &mut now, 2, true);
+    assert!(
+        (18..=22).contains(&dp),
+        "primary, active again: {dp} probes in 2 s"
+    );
 }
 
 #[test]
