@@ -390,6 +390,19 @@ async fn supervise(
         let e = ctx.cfg();
         let rts = ctx.uplinks();
         let b = ctx.bond.status();
+        let close_all = {
+            let mut hubs = lock(&ctx.hub_choice);
+            hubs.handle_online(b.online, Instant::now());
+            hubs.poll_close(Instant::now())
+        };
+        if close_all {
+            tracing::info!("offline with another hub to go to: closing the silent connections");
+            for r in &rts {
+                if let Some(c) = ctx.bond.connection(r.id) {
+                    c.close(0u32.into(), b"the hub does not answer");
+                }
+            }
+        }
         if b.online != was_online {
             if b.online {
                 ctx.events

@@ -228,8 +228,11 @@ pub enum SchedMode {
 #[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
-    /// Hubs to connect to, in order of preference. None: no tunnel yet (needs
-    /// `fallback = "direct"`: the LAN goes straight out of the uplinks).
+    /// Hubs to connect to, in order of preference. Every uplink uses the same hub; the
+    /// whole bond moves to the next one when its hub fails on every uplink (not when one
+    /// uplink's path to it fails: that uplink is down), and stays there when the first
+    /// returns. None: no tunnel yet (needs `fallback = "direct"`: the LAN goes straight
+    /// out of the uplinks).
     #[serde(default)]
     pub hubs: Vec<HubEndpoint>,
     /// LAN prefixes whose traffic enters the tunnel.

@@ -22,6 +22,8 @@ use anyhow::{bail, Context, Result};
 
 pub const SERVER: &str = "198.18.0.1";
 pub const HUB_ADDR: &str = "172.31.0.2";
+/// The second hub's address (with [`Options::second_hub`]).
+pub const HUB2_ADDR: &str = "172.31.1.2";
 pub const LAN_CLIENT: &str = "10.1.0.2";
 pub const POS_CLIENT: &str = "10.1.0.10";
 /// A LAN address the tests may classify as they like (a guest device).
@@ -186,6 +188,9 @@ pub struct Options {
     /// two sides and, when the uplink has a rate, shapes each direction with `tbf` (a
     /// `queue_ms`-deep buffer; no added delay, no emulator commands).
     pub kernel_links: bool,
+    /// A second hub (`hub2`, [`HUB2_ADDR`], its own identity and tunnel pool) after the
+    /// first in the edge's list of hubs.
+    pub second_hub: bool,
 }
 
 pub struct Topology {
@@ -196,6 +201,8 @@ pub struct Topology {
     children: Vec<(String, Child)>,
     pub edge_id: String,
     pub hub_id: String,
+    /// The second hub's identity (empty without [`Options::second_hub`]).
+    pub hub2_id: String,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -305,6 +312,7 @@ impl Topology {
             children: Vec::new(),
             edge_id: String::new(),
             hub_id: String::new(),
+            hub2_id: String::new(),
         };
         t.wire(&opts)?;
         t.keys_and_configs(&opts)?;
@@ -407,6 +415,20 @@ impl Topology {
             "hub",
             "table ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"eth0\" masquerade; }\n}",
         )?;
+        if opts.second_hub {
+            self.add_ns("hub2")?;
+            self.veth(("inet", "hub2"), ("hub2", "eth0"))?;
+            self.addr("inet", "hub2", "172.31.1.1/24")?;
+            self.addr("hub2", "eth0", &format!("{HUB2_ADDR}/24"))?;
+            self.exec(
+                "hub2",
+                &["ip", "route", "add", "default", "via", "172.31.1.1"],
+            )?;
+            self.nft(
+                "hub2",
+                "table ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"eth0\" masquerade; }\n}",
+            )?;
+        }
         for i in 1..=self.uplinks.len() {
             let (emu, isp) = (format!("emu{i}"), format!("isp{i}"));
             self.add_ns(&emu)?;
@@ -612,6 +634,15 @@ impl Topology {
         };
         self.edge_id = keygen(&self.dir.join("edge-state"))?;
         self.hub_id = keygen(&self.dir.join("hub-state"))?;
+        let second = if opts.second_hub {
+            self.hub2_id = keygen(&self.dir.join("hub2-state"))?;
+            format!(
+                ", {{ address = \"{HUB2_ADDR}:4433\", identity = \"{}\" }}",
+                self.hub2_id
+            )
+        } else {
+            String::new()
+        };
         let mut uplinks = String::new();
         for (i, u) in self.uplinks.iter().enumerate() {
             uplinks.push_str(&format!(
@@ -623,7 +654,7 @@ impl Topology {
         }
         let edge = format!(
             "role = \"edge\"\nstate_dir = \"{d}/edge-state\"\nruntime_dir = \"{d}/edge-run\"\n\n[edge]\n\
-             hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
+             hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}{second}]\n\
              lan = [\"10.1.0.0/24\"{more}]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\nmode = \"{mode}\"\n{mtu}\nreachability = {reach}\n{fields}\n{uplinks}{extra}",
             d = self.dir.display(),
             hub = self.hub_id,
@@ -647,6 +678,14 @@ impl Topology {
             edge = self.edge_id,
             more = opts.extra_lan.map(|p| format!(", \"{p}\"")).unwrap_or_default(),
         );
+        if opts.second_hub {
+            // The same device on a second hub with its own state and tunnel pool.
+            let hub2 = hub
+                .replace("/hub-state\"", "/hub2-state\"")
+                .replace("/hub-run\"", "/hub2-run\"")
+                .replace("10.99.0.0/24", "10.98.0.0/24");
+            std::fs::write(self.dir.join("hub2.toml"), hub2)?;
+        }
         std::fs::write(self.dir.join("hub.toml"), hub)?;
         Ok(())
     }
@@ -657,6 +696,22 @@ impl Topology {
         self.spawn(
             "hub",
             "hub",
+            &[
+                b.to_str().context("path")?,
+                "run",
+                "--config",
+                cfg.to_str().context("path")?,
+            ],
+        )
+    }
+
+    /// Starts the second hub (see [`Options::second_hub`]).
+    pub fn start_hub2(&mut self) -> Result<()> {
+        let cfg = self.dir.join("hub2.toml");
+        let b = bin("stallnet");
+        self.spawn(
+            "hub2",
+            "hub2",
             &[
                 b.to_str().context("path")?,
                 "run",
@@ -684,6 +739,9 @@ impl Topology {
     /// Starts hub and edge and waits until every present uplink is up.
     pub fn start(&mut self) -> Result<()> {
         self.start_hub()?;
+        if self.dir.join("hub2.toml").exists() {
+            self.start_hub2()?;
+        }
         self.start_edge()?;
         let want = self.uplinks.len();
         self.wait_status("edge", Duration::from_secs(20), |s| {

@@ -2,14 +2,26 @@
 //! split across two hubs (whose public addresses differ) breaks every flow spread over
 //! both. When one uplink cannot reach the hub, that uplink is down, not moved elsewhere;
 //! the bond moves to the next configured hub only when no uplink is connected to the
-//! current one and every uplink that tried it has failed [`MOVE_AFTER`] times in a row.
+//! current one and every uplink that tried it has failed its latest [`MOVE_AFTER`]
+//! attempts in a row (each attempt waits up to 3 s for the hub; two, so that one
+//! uplink's passing glitch while the others are down does not move the bond).
 //! It stays on the new hub when the old one comes back (moving back would cut every flow
 //! a second time); it moves on again only when the new one fails the same way.
+//!
+//! A hub that dies leaves its connections open until QUIC's idle timeout: with another
+//! hub to go to, connections of a bond that has been offline for [`DEAD_AFTER`] are
+//! closed so that the uplinks try again ([`HubChoice::poll_close`]); that silence counts
+//! as each one's first failure. With one hub nothing is closed early (a connection that
+//! outlives a short outage resumes at once when it ends).
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 /// Consecutive failed attempts of every trying uplink before the bond moves.
 pub const MOVE_AFTER: u32 = 2;
+/// How long the bond may be offline with connections open before they are closed (with
+/// another hub configured).
+pub const DEAD_AFTER: Duration = Duration::from_secs(2);
 
 /// The bond's hub changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +38,10 @@ pub struct HubChoice {
     /// Per uplink that tried the current hub: consecutive failures (0 while connected).
     tried: BTreeMap<usize, u32>,
     connected: BTreeMap<usize, ()>,
+    /// Since when the bond has been offline (no uplink reaches the hub).
+    offline_since: Option<Instant>,
+    /// The connections of this offline spell were closed already.
+    closed: bool,
 }
 
 impl HubChoice {
@@ -36,7 +52,38 @@ impl HubChoice {
             current: 0,
             tried: BTreeMap::new(),
             connected: BTreeMap::new(),
+            offline_since: None,
+            closed: false,
         }
+    }
+
+    /// Whether the bond reaches its hub now (any uplink Up), as the bond says.
+    pub fn handle_online(&mut self, online: bool, now: Instant) {
+        if online {
+            self.offline_since = None;
+            self.closed = false;
+        } else if self.offline_since.is_none() {
+            self.offline_since = Some(now);
+        }
+    }
+
+    /// True once per offline spell, when the bond has been offline for [`DEAD_AFTER`]
+    /// with another hub to go to: the driver closes every uplink's connection.
+    pub fn poll_close(&mut self, now: Instant) -> bool {
+        let due = self.hubs >= 2
+            && !self.closed
+            && self
+                .offline_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= DEAD_AFTER);
+        if due {
+            self.closed = true;
+            // Silence on a connection for that long counts as one failed attempt: the
+            // next failure of each moves the bond.
+            for (link, ()) in std::mem::take(&mut self.connected) {
+                self.tried.insert(link, 1);
+            }
+        }
+        due
     }
 
     /// The hub every uplink tries now (`None` when none is configured).
@@ -114,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn the_bond_moves_when_every_trying_uplink_fails_twice() {
+    fn the_bond_moves_when_every_trying_uplink_fails() {
         let mut h = HubChoice::new(2);
         h.handle_connected(0, 0);
         h.handle_connected(1, 0);
@@ -134,9 +181,8 @@ mod tests {
         assert_eq!(h.current(), Some(1));
         // B fails everywhere: back to A (round robin).
         h.handle_closed(0);
-        for _ in 0..2 {
-            h.handle_failed(0, 1);
-        }
+        assert_eq!(h.handle_failed(0, 1), None);
+        assert_eq!(h.handle_failed(0, 1), None, "uplink 1 has failed once only");
         assert_eq!(h.handle_failed(1, 1), Some(Moved { from: 1, to: 0 }));
     }
 
@@ -162,14 +208,38 @@ mod tests {
             assert_eq!(h.handle_failed(0, 0), None);
         }
         let mut h = HubChoice::new(3);
-        h.handle_failed(0, 0);
-        h.handle_failed(0, 0);
-        h.handle_failed(0, 1);
-        h.handle_failed(0, 1);
+        for hub in [0, 0, 1, 1] {
+            h.handle_failed(0, hub);
+        }
         assert_eq!(h.current(), Some(2));
         h.set_hubs(2);
         assert_eq!(h.current(), Some(0));
         h.set_hubs(0);
         assert_eq!(h.current(), None);
+    }
+
+    #[test]
+    fn a_dead_hubs_connections_are_closed_once_per_offline_spell_with_a_hub_to_go_to() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut h = HubChoice::new(2);
+        h.handle_connected(0, 0);
+        h.handle_online(true, t);
+        assert!(!h.poll_close(t + 10 * s));
+        h.handle_online(false, t + s);
+        h.handle_online(false, t + 2 * s);
+        assert!(!h.poll_close(t + 2 * s), "offline for 1 s only");
+        assert!(h.poll_close(t + 3 * s));
+        assert!(!h.poll_close(t + 5 * s), "once per spell");
+        // The closed connection no longer holds the bond on the hub, and its silence
+        // was its first failure.
+        assert_eq!(h.handle_failed(0, 0), Some(Moved { from: 0, to: 1 }));
+        h.handle_online(true, t + 6 * s);
+        h.handle_online(false, t + 7 * s);
+        assert!(h.poll_close(t + 9 * s), "a new spell");
+        // With a single hub, connections outlive an outage.
+        let mut one = HubChoice::new(1);
+        one.handle_online(false, t);
+        assert!(!one.poll_close(t + 60 * s));
     }
 }

@@ -488,8 +488,15 @@ impl BondState {
                 self.refresh(now);
             }
             Frame::Report { rx_bytes, at_us } => {
-                if let Some(l) = self.link_mut(id) {
+                if let Some(l) = self.links.get_mut(id).and_then(Option::as_mut) {
+                    let had_room = l.inflight.has_room();
                     l.inflight.on_report(rx_bytes, at_us, now);
+                    // Deliveries free room under the in-flight cap: the scheduler hears
+                    // of it now, not at the next timer.
+                    if !had_room && l.inflight.has_room() {
+                        let wake = self.sched.update_link(id, l.view());
+                        self.wake.0 |= wake.0;
+                    }
                 }
             }
             Frame::Data { seq, packet, class } => {
