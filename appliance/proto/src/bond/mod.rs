@@ -492,10 +492,13 @@ impl BondState {
                     let had_room = l.inflight.has_room();
                     l.inflight.on_report(rx_bytes, at_us, now);
                     // Deliveries free room under the in-flight cap: the scheduler hears
-                    // of it now, not at the next timer.
+                    // of it now, not at the next timer. Only this link can send more
+                    // because of it, so only it is woken.
                     if !had_room && l.inflight.has_room() {
-                        let wake = self.sched.update_link(id, l.view());
-                        self.wake.0 |= wake.0;
+                        let _all = self.sched.update_link(id, l.view());
+                        if self.sched.has_work(id) {
+                            self.wake.0 |= Wake::of(id).0;
+                        }
                     }
                 }
             }
