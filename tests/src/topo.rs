@@ -690,12 +690,13 @@ impl Topology {
         Ok(())
     }
 
-    pub fn start_hub(&mut self) -> Result<()> {
-        let cfg = self.dir.join("hub.toml");
+    /// Runs `stallnet run --config <role>.toml` in namespace `role`, labelled `role`.
+    fn run_daemon(&mut self, role: &str) -> Result<()> {
+        let cfg = self.dir.join(format!("{role}.toml"));
         let b = bin("stallnet");
         self.spawn(
-            "hub",
-            "hub",
+            role,
+            role,
             &[
                 b.to_str().context("path")?,
                 "run",
@@ -703,37 +704,19 @@ impl Topology {
                 cfg.to_str().context("path")?,
             ],
         )
+    }
+
+    pub fn start_hub(&mut self) -> Result<()> {
+        self.run_daemon("hub")
     }
 
     /// Starts the second hub (see [`Options::second_hub`]).
     pub fn start_hub2(&mut self) -> Result<()> {
-        let cfg = self.dir.join("hub2.toml");
-        let b = bin("stallnet");
-        self.spawn(
-            "hub2",
-            "hub2",
-            &[
-                b.to_str().context("path")?,
-                "run",
-                "--config",
-                cfg.to_str().context("path")?,
-            ],
-        )
+        self.run_daemon("hub2")
     }
 
     pub fn start_edge(&mut self) -> Result<()> {
-        let cfg = self.dir.join("edge.toml");
-        let b = bin("stallnet");
-        self.spawn(
-            "edge",
-            "edge",
-            &[
-                b.to_str().context("path")?,
-                "run",
-                "--config",
-                cfg.to_str().context("path")?,
-            ],
-        )
+        self.run_daemon("edge")
     }
 
     /// Starts hub and edge and waits until every present uplink is up.
