@@ -83,6 +83,8 @@ pub struct LinkHealth {
     outstanding: VecDeque<(u32, Instant)>,
     next_probe_id: u32,
     next_probe_at: Instant,
+    /// When the latest probe went out.
+    last_probe_at: Option<Instant>,
     /// Send time of the newest answered probe.
     verified: Option<Instant>,
     flaps: u32,
@@ -123,6 +125,7 @@ impl LinkHealth {
             outstanding: VecDeque::new(),
             next_probe_id: 1,
             next_probe_at: now,
+            last_probe_at: None,
             verified: None,
             flaps: 0,
             probes_sent: 0,
@@ -202,7 +205,7 @@ impl LinkHealth {
     /// Switches between the regular and the sparse (idle backup) probe rate.
     pub fn set_sparse(&mut self, sparse: bool, now: Instant) {
         if self.sparse && !sparse {
-            self.next_probe_at = self.next_probe_at.min(now);
+            self.resume_regular_rate(now);
         }
         self.sparse = sparse;
     }
@@ -211,9 +214,18 @@ impl LinkHealth {
     /// regular rate resumes at once, with a probe due now.
     pub fn set_quiet(&mut self, quiet: bool, now: Instant) {
         if self.quiet && !quiet {
-            self.next_probe_at = self.next_probe_at.min(now);
+            self.resume_regular_rate(now);
         }
         self.quiet = quiet;
+    }
+
+    /// Leaving a slow probe rate: the next probe is due one regular interval after the
+    /// latest one, or now if that is past (never in the past, and never twice at once).
+    fn resume_regular_rate(&mut self, now: Instant) {
+        let due = self
+            .last_probe_at
+            .map_or(now, |sent| (sent + self.cfg.probe_interval).max(now));
+        self.next_probe_at = self.next_probe_at.min(due);
     }
 
     /// Whether the link probes at the sparse (idle backup) rate.
@@ -246,6 +258,7 @@ impl LinkHealth {
         let id = self.next_probe_id;
         self.next_probe_id = self.next_probe_id.wrapping_add(1);
         self.next_probe_at = now + self.interval();
+        self.last_probe_at = Some(now);
         if self.outstanding.len() == MAX_OUTSTANDING {
             self.outstanding.pop_front();
             self.resolve(true);
@@ -633,5 +646,27 @@ mod tests {
             h.handle_timeout(t);
         }
         assert!(h.degraded());
+    }
+
+    #[test]
+    fn leaving_a_slow_rate_right_after_a_probe_waits_one_regular_interval() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        h.set_sparse(true, t);
+        t += ms(5000);
+        assert!(h.poll_probe(t).is_some(), "a sparse probe is due after 4 s");
+        // The primaries fail in the same instant: the regular rate resumes, but the probe
+        // just sent counts, so the next is 100 ms on, not now again.
+        h.set_sparse(false, t);
+        assert_eq!(h.poll_probe(t), None);
+        assert!(h.poll_timeout().is_some_and(|at| at > t));
+        // Quiet: the next probe is a second on; data 600 ms later makes one due at once.
+        h.set_quiet(true, t);
+        t += ms(100);
+        assert!(h.poll_probe(t).is_some());
+        t += ms(600);
+        assert_eq!(h.poll_probe(t), None);
+        h.set_quiet(false, t);
+        assert!(h.poll_probe(t).is_some());
     }
 }
