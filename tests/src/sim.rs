@@ -20,9 +20,10 @@
 //!
 //! Traffic: IPv4/UDP packets, each carrying its id, in each direction: POS (a terminal to
 //! port 7001), a stream (port 9000) and bulk (port 5201), classified by the edge's rules
-//! and mirrored by the hub.
+//! and mirrored by the hub; optionally a light flow in the default class (port 7002, a
+//! telemetry or messaging app beside the bulk transfer).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -121,6 +122,9 @@ pub struct Scenario {
     pub stream_interval: Option<Duration>,
     /// Interval of each direction's bulk packets (1200 bytes).
     pub bulk_interval: Duration,
+    /// Interval of each direction's light default-class packets (200 bytes, port 7002);
+    /// `None`: no such flow.
+    pub light_interval: Option<Duration>,
     /// `Some`: every class in this mode (else the defaults: POS redundant, stream
     /// lowest-latency, the rest aggregated).
     pub mode: Option<Mode>,
@@ -141,6 +145,8 @@ pub struct Outcome {
     pub delivered: Vec<(u64, Dir, Class, Duration)>,
     /// Packet id → (direction, class, time offered).
     pub sent: BTreeMap<u64, (Dir, Class, Duration)>,
+    /// Ids of the light default-class flow's packets.
+    pub light: BTreeSet<u64>,
     /// Data datagrams each side sent per link, after `warmup`, as (edge, hub).
     pub data_sent: Vec<(u64, u64)>,
     /// Times a side asked to be woken at or before the instant it had just handled.
@@ -578,6 +584,9 @@ impl<'a> World<'a> {
         if let Some(i) = sc.stream_interval {
             flows.push((Class::Stream, i, LAN_CLIENT, 9000, 1000));
         }
+        if let Some(i) = sc.light_interval {
+            flows.push((Class::Bulk, i, LAN_CLIENT, 7002, 200));
+        }
         let mut next = sc.duration;
         for (class, interval, client, port, len) in flows {
             let interval = interval.max(Duration::from_micros(50));
@@ -612,6 +621,9 @@ impl<'a> World<'a> {
         len: usize,
     ) {
         let id = self.out.sent.len() as u64;
+        if src.1 == 7002 || dst.1 == 7002 {
+            self.out.light.insert(id);
+        }
         let p = udp_packet(src, dst, id, len);
         self.out.sent.insert(id, (d, class, self.now));
         let at = self.at();

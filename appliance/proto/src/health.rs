@@ -38,11 +38,30 @@ pub struct HealthConfig {
     pub suspect_max: Duration,
     /// Time in Suspect before the link is declared Down.
     pub down_after: Duration,
-    /// Clean time in Probing before Up, doubled per recent flap.
+    /// Clean time in Probing before Up after a single outage (no other flap within
+    /// `flap_forget`): a link that failed once and is clean again rejoins within a second.
+    pub hold_first: Duration,
+    /// Clean time in Probing before a new link is Up, and after a second recent flap
+    /// (doubled per further one).
     pub hold_base: Duration,
     pub hold_max: Duration,
     /// Time Up after which the flap count is forgotten.
     pub flap_forget: Duration,
+}
+
+impl HealthConfig {
+    /// How long a link must answer cleanly in Probing before it is Up, after `flaps`
+    /// recent flaps: `hold_base` for a new link (it has yet to show what it carries; until
+    /// then it still carries traffic as a last resort), `hold_first` after a single
+    /// outage, then `hold_base` doubling per further flap up to `hold_max`.
+    pub fn hold_after(&self, flaps: u32) -> Duration {
+        let hold = match flaps {
+            0 => self.hold_base,
+            1 => self.hold_first,
+            n => self.hold_base * (1u32 << (n - 2).min(8)),
+        };
+        hold.min(self.hold_max)
+    }
 }
 
 impl Default for HealthConfig {
@@ -54,6 +73,7 @@ impl Default for HealthConfig {
             suspect_min: Duration::from_millis(60),
             suspect_max: Duration::from_millis(600),
             down_after: Duration::from_millis(1500),
+            hold_first: Duration::from_millis(500),
             hold_base: Duration::from_secs(2),
             hold_max: Duration::from_secs(30),
             flap_forget: Duration::from_secs(60),
@@ -364,8 +384,7 @@ impl LinkHealth {
     }
 
     fn hold(&self) -> Duration {
-        let shift = self.flaps.saturating_sub(1).min(8);
-        (self.cfg.hold_base * (1u32 << shift)).min(self.cfg.hold_max)
+        self.cfg.hold_after(self.flaps)
     }
 
     fn oldest_overdue_at(&self) -> Option<Instant> {
@@ -539,7 +558,13 @@ mod tests {
     fn a_flapping_link_waits_longer_each_time() {
         let mut t = Instant::now();
         let mut h = up_link(&mut t);
-        for (i, min_hold) in [(1, 2000), (2, 4000), (3, 8000)] {
+        // A single outage costs half a second; each further flap within a minute more.
+        for (i, min_hold, max_hold) in [
+            (1, 500, 700),
+            (2, 2000, 2200),
+            (3, 4000, 4200),
+            (4, 8000, 8200),
+        ] {
             h.on_carrier(false, t);
             h.on_carrier(true, t);
             assert_eq!(h.flaps(), i);
@@ -549,7 +574,10 @@ mod tests {
                 run(&mut h, &mut t, until, Some(ms(40)));
             }
             let took = t - restored;
-            assert!(took >= ms(min_hold), "flap {i}: up again after {took:?}");
+            assert!(
+                took >= ms(min_hold) && took <= ms(max_hold),
+                "flap {i}: up again after {took:?}"
+            );
         }
     }
 

@@ -4,11 +4,23 @@
 //! holds more than a few tens of milliseconds; bounded memory, dropping from the lowest
 //! class first when full.
 //!
+//! Within a class, a packet of a flow that has nothing in the class's ordinary queue and
+//! less than `SPARSE_QUANTUM` bytes waiting in its *sparse lane* (a DNS query, a call's
+//! voice, a 200 packet/s telemetry flow beside four uploads) takes that lane, which is
+//! served before the rest of the class and is exempt from CoDel (fq_codel's new-flow
+//! idea, without a queue per flow): congestion drops and queueing delay fall on the flows
+//! that build the queue, not on the ones that only pass through it. A flow past its
+//! allowance joins the back of the class, and stays there while it has packets there, so
+//! its order holds (a failed uplink's resends, at the head of the ordinary queue, do not
+//! count: a light flow's new packets may overtake its own resends, late beats lost); the
+//! lane is small (`SPARSE_MAX` bytes per class), so a flood of one-packet flows meets the
+//! ordinary queue.
+//!
 //! Items may be *targeted* at one uplink (a redundant copy, a flow pinned to its uplink)
 //! or free for any uplink allowed to take their class; [`Qos::dequeue`] is asked on behalf
 //! of one uplink and takes only what that uplink may carry.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::Class;
@@ -27,6 +39,26 @@ pub trait QItem {
     fn resend(&self) -> bool {
         false
     }
+    /// The flow the item belongs to (a hash of its addresses and ports).
+    fn flow(&self) -> u64 {
+        0
+    }
+}
+
+/// Bytes a class's sparse lane holds at most.
+const SPARSE_MAX: usize = 64 * 1024;
+/// Bytes one flow may have waiting in the sparse lane: a 200 packet/s flow of 200-byte
+/// packets rides out 200 ms without a free uplink (an uplink failing silently, before it
+/// is found out); a bulk flow's first five full-size packets.
+const SPARSE_QUANTUM: usize = 8 * 1024;
+
+/// What one flow has queued in a class.
+#[derive(Debug, Clone, Copy, Default)]
+struct FlowBacklog {
+    /// Packets in the ordinary queue.
+    ordinary: u32,
+    /// Bytes in the sparse lane.
+    sparse_bytes: usize,
 }
 
 /// Bit mask over classes.
@@ -225,7 +257,14 @@ impl Codel {
 
 #[derive(Debug)]
 struct ClassQueue<T> {
+    /// Packets of flows that had nothing queued in the class when they arrived; served
+    /// first.
+    sparse: VecDeque<T>,
+    sparse_bytes: usize,
+    /// The rest, in arrival order.
     items: VecDeque<T>,
+    /// What each flow has queued (no entry: nothing).
+    backlog: HashMap<u64, FlowBacklog>,
     bytes: usize,
     deficit: i64,
     codel: Codel,
@@ -235,6 +274,100 @@ struct ClassQueue<T> {
     delay: DelayHist,
     /// When a packet of the class last left the queue.
     last_out: Option<Instant>,
+}
+
+impl<T: QItem> ClassQueue<T> {
+    fn is_empty(&self) -> bool {
+        self.sparse.is_empty() && self.items.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.sparse.len() + self.items.len()
+    }
+
+    /// Every queued item, sparse lane first (the order they are served in).
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.sparse.iter().chain(self.items.iter())
+    }
+
+    /// Appends an item: to the sparse lane when `sparse_ok`, its flow has nothing in the
+    /// ordinary queue and room in its allowance, and the lane has room; else to the back of
+    /// the class. Returns its size.
+    fn push_back(&mut self, item: T, sparse_ok: bool) -> usize {
+        let len = item.size();
+        if item.resend() {
+            self.bytes += len;
+            self.items.push_back(item);
+            return len;
+        }
+        let f = self.backlog.entry(item.flow()).or_default();
+        let sparse = sparse_ok
+            && f.ordinary == 0
+            && f.sparse_bytes + len <= SPARSE_QUANTUM
+            && self.sparse_bytes + len <= SPARSE_MAX;
+        self.bytes += len;
+        if sparse {
+            f.sparse_bytes += len;
+            self.sparse_bytes += len;
+            self.sparse.push_back(item);
+        } else {
+            f.ordinary += 1;
+            self.items.push_back(item);
+        }
+        len
+    }
+
+    /// Puts an item at the head of the ordinary queue. A resend does not count in its
+    /// flow's backlog: it is already late, and a light flow's new packets need not queue
+    /// behind a failed uplink's resend burst.
+    fn push_front(&mut self, item: T) -> usize {
+        let len = item.size();
+        if !item.resend() {
+            self.backlog.entry(item.flow()).or_default().ordinary += 1;
+        }
+        self.bytes += len;
+        self.items.push_front(item);
+        len
+    }
+
+    /// Removes item `i` of the lane (`sparse` or not); returns it.
+    fn remove(&mut self, sparse: bool, i: usize) -> Option<T> {
+        let item = if sparse {
+            self.sparse.remove(i)?
+        } else {
+            self.items.remove(i)?
+        };
+        let len = item.size();
+        if sparse {
+            self.sparse_bytes -= len;
+        }
+        self.bytes -= len;
+        if let Some(f) = self
+            .backlog
+            .get_mut(&item.flow())
+            .filter(|_| sparse || !item.resend())
+        {
+            if sparse {
+                f.sparse_bytes = f.sparse_bytes.saturating_sub(len);
+            } else {
+                f.ordinary = f.ordinary.saturating_sub(1);
+            }
+            if f.ordinary == 0 && f.sparse_bytes == 0 {
+                self.backlog.remove(&item.flow());
+            }
+        }
+        Some(item)
+    }
+
+    /// The first item `link` may take (targeted at it, or free when `take_free`), sparse
+    /// lane first: (lane, index).
+    fn find(&self, link: usize, take_free: bool) -> Option<(bool, usize)> {
+        if let Some(i) = self.sparse.iter().position(|i| fits(i, link, take_free)) {
+            return Some((true, i));
+        }
+        let i = self.items.iter().position(|i| fits(i, link, take_free))?;
+        Some((false, i))
+    }
 }
 
 /// The class queues of one direction of one bond.
@@ -254,7 +387,10 @@ impl<T: QItem> Qos<T> {
         let queues = std::array::from_fn(|i| {
             let p = cfg.classes[i];
             ClassQueue {
+                sparse: VecDeque::new(),
+                sparse_bytes: 0,
                 items: VecDeque::new(),
+                backlog: HashMap::new(),
                 bytes: 0,
                 deficit: 0,
                 codel: Codel::default(),
@@ -286,7 +422,7 @@ impl<T: QItem> Qos<T> {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queues.iter().all(|q| q.items.is_empty())
+        self.queues.iter().all(ClassQueue::is_empty)
     }
 
     /// Queues an item; false when it (or nothing else) could be kept.
@@ -302,23 +438,21 @@ impl<T: QItem> Qos<T> {
             // Full: make room by dropping the oldest packets of the lowest classes, never of
             // a class above the newcomer's.
             while self.bytes - self.queues[0].bytes + len > self.cfg.max_bytes {
-                let Some(victim) = (c..CLASSES)
-                    .rev()
-                    .find(|&v| !self.queues[v].items.is_empty())
-                else {
+                let Some(victim) = (c..CLASSES).rev().find(|&v| !self.queues[v].is_empty()) else {
                     self.queues[c].stats.dropped_full += 1;
                     return false;
                 };
-                if let Some(old) = self.queues[victim].items.pop_front() {
-                    self.account_out(victim, old.size());
+                // The oldest of the class's ordinary lane, else of its sparse lane.
+                let q = &mut self.queues[victim];
+                let sparse = q.items.is_empty();
+                if let Some(old) = q.remove(sparse, 0) {
+                    self.bytes -= old.size();
                     self.queues[victim].stats.dropped_full += 1;
                 }
             }
         }
-        let q = &mut self.queues[c];
-        q.bytes += len;
-        q.items.push_back(item);
-        self.bytes += len;
+        let sparse_ok = c != Class::Pos as usize && !item.resend();
+        self.bytes += self.queues[c].push_back(item, sparse_ok);
         true
     }
 
@@ -326,17 +460,14 @@ impl<T: QItem> Qos<T> {
     pub fn requeue_front(&mut self, items: Vec<T>) {
         for item in items.into_iter().rev() {
             let c = item.class() as usize;
-            let len = item.size();
-            self.queues[c].bytes += len;
-            self.queues[c].items.push_front(item);
-            self.bytes += len;
+            self.bytes += self.queues[c].push_front(item);
         }
     }
 
     /// Items targeted at `link` become free for any uplink.
     pub fn untarget(&mut self, link: usize) {
         for q in &mut self.queues {
-            for i in q.items.iter_mut() {
+            for i in q.sparse.iter_mut().chain(q.items.iter_mut()) {
                 if i.target() == Some(link) {
                     i.set_target(None);
                 }
@@ -349,7 +480,7 @@ impl<T: QItem> Qos<T> {
         self.queues
             .iter()
             .enumerate()
-            .any(|(c, q)| q.items.iter().any(|i| fits(i, link, free & (1 << c) != 0)))
+            .any(|(c, q)| q.iter().any(|i| fits(i, link, free & (1 << c) != 0)))
     }
 
     /// When a class with queued items, held back by its maximum rate, has tokens again.
@@ -357,15 +488,10 @@ impl<T: QItem> Qos<T> {
         let since = self.last_refill?;
         self.queues
             .iter()
-            .filter(|q| !q.items.is_empty())
+            .filter(|q| !q.is_empty())
             .filter_map(|q| q.max.filter(|b| b.tokens <= 0.0))
             .map(|b| since + Duration::from_secs_f64((1.0 - b.tokens) / b.rate.max(1.0)))
             .min()
-    }
-
-    fn account_out(&mut self, c: usize, len: usize) {
-        self.queues[c].bytes -= len;
-        self.bytes -= len;
     }
 
     fn refill(&mut self, now: Instant) {
@@ -383,21 +509,31 @@ impl<T: QItem> Qos<T> {
         }
     }
 
-    /// Drops items at the head of class `c` that waited past the hard limit.
+    /// Drops items at the head of class `c`'s lanes that waited past the hard limit (the
+    /// sparse lane's, like POS and resends, get the longer one: they are few and wanted).
     fn expire(&mut self, c: usize, now: Instant) {
-        while let Some(front) = self.queues[c].items.front() {
-            let limit = if c == Class::Pos as usize || front.resend() {
-                self.cfg.max_pos_sojourn
-            } else {
-                self.cfg.max_sojourn
-            };
-            if now.saturating_duration_since(front.enqueued()) <= limit {
-                break;
+        for sparse in [true, false] {
+            loop {
+                let q = &self.queues[c];
+                let front = if sparse {
+                    q.sparse.front()
+                } else {
+                    q.items.front()
+                };
+                let Some(front) = front else { break };
+                let limit = if c == Class::Pos as usize || sparse || front.resend() {
+                    self.cfg.max_pos_sojourn
+                } else {
+                    self.cfg.max_sojourn
+                };
+                if now.saturating_duration_since(front.enqueued()) <= limit {
+                    break;
+                }
+                if let Some(old) = self.queues[c].remove(sparse, 0) {
+                    self.bytes -= old.size();
+                }
+                self.queues[c].stats.dropped_sojourn += 1;
             }
-            let len = front.size();
-            self.queues[c].items.pop_front();
-            self.account_out(c, len);
-            self.queues[c].stats.dropped_sojourn += 1;
         }
     }
 
@@ -418,13 +554,14 @@ impl<T: QItem> Qos<T> {
             let c = self.pick(link, allowed, free)?;
             let q = &mut self.queues[c];
             let take_free = free & (1 << c) != 0;
-            let i = q.items.iter().position(|i| fits(i, link, take_free))?;
-            let item = q.items.remove(i)?;
+            let (sparse, i) = q.find(link, take_free)?;
+            let item = q.remove(sparse, i)?;
             let len = item.size();
-            self.account_out(c, len);
+            self.bytes -= len;
             let q = &mut self.queues[c];
             let sojourn = now.saturating_duration_since(item.enqueued());
             if c != Class::Pos as usize
+                && !sparse
                 && !item.resend()
                 && q.codel.should_drop(
                     sojourn,
@@ -458,7 +595,7 @@ impl<T: QItem> Qos<T> {
         let candidate = |c: usize, q: &ClassQueue<T>| {
             allowed & (1 << c) != 0
                 && q.max.is_none_or(|b| b.tokens > 0.0)
-                && q.items.iter().any(|i| fits(i, link, free & (1 << c) != 0))
+                && q.iter().any(|i| fits(i, link, free & (1 << c) != 0))
         };
         let cand: [bool; CLASSES] = std::array::from_fn(|c| candidate(c, &self.queues[c]));
         if cand[Class::Pos as usize] {
@@ -481,7 +618,7 @@ impl<T: QItem> Qos<T> {
                 }
                 let w = i64::from(self.cfg.classes[c].weight.max(1));
                 self.queues[c].deficit += w * QUANTUM;
-            } else if self.queues[c].items.is_empty() {
+            } else if self.queues[c].is_empty() {
                 self.queues[c].deficit = 0;
             }
             self.rr = if c + 1 >= CLASSES { 1 } else { c + 1 };
@@ -496,7 +633,7 @@ impl<T: QItem> Qos<T> {
                 idle_ms: q
                     .last_out
                     .map(|t| now.saturating_duration_since(t).as_millis() as u64),
-                queued_packets: q.items.len(),
+                queued_packets: q.len(),
                 queued_bytes: q.bytes,
                 delay_p50_ms: q.delay.quantile(0.5),
                 delay_p99_ms: q.delay.quantile(0.99),
@@ -532,6 +669,7 @@ mod tests {
         at: Instant,
         target: Option<usize>,
         n: u32,
+        flow: u64,
     }
 
     impl QItem for It {
@@ -550,6 +688,9 @@ mod tests {
         fn set_target(&mut self, t: Option<usize>) {
             self.target = t;
         }
+        fn flow(&self) -> u64 {
+            self.flow
+        }
     }
 
     fn it(class: Class, at: Instant, n: u32) -> It {
@@ -559,7 +700,100 @@ mod tests {
             at,
             target: None,
             n,
+            flow: 0,
         }
+    }
+
+    fn of_flow(flow: u64, class: Class, at: Instant, n: u32) -> It {
+        It {
+            flow,
+            size: if flow == 0 { 1000 } else { 200 },
+            ..it(class, at, n)
+        }
+    }
+
+    #[test]
+    fn a_sparse_flow_passes_a_standing_queue_unharmed() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = Qos::new(QosConfig::default());
+        // Flow 0 overloads the class (1000-byte packets, two in per 2 ms, one out per 3 ms
+        // of link); flow 7 sends a 200-byte packet every 6 ms.
+        let (mut sent7, mut got7, mut worst7) = (0, 0, Duration::ZERO);
+        for step in 0..6000u64 {
+            let now = t + ms(step) / 3;
+            if step % 3 == 0 {
+                q.enqueue(of_flow(0, Class::Bulk, now, 0));
+            }
+            if step % 18 == 0 {
+                q.enqueue(of_flow(7, Class::Bulk, now, sent7));
+                sent7 += 1;
+            }
+            if step % 9 == 0 {
+                if let Some(i) = q.dequeue(now, 0, ALL_CLASSES, ALL_CLASSES) {
+                    if i.flow == 7 {
+                        assert_eq!(i.n, got7, "flow 7 in order");
+                        got7 += 1;
+                        // (After the fat flow's first packets, which took the lane.)
+                        if i.n >= 20 {
+                            worst7 = worst7.max(now.duration_since(i.at));
+                        }
+                    }
+                }
+            }
+        }
+        let s = &q.stats(Instant::now())[Class::Bulk as usize];
+        // The queue's drops fell on the flow that built it.
+        assert!(s.dropped_codel + s.dropped_sojourn > 0, "{s:?}");
+        assert!(sent7 - got7 <= 1, "flow 7: {got7} of {sent7}");
+        assert!(worst7 <= ms(4), "flow 7 waited {worst7:?}");
+    }
+
+    #[test]
+    fn a_flow_keeps_its_order_across_the_lanes_and_floods_meet_the_ordinary_queue() {
+        let t = Instant::now();
+        let mut q = Qos::new(QosConfig::default());
+        // Flow 0's first SPARSE_QUANTUM bytes take the sparse lane, the rest the ordinary
+        // queue; flow 5's two small packets the lane too.
+        let k = (SPARSE_QUANTUM / 1000) as u32;
+        for n in 0..=k {
+            q.enqueue(of_flow(0, Class::Bulk, t, n));
+        }
+        q.enqueue(of_flow(5, Class::Bulk, t, 100));
+        q.enqueue(of_flow(5, Class::Bulk, t, 101));
+        let order: Vec<u32> = std::iter::from_fn(|| q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES))
+            .map(|i| i.n)
+            .collect();
+        let mut want: Vec<u32> = (0..k).collect();
+        want.extend([100, 101, k]);
+        assert_eq!(order, want);
+        // Once a flow has packets in the ordinary queue, its next ones follow them there,
+        // behind a newcomer's.
+        for n in 0..=k {
+            q.enqueue(of_flow(0, Class::Bulk, t, n));
+        }
+        q.enqueue(of_flow(9, Class::Bulk, t, 900));
+        q.enqueue(of_flow(0, Class::Bulk, t, k + 1));
+        let order: Vec<u32> = std::iter::from_fn(|| q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES))
+            .map(|i| i.n)
+            .collect();
+        let mut want: Vec<u32> = (0..k).collect();
+        want.extend([900, k, k + 1]);
+        assert_eq!(order, want);
+        // A thousand one-packet flows: the lane takes its share, the rest queue in order.
+        for f in 1..=1000u64 {
+            q.enqueue(of_flow(f, Class::Bulk, t, f as u32));
+        }
+        let lane = q.queues[Class::Bulk as usize].sparse_bytes;
+        assert!(lane > SPARSE_MAX - 200 && lane <= SPARSE_MAX, "{lane}");
+        assert_eq!(q.queues[Class::Bulk as usize].len(), 1000);
+        let mut n = 0;
+        while q.dequeue(t, 0, ALL_CLASSES, ALL_CLASSES).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 1000);
+        assert_eq!(q.bytes(), 0);
+        assert!(q.queues[Class::Bulk as usize].backlog.is_empty());
     }
 
     #[test]

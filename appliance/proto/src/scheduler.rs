@@ -112,8 +112,9 @@ pub struct SchedulerConfig {
     pub sticky_idle: Duration,
 }
 
-/// Packets remembered per link for a resend (bounded memory).
-const MAX_RECENT: usize = 1024;
+/// Packets remembered per link for a resend (bounded memory: 2 048 packets cover the
+/// resend window at 20 Mbit/s of full-size packets).
+const MAX_RECENT: usize = 2048;
 /// Flows remembered with their uplink (bounded memory).
 const MAX_STICKY: usize = 16_384;
 
@@ -128,7 +129,11 @@ impl Default for SchedulerConfig {
                 Mode::Aggregate,
             ],
             qos: QosConfig::default(),
-            resend_window: Duration::from_millis(300),
+            // Longer than the slowest detection of a silent link (a probe interval, 100 ms,
+            // plus the 600 ms ceiling of the overdue threshold): what went out since the
+            // newest answered probe is all sent again, however long the link took to turn
+            // suspect under load.
+            resend_window: Duration::from_millis(800),
             sticky_idle: Duration::from_secs(30),
         }
     }
@@ -167,6 +172,9 @@ impl QItem for Queued {
     }
     fn resend(&self) -> bool {
         self.resend
+    }
+    fn flow(&self) -> u64 {
+        self.flow
     }
 }
 
@@ -756,12 +764,12 @@ mod tests {
         s.enqueue(Class::Bulk, 0, pkt(0), t);
         let old = s.poll(a, ALL_CLASSES, t).expect("sent long ago").seq;
         for i in 1..4 {
-            s.enqueue(Class::Bulk, 0, pkt(i), t + ms(500));
+            s.enqueue(Class::Bulk, 0, pkt(i), t + ms(1000));
         }
         let recent: Vec<u64> = (0..2)
-            .map(|_| s.poll(a, ALL_CLASSES, t + ms(500)).expect("sent").seq)
+            .map(|_| s.poll(a, ALL_CLASSES, t + ms(1000)).expect("sent").seq)
             .collect();
-        let on_b = s.poll(b, ALL_CLASSES, t + ms(500)).expect("b").seq;
+        let on_b = s.poll(b, ALL_CLASSES, t + ms(1000)).expect("b").seq;
         s.update_link(
             a,
             LinkView {
@@ -771,11 +779,11 @@ mod tests {
         );
         assert_eq!(s.stats().resent, 2);
         let again: Vec<u64> = (0..2)
-            .map(|_| s.poll(b, ALL_CLASSES, t + ms(520)).expect("resent").seq)
+            .map(|_| s.poll(b, ALL_CLASSES, t + ms(1020)).expect("resent").seq)
             .collect();
         assert_eq!(again, recent, "same numbers, same order");
         assert!(!again.contains(&old) && !again.contains(&on_b));
-        assert_eq!(s.poll(b, ALL_CLASSES, t + ms(520)), None);
+        assert_eq!(s.poll(b, ALL_CLASSES, t + ms(1020)), None);
         assert_eq!(s.queued_bytes(), 0);
     }
 

@@ -3,7 +3,10 @@
 //!
 //! Benchmarks: `aggregation`, `blackhole`, `carrier`, `unshaped` (stallnet vs plain
 //! routing vs wireguard-go), `rss`, `mptcp` (kernel MPTCP over the same emulated links,
-//! beside stallnet, for aggregation and the black-hole stall of a TCP transfer). Run all, or name
+//! beside stallnet, for aggregation and the black-hole stall of a TCP transfer), `failover`
+//! (black hole and carrier loss of the faster uplink under 4 cubic flows with a UDP flow
+//! and POS beside them, then the uplink restored; MPTCP in the same run; emulator and
+//! kernel `tbf` links). Run all, or name
 //! some: `stallnet-bench --runs 3 aggregation blackhole`. `dashboard`: the TUI's CPU over
 //! 5 minutes (`STALLNET_TUI_SECS`), control API latency with 50 clients, the daemon's CPU
 //! cost of a metrics scrape every second. Needs root. Build in release
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         "idle-backup",
         "flood",
         "idle",
+        "failover",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -120,6 +124,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "idle-backup" => idle_backup()?,
             "flood" => flood()?,
             "idle" => idle()?,
+            "failover" => failover()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -1214,7 +1219,44 @@ fn tcp_through_blackhole(t: &mut Topology, prefix: &[&str], role: &str) -> Resul
 /// subflows) beside stallnet, over the same emulated links.
 fn mptcp() -> Result<Vec<(String, &'static str, f64)>> {
     let specs = vec![UplinkSpec::wifi(), UplinkSpec::cell()];
-    let mut m = Topology::build(specs.clone(), Options::default())?;
+    let mut m = mptcp_topology(specs.clone(), Options::default())?;
+    let (mp_agg, mp_stall) = tcp_through_blackhole(&mut m, &["mptcpize", "run"], "edge")?;
+    drop(m);
+    let mut s = Topology::build(specs, Options::default())?;
+    s.start()?;
+    s.start_iperf_server(5201)?;
+    s.start_iperf_server(5202)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (sn_agg, sn_stall) = tcp_through_blackhole(&mut s, &[], "lan")?;
+    Ok(vec![
+        (
+            "MPTCP: TCP upload goodput".into(),
+            "% of 30 Mbit/s",
+            mp_agg / 30.0 * 100.0,
+        ),
+        (
+            "MPTCP: longest stall, wifi black-holed".into(),
+            "ms",
+            mp_stall,
+        ),
+        (
+            "stallnet: TCP upload goodput (same run)".into(),
+            "% of 30 Mbit/s",
+            sn_agg / 30.0 * 100.0,
+        ),
+        (
+            "stallnet: longest stall, wifi black-holed".into(),
+            "ms",
+            sn_stall,
+        ),
+    ])
+}
+
+/// The same links without stallnet: kernel MPTCP on the edge box with both uplinks as
+/// subflows (source routing per uplink), iperf3 servers under `mptcpize` on ports 5201
+/// and 5202.
+fn mptcp_topology(specs: Vec<UplinkSpec>, opts: Options) -> Result<Topology> {
+    let mut m = Topology::build(specs, opts)?;
     for role in ["edge", "inet"] {
         m.exec(role, &["sysctl", "-qw", "net.mptcp.enabled=1"])?;
         m.exec(
@@ -1283,36 +1325,200 @@ fn mptcp() -> Result<Vec<(String, &'static str, f64)>> {
         )?;
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (mp_agg, mp_stall) = tcp_through_blackhole(&mut m, &["mptcpize", "run"], "edge")?;
-    drop(m);
-    let mut s = Topology::build(specs, Options::default())?;
-    s.start()?;
-    s.start_iperf_server(5201)?;
-    s.start_iperf_server(5202)?;
-    std::thread::sleep(Duration::from_millis(300));
-    let (sn_agg, sn_stall) = tcp_through_blackhole(&mut s, &[], "lan")?;
-    Ok(vec![
-        (
-            "MPTCP: TCP upload goodput".into(),
-            "% of 30 Mbit/s",
-            mp_agg / 30.0 * 100.0,
-        ),
-        (
-            "MPTCP: longest stall, wifi black-holed".into(),
-            "ms",
-            mp_stall,
-        ),
-        (
-            "stallnet: TCP upload goodput (same run)".into(),
-            "% of 30 Mbit/s",
-            sn_agg / 30.0 * 100.0,
-        ),
-        (
-            "stallnet: longest stall, wifi black-holed".into(),
-            "ms",
-            sn_stall,
-        ),
-    ])
+    Ok(m)
+}
+
+/// When the fault begins and ends, in seconds from the start of the TCP load.
+const FAULT_AT: f64 = 4.0;
+const RESTORE_AT: f64 = 6.5;
+const LOAD_SECS: u32 = 10;
+
+/// What a TCP load's 100 ms intervals say about a fault at [`FAULT_AT`] lifted at
+/// [`RESTORE_AT`]: the longest stall (ms, from the raw 100 ms intervals); the time from
+/// the fault until the end of the last 300 ms window before the restore that carried
+/// under 80 % of what the flows carry on the surviving uplink alone (ms; 0 when none
+/// did); and the time from the restore until the end of the first 300 ms window that
+/// carried 85 % of what both uplinks carried before the fault (ms; NaN when none did
+/// before the load ended).
+fn fault_phases(report: &serde_json::Value) -> (f64, f64, f64) {
+    let iv: Vec<(f64, f64)> = report["intervals"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                i["sum"]["start"].as_f64().unwrap_or(0.0),
+                i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+            )
+        })
+        .collect();
+    // The sender's 100 ms counts swing between 0 and twice the rate as socket buffers
+    // fill and drain: means over 300 ms, each at the start of its first interval.
+    let iv: Vec<(f64, f64)> = iv
+        .windows(3)
+        .map(|w| (w[0].0, w.iter().map(|x| x.1).sum::<f64>() / 3.0))
+        .collect();
+    let window = |from: f64, to: f64| -> Vec<f64> {
+        iv.iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|x| x.1)
+            .collect()
+    };
+    let before = median(&window(1.5, FAULT_AT - 0.1));
+    let survivor = median(&window(FAULT_AT + 1.0, RESTORE_AT - 0.3));
+    let back = iv
+        .iter()
+        .filter(|(t, r)| *t >= FAULT_AT - 0.25 && *t < RESTORE_AT - 0.3 && *r < survivor * 0.8)
+        .map(|(t, _)| (t + 0.3 - FAULT_AT) * 1000.0)
+        .fold(0.0, f64::max);
+    let series: Vec<String> = iv.iter().map(|(_, r)| format!("{r:.0}")).collect();
+    eprintln!(
+        "Mbit/s, 300 ms means every 100 ms (fault at {FAULT_AT} s, restore at {RESTORE_AT} s): {}",
+        series.join(" ")
+    );
+    let restored = iv
+        .iter()
+        .find(|(t, r)| *t >= RESTORE_AT && *r >= before * 0.85)
+        .map_or(f64::NAN, |(t, _)| (t + 0.3 - RESTORE_AT) * 1000.0);
+    (longest_stall_ms(report), back, restored)
+}
+
+/// Starts `iperf3 -P 4 -C cubic` (upload, 100 ms intervals) from `role` through `prefix`,
+/// faults uplink 1 (wifi, the faster) at [`FAULT_AT`], lifts the fault at
+/// [`RESTORE_AT`], and meanwhile runs `during` (started 2 s into the load). Returns the
+/// iperf3 report and what `during` gave.
+fn under_fault<T: Send>(
+    t: &Topology,
+    prefix: &[&str],
+    role: &str,
+    silent: bool,
+    during: impl FnOnce() -> Result<T> + Send,
+) -> Result<(serde_json::Value, T)> {
+    let secs = LOAD_SECS.to_string();
+    std::thread::scope(|s| {
+        let mut a: Vec<&str> = prefix.to_vec();
+        a.extend([
+            "iperf3", "-c", SERVER, "-p", "5201", "-t", &secs, "-P", "4", "-C", "cubic", "-J",
+            "-i", "0.1",
+        ]);
+        let load = s.spawn(move || t.exec(role, &a));
+        let start = std::time::Instant::now();
+        std::thread::sleep(Duration::from_secs(2));
+        let side = s.spawn(during);
+        let at = |secs: f64| {
+            let wait = Duration::from_secs_f64(secs).saturating_sub(start.elapsed());
+            std::thread::sleep(wait);
+        };
+        let fault = |on: bool| {
+            if silent {
+                t.isp_blackhole(1, on)
+            } else {
+                t.carrier(1, !on)
+            }
+        };
+        at(FAULT_AT);
+        fault(true)?;
+        at(RESTORE_AT);
+        fault(false)?;
+        let out = load.join().map_err(|_| anyhow::anyhow!("iperf3"))??;
+        let side = side.join().map_err(|_| anyhow::anyhow!("side flows"))??;
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3: {}", String::from_utf8_lossy(&out.stderr)))?;
+        Ok((j, side))
+    })
+}
+
+/// Issue 18's failover figures: the faster uplink (wifi, 20 Mbit/s) black-holed or
+/// losing carrier for 2.5 s while 4 cubic TCP uploads, a 200 packet/s UDP flow in the
+/// default class and a POS flow run through stallnet; the same TCP load and fault through
+/// kernel MPTCP in the same run. On the emulator's links and on kernel `tbf` links.
+fn failover() -> Result<Vec<(String, &'static str, f64)>> {
+    let mut out = Vec::new();
+    for (links, kernel_links) in [("emulator", false), ("kernel", true)] {
+        let opts = Options {
+            kernel_links,
+            ..Options::default()
+        };
+        for silent in [true, false] {
+            let kind = if silent { "black hole" } else { "carrier loss" };
+            // `STALLNET_FAILOVER_ONLY="emulator black"`: one case, while investigating.
+            if let Ok(only) = std::env::var("STALLNET_FAILOVER_ONLY") {
+                if !format!("{links} {kind}").starts_with(&only) {
+                    continue;
+                }
+            }
+            let specs = vec![UplinkSpec::wifi(), UplinkSpec::cell()];
+            let mut t = Topology::build(specs.clone(), opts.clone())?;
+            t.start()?;
+            t.start_echo(7001)?;
+            t.start_echo(7002)?;
+            t.start_iperf_server(5201)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let tr = &t;
+            let (report, (pos, udp)) = under_fault(tr, &[], "lan", silent, move || {
+                std::thread::scope(|s| {
+                    let pos = s.spawn(move || tr.udp_flow(POS_CLIENT, 7001, 100, 6.0));
+                    let udp = tr.udp_flow(LAN_CLIENT, 7002, 200, 6.0)?;
+                    let pos = pos.join().map_err(|_| anyhow::anyhow!("pos flow"))??;
+                    Ok((pos, udp))
+                })
+            })?;
+            // Where packets went: the queues' drops, resends, the receivers' reordering.
+            for role in ["edge", "hub"] {
+                if let Ok(st) = t.status(role) {
+                    let Some(b) = st["bonds"].as_object().and_then(|m| m.values().next()) else {
+                        continue;
+                    };
+                    eprintln!(
+                        "{links} {kind} {role}: scheduler {} reorder {} classes {}",
+                        b["scheduler"], b["reorder"], b["classes"]
+                    );
+                }
+            }
+            if !kernel_links {
+                for i in 1..=2 {
+                    eprintln!(
+                        "{links} {kind}: emulator {i}: {}",
+                        t.emu(i, "stats").unwrap_or_default()
+                    );
+                }
+            }
+            drop(t);
+            eprintln!(
+                "{links} {kind}: UDP lost, sent at (ms, fault at 2000): {}",
+                udp["lost_ms"]
+            );
+            let (stall, back, restored) = fault_phases(&report);
+            let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            let name = |what: &str| format!("failover, {links}, {kind}: {what}");
+            out.extend([
+                (name("UDP 200 pkt/s lost"), "packets", f(&udp, "lost")),
+                (name("UDP longest gap"), "ms", f(&udp, "max_gap_ms")),
+                (name("POS lost"), "packets", f(&pos, "lost")),
+                (name("TCP longest stall"), "ms", stall),
+                (name("TCP back to the surviving rate"), "ms", back),
+                (
+                    name("TCP back to the full rate after restore"),
+                    "ms",
+                    restored,
+                ),
+            ]);
+            let m = mptcp_topology(specs, opts.clone())?;
+            let (report, ()) = under_fault(&m, &["mptcpize", "run"], "edge", silent, || Ok(()))?;
+            drop(m);
+            let (stall, back, restored) = fault_phases(&report);
+            out.extend([
+                (name("MPTCP TCP longest stall"), "ms", stall),
+                (name("MPTCP TCP back to the surviving rate"), "ms", back),
+                (
+                    name("MPTCP TCP back to the full rate after restore"),
+                    "ms",
+                    restored,
+                ),
+            ]);
+        }
+    }
+    Ok(out)
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {

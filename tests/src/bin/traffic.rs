@@ -298,6 +298,12 @@ fn flow(to: &str, bind: &str, pps: u64, secs: f64, size: usize) -> Result<()> {
             last_rx = Some(now);
         }
     }
+    // When the lost packets were sent (ms from the start; the first 200).
+    let lost_ms: Vec<u64> = (0..sent)
+        .filter(|q| !seen.contains(q))
+        .take(200)
+        .map(|q| (interval * q as u32).as_millis() as u64)
+        .collect();
     rtts.sort_unstable();
     jitters.sort_unstable();
     let pct = |v: &[u64], p: f64| -> f64 {
@@ -312,7 +318,7 @@ fn flow(to: &str, bind: &str, pps: u64, secs: f64, size: usize) -> Result<()> {
             "sent": sent, "received": seen.len(), "lost": sent - seen.len() as u64,
             "duplicates": dups, "max_gap_ms": max_gap.as_secs_f64() * 1e3,
             "rtt_p50_ms": pct(&rtts, 0.5), "rtt_p99_ms": pct(&rtts, 0.99),
-            "jitter_p99_ms": pct(&jitters, 0.99),
+            "jitter_p99_ms": pct(&jitters, 0.99), "lost_ms": lost_ms,
         })
     );
     Ok(())
