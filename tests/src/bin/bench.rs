@@ -1383,10 +1383,12 @@ fn fault_phases(report: &serde_json::Value) -> (f64, f64, f64) {
     (longest_stall_ms(report), back, restored)
 }
 
-/// Starts `iperf3 -P 4 -C cubic` (upload, 100 ms intervals) from `role` through `prefix`,
+/// Starts `iperf3 -P 4 -C cubic` (upload) from `role` through `prefix` to a one-off
+/// server in the internet namespace (under the same `prefix`) that reports every 100 ms,
 /// faults uplink 1 (wifi, the faster) at [`FAULT_AT`], lifts the fault at
 /// [`RESTORE_AT`], and meanwhile runs `during` (started 2 s into the load). Returns the
-/// iperf3 report and what `during` gave.
+/// receiver's report (what arrived when: the sender's counts only say when the socket
+/// took the bytes) and what `during` gave.
 fn under_fault<T: Send>(
     t: &Topology,
     prefix: &[&str],
@@ -1396,10 +1398,15 @@ fn under_fault<T: Send>(
 ) -> Result<(serde_json::Value, T)> {
     let secs = LOAD_SECS.to_string();
     std::thread::scope(|s| {
+        let mut srv: Vec<&str> = prefix.to_vec();
+        srv.extend([
+            "iperf3", "-s", "-1", "-B", SERVER, "-p", "5210", "-i", "0.1", "-J",
+        ]);
+        let server = s.spawn(move || t.exec("inet", &srv));
+        std::thread::sleep(Duration::from_millis(500));
         let mut a: Vec<&str> = prefix.to_vec();
         a.extend([
-            "iperf3", "-c", SERVER, "-p", "5201", "-t", &secs, "-P", "4", "-C", "cubic", "-J",
-            "-i", "0.1",
+            "iperf3", "-c", SERVER, "-p", "5210", "-t", &secs, "-P", "4", "-C", "cubic",
         ]);
         let load = s.spawn(move || t.exec(role, &a));
         let start = std::time::Instant::now();
@@ -1420,7 +1427,10 @@ fn under_fault<T: Send>(
         fault(true)?;
         at(RESTORE_AT);
         fault(false)?;
-        let out = load.join().map_err(|_| anyhow::anyhow!("iperf3"))??;
+        load.join().map_err(|_| anyhow::anyhow!("iperf3"))??;
+        let out = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("iperf3 server"))??;
         let side = side.join().map_err(|_| anyhow::anyhow!("side flows"))??;
         let j: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("iperf3: {}", String::from_utf8_lossy(&out.stderr)))?;
