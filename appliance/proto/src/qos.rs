@@ -257,8 +257,8 @@ impl Codel {
 
 #[derive(Debug)]
 struct ClassQueue<T> {
-    /// Packets of flows that had nothing queued in the class when they arrived; served
-    /// first.
+    /// The sparse lane: packets of flows that had nothing in the ordinary queue and room
+    /// in their allowance when they arrived; served first.
     sparse: VecDeque<T>,
     sparse_bytes: usize,
     /// The rest, in arrival order.
