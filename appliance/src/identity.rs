@@ -12,8 +12,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -21,6 +21,8 @@ use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgo
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::log_limit::LogLimit;
 
 pub const ALPN: &[u8] = b"stallnet/1";
 /// The name the edge asks for; the hub certificate's SAN. Authentication is by pin.
@@ -204,6 +206,8 @@ impl ServerCertVerifier for PinnedServer {
 struct AllowedClients {
     allow: AllowList,
     refused: Arc<AtomicU64>,
+    /// A stranger can refuse itself thousands of times a second: one WARN per 10 s.
+    refused_log: Mutex<LogLimit>,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -224,7 +228,18 @@ impl ClientCertVerifier for AllowedClients {
             Ok(ClientCertVerified::assertion())
         } else {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(identity = %id, "refused unknown device");
+            let allowed = self
+                .refused_log
+                .lock()
+                .ok()
+                .and_then(|mut l| l.allow(Instant::now()));
+            if let Some(more) = allowed {
+                tracing::warn!(
+                    identity = %id,
+                    more_since_last_line = more,
+                    "refused unknown device (all refusals are counted in the status's refused_handshakes)"
+                );
+            }
             Err(not_pinned())
         }
     }
@@ -310,6 +325,7 @@ pub fn server_config(
     let verifier = Arc::new(AllowedClients {
         allow,
         refused,
+        refused_log: Mutex::new(LogLimit::new(Duration::from_secs(10))),
         algs: prov.signature_verification_algorithms,
     });
     let mut tls = rustls::ServerConfig::builder_with_provider(prov)

@@ -33,6 +33,7 @@ pub mod hub;
 pub mod identity;
 pub mod lan_cap;
 pub mod lan_setup;
+pub mod log_limit;
 pub mod metrics;
 pub mod modem;
 pub mod plan;
