@@ -199,6 +199,7 @@ async fn run_with(
             side: Side::Edge,
             sched: plan.sched.clone(),
             classifier,
+            lan_map: None,
         },
         None,
         cancel.child_token(),
@@ -550,6 +551,7 @@ async fn supervise(
             stream_advice: Some(stream_advice),
             lan_source_cap: lock(&ctx.lan_cap)
                 .map(|(pps, dropped)| serde_json::json!({ "pps": pps, "dropped": dropped })),
+            isolation: None,
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");

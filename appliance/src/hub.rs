@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::classes;
 use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig};
+use crate::core::lan_map::{LanMap, Routes};
 use crate::core::packet;
 use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
 use crate::driver::bond::{Bond, BondConfig, Side};
@@ -29,16 +30,12 @@ use crate::status::{self, Status};
 struct Device {
     name: String,
     identity: String,
+    /// Its tunnel address.
     address: IpAddr,
-    lan: Vec<IpNet>,
+    /// Its IPv4 LAN and where that appears on the hub.
+    map: LanMap,
     bond: Arc<Bond>,
     mode: stallnet_netconf::SchedMode,
-}
-
-impl Device {
-    fn owns(&self, dst: IpAddr) -> bool {
-        dst == self.address || self.lan.iter().any(|n| n.contains(&dst))
-    }
 }
 
 /// Runs the hub until `cancel`; whatever way it ends (an error half-way through the
@@ -73,17 +70,37 @@ async fn run_with(
     let hub_addr = plan.hub_address;
     kernel.sysctl("net/ipv4/ip_forward", "1")?;
     let tun = sys::tun(&h.tun_name, h.mtu, Some((hub_addr, plan.prefix_len)))?;
+    kernel.owns_nft_table(crate::hub_isolation::FAMILY, crate::hub_isolation::TABLE);
+    crate::driver::kernel::nft(&plan.isolation)
+        .await
+        .context("isolating the stalls (nft table inet stallnet_hub)")?;
     let nl = &kernel.nl;
     let tun_index = nl.link(&h.tun_name).await?.context("TUN vanished")?.index;
 
     let mut devices = Vec::new();
-    // The plan holds an address and the download rules for each device, in config order.
-    let per_device = plan.device_addresses.iter().zip(&plan.device_rules);
-    for (d, (address, rules)) in h.devices.iter().zip(per_device) {
+    // The plan holds an address, the download rules and the LAN's blocks for each device,
+    // in config order.
+    let per_device = plan
+        .device_addresses
+        .iter()
+        .zip(&plan.device_rules)
+        .zip(&plan.device_maps);
+    for (d, ((address, rules), map)) in h.devices.iter().zip(per_device) {
         let d = d.get_ref();
         let address = IpAddr::V4(*address);
-        for p in &d.lan {
+        // The kernel routes each device's blocks (and IPv6 LAN prefixes, as they are)
+        // into the TUN; the reader finds the device by `plan.routes`.
+        for b in map.blocks() {
+            nl.route_prefix(IpNet::V4(b), tun_index, 254).await?;
+        }
+        for p in d.lan.iter().filter(|p| p.network().is_ipv6()) {
             nl.route_prefix(*p, tun_index, 254).await?;
+        }
+        for (lan, block) in d.lan.iter().filter_map(|p| match p {
+            IpNet::V4(n) => map.mapped(n.network()).map(|m| (n, m)),
+            IpNet::V6(_) => None,
+        }) {
+            tracing::info!(device = %d.name, "LAN {lan} appears on the hub at {block}/{}", lan.prefix_len());
         }
         let mut accept = d.lan.clone();
         accept.push(IpNet::from(address));
@@ -93,6 +110,7 @@ async fn run_with(
                 side: Side::Hub,
                 sched: plan.sched.clone(),
                 classifier: Classifier::new(rules, ClassifyConfig::default()),
+                lan_map: Some(map.clone()),
             },
             Some(accept),
             cancel.child_token(),
@@ -102,7 +120,7 @@ async fn run_with(
             name: d.name.clone(),
             identity: d.identity.clone(),
             address,
-            lan: d.lan.clone(),
+            map: map.clone(),
             bond,
             mode: h.mode,
         }));
@@ -129,9 +147,9 @@ async fn run_with(
             });
         }
     });
-    let (d, t) = (devices.clone(), tun.clone());
+    let (d, t, r) = (devices.clone(), tun.clone(), plan.routes.clone());
     let mss = h.mtu.saturating_sub(40);
-    let reader = tokio::spawn(async move { tun_reader(d, t, mss).await });
+    let reader = tokio::spawn(async move { tun_reader(d, r, t, mss).await });
 
     let latest: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
     let events = Arc::new(EventLog::new());
@@ -162,6 +180,7 @@ async fn run_with(
     notifier.ready("listening");
     let mut clock_saved: Option<std::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let (mut ticks, mut isolation) = (0u64, None::<serde_json::Value>);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -191,6 +210,19 @@ async fn run_with(
                 )
             })
             .collect();
+        // The isolation table's drops, every 2 s (each read runs nft twice).
+        if ticks % 4 == 0 {
+            match crate::hub_isolation::dropped().await {
+                Ok((between, to_hub)) => {
+                    isolation = Some(serde_json::json!({
+                        "between_stalls": between,
+                        "to_hub": to_hub,
+                    }))
+                }
+                Err(e) => tracing::debug!("isolation counters: {e:#}"),
+            }
+        }
+        ticks += 1;
         let any_online = devices.iter().any(|d| d.bond.online());
         let doc = Status {
             version: 1,
@@ -206,6 +238,7 @@ async fn run_with(
             clock,
             stream_advice: None,
             lan_source_cap: None,
+            isolation: isolation.clone(),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
@@ -305,6 +338,7 @@ fn mask_of(names: &[stallnet_netconf::ClassName]) -> ClassMask {
 
 async fn tun_reader(
     devices: Arc<Vec<Arc<Device>>>,
+    routes: Routes,
     tun: Arc<tun::AsyncDevice>,
     mss: u16,
 ) -> Result<()> {
@@ -315,9 +349,11 @@ async fn tun_reader(
         let Some((_, dst)) = packet::addrs(pkt) else {
             continue;
         };
-        let Some(dev) = devices.iter().find(|d| d.owns(dst)) else {
+        let Some(dev) = routes.lookup(dst).and_then(|i| devices.get(i)) else {
             continue;
         };
+        // Back to the device's own LAN address (its tunnel address stays).
+        dev.map.to_device(pkt);
         packet::clamp_mss(pkt, mss);
         // Malformed packets are counted by the bond and dropped.
         let _ = dev.bond.send(Bytes::copy_from_slice(pkt), false);

@@ -30,6 +30,7 @@ pub mod driver;
 pub mod edge;
 pub mod events;
 pub mod hub;
+pub mod hub_isolation;
 pub mod identity;
 pub mod lan_cap;
 pub mod lan_setup;

@@ -9,7 +9,7 @@
 //! property test (`tests/plan.rs`) builds it from arbitrary configs that validate, which
 //! is the proof of "every config that validates can start".
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -19,6 +19,7 @@ use stallnet_netconf::{Config, EdgeConfig, Rule};
 use crate::classes;
 use crate::core::cap::{CapSpec, CapState};
 use crate::core::classify::{Classifier, ClassifyConfig};
+use crate::core::lan_map::{LanMap, Routes};
 use crate::core::qos::ClassMask;
 use crate::core::rate::{RateConfig, RateControl};
 use crate::core::reach::{Reach, ReachConfig};
@@ -37,6 +38,14 @@ pub enum PlanError {
     Table { base: u32, slot: u32 },
     #[error("hub.pool {0} is not an IPv4 prefix with room for the hub and every device")]
     Pool(IpNet),
+    #[error("hub.lan_map {0} is not an IPv4 prefix")]
+    LanMapSpace(IpNet),
+    #[error("hub.lan_map: {0}")]
+    LanMapRoom(#[from] stallnet_netconf::lan_map::NoRoom),
+    #[error("hub.lan_map: {0}")]
+    LanMapSize(#[from] crate::core::lan_map::SizeMismatch),
+    #[error("hub routes: {0}")]
+    Routes(#[from] crate::core::lan_map::Overlap),
 }
 
 /// One uplink as the edge runs it.
@@ -74,6 +83,13 @@ pub struct HubPlan {
     pub device_addresses: Vec<Ipv4Addr>,
     /// Each device's download rules (its POS sources, then the built-in rules).
     pub device_rules: Vec<Vec<crate::core::classify::Rule>>,
+    /// Each device's IPv4 LAN prefixes and where they appear on the hub.
+    pub device_maps: Vec<LanMap>,
+    /// Which device a packet read from the TUN is for (tunnel addresses, blocks, IPv6
+    /// LAN prefixes), by index.
+    pub routes: Routes,
+    /// The nft script isolating stalls from one another and from the hub.
+    pub isolation: String,
     pub sched: SchedulerConfig,
 }
 
@@ -213,11 +229,45 @@ pub fn hub(cfg: &Config) -> Result<HubPlan, PlanError> {
         let _ = Classifier::new(&rules, ClassifyConfig::default());
         device_rules.push(rules);
     }
+    let IpNet::V4(space) = h.lan_map else {
+        return Err(PlanError::LanMapSpace(h.lan_map));
+    };
+    let lans: Vec<&[IpNet]> = h
+        .devices
+        .iter()
+        .map(|d| d.get_ref().lan.as_slice())
+        .collect();
+    let device_maps = stallnet_netconf::lan_map::blocks(space, &lans)?
+        .into_iter()
+        .map(|b| LanMap::new(b.into_iter().map(|b| (b.lan, b.mapped))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut entries = Vec::new();
+    for (i, ((a, m), d)) in device_addresses
+        .iter()
+        .zip(&device_maps)
+        .zip(&h.devices)
+        .enumerate()
+    {
+        entries.push((IpNet::from(IpAddr::V4(*a)), i));
+        entries.extend(m.blocks().map(|b| (IpNet::V4(b), i)));
+        entries.extend(
+            d.get_ref()
+                .lan
+                .iter()
+                .filter(|p| p.network().is_ipv6())
+                .map(|p| (*p, i)),
+        );
+    }
+    let routes = Routes::new(entries)?;
+    let isolation = crate::hub_isolation::render(&h.tun_name)?;
     Ok(HubPlan {
         hub_address,
         prefix_len: pool.prefix_len(),
         device_addresses,
         device_rules,
+        device_maps,
+        routes,
+        isolation,
         sched,
     })
 }

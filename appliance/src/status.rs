@@ -41,6 +41,11 @@ pub struct Status {
     /// packets per second, and packets dropped over it since the daemon started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan_source_cap: Option<serde_json::Value>,
+    /// The hub's isolation of stalls (`{"between_stalls", "to_hub"}`: packets from stalls
+    /// dropped on their way to another stall or a link-local address, and to the hub
+    /// itself, since the hub started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<serde_json::Value>,
 }
 
 /// The clock's trustworthiness (see [`Status::clock`]).

@@ -26,6 +26,7 @@ pub mod edit;
 pub mod firewall;
 pub mod grammar;
 pub mod lan;
+pub mod lan_map;
 pub mod load;
 pub mod revisions;
 pub mod schema;

@@ -1125,6 +1125,37 @@ impl Validator<'_> {
                 ),
             );
         }
+        match h.lan_map {
+            ipnet::IpNet::V4(space) => {
+                if h.pool.contains(&h.lan_map.network()) || h.lan_map.contains(&h.pool.network()) {
+                    self.err(
+                        hub.span(),
+                        "hub.lan_map",
+                        format!(
+                            "{space} overlaps hub.pool {}: expected a prefix of its own",
+                            h.pool
+                        ),
+                    );
+                }
+                let lans: Vec<&[ipnet::IpNet]> = h
+                    .devices
+                    .iter()
+                    .map(|d| d.get_ref().lan.as_slice())
+                    .collect();
+                if let Err(e) = crate::lan_map::blocks(space, &lans) {
+                    self.err(
+                        hub.span(),
+                        "hub.lan_map",
+                        format!("{e}: expected a wider prefix"),
+                    );
+                }
+            }
+            ipnet::IpNet::V6(n) => self.err(
+                hub.span(),
+                "hub.lan_map",
+                format!("expected an IPv4 prefix like 10.100.0.0/14, got {n}"),
+            ),
+        }
         let mut names = HashSet::new();
         let mut ids = HashSet::new();
         let mut lans: Vec<(usize, ipnet::IpNet)> = Vec::new();
@@ -1141,14 +1172,25 @@ impl Validator<'_> {
                 );
             }
             for (j, p) in r.lan.iter().enumerate() {
+                let overlaps =
+                    |q: &ipnet::IpNet| q.contains(&p.network()) || p.contains(&q.network());
+                if let Some(q) = r.lan[..j].iter().find(|q| overlaps(q)) {
+                    self.err(
+                        d.span(),
+                        format!("hub.devices[{i}].lan[{j}]"),
+                        format!("{p} overlaps {q} of the same device: expected separate prefixes"),
+                    );
+                }
+                // IPv4 LANs may repeat across devices (each gets its own block of
+                // hub.lan_map); IPv6 prefixes are routed as they are.
                 if let Some((k, q)) = lans
                     .iter()
-                    .find(|(_, q)| q.contains(&p.network()) || p.contains(&q.network()))
+                    .find(|(_, q)| matches!(p, ipnet::IpNet::V6(_)) && overlaps(q))
                 {
                     self.err(
                         d.span(),
                         format!("hub.devices[{i}].lan[{j}]"),
-                        format!("{p} overlaps {q} of hub.devices[{k}]: the hub routes downloads by LAN prefix, so each device needs its own"),
+                        format!("{p} overlaps {q} of hub.devices[{k}]: the hub routes IPv6 downloads by LAN prefix, so each device needs its own"),
                     );
                 }
                 lans.push((i, *p));

@@ -502,12 +502,23 @@ pub struct HubConfig {
     /// Tunnel addresses: the hub takes the first, devices get the following ones.
     #[schemars(with = "String")]
     pub pool: IpNet,
+    /// Where the devices' IPv4 LANs appear on the hub: each LAN prefix of each device gets
+    /// a block of its size here, in device order, so that stalls with the same LAN (every
+    /// box from the image has 10.1.0.0/24) work on one hub. The hub's kernel (its NAT,
+    /// firewall, routes) sees these addresses; the stalls never do.
+    #[serde(default = "default_lan_map")]
+    #[schemars(with = "String")]
+    pub lan_map: IpNet,
     /// Scheduling mode for download traffic that is not POS.
     #[serde(default)]
     pub mode: SchedMode,
     /// Devices allowed to connect. Nobody else gets anything.
     #[schemars(with = "Vec<Device>")]
     pub devices: Vec<Spanned<Device>>,
+}
+
+fn default_lan_map() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 100, 0, 0), 14).unwrap_or_default())
 }
 
 fn default_hub_tun() -> String {
@@ -520,7 +531,8 @@ pub struct Device {
     pub name: String,
     /// The device's identity as printed by `stallnet id` on the device.
     pub identity: String,
-    /// LAN prefixes behind this device (routed to it; the only sources accepted from it).
+    /// LAN prefixes behind this device (the only sources accepted from it; downloads to
+    /// them reach this device only). Devices may share IPv4 prefixes (see `hub.lan_map`).
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub lan: Vec<IpNet>,

@@ -125,7 +125,11 @@ fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("hub on port 0", hub("", "").replace("0.0.0.0:4433", "0.0.0.0:0"), "hub.listen", "expected a port from 1 to 65535 (0 would be a different one at every start)"),
         ("empty device name", hub("", "").replace("name = \"stall-1\"", "name = \"\""), "hub.devices[0].name", "expected 1 to 63 letters, digits, '-' or '_', got \"\""),
         ("device name with a NUL", hub("", "").replace("name = \"stall-1\"", "name = \"stall\\u0000\""), "hub.devices[0].name", "expected 1 to 63 letters, digits, '-' or '_', got \"stall\\0\""),
-        ("overlapping device LANs", hub("", &format!("[[hub.devices]]\nname = \"stall-2\"\nidentity = \"{}\"\nlan = [\"10.1.0.0/16\"]\n", ID.replace("sn1:0", "sn1:1"))), "hub.devices[1].lan[0]", "10.1.0.0/16 overlaps 10.1.0.0/24 of hub.devices[0]: the hub routes downloads by LAN prefix, so each device needs its own"),
+        ("overlapping IPv6 device LANs", hub("", &format!("[[hub.devices]]\nname = \"stall-2\"\nidentity = \"{}\"\nlan = [\"fd00::/48\"]\n", ID.replace("sn1:0", "sn1:1"))).replace("lan = [\"10.1.0.0/24\"]", "lan = [\"fd00::/64\"]"), "hub.devices[1].lan[0]", "fd00::/48 overlaps fd00::/64 of hub.devices[0]: the hub routes IPv6 downloads by LAN prefix, so each device needs its own"),
+        ("one device's LANs overlapping", hub("", "").replace("lan = [\"10.1.0.0/24\"]", "lan = [\"10.1.0.0/24\", \"10.1.0.128/25\"]"), "hub.devices[0].lan[1]", "10.1.0.128/25 overlaps 10.1.0.0/24 of the same device: expected separate prefixes"),
+        ("lan_map overlapping the pool", hub("lan_map = \"100.64.0.0/16\"", ""), "hub.lan_map", "100.64.0.0/16 overlaps hub.pool 100.64.0.0/24: expected a prefix of its own"),
+        ("lan_map too narrow", hub("lan_map = \"10.100.0.0/24\"", &format!("[[hub.devices]]\nname = \"stall-2\"\nidentity = \"{}\"\nlan = [\"10.1.0.0/24\"]\n", ID.replace("sn1:0", "sn1:1"))), "hub.lan_map", "lan_map 10.100.0.0/24 has no room for 10.1.0.0/24 of device 1 (the devices before it take 256 addresses): expected a wider prefix"),
+        ("IPv6 lan_map", hub("lan_map = \"fd00::/64\"", ""), "hub.lan_map", "expected an IPv4 prefix like 10.100.0.0/14, got fd00::/64"),
         ("too many uplinks", edge("", &(1..=16).map(|i| format!("[[edge.uplinks]]\nname = \"u{i}\"\ninterface = \"wan{i}\"\nkind = \"ethernet\"\n")).collect::<String>()), "edge.uplinks", "expected at most 16 uplinks, got 17"),
     ]
 }

@@ -17,6 +17,7 @@ pub mod frame;
 pub mod health;
 pub mod hub_choice;
 pub mod inflight;
+pub mod lan_map;
 pub mod packet;
 pub mod qos;
 pub mod rate;

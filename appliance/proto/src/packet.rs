@@ -74,7 +74,7 @@ pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
 }
 
 /// RFC 1624 incremental checksum update for one 16-bit word changing `old` → `new`.
-fn checksum_adjust(sum: u16, old: u16, new: u16) -> u16 {
+pub(crate) fn checksum_adjust(sum: u16, old: u16, new: u16) -> u16 {
     let mut acc = u32::from(!sum) + u32::from(!old) + u32::from(new);
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);

@@ -23,6 +23,7 @@ pub use crate::core::bond::{
     BondStatus, FlowStatus, Held, LinkCondition, LinkStatus, PeerView, Sent, Side,
 };
 use crate::core::classify::{Classifier, Malformed};
+use crate::core::lan_map::LanMap;
 use crate::core::qos::ClassMask;
 use crate::core::rate::RateConfig;
 use crate::core::scheduler::{LinkId, SchedulerConfig};
@@ -38,6 +39,9 @@ pub struct BondConfig {
     pub side: Side,
     pub sched: SchedulerConfig,
     pub classifier: Classifier,
+    /// The hub's: where the device's LAN appears on the hub; released packets from the
+    /// LAN get their source moved into the device's block on their way to the TUN.
+    pub lan_map: Option<LanMap>,
 }
 
 /// The driver's side of one uplink: its connection and the handles of its tasks.
@@ -58,6 +62,7 @@ struct Inner {
 
 pub struct Bond {
     inner: Mutex<Inner>,
+    lan_map: Option<LanMap>,
     to_tun: tokio::sync::mpsc::Sender<Bytes>,
     timer: Notify,
     cancel: CancellationToken,
@@ -96,6 +101,7 @@ impl Bond {
                 armed: None,
             }),
             to_tun,
+            lan_map: cfg.lan_map,
             timer: Notify::new(),
             cancel,
         });
@@ -113,6 +119,10 @@ impl Bond {
     /// released packets reach the TUN writer in release order).
     fn settle(&self, g: &mut Inner) {
         while let Some(p) = g.st.poll_tun() {
+            let p = match &self.lan_map {
+                Some(m) => to_hub(m, p),
+                None => p,
+            };
             if self.to_tun.try_send(p).is_err() {
                 g.st.tun_overflowed();
             }
@@ -452,4 +462,19 @@ fn transport_stats(c: &quinn::Connection) -> TransportStats {
         udp_rx_bytes: s.udp_rx.bytes,
         lost_bytes: s.path.lost_bytes,
     }
+}
+
+/// `p` with its source moved into the device's block (one copy, only for a packet from
+/// the device's LAN or an ICMP message, whose quote may name the LAN; anything else
+/// passes as it is).
+fn to_hub(m: &LanMap, p: Bytes) -> Bytes {
+    let from_lan =
+        matches!(crate::core::packet::addrs(&p), Some((IpAddr::V4(s), _)) if m.mapped(s).is_some());
+    let icmp = p.first().is_some_and(|b| b >> 4 == 4) && p.get(9) == Some(&1);
+    if !from_lan && !icmp {
+        return p;
+    }
+    let mut b = bytes::BytesMut::from(&p[..]);
+    m.to_hub(&mut b);
+    b.freeze()
 }

@@ -119,3 +119,48 @@ pub async fn nft(script: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// The packets counted by the rules of chain `family table chain` (`nft -j list chain`).
+pub async fn nft_chain_packets(family: &str, table: &str, chain: &str) -> Result<u64> {
+    let out = tokio::process::Command::new("nft")
+        .args(["-j", "list", "chain", family, table, chain])
+        .output()
+        .await
+        .context("running nft (is nftables installed?)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft list: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(counted(&doc))
+}
+
+/// The sum of the counters in `nft -j` output.
+fn counted(doc: &serde_json::Value) -> u64 {
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .flatten()
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .fold(0u64, u64::saturating_add)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_summed_from_nft_json() {
+        let doc = serde_json::json!({ "nftables": [
+            { "metainfo": { "json_schema_version": 1 } },
+            { "chain": { "name": "lan_in" } },
+            { "rule": { "expr": [ { "match": {} }, { "counter": { "packets": 7, "bytes": 448 } }, { "drop": null } ] } },
+            { "rule": { "expr": [ { "counter": { "packets": 5, "bytes": 320 } } ] } }
+        ]});
+        assert_eq!(counted(&doc), 12);
+        assert_eq!(counted(&serde_json::json!({})), 0);
+    }
+}
