@@ -711,9 +711,13 @@ async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
     loop {
         let n = tun.recv(&mut buf).await.context("TUN read")?;
         let pkt = &mut buf[..n];
-        let Some((_, dst)) = packet::addrs(pkt) else {
+        let Some((src, dst)) = packet::addrs(pkt) else {
             continue;
         };
+        // The TUN device's own link-local chatter (IPv6 router solicitations, MLD) stays.
+        if packet::link_scoped(src, dst) {
+            continue;
+        }
         packet::clamp_mss(pkt, mss);
         // Without a direct fallback, POS apps are told at once when nothing gets out.
         let fail_fast = ctx.fail_fast.load(Ordering::Relaxed);

@@ -191,6 +191,11 @@ pub struct Options {
     /// A second hub (`hub2`, [`HUB2_ADDR`], its own identity and tunnel pool) after the
     /// first in the edge's list of hubs.
     pub second_hub: bool,
+    /// Further stalls on the same hub, each flashed alike: stall K (2, 3, …) is
+    /// namespaces `edgeK` and `lanK` with the same LAN as the first (10.1.0.0/24, the
+    /// image's) and one wired uplink `wan1` straight to the internet (172.20.K.2/24), its
+    /// own identity, and device `stallK` on the hub.
+    pub extra_stalls: usize,
 }
 
 pub struct Topology {
@@ -203,6 +208,8 @@ pub struct Topology {
     pub hub_id: String,
     /// The second hub's identity (empty without [`Options::second_hub`]).
     pub hub2_id: String,
+    /// The identities of stalls 2, 3, … ([`Options::extra_stalls`]).
+    pub stall_ids: Vec<String>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -313,6 +320,7 @@ impl Topology {
             edge_id: String::new(),
             hub_id: String::new(),
             hub2_id: String::new(),
+            stall_ids: Vec::new(),
         };
         t.wire(&opts)?;
         t.keys_and_configs(&opts)?;
@@ -427,6 +435,27 @@ impl Topology {
             self.nft(
                 "hub2",
                 "table ip nat { chain post { type nat hook postrouting priority srcnat; oifname \"eth0\" masquerade; }\n}",
+            )?;
+        }
+        for k in 2..2 + opts.extra_stalls {
+            let (lan, edge) = (format!("lan{k}"), format!("edge{k}"));
+            self.add_ns(&lan)?;
+            self.add_ns(&edge)?;
+            self.veth((&lan, "eth0"), (&edge, "lan0"))?;
+            for a in ["10.1.0.2/24", "10.1.0.10/24", "10.1.0.20/24"] {
+                self.addr(&lan, "eth0", a)?;
+            }
+            self.addr(&edge, "lan0", "10.1.0.1/24")?;
+            self.exec(&lan, &["ip", "route", "add", "default", "via", "10.1.0.1"])?;
+            self.veth((&edge, "wan1"), ("inet", &format!("st{k}")))?;
+            self.addr("inet", &format!("st{k}"), &format!("172.20.{k}.1/24"))?;
+            self.addr(&edge, "wan1", &format!("172.20.{k}.2/24"))?;
+            let gw = format!("172.20.{k}.1");
+            self.exec(
+                &edge,
+                &[
+                    "ip", "route", "add", "default", "via", &gw, "dev", "wan1", "metric", "100",
+                ],
             )?;
         }
         for i in 1..=self.uplinks.len() {
@@ -678,6 +707,24 @@ impl Topology {
             edge = self.edge_id,
             more = opts.extra_lan.map(|p| format!(", \"{p}\"")).unwrap_or_default(),
         );
+        let mut hub = hub;
+        for k in 2..2 + opts.extra_stalls {
+            let id = keygen(&self.dir.join(format!("edge{k}-state")))?;
+            let edge = format!(
+                "role = \"edge\"\nstate_dir = \"{d}/edge{k}-state\"\nruntime_dir = \"{d}/edge{k}-run\"\n\n[edge]\n\
+                 hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
+                 lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"none\"\n\
+                 reachability = {{ enabled = false }}\n\n\
+                 [[edge.uplinks]]\nname = \"wired\"\ninterface = \"wan1\"\nkind = \"ethernet\"\n",
+                d = self.dir.display(),
+                hub = self.hub_id,
+            );
+            std::fs::write(self.dir.join(format!("edge{k}.toml")), edge)?;
+            hub.push_str(&format!(
+                "\n[[hub.devices]]\nname = \"stall{k}\"\nidentity = \"{id}\"\nlan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\n"
+            ));
+            self.stall_ids.push(id);
+        }
         if opts.second_hub {
             // The same device on a second hub with its own state and tunnel pool.
             let hub2 = hub
@@ -726,6 +773,17 @@ impl Topology {
             self.start_hub2()?;
         }
         self.start_edge()?;
+        let stalls = 2..2 + self.stall_ids.len();
+        for k in stalls.clone() {
+            self.run_daemon(&format!("edge{k}"))?;
+        }
+        for k in stalls {
+            let role = format!("edge{k}");
+            self.wait_status(&role, Duration::from_secs(20), |s| up_links(s, "hub") == 1)
+                .with_context(|| {
+                    format!("{role} did not come up; its log:\n{}", self.log(&role))
+                })?;
+        }
         let want = self.uplinks.len();
         self.wait_status("edge", Duration::from_secs(20), |s| {
             up_links(s, "hub") == want
@@ -836,6 +894,30 @@ impl Topology {
             ],
         )?;
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Runs a UDP flow from namespace `role`, bound to `bind` (`addr:port`), to `to`;
+    /// returns its summary.
+    pub fn udp_flow_in(
+        &self,
+        role: &str,
+        to: &str,
+        bind: &str,
+        pps: u32,
+        secs: f64,
+    ) -> Result<serde_json::Value> {
+        let t = bin("stallnet-traffic");
+        self.json(
+            role,
+            &[
+                t.to_str().context("path")?,
+                "udp-flow",
+                to,
+                bind,
+                &pps.to_string(),
+                &secs.to_string(),
+            ],
+        )
     }
 
     /// Starts an iperf3 server in the internet namespace on `port`.

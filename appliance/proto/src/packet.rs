@@ -23,6 +23,21 @@ pub fn addrs(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
     }
 }
 
+/// True for a packet that cannot leave its link: an IPv6 link-local or unspecified
+/// source, or a link-scoped multicast destination (the TUN device's own router
+/// solicitations and MLD reports). Such a packet is not for the tunnel.
+pub fn link_scoped(src: IpAddr, dst: IpAddr) -> bool {
+    match (src, dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let link_local = |a: std::net::Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+            link_local(s)
+                || s.is_unspecified()
+                || (d.is_multicast() && d.segments()[0] & 0x000f <= 2)
+        }
+        _ => false,
+    }
+}
+
 /// Lowers the MSS option of a TCP SYN to `max_mss` in place, fixing the checksum.
 /// Returns true when the packet was changed. Anything that is not a well-formed TCP SYN
 /// with an MSS option is left alone.
@@ -260,6 +275,17 @@ mod tests {
         assert!(!clamp_mss(&mut p, 1200));
         let mut v6 = vec![0x60, 0, 0, 0, 0, 0, 6, 64];
         assert!(!clamp_mss(&mut v6, 1200));
+    }
+
+    #[test]
+    fn link_scoped_packets_are_told_apart() {
+        let a = |s: &str| s.parse::<IpAddr>().expect("test address");
+        assert!(link_scoped(a("fe80::1"), a("ff02::2")));
+        assert!(link_scoped(a("::"), a("ff02::16")));
+        assert!(link_scoped(a("2001:db8::5"), a("ff02::1")));
+        assert!(!link_scoped(a("2001:db8::5"), a("2001:db8:1::1")));
+        assert!(!link_scoped(a("2001:db8::5"), a("ff0e::1")));
+        assert!(!link_scoped(a("10.1.0.2"), a("224.0.0.1")));
     }
 
     #[test]
