@@ -16,7 +16,7 @@ use stallnet_netconf::edit;
 use stallnet_netconf::revisions::{self, Pending, Store};
 
 /// The file the daemon runs with.
-const LIVE: &str = "/etc/stallnet/stallnet.toml";
+pub const LIVE: &str = "/etc/stallnet/stallnet.toml";
 
 #[derive(clap::Subcommand)]
 pub enum ConfigCmd {
@@ -116,6 +116,28 @@ fn refused(code: &str, message: String) -> Out {
         human: message.clone(),
         doc: json!({ "version": 1, "error": { "code": code, "message": message } }),
     }
+}
+
+/// Sets one field of the live config and applies it without a confirmation window
+/// (`stallnet enroll` pins the hub this way).
+pub fn set_now(
+    live: PathBuf,
+    assignment: String,
+    message: String,
+    json_out: bool,
+) -> Result<ExitCode> {
+    run(
+        ConfigCmd::Set {
+            assignments: vec![assignment],
+            opts: ApplyOpts {
+                live: Live { config: live },
+                confirm: 0,
+                message,
+                author: None,
+            },
+        },
+        json_out,
+    )
 }
 
 pub fn run(cmd: ConfigCmd, json_out: bool) -> Result<ExitCode> {

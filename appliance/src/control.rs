@@ -8,7 +8,9 @@
 //! `/v1/stream` (the bitrate advice for a live-stream encoder),
 //! `/v1/events?since=N&limit=N`, `/v1/events/stream?since=N` (NDJSON, one event per
 //! line, kept open); `POST /v1/uplinks/{name}/disable|enable|prefer`,
-//! `DELETE /v1/uplinks/preference`, `POST /v1/reload`. Every document carries
+//! `DELETE /v1/uplinks/preference`, `POST /v1/reload`; on the hub
+//! `POST /v1/devices/{name}/invite?lan=…&valid_s=…&address=…` (the answer's `message` is
+//! the invite code) and `POST /v1/devices/{name}/revoke`. Every document carries
 //! `"version": 1`; errors are `{"version": 1, "error": {"code", "message"}}` with a 4xx/5xx.
 
 use std::path::{Path, PathBuf};
@@ -46,6 +48,15 @@ pub enum Action {
         minutes: u64,
     },
     Reload,
+    /// The hub: an invite for a new device; the answer is the code.
+    Invite {
+        name: String,
+        lan: Vec<ipnet::IpNet>,
+        valid_s: u64,
+        addresses: Vec<std::net::SocketAddr>,
+    },
+    /// The hub: an enrolled device (or a pending invite) taken out at once.
+    Revoke(String),
 }
 
 /// Why an action was refused.
@@ -300,6 +311,69 @@ async fn reload(State(c): Ctl) -> Response {
     act(&c, Action::Reload).await
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteQuery {
+    /// Comma-separated IPv4 prefixes (default: the image's 10.1.0.0/24).
+    lan: Option<String>,
+    /// Seconds the code is good for (default: a day).
+    valid_s: Option<u64>,
+    /// Comma-separated `IPv4:port` the box reaches the hub at.
+    address: Option<String>,
+}
+
+/// Splits a comma-separated list, refusing the whole of it on one bad item.
+fn list<T: std::str::FromStr>(s: Option<&str>) -> Result<Vec<T>, String> {
+    s.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .map(|i| i.parse().map_err(|_| i.to_string()))
+        .collect()
+}
+
+async fn invite(
+    State(c): Ctl,
+    UrlPath(name): UrlPath<String>,
+    q: Result<Query<InviteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
+    };
+    let lan = match list::<ipnet::IpNet>(q.lan.as_deref().or(Some("10.1.0.0/24"))) {
+        Ok(l) => l,
+        Err(i) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_lan",
+                format!("expected IPv4 prefixes like 10.1.0.0/24, got {i:?}"),
+            )
+        }
+    };
+    let addresses = match list(q.address.as_deref()) {
+        Ok(a) => a,
+        Err(i) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_address",
+                format!("expected IPv4:port like 203.0.113.5:4433, got {i:?}"),
+            )
+        }
+    };
+    let action = Action::Invite {
+        name,
+        lan,
+        valid_s: q.valid_s.unwrap_or(86_400),
+        addresses,
+    };
+    act(&c, action).await
+}
+
+async fn revoke(State(c): Ctl, UrlPath(name): UrlPath<String>) -> Response {
+    act(&c, Action::Revoke(name)).await
+}
+
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -321,6 +395,8 @@ pub fn router(c: Arc<Control>) -> Router {
         .route("/v1/events", get(get_events))
         .route("/v1/events/stream", get(stream_events))
         .route("/v1/reload", post(reload))
+        .route("/v1/devices/{name}/invite", post(invite))
+        .route("/v1/devices/{name}/revoke", post(revoke))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(4096))
         .with_state(c)

@@ -27,6 +27,9 @@ pub enum ClientError {
     },
     #[error("control API: {0}")]
     Protocol(String),
+    /// The command line itself was wrong (nothing was sent).
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl ClientError {
@@ -36,6 +39,7 @@ impl ClientError {
             Self::NotRunning { .. } => "not_running",
             Self::Api { code, .. } => code,
             Self::Protocol(_) => "protocol",
+            Self::Usage(_) => "usage",
         }
     }
 }

@@ -58,6 +58,53 @@ pub enum Ctl {
         #[command(flatten)]
         at: At,
     },
+    /// On the hub: invite a new stall (prints a one-time code for `stallnet enroll`), or
+    /// revoke one (its connections close at once).
+    Hub {
+        #[command(flatten)]
+        at: At,
+        #[command(subcommand)]
+        action: HubAction,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum HubAction {
+    /// Print a one-time code for a new device NAME; `stallnet enroll CODE` on the box
+    /// uses it (good once, until it expires).
+    Invite {
+        name: String,
+        /// The box's LAN prefixes (IPv4; repeatable). Default: the image's 10.1.0.0/24.
+        #[arg(long)]
+        lan: Vec<ipnet::Ipv4Net>,
+        /// How long the code is good for: 30m, 24h, 7d (1 minute to 30 days).
+        #[arg(long, default_value = "24h")]
+        expires: String,
+        /// Where boxes reach the hub (IPv4:port; repeatable). Default: `hub.listen`
+        /// when it is a specific address.
+        #[arg(long)]
+        address: Vec<std::net::SocketAddrV4>,
+    },
+    /// Take an enrolled device (or a pending invite) out at once.
+    Revoke { name: String },
+}
+
+/// Seconds in `30m`, `24h`, `7d` or plain seconds.
+fn duration_s(s: &str) -> Option<u64> {
+    let (n, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// Which daemon to talk to.
@@ -65,7 +112,7 @@ pub enum Ctl {
 pub struct At {
     /// The daemon's config: its control socket is found from the config's `runtime_dir`,
     /// as `stallnet run --config` puts it (instead of `--runtime-dir`).
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
 }
 
@@ -80,6 +127,7 @@ impl Ctl {
             | Ctl::StreamAdvice { at }
             | Ctl::Reload { at }
             | Ctl::Events { at, .. }
+            | Ctl::Hub { at, .. }
             | Ctl::Uplink { at, .. } => at,
         }
     }
@@ -151,6 +199,33 @@ pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<Exi
                 .request(hyper::Method::POST, "/v1/reload")
                 .await
                 .map(Some),
+            Ctl::Hub { action, .. } => {
+                let path = match &action {
+                    HubAction::Invite {
+                        name,
+                        lan,
+                        expires,
+                        address,
+                    } => {
+                        let Some(valid_s) = duration_s(expires) else {
+                            return Err(ClientError::Usage(format!(
+                                "--expires: expected a duration like 30m, 24h or 7d, got {expires:?}"
+                            )));
+                        };
+                        let join = |v: Vec<String>| v.join(",");
+                        let mut p = format!("/v1/devices/{name}/invite?valid_s={valid_s}");
+                        if !lan.is_empty() {
+                            p.push_str(&format!("&lan={}", join(lan.iter().map(ToString::to_string).collect())));
+                        }
+                        if !address.is_empty() {
+                            p.push_str(&format!("&address={}", join(address.iter().map(ToString::to_string).collect())));
+                        }
+                        p
+                    }
+                    HubAction::Revoke { name } => format!("/v1/devices/{name}/revoke"),
+                };
+                client.request(hyper::Method::POST, &path).await.map(Some)
+            }
             Ctl::Uplink { action, .. } => {
                 let (method, path) = match &action {
                     UplinkAction::Disable { name } => {

@@ -552,6 +552,8 @@ async fn supervise(
             lan_source_cap: lock(&ctx.lan_cap)
                 .map(|(pps, dropped)| serde_json::json!({ "pps": pps, "dropped": dropped })),
             isolation: None,
+            enrollment: None,
+            handshakes: None,
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
@@ -1000,6 +1002,11 @@ impl Daemon for EdgeDaemon {
                 })
             }
             A::Reload => self.reload(),
+            A::Invite { .. } | A::Revoke(_) => Err(ActionError::new(
+                axum::http::StatusCode::CONFLICT,
+                "not_on_edge",
+                "invites and revocations are done on the hub",
+            )),
         }
     }
 }

@@ -1,42 +1,41 @@
-//! The hub role: one QUIC server endpoint, admitting only listed devices; each device's
-//! connections form its bond; download traffic from the hub's TUN device is routed to the
-//! device whose LAN (or tunnel address) it is for, through that bond's scheduler.
+//! The hub role: one QUIC server endpoint, admitting only its devices (those in the
+//! config and those enrolled with an invite code); each device's connections form its
+//! bond; download traffic from the hub's TUN device is routed to the device whose LAN
+//! block (or tunnel address) it is for, through that bond's scheduler. Devices are
+//! enrolled and revoked while the hub runs (`hub/fleet.rs`); a connection without a
+//! certificate gets the enrollment exchange only (`crate::enroll`).
 
-use std::net::IpAddr;
+mod fleet;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use axum::http::StatusCode;
 use bytes::Bytes;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use stallnet_netconf::Config;
 use tokio_util::sync::CancellationToken;
 
 use crate::classes;
-use crate::control::{self, ActionError, Daemon};
-use crate::core::classify::{Classifier, ClassifyConfig};
-use crate::core::lan_map::{LanMap, Routes};
+use crate::control::{self, Action, ActionError, Daemon};
+use crate::core::handshake_guard::{Admit, HandshakeGuard};
 use crate::core::packet;
 use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
-use crate::driver::bond::{Bond, BondConfig, Side};
 use crate::driver::kernel::Kernel;
 use crate::driver::session::{self, Welcome};
 use crate::driver::sys;
+use crate::enroll::book::{Book, Refusal};
+use crate::enroll::{self, code::Code, Registrar};
 use crate::events::{EventLog, Level};
 use crate::identity;
 use crate::status::{self, Status};
 
-struct Device {
-    name: String,
-    identity: String,
-    /// Its tunnel address.
-    address: IpAddr,
-    /// Its IPv4 LAN and where that appears on the hub.
-    map: LanMap,
-    bond: Arc<Bond>,
-    mode: stallnet_netconf::SchedMode,
-}
+use fleet::{Device, Fleet, Maker};
 
 /// Runs the hub until `cancel`; whatever way it ends (an error half-way through the
 /// start included), the kernel is left as it was found.
@@ -53,6 +52,196 @@ pub async fn run(
     .await
 }
 
+/// What the hub's control actions and the enrollment exchange work on.
+struct Hub {
+    fleet: Fleet,
+    maker: Maker,
+    book: Mutex<Book>,
+    state_dir: PathBuf,
+    /// The hub's identity, for invite codes.
+    identity: String,
+    /// Where boxes reach the hub when an invite names no address (`hub.listen`, when it
+    /// is a specific address).
+    listen: SocketAddr,
+    /// Scheduling mode for downloads that are not POS.
+    mode: stallnet_netconf::SchedMode,
+    events: Arc<EventLog>,
+    latest: Mutex<Option<Status>>,
+    /// Connection attempts: in progress, and those answered with a Retry, refused or
+    /// timed out (see [`HandshakeGuard`]).
+    handshakes: Handshakes,
+    /// Requests without a certificate, and those refused.
+    enroll_attempts: AtomicU64,
+    enroll_refused: AtomicU64,
+}
+
+#[derive(Default)]
+struct Handshakes {
+    in_progress: std::sync::atomic::AtomicUsize,
+    retried: AtomicU64,
+    refused: AtomicU64,
+    timed_out: AtomicU64,
+}
+
+/// How long a handshake may take (QUIC's own idle timeout is 10 s).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Hub {
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A device enrolled earlier (or just now) into the running fleet.
+    fn admit(&self, name: &str, identity: &str, lan: &[IpNet]) -> Result<Arc<Device>> {
+        let lan4: Vec<Ipv4Net> = lan
+            .iter()
+            .filter_map(|p| match p {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let place = self.fleet.place(&self.maker, &lan4)?;
+        let rules = classes::core_rules(&stallnet_netconf::classes::default_rules());
+        let dev = self
+            .maker
+            .make(name, identity, place, Vec::new(), &rules, false);
+        self.fleet.insert(dev.clone())?;
+        for (l, b) in dev.map.lans().zip(dev.map.blocks()) {
+            tracing::info!(device = %name, "LAN {l} appears on the hub at {b}");
+        }
+        Ok(dev)
+    }
+
+    fn invite(
+        &self,
+        name: &str,
+        lan: Vec<IpNet>,
+        valid_s: u64,
+        addresses: Vec<SocketAddr>,
+    ) -> Result<String, ActionError> {
+        let bad =
+            |code: &'static str, m: String| ActionError::new(StatusCode::BAD_REQUEST, code, m);
+        let addresses = if addresses.is_empty() {
+            if self.listen.ip().is_unspecified() {
+                return Err(bad(
+                    "no_address",
+                    format!("the hub listens on {} (any address): give the address boxes reach it at (--address HOST:PORT)", self.listen),
+                ));
+            }
+            vec![self.listen]
+        } else {
+            addresses
+        };
+        let secret: [u8; 16] = rand::random();
+        let code = Code::encode(secret, &self.identity, &addresses)
+            .map_err(|e| bad("bad_address", e.to_string()))?;
+        let mut book = self.book();
+        let mut next = book.clone();
+        next.invite(name, lan, &secret, valid_s, unix_now(), |n| {
+            self.fleet.by_name(n).is_some()
+        })
+        .map_err(|e| ActionError::new(StatusCode::CONFLICT, "bad_invite", e.to_string()))?;
+        next.save(&self.state_dir).map_err(|e| {
+            ActionError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "not_saved",
+                format!("{e:#}"),
+            )
+        })?;
+        *book = next;
+        self.events.push(
+            Level::Info,
+            "invite",
+            None,
+            format!("invite for device {name} (valid {valid_s} s)"),
+        );
+        Ok(code)
+    }
+
+    fn revoke(&self, name: &str) -> Result<String, ActionError> {
+        if self.fleet.by_name(name).is_some_and(|d| d.from_config) {
+            return Err(ActionError::new(
+                StatusCode::CONFLICT,
+                "in_config",
+                format!("device {name} is listed in the hub's config: remove it there and restart the hub"),
+            ));
+        }
+        let mut book = self.book();
+        let mut next = book.clone();
+        let in_book = next.revoke(name);
+        if in_book {
+            next.save(&self.state_dir).map_err(|e| {
+                ActionError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "not_saved",
+                    format!("{e:#}"),
+                )
+            })?;
+            *book = next;
+        }
+        drop(book);
+        let live = self.fleet.remove(name).is_some();
+        if !in_book && !live {
+            return Err(ActionError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_device",
+                format!("no enrolled device or pending invite is named {name}"),
+            ));
+        }
+        self.events.push(
+            Level::Warning,
+            "revoked",
+            None,
+            format!(
+                "device {name} revoked: its connections are closed and it is refused from now on"
+            ),
+        );
+        Ok(format!("device {name} revoked"))
+    }
+}
+
+impl Registrar for Hub {
+    fn redeem(&self, secret: &[u8], identity: &str) -> Result<String, Refusal> {
+        self.enroll_attempts.fetch_add(1, Ordering::Relaxed);
+        let r = (|| {
+            if self.fleet.by_identity(identity).is_some() {
+                return Err(Refusal::AlreadyEnrolled);
+            }
+            let mut book = self.book();
+            let mut next = book.clone();
+            let dev = next.redeem(secret, identity, unix_now())?;
+            next.save(&self.state_dir).map_err(|e| {
+                tracing::warn!("recording an enrolled device: {e:#}");
+                Refusal::HubError
+            })?;
+            *book = next;
+            drop(book);
+            self.admit(&dev.name, &dev.identity, &dev.lan)
+                .map_err(|e| {
+                    tracing::warn!(device = %dev.name, "admitting an enrolled device: {e:#}");
+                    Refusal::HubError
+                })?;
+            self.events.push(
+                Level::Info,
+                "enrolled",
+                None,
+                format!("device {} enrolled ({identity})", dev.name),
+            );
+            Ok(dev.name)
+        })();
+        if r.is_err() {
+            self.enroll_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
 async fn run_with(
     kernel: Arc<Kernel>,
     cfg: Config,
@@ -65,6 +254,7 @@ async fn run_with(
         .context("the config validated but cannot run (please report this)")?;
     let h = cfg.hub().context("config has no [hub] section")?.clone();
     let me = identity::load(&cfg.state_dir)?;
+    let book = Book::load(&cfg.state_dir)?;
     std::fs::create_dir_all(&cfg.runtime_dir)
         .with_context(|| format!("creating {}", cfg.runtime_dir.display()))?;
     let hub_addr = plan.hub_address;
@@ -76,7 +266,19 @@ async fn run_with(
         .context("isolating the stalls (nft table inet stallnet_hub)")?;
     let nl = &kernel.nl;
     let tun_index = nl.link(&h.tun_name).await?.context("TUN vanished")?.index;
+    // The whole map space goes into the TUN (devices come and go inside it); the pool is
+    // the TUN's own prefix; IPv6 LAN prefixes of config devices are routed as they are.
+    nl.route_prefix(IpNet::V4(plan.lan_map), tun_index, 254)
+        .await?;
 
+    let maker = Maker {
+        tun: tun.clone(),
+        sched: plan.sched.clone(),
+        hub_address: hub_addr,
+        pool: plan.pool,
+        space: plan.lan_map,
+        cancel: cancel.clone(),
+    };
     let mut devices = Vec::new();
     // The plan holds an address, the download rules and the LAN's blocks for each device,
     // in config order.
@@ -87,78 +289,102 @@ async fn run_with(
         .zip(&plan.device_maps);
     for (d, ((address, rules), map)) in h.devices.iter().zip(per_device) {
         let d = d.get_ref();
-        let address = IpAddr::V4(*address);
-        // The kernel routes each device's blocks (and IPv6 LAN prefixes, as they are)
-        // into the TUN; the reader finds the device by `plan.routes`.
-        for b in map.blocks() {
-            nl.route_prefix(IpNet::V4(b), tun_index, 254).await?;
-        }
-        for p in d.lan.iter().filter(|p| p.network().is_ipv6()) {
+        let lan6: Vec<IpNet> = d
+            .lan
+            .iter()
+            .filter(|p| p.network().is_ipv6())
+            .copied()
+            .collect();
+        for p in &lan6 {
             nl.route_prefix(*p, tun_index, 254).await?;
         }
-        for (lan, block) in d.lan.iter().filter_map(|p| match p {
-            IpNet::V4(n) => map.mapped(n.network()).map(|m| (n, m)),
-            IpNet::V6(_) => None,
-        }) {
-            tracing::info!(device = %d.name, "LAN {lan} appears on the hub at {block}/{}", lan.prefix_len());
+        for (l, b) in map.lans().zip(map.blocks()) {
+            tracing::info!(device = %d.name, "LAN {l} appears on the hub at {b}");
         }
-        let mut accept = d.lan.clone();
-        accept.push(IpNet::from(address));
-        let bond = Bond::new(
-            tun.clone(),
-            BondConfig {
-                side: Side::Hub,
-                sched: plan.sched.clone(),
-                classifier: Classifier::new(rules, ClassifyConfig::default()),
-                lan_map: Some(map.clone()),
-            },
-            Some(accept),
-            cancel.child_token(),
-        );
-        bond.set_icmp_source(IpAddr::V4(hub_addr));
-        devices.push(Arc::new(Device {
-            name: d.name.clone(),
-            identity: d.identity.clone(),
-            address,
+        let place = fleet::Place {
+            address: *address,
             map: map.clone(),
-            bond,
-            mode: h.mode,
-        }));
+        };
+        devices.push(maker.make(&d.name, &d.identity, place, lan6, rules, true));
     }
-    let devices = Arc::new(devices);
-    let allow: identity::AllowList = Arc::new(RwLock::new(
-        devices.iter().map(|d| d.identity.clone()).collect(),
-    ));
+    let allow: identity::AllowList = Arc::new(RwLock::new(Default::default()));
+    let fleet = Fleet::new(devices, allow.clone())?;
+    let events = Arc::new(EventLog::new());
+    let hub = Arc::new(Hub {
+        fleet,
+        maker,
+        book: Mutex::new(book.clone()),
+        state_dir: cfg.state_dir.clone(),
+        identity: me.id.clone(),
+        listen: h.listen,
+        mode: h.mode,
+        events: events.clone(),
+        latest: Mutex::new(None),
+        handshakes: Handshakes::default(),
+        enroll_attempts: AtomicU64::new(0),
+        enroll_refused: AtomicU64::new(0),
+    });
+    // Devices enrolled before this start; the config wins a name or identity clash.
+    for d in &book.devices {
+        if hub.fleet.by_name(&d.name).is_some() || hub.fleet.by_identity(&d.identity).is_some() {
+            tracing::warn!(device = %d.name, "enrolled device left out: the config lists its name or identity");
+            continue;
+        }
+        if let Err(e) = hub.admit(&d.name, &d.identity, &d.lan) {
+            tracing::warn!(device = %d.name, "enrolled device left out: {e:#}");
+        }
+    }
     let refused = Arc::new(AtomicU64::new(0));
     let server = identity::server_config(&me, allow, refused.clone())?;
-    let endpoint = quinn::Endpoint::server(server, h.listen)
-        .with_context(|| format!("listening on {}", h.listen))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        sys::hub_socket(h.listen)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("listening on {}", h.listen))?;
     tracing::info!(identity = %me.id, listen = %h.listen, "hub running");
 
     let epoch: u64 = rand::random();
-    let (d, ep) = (devices.clone(), endpoint.clone());
+    let (hb, ep) = (hub.clone(), endpoint.clone());
     let acceptor = tokio::spawn(async move {
+        let guard = HandshakeGuard::default();
         while let Some(incoming) = ep.accept().await {
-            let d = d.clone();
+            let busy = hb.handshakes.in_progress.load(Ordering::Relaxed);
+            match guard.decide(busy, incoming.remote_address_validated()) {
+                Admit::Accept => {}
+                Admit::Retry => {
+                    hb.handshakes.retried.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
+                Admit::Refuse => {
+                    hb.handshakes.refused.fetch_add(1, Ordering::Relaxed);
+                    incoming.refuse();
+                    continue;
+                }
+            }
+            hb.handshakes.in_progress.fetch_add(1, Ordering::Relaxed);
+            let hb = hb.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve(incoming, d, epoch).await {
+                if let Err(e) = serve(incoming, hb, epoch).await {
                     tracing::debug!("connection: {e:#}");
                 }
             });
         }
     });
-    let (d, t, r) = (devices.clone(), tun.clone(), plan.routes.clone());
+    let (hb, t) = (hub.clone(), tun.clone());
     let mss = h.mtu.saturating_sub(40);
-    let reader = tokio::spawn(async move { tun_reader(d, r, t, mss).await });
+    let reader = tokio::spawn(async move { tun_reader(hb, t, mss).await });
 
-    let latest: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
-    let events = Arc::new(EventLog::new());
     events.push(Level::Info, "started", None, "stallnet hub started".into());
     for (level, kind, msg) in notes {
         events.push(level, kind, None, msg);
     }
     control::spawn(
-        Arc::new(HubDaemon(latest.clone())),
+        Arc::new(HubDaemon(hub.clone())),
         events.clone(),
         &cfg,
         cancel.clone(),
@@ -174,7 +400,7 @@ async fn run_with(
         let (ev, dir, c) = (events.clone(), cfg.state_dir.clone(), cancel.clone());
         tokio::spawn(crate::confirm::guard(path, dir, ev, after, c));
     }
-    let mut online: Vec<bool> = vec![false; devices.len()];
+    let mut online: HashMap<String, bool> = HashMap::new();
     let started = std::time::Instant::now();
     let mut notifier = crate::service::Notifier::new();
     notifier.ready("listening");
@@ -189,6 +415,7 @@ async fn run_with(
                 break;
             }
         }
+        let devices = hub.fleet.list();
         notifier.tick(&format!(
             "{} of {} devices online",
             devices.iter().filter(|d| d.bond.online()).count(),
@@ -239,16 +466,29 @@ async fn run_with(
             stream_advice: None,
             lan_source_cap: None,
             isolation: isolation.clone(),
+            handshakes: Some(serde_json::json!({
+                "in_progress": hub.handshakes.in_progress.load(Ordering::Relaxed),
+                "retried": hub.handshakes.retried.load(Ordering::Relaxed),
+                "refused": hub.handshakes.refused.load(Ordering::Relaxed),
+                "timed_out": hub.handshakes.timed_out.load(Ordering::Relaxed),
+            })),
+            enrollment: Some(serde_json::json!({
+                "attempts": hub.enroll_attempts.load(Ordering::Relaxed),
+                "refused": hub.enroll_refused.load(Ordering::Relaxed),
+                "pending_invites": hub.book().invites.iter().filter(|i| i.used_by.is_none() && i.expires_unix > unix_now()).count(),
+            })),
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");
         }
-        if let Ok(mut l) = latest.lock() {
+        if let Ok(mut l) = hub.latest.lock() {
             *l = Some(doc);
         }
-        for (d, was) in devices.iter().zip(online.iter_mut()) {
+        online.retain(|name, _| devices.iter().any(|d| &d.name == name));
+        for d in &devices {
             let now = d.bond.online();
-            if now != *was {
+            let was = online.insert(d.name.clone(), now).unwrap_or(false);
+            if now != was {
                 let (level, kind, what) = if now {
                     (Level::Info, "online", "connected")
                 } else {
@@ -259,7 +499,6 @@ async fn run_with(
                     )
                 };
                 events.push(level, kind, None, format!("device {}: {what}", d.name));
-                *was = now;
             }
         }
     }
@@ -272,22 +511,30 @@ async fn run_with(
     Ok(())
 }
 
-/// Admits one connection into its device's bond for as long as it lives.
-async fn serve(
-    incoming: quinn::Incoming,
-    devices: Arc<Vec<Arc<Device>>>,
-    epoch: u64,
-) -> Result<()> {
-    let conn = incoming.await.context("handshake")?;
+/// Admits one connection into its device's bond for as long as it lives; a connection
+/// without a certificate gets the enrollment exchange only.
+async fn serve(incoming: quinn::Incoming, hub: Arc<Hub>, epoch: u64) -> Result<()> {
+    // A handshake that has not finished in 5 s is given up (its state with it).
+    let handshake = tokio::time::timeout(HANDSHAKE_LIMIT, incoming).await;
+    hub.handshakes.in_progress.fetch_sub(1, Ordering::Relaxed);
+    let conn = match handshake {
+        Ok(c) => c.context("handshake")?,
+        Err(_) => {
+            hub.handshakes.timed_out.fetch_add(1, Ordering::Relaxed);
+            bail!("handshake not finished within {HANDSHAKE_LIMIT:?}");
+        }
+    };
     let peer = conn
         .peer_identity()
         .and_then(|p| {
             p.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                 .ok()
         })
-        .and_then(|certs| certs.first().map(|c| identity::identity_of(c)))
-        .context("no client certificate")?;
-    let Some(dev) = devices.iter().find(|d| d.identity == peer).cloned() else {
+        .and_then(|certs| certs.first().map(|c| identity::identity_of(c)));
+    let Some(peer) = peer else {
+        return enroll::serve(conn, hub.as_ref()).await;
+    };
+    let Some(dev) = hub.fleet.by_identity(&peer) else {
         conn.close(1u32.into(), b"");
         bail!("unknown identity {peer}");
     };
@@ -301,9 +548,10 @@ async fn serve(
     })
     .await?;
     tracing::info!(device = %dev.name, link = %hello.link, remote = %conn.remote_address(), "uplink joined");
+    let mode = hub.mode;
     dev.bond.peer_epoch(hello.epoch);
     if let Some(specs) = &hello.classes {
-        dev.bond.configure(classes::sched_config(specs, dev.mode));
+        dev.bond.configure(classes::sched_config(specs, mode));
     }
     let mask = hello.link_classes.as_deref().map_or(ALL_CLASSES, mask_of);
     let id = dev.bond.add_link(&hello.link, hello.backup, mask, None);
@@ -314,7 +562,7 @@ async fn serve(
             Ok(Some(u)) => {
                 tracing::info!(device = %dev.name, link = %hello.link, backup = u.backup, classes = ?u.link_classes, "uplink updated");
                 if let Some(specs) = &u.classes {
-                    dev.bond.configure(classes::sched_config(specs, dev.mode));
+                    dev.bond.configure(classes::sched_config(specs, mode));
                 }
                 dev.bond.set_backup(id, u.backup);
                 dev.bond.set_link_config(id, mask_of(&u.link_classes), None);
@@ -336,12 +584,7 @@ fn mask_of(names: &[stallnet_netconf::ClassName]) -> ClassMask {
     names.iter().fold(0, |m, n| m | bit(classes::class_of(*n)))
 }
 
-async fn tun_reader(
-    devices: Arc<Vec<Arc<Device>>>,
-    routes: Routes,
-    tun: Arc<tun::AsyncDevice>,
-    mss: u16,
-) -> Result<()> {
+async fn tun_reader(hub: Arc<Hub>, tun: Arc<tun::AsyncDevice>, mss: u16) -> Result<()> {
     let mut buf = vec![0u8; 65536];
     loop {
         let n = tun.recv(&mut buf).await.context("TUN read")?;
@@ -349,7 +592,7 @@ async fn tun_reader(
         let Some((_, dst)) = packet::addrs(pkt) else {
             continue;
         };
-        let Some(dev) = routes.lookup(dst).and_then(|i| devices.get(i)) else {
+        let Some(dev) = hub.fleet.for_destination(dst) else {
             continue;
         };
         // Back to the device's own LAN address (its tunnel address stays).
@@ -360,19 +603,29 @@ async fn tun_reader(
     }
 }
 
-/// The hub as the control API sees it: status and events; uplink actions belong to edges.
-struct HubDaemon(Arc<std::sync::Mutex<Option<Status>>>);
+/// The hub as the control API sees it: status and events, invites and revocations;
+/// uplink actions belong to edges.
+struct HubDaemon(Arc<Hub>);
 
 impl Daemon for HubDaemon {
     fn snapshot(&self) -> Option<Status> {
-        self.0.lock().ok().and_then(|l| l.clone())
+        self.0.latest.lock().ok().and_then(|l| l.clone())
     }
 
-    fn act(&self, _action: control::Action) -> Result<String, ActionError> {
-        Err(ActionError::new(
-            axum::http::StatusCode::CONFLICT,
-            "not_on_hub",
-            "uplink actions and reloads are done on the edge (the stall's box)",
-        ))
+    fn act(&self, action: Action) -> Result<String, ActionError> {
+        match action {
+            Action::Invite {
+                name,
+                lan,
+                valid_s,
+                addresses,
+            } => self.0.invite(&name, lan, valid_s, addresses),
+            Action::Revoke(name) => self.0.revoke(&name),
+            _ => Err(ActionError::new(
+                StatusCode::CONFLICT,
+                "not_on_hub",
+                "uplink actions and reloads are done on the edge (the stall's box)",
+            )),
+        }
     }
 }

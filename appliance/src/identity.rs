@@ -216,6 +216,12 @@ impl ClientCertVerifier for AllowedClients {
         &[]
     }
 
+    /// A client without a certificate gets through the handshake, to the enrollment
+    /// exchange only (`crate::enroll`); a certificate that is not admitted never does.
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -314,8 +320,30 @@ pub fn client_config(me: &Identity, hub_pins: &[String]) -> Result<quinn::Client
     Ok(cfg)
 }
 
+/// QUIC client configuration for enrolling: the hub pinned, no certificate of ours (the
+/// box proves the invite's secret instead, inside the connection).
+pub fn enroll_client_config(hub_pin: &str) -> Result<quinn::ClientConfig> {
+    let prov = provider();
+    let verifier = Arc::new(PinnedServer {
+        pins: [hub_pin.to_string()].into_iter().collect(),
+        algs: prov.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(prov)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client TLS")?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
 /// QUIC server configuration for the hub: only `allow`ed identities get through the
-/// handshake; refusals are counted in `refused`.
+/// handshake (or a client with no certificate, for enrollment); refusals are counted in
+/// `refused`.
 pub fn server_config(
     me: &Identity,
     allow: AllowList,
@@ -338,6 +366,10 @@ pub fn server_config(
         )
         .context("server certificate")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No session resumption: a resumed session skips the client certificate check, and a
+    // revoked device must be refused on its very next handshake.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC server TLS")?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport()));

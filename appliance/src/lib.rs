@@ -28,6 +28,7 @@ pub mod control_client;
 pub use stallnet_proto as core;
 pub mod driver;
 pub mod edge;
+pub mod enroll;
 pub mod events;
 pub mod hub;
 pub mod hub_isolation;

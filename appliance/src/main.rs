@@ -52,6 +52,17 @@ enum Cmd {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// Join a hub with the one-time code from `stallnet hub invite`: proves the code's
+    /// secret to the hub it names, then pins that hub in this box's config (applied as a
+    /// new revision; a running edge reloads).
+    Enroll {
+        /// The code (SN-…; case, spaces and dashes do not matter). `-` reads it from
+        /// standard input.
+        code: String,
+        /// The box's config.
+        #[arg(long, short, default_value = config_cmd::LIVE)]
+        config: PathBuf,
+    },
     /// Validate a config file; every error is printed with file:line:col.
     Check { config: PathBuf },
     /// Print the SHA-256 of a commerce client key (what `commerce.clients` holds).
@@ -357,5 +368,76 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             ctl::run(c, dir, json)
         }
         Cmd::Config { cmd } => config_cmd::run(cmd, json),
+        Cmd::Enroll { code, config } => enroll(&code, config, json),
     }
+}
+
+/// `stallnet enroll`: exit 2 for a code that cannot be read, 1 when the hub refuses it.
+fn enroll(code: &str, config: PathBuf, json: bool) -> Result<ExitCode> {
+    use stallnet::enroll::code::Code;
+    let text = if code == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        code.to_string()
+    };
+    let fail = |code: u8, kind: &str, msg: String| {
+        if json {
+            eprintln!(
+                "{}",
+                serde_json::json!({ "version": 1, "error": { "code": kind, "message": msg } })
+            );
+        } else {
+            eprintln!("stallnet enroll: {msg}");
+        }
+        Ok(ExitCode::from(code))
+    };
+    let code = match Code::decode(&text) {
+        Ok(c) => c,
+        Err(e) => return fail(2, "bad_code", e.to_string()),
+    };
+    let cfg = stallnet_netconf::load_file(&config)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("reading {}", config.display()))?;
+    if cfg.role != Role::Edge {
+        return fail(
+            2,
+            "not_edge",
+            "enroll runs on a box (role = \"edge\")".into(),
+        );
+    }
+    let me = match identity::load(&cfg.state_dir) {
+        Ok(me) => me,
+        Err(_) => identity::keygen(&cfg.state_dir, false)?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let name = match rt.block_on(stallnet::enroll::enroll(&code, &me.id)) {
+        Ok(Ok(name)) => name,
+        Ok(Err(refusal)) => {
+            return fail(1, "refused", format!("the hub refused the code: {refusal}"))
+        }
+        Err(e) => return fail(1, "unreachable", format!("{e:#}")),
+    };
+    let hubs: Vec<String> = code
+        .hub_addresses
+        .iter()
+        .map(|a| {
+            format!(
+                "{{ address = \"{a}\", identity = \"{}\" }}",
+                code.hub_identity
+            )
+        })
+        .collect();
+    let assignment = format!("edge.hubs=[{}]", hubs.join(", "));
+    if !json {
+        println!(
+            "enrolled as {name} on hub {}; pinning it in {}",
+            code.hub_identity,
+            config.display()
+        );
+    }
+    config_cmd::set_now(config, assignment, format!("enrolled as {name}"), json)
 }

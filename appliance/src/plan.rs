@@ -79,6 +79,9 @@ pub struct EdgePlan {
 pub struct HubPlan {
     pub hub_address: Ipv4Addr,
     pub prefix_len: u8,
+    /// The tunnel pool and the LAN map space.
+    pub pool: ipnet::Ipv4Net,
+    pub lan_map: ipnet::Ipv4Net,
     /// Each device's tunnel address, in config order.
     pub device_addresses: Vec<Ipv4Addr>,
     /// Each device's download rules (its POS sources, then the built-in rules).
@@ -263,6 +266,8 @@ pub fn hub(cfg: &Config) -> Result<HubPlan, PlanError> {
     Ok(HubPlan {
         hub_address,
         prefix_len: pool.prefix_len(),
+        pool,
+        lan_map: space,
         device_addresses,
         device_rules,
         device_maps,

@@ -46,6 +46,14 @@ pub struct Status {
     /// itself, since the hub started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<serde_json::Value>,
+    /// The hub's connection attempts (`{"in_progress", "retried", "refused",
+    /// "timed_out"}`: handshakes running now; attempts answered with a QUIC Retry or
+    /// refused while handshakes piled up; handshakes given up after 5 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes: Option<serde_json::Value>,
+    /// The hub's enrollment figures (`{"attempts", "refused", "pending_invites"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment: Option<serde_json::Value>,
 }
 
 /// The clock's trustworthiness (see [`Status::clock`]).

@@ -66,6 +66,32 @@ pub fn blocks(space: Ipv4Net, devices: &[&[IpNet]]) -> Result<Vec<Vec<Block>>, N
     Ok(out)
 }
 
+/// The first block of prefix length `len` in `space`, aligned to its size, that overlaps
+/// none of `taken` (a device added while the hub runs).
+pub fn first_free(space: Ipv4Net, taken: &[Ipv4Net], len: u8) -> Option<Ipv4Net> {
+    if len < space.prefix_len() || len > 32 {
+        return None;
+    }
+    let size = 1u64 << (32 - u32::from(len));
+    let start = u64::from(u32::from(space.network()));
+    let end = start + (1u64 << (32 - u32::from(space.prefix_len())));
+    let mut at = start;
+    while at + size <= end {
+        let first = u32::try_from(at).ok()?;
+        let last = u32::try_from(at + size - 1).ok()?;
+        let clash = taken.iter().find(|t| {
+            let (a, b) = (u32::from(t.network()), u32::from(t.broadcast()));
+            a <= last && first <= b
+        });
+        match clash {
+            None => return Ipv4Net::new(Ipv4Addr::from(first), len).ok(),
+            // Past the block in the way, aligned up again.
+            Some(t) => at = (u64::from(u32::from(t.broadcast())) + 1).div_ceil(size) * size,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +120,24 @@ mod tests {
         assert_eq!(got[0][0].mapped.to_string(), "10.100.0.0/28");
         // A /23 after a /28 starts at the next /23 boundary.
         assert_eq!(got[1][0].mapped.to_string(), "10.100.2.0/23");
+    }
+
+    #[test]
+    fn a_free_block_is_found_around_the_taken_ones() {
+        let space: Ipv4Net = "10.100.0.0/22".parse().expect("space");
+        let t = |s: &str| -> Ipv4Net { s.parse().expect("net") };
+        let taken = [t("10.100.0.0/24"), t("10.100.2.0/24")];
+        assert_eq!(first_free(space, &taken, 24), Some(t("10.100.1.0/24")));
+        assert_eq!(
+            first_free(space, &taken, 23),
+            None,
+            "each /23 holds a taken /24"
+        );
+        let taken = [t("10.100.0.0/24"), t("10.100.1.0/24"), t("10.100.2.0/24")];
+        assert_eq!(first_free(space, &taken, 24), Some(t("10.100.3.0/24")));
+        let full = [t("10.100.0.0/22")];
+        assert_eq!(first_free(space, &full, 28), None);
+        assert_eq!(first_free(space, &[], 20), None, "wider than the space");
     }
 
     #[test]

@@ -196,6 +196,9 @@ pub struct Options {
     /// image's) and one wired uplink `wan1` straight to the internet (172.20.K.2/24), its
     /// own identity, and device `stallK` on the hub.
     pub extra_stalls: usize,
+    /// The last extra stall is fresh from the image: not on the hub, no hub in its
+    /// config (`hubs = []`, `fallback = "direct"`), to be enrolled by the test.
+    pub unlisted_stall: bool,
 }
 
 pub struct Topology {
@@ -210,6 +213,8 @@ pub struct Topology {
     pub hub2_id: String,
     /// The identities of stalls 2, 3, … ([`Options::extra_stalls`]).
     pub stall_ids: Vec<String>,
+    /// [`Options::unlisted_stall`].
+    pub unlisted_stall: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -321,6 +326,7 @@ impl Topology {
             hub_id: String::new(),
             hub2_id: String::new(),
             stall_ids: Vec::new(),
+            unlisted_stall: opts.unlisted_stall,
         };
         t.wire(&opts)?;
         t.keys_and_configs(&opts)?;
@@ -710,20 +716,32 @@ impl Topology {
         let mut hub = hub;
         for k in 2..2 + opts.extra_stalls {
             let id = keygen(&self.dir.join(format!("edge{k}-state")))?;
+            let fresh = opts.unlisted_stall && k == 1 + opts.extra_stalls;
+            let hubs = if fresh {
+                String::new()
+            } else {
+                format!(
+                    "{{ address = \"{HUB_ADDR}:4433\", identity = \"{}\" }}",
+                    self.hub_id
+                )
+            };
             let edge = format!(
                 "role = \"edge\"\nstate_dir = \"{d}/edge{k}-state\"\nruntime_dir = \"{d}/edge{k}-run\"\n\n[edge]\n\
-                 hubs = [{{ address = \"{HUB_ADDR}:4433\", identity = \"{hub}\" }}]\n\
-                 lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"none\"\n\
+                 hubs = [{hubs}]\n\
+                 lan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\nfallback = \"{fb}\"\n\
                  reachability = {{ enabled = false }}\n\n\
                  [[edge.uplinks]]\nname = \"wired\"\ninterface = \"wan1\"\nkind = \"ethernet\"\n",
                 d = self.dir.display(),
-                hub = self.hub_id,
+                fb = if fresh { "direct" } else { "none" },
             );
             std::fs::write(self.dir.join(format!("edge{k}.toml")), edge)?;
+            self.stall_ids.push(id.clone());
+            if fresh {
+                continue;
+            }
             hub.push_str(&format!(
                 "\n[[hub.devices]]\nname = \"stall{k}\"\nidentity = \"{id}\"\nlan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\n"
             ));
-            self.stall_ids.push(id);
         }
         if opts.second_hub {
             // The same device on a second hub with its own state and tunnel pool.
@@ -777,7 +795,8 @@ impl Topology {
         for k in stalls.clone() {
             self.run_daemon(&format!("edge{k}"))?;
         }
-        for k in stalls {
+        let fresh = self.unlisted_stall.then_some(1 + self.stall_ids.len());
+        for k in stalls.filter(|k| Some(*k) != fresh) {
             let role = format!("edge{k}");
             self.wait_status(&role, Duration::from_secs(20), |s| up_links(s, "hub") == 1)
                 .with_context(|| {

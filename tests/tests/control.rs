@@ -156,6 +156,10 @@ fn the_cli_reads_and_steers_a_running_edge() -> Result<()> {
         }
     });
 
+    // Some LAN traffic through the tunnel for the byte counters below.
+    let warm = t.udp_flow(LAN_CLIENT, 7001, 100, 0.5)?;
+    assert_eq!(warm["lost"], 0, "{warm}");
+    std::thread::sleep(std::time::Duration::from_millis(600));
     // Prometheus scrapes the same facts from the LAN.
     let advice = json(&t, "edge", &["stream-advice"])?;
     assert_eq!(

@@ -51,6 +51,11 @@ impl LanMap {
         Ok(Self { pairs })
     }
 
+    /// The device's own LAN prefixes.
+    pub fn lans(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        self.pairs.iter().map(|(l, _)| *l)
+    }
+
     /// The blocks, as the hub routes them into its TUN.
     pub fn blocks(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
         self.pairs.iter().map(|(_, m)| *m)

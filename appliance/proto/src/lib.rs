@@ -14,6 +14,7 @@ pub mod cap;
 pub mod classify;
 pub mod fallback;
 pub mod frame;
+pub mod handshake_guard;
 pub mod health;
 pub mod hub_choice;
 pub mod inflight;

@@ -210,6 +210,19 @@ impl Bond {
         }
     }
 
+    /// Closes every connection of the bond (a revoked device) and stops its timer.
+    pub fn close_all(&self, why: &[u8]) {
+        let g = self.lock();
+        for p in g.pipes.iter().flatten() {
+            if let Some(c) = &p.conn {
+                c.close(2u32.into(), why);
+            }
+            p.wake.notify_one();
+        }
+        drop(g);
+        self.cancel.cancel();
+    }
+
     /// The peer's sequence space starts anew when its epoch changes.
     pub fn peer_epoch(&self, epoch: u64) {
         if self.with(|st, _| st.peer_epoch(epoch)) {

@@ -44,3 +44,24 @@ pub fn uplink_socket(iface: &str, mark: u32, local: Ipv4Addr) -> Result<std::net
         .with_context(|| format!("binding {local}"))?;
     Ok(s.into())
 }
+
+/// The hub's UDP socket on `listen`, with a receive buffer deep enough (4 MiB) that a
+/// burst of strangers' handshakes does not push the stalls' packets out of it while the
+/// hub is busy for a few milliseconds.
+pub fn hub_socket(listen: SocketAddr) -> Result<std::net::UdpSocket> {
+    let domain = if listen.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).context("UDP socket")?;
+    const DEPTH: usize = 4 << 20;
+    // Past net.core.rmem_max with CAP_NET_ADMIN; within it otherwise.
+    if nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &DEPTH).is_err() {
+        let _ = s.set_recv_buffer_size(DEPTH);
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&listen.into())
+        .with_context(|| format!("listening on {listen}"))?;
+    Ok(s.into())
+}

@@ -24,6 +24,10 @@
 //! - `check-server BIND DIR HOST`: what reachability checks ask on the internet: plain
 //!   HTTP on BIND:80 answers `GET /generate_204` with 204, and HTTPS on BIND:443 answers
 //!   200 with a certificate for HOST from a CA made now (written to DIR/ca.pem).
+//! - `quic-flood HUB COUNT SECS`: a stranger's flood of QUIC handshakes: COUNT connection
+//!   attempts to HUB spread over SECS seconds from one UDP socket, none of which goes on
+//!   (run it where the hub's answers are dropped, so each stays half-open at the hub);
+//!   prints `{"attempts": N, "seconds": S}`.
 //! - `portal BIND`: a venue's captive portal as the box meets it: every HTTP request on
 //!   BIND is answered with a 302 to the login page.
 use std::collections::HashSet;
@@ -114,6 +118,12 @@ fn main() -> Result<()> {
                     .to_string()
             });
             Ok(())
+        }
+        Some("quic-flood") => {
+            let [hub, count, secs] = &args[1..] else {
+                bail!("usage: quic-flood HUB COUNT SECS");
+            };
+            quic_flood(hub.parse()?, count.parse()?, secs.parse()?)
         }
         Some("http-sink") => {
             let [bind, log] = &args[1..] else {
@@ -441,4 +451,33 @@ fn check_server(bind: &str, dir: &str, host: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+fn quic_flood(hub: std::net::SocketAddr, count: u64, secs: f64) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        // Any pin: the hub's answers never arrive, so nothing is ever verified.
+        let pin = format!("sn1:{}", "0".repeat(64));
+        let cfg = stallnet::identity::enroll_client_config(&pin)?;
+        let mut ep = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        ep.set_default_client_config(cfg);
+        let start = Instant::now();
+        let gap = Duration::from_secs_f64(secs / count.max(1) as f64);
+        // Kept until the end: a dropped attempt would tell the hub it is over.
+        let mut pending = Vec::with_capacity(usize::try_from(count)?);
+        for i in 0..count {
+            pending.push(ep.connect(hub, stallnet::identity::HUB_NAME)?);
+            let due = start + gap * u32::try_from(i + 1)?;
+            tokio::time::sleep_until(due.into()).await;
+        }
+        println!(
+            "{}",
+            serde_json::json!({ "attempts": count, "seconds": start.elapsed().as_secs_f64() })
+        );
+        // Let the last Initials leave before the socket goes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        anyhow::Ok(())
+    })
 }
