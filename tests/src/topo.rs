@@ -199,6 +199,10 @@ pub struct Options {
     /// The last extra stall is fresh from the image: not on the hub, no hub in its
     /// config (`hubs = []`, `fallback = "direct"`), to be enrolled by the test.
     pub unlisted_stall: bool,
+    /// The hub's tunnel pool (default 10.99.0.0/24: room for 253 devices).
+    pub hub_pool: Option<&'static str>,
+    /// Text appended to the hub's config (more `[[hub.devices]]`).
+    pub hub_extra: Option<String>,
 }
 
 pub struct Topology {
@@ -714,6 +718,9 @@ impl Topology {
             more = opts.extra_lan.map(|p| format!(", \"{p}\"")).unwrap_or_default(),
         );
         let mut hub = hub;
+        if let Some(pool) = opts.hub_pool {
+            hub = hub.replace("pool = \"10.99.0.0/24\"", &format!("pool = \"{pool}\""));
+        }
         for k in 2..2 + opts.extra_stalls {
             let id = keygen(&self.dir.join(format!("edge{k}-state")))?;
             let fresh = opts.unlisted_stall && k == 1 + opts.extra_stalls;
@@ -742,6 +749,10 @@ impl Topology {
             hub.push_str(&format!(
                 "\n[[hub.devices]]\nname = \"stall{k}\"\nidentity = \"{id}\"\nlan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\n"
             ));
+        }
+        if let Some(extra) = &opts.hub_extra {
+            hub.push('\n');
+            hub.push_str(extra);
         }
         if opts.second_hub {
             // The same device on a second hub with its own state and tunnel pool.

@@ -421,3 +421,82 @@ fn a_handshake_flood_neither_starves_the_stalls_nor_swells_the_hub() -> Result<(
     );
     Ok(())
 }
+
+/// User + system CPU seconds of process `pid` so far.
+fn cpu_s(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let f: Vec<String> = s
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_hundred_idle_stalls_cost_the_hub_little() -> Result<()> {
+    const N: usize = 100;
+    let dir = std::env::temp_dir().join(format!("stallnet-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let load = bin("stallnet-load")
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
+    let d = dir.to_str().context("path")?.to_string();
+    let st = std::process::Command::new(&load)
+        .args(["prepare", &N.to_string(), &d])
+        .status()?;
+    anyhow::ensure!(st.success(), "stallnet-load prepare");
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi()],
+        Options {
+            hub_extra: Some(std::fs::read_to_string(dir.join("devices.toml"))?),
+            ..Default::default()
+        },
+    )?;
+    t.start()?;
+    let pid = t.pid("hub").context("hub pid")?;
+    let before = rss_kb(pid);
+    let hub_id = t.hub_id.clone();
+    t.spawn(
+        "load",
+        "inet",
+        &[
+            &load,
+            "run",
+            &format!("{HUB_ADDR}:4433"),
+            &hub_id,
+            &d,
+            &N.to_string(),
+            "40",
+        ],
+    )?;
+    let online = |s: &serde_json::Value| {
+        s["bonds"]
+            .as_object()
+            .map_or(0, |b| b.values().filter(|v| v["online"] == true).count())
+    };
+    t.wait_status("hub", Duration::from_secs(60), |s| online(s) > N)
+        .with_context(|| t.log("load"))?;
+    // Probes slow down once a bond has been quiet for 3 s.
+    std::thread::sleep(Duration::from_secs(5));
+    let c0 = cpu_s(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu = (cpu_s(pid) - c0) / 10.0 * 100.0;
+    let after = rss_kb(pid);
+    let hub = t.status("hub")?;
+    let per_stall_kb = after.saturating_sub(before) / N as u64;
+    eprintln!("{N} idle stalls: hub CPU {cpu:.1} % of a core, RSS {before} -> {after} kB ({per_stall_kb} kB per stall)");
+    let _ = std::fs::remove_dir_all(&dir);
+    // Every stall's two uplinks are up, and stay so.
+    assert_eq!(online(&hub), N + 1, "{}", t.log("load"));
+    assert!(per_stall_kb <= 1024, "{per_stall_kb} kB per stall");
+    assert!(cpu <= 25.0, "{cpu:.1} % of a core for {N} idle stalls");
+    Ok(())
+}

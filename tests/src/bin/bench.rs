@@ -54,6 +54,7 @@ fn main() -> Result<()> {
         "flood",
         "idle",
         "failover",
+        "scale",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
@@ -125,6 +126,7 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "flood" => flood()?,
             "idle" => idle()?,
             "failover" => failover()?,
+            "scale" => scale()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
         for (n, u, v) in figs {
@@ -1058,6 +1060,135 @@ fn idle() -> Result<Vec<(String, &'static str, f64)>> {
             (cpu_seconds(&hub) - h0) / secs * 100.0,
         ),
     ])
+}
+
+/// The hub's cost per stall (`stallnet-load`: real identities, QUIC and sessions): CPU
+/// and RSS with N idle stalls of two uplinks each (N from `STALLNET_SCALE_STALLS`,
+/// default "1 100 300 500"), and with 1 and 20 stalls each sending 10 Mbit/s. The
+/// topology's own edge is one more idle stall on the hub.
+fn scale() -> Result<Vec<(String, &'static str, f64)>> {
+    let counts: Vec<usize> = std::env::var("STALLNET_SCALE_STALLS")
+        .unwrap_or_else(|_| "1 100 300 500".into())
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let mut out = Vec::new();
+    let mut cases: Vec<(usize, usize)> = counts.iter().map(|&n| (n, 0)).collect();
+    cases.extend([(1, 1), (20, 20)]);
+    for (n, active) in cases {
+        let (cpu, rss, mbps) = scale_once(n, active)?;
+        if active == 0 {
+            out.push((
+                format!("scale: {n} idle stalls, hub CPU"),
+                "% of a core",
+                cpu,
+            ));
+            out.push((format!("scale: {n} idle stalls, hub RSS"), "MB", rss));
+        } else {
+            out.push((
+                format!("scale: {active} stalls at 10 Mbit/s, hub CPU"),
+                "% of a core",
+                cpu,
+            ));
+            out.push((
+                format!("scale: {active} stalls at 10 Mbit/s, delivered"),
+                "Mbit/s",
+                mbps,
+            ));
+            out.push((
+                format!("scale: {active} stalls at 10 Mbit/s, hub CPU per Mbit/s"),
+                "% of a core",
+                cpu / mbps.max(0.001),
+            ));
+            out.push((
+                format!("scale: {active} stalls at 10 Mbit/s, hub RSS"),
+                "MB",
+                rss,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// One load run: (hub CPU % of a core, hub RSS MB, Mbit/s the hub delivered to its TUN).
+fn scale_once(n: usize, active: usize) -> Result<(f64, f64, f64)> {
+    let dir = std::env::temp_dir().join(format!("stallnet-scale-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let load = stallnet_tests::topo::bin("stallnet-load");
+    let load = load.to_str().context("path")?.to_string();
+    let d = dir.to_str().context("path")?.to_string();
+    let st = std::process::Command::new(&load)
+        .args(["prepare", &n.to_string(), &d])
+        .status()?;
+    anyhow::ensure!(st.success(), "stallnet-load prepare failed");
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi()],
+        Options {
+            hub_pool: Some("10.99.0.0/22"),
+            hub_extra: Some(std::fs::read_to_string(dir.join("devices.toml"))?),
+            ..Options::default()
+        },
+    )?;
+    t.start()?;
+    // Whatever reaches the internet's discard port is dropped there, counted.
+    t.nft(
+        "inet",
+        "table inet scale { chain input { type filter hook input priority 0; udp dport 9 counter drop; }\n}",
+    )?;
+    let hub = [t.pid("hub")];
+    let secs = 45.0;
+    let hub_id = t.hub_id.clone();
+    let (active_s, mbps) = (active.to_string(), if active > 0 { "10" } else { "0" });
+    t.spawn(
+        "load",
+        "inet",
+        &[
+            &load,
+            "run",
+            &format!("{}:4433", stallnet_tests::topo::HUB_ADDR),
+            &hub_id,
+            &d,
+            &n.to_string(),
+            &secs.to_string(),
+            &active_s,
+            mbps,
+        ],
+    )?;
+    // Every stall up (the topology's own edge too), then a settled window.
+    t.wait_status("hub", Duration::from_secs(120), |s| {
+        s["bonds"]
+            .as_object()
+            .map_or(0, |b| b.values().filter(|v| v["online"] == true).count())
+            > n
+    })
+    .with_context(|| t.log("load"))?;
+    std::thread::sleep(Duration::from_secs(5));
+    let rx0 = hub_rx_bytes(&t)?;
+    let c0 = cpu_seconds(&hub);
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(15));
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(&hub) - c0) / secs * 100.0;
+    let mbps = (hub_rx_bytes(&t)?.saturating_sub(rx0)) as f64 * 8.0 / secs / 1e6;
+    let rss = match hub[0] {
+        Some(p) => rss_mb(p)?,
+        None => 0.0,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((cpu, rss, mbps))
+}
+
+/// Bytes the hub has received from every stall's uplinks.
+fn hub_rx_bytes(t: &Topology) -> Result<u64> {
+    let s = t.status("hub")?;
+    Ok(s["bonds"]
+        .as_object()
+        .into_iter()
+        .flat_map(|b| b.values())
+        .flat_map(|b| b["links"].as_array().cloned().unwrap_or_default())
+        .map(|l| l["rx_bytes"].as_u64().unwrap_or(0))
+        .sum())
 }
 
 /// User + system CPU seconds consumed so far by these processes (and their threads).
