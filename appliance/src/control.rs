@@ -5,7 +5,8 @@
 //! [`Daemon`].
 //!
 //! Documents: `GET /v1/status`, `/v1/uplinks`, `/v1/classes`, `/v1/flows`, `/v1/commerce`,
-//! `/v1/stream` (the bitrate advice for a live-stream encoder),
+//! `/v1/stream` (the bitrate advice for a live-stream encoder), `/v1/stalls` (the hub's
+//! fleet view),
 //! `/v1/events?since=N&limit=N`, `/v1/events/stream?since=N` (NDJSON, one event per
 //! line, kept open); `POST /v1/uplinks/{name}/disable|enable|prefer`,
 //! `DELETE /v1/uplinks/preference`, `POST /v1/reload`; on the hub
@@ -157,6 +158,21 @@ async fn get_flows(State(c): Ctl) -> Response {
 async fn get_stream(State(c): Ctl) -> Response {
     match snapshot(&c) {
         Some(s) => Json(json!({ "version": VERSION, "advice": s.stream_advice })).into_response(),
+        None => starting(),
+    }
+}
+
+async fn get_stalls(State(c): Ctl) -> Response {
+    match snapshot(&c) {
+        Some(s) if s.role == "hub" => {
+            Json(json!({ "version": VERSION, "stalls": s.stalls.unwrap_or_default() }))
+                .into_response()
+        }
+        Some(_) => error(
+            StatusCode::CONFLICT,
+            "not_on_edge",
+            "the fleet view is the hub's (the edge is one stall)",
+        ),
         None => starting(),
     }
 }
@@ -391,6 +407,7 @@ pub fn router(c: Arc<Control>) -> Router {
         .route("/v1/classes", get(get_classes))
         .route("/v1/flows", get(get_flows))
         .route("/v1/commerce", get(get_commerce))
+        .route("/v1/stalls", get(get_stalls))
         .route("/v1/stream", get(get_stream))
         .route("/v1/events", get(get_events))
         .route("/v1/events/stream", get(stream_events))

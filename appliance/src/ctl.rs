@@ -58,6 +58,12 @@ pub enum Ctl {
         #[command(flatten)]
         at: At,
     },
+    /// On the hub: every stall, offline and degraded first: its uplinks, when it was last
+    /// heard, where its LAN appears on the hub.
+    Stalls {
+        #[command(flatten)]
+        at: At,
+    },
     /// On the hub: invite a new stall (prints a one-time code for `stallnet enroll`), or
     /// revoke one (its connections close at once).
     Hub {
@@ -128,6 +134,7 @@ impl Ctl {
             | Ctl::Reload { at }
             | Ctl::Events { at, .. }
             | Ctl::Hub { at, .. }
+            | Ctl::Stalls { at }
             | Ctl::Uplink { at, .. } => at,
         }
     }
@@ -195,6 +202,7 @@ pub fn run(cmd: Ctl, runtime_dir: PathBuf, json_out: bool) -> anyhow::Result<Exi
             Ctl::Classes { .. } => client.get("/v1/classes").await.map(Some),
             Ctl::Flows { .. } => client.get("/v1/flows").await.map(Some),
             Ctl::StreamAdvice { .. } => client.get("/v1/stream").await.map(Some),
+            Ctl::Stalls { .. } => client.get("/v1/stalls").await.map(Some),
             Ctl::Reload { .. } => client
                 .request(hyper::Method::POST, "/v1/reload")
                 .await
@@ -291,6 +299,8 @@ fn print_human(doc: &Value) {
         print!("{}", uplinks_table(links));
     } else if let Some(classes) = doc.get("classes") {
         print!("{}", classes_table(classes));
+    } else if let Some(stalls) = doc.get("stalls") {
+        print!("{}", stalls_table(stalls));
     } else if let Some(flows) = doc.get("flows") {
         print!("{}", flows_table(flows));
     } else if let Some(a) = doc.get("advice") {
@@ -319,6 +329,45 @@ fn per_device(v: &Value) -> Vec<(Option<&str>, &Value)> {
         Value::Object(m) => m.iter().map(|(k, v)| (Some(k.as_str()), v)).collect(),
         other => vec![(None, other)],
     }
+}
+
+/// The fleet view in plain words, one stall a line (fits 80 columns).
+fn stalls_table(v: &Value) -> String {
+    let mut out = format!(
+        "{:<16} {:<9} {:<12} {:<36}\n",
+        "STALL", "STATE", "LAST HEARD", "UPLINKS"
+    );
+    for s in v.as_array().into_iter().flatten() {
+        let heard = match (s["state"].as_str(), s["last_heard_s"].as_u64()) {
+            (Some("offline"), Some(secs)) => format!("{secs} s ago"),
+            (Some("offline"), None) => "never".into(),
+            _ => "now".into(),
+        };
+        let links: Vec<String> = s["uplinks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                format!(
+                    "{} {}",
+                    l["name"].as_str().unwrap_or("?"),
+                    l["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<16} {:<9} {:<12} {:<36}\n",
+            s["name"].as_str().unwrap_or("?"),
+            s["state"].as_str().unwrap_or("?"),
+            heard,
+            if links.is_empty() {
+                "none".to_string()
+            } else {
+                links.join(", ")
+            },
+        ));
+    }
+    out
 }
 
 fn uplinks_table(v: &Value) -> String {

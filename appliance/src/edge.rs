@@ -554,6 +554,7 @@ async fn supervise(
             isolation: None,
             enrollment: None,
             handshakes: None,
+            stalls: None,
         };
         if let Err(e) = status::write(&cfg.runtime_dir, &doc) {
             tracing::warn!("status: {e:#}");

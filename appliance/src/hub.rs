@@ -65,6 +65,9 @@ struct Hub {
     listen: SocketAddr,
     /// Scheduling mode for downloads that are not POS.
     mode: stallnet_netconf::SchedMode,
+    /// The config file (for `reload`), and the `[hub]` section the hub runs with.
+    config_path: Option<PathBuf>,
+    running: Mutex<stallnet_netconf::HubConfig>,
     events: Arc<EventLog>,
     latest: Mutex<Option<Status>>,
     /// Connection attempts: in progress, and those answered with a Retry, refused or
@@ -206,6 +209,148 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// Re-reads the config: devices listed there are added, removed or changed without
+    /// touching the others (a changed identity or LAN replaces the device; changed POS
+    /// sources apply in place); the rest of `[hub]` needs a restart, and says so.
+    fn reload(&self) -> Result<String, ActionError> {
+        let Some(path) = &self.config_path else {
+            return Err(ActionError::new(
+                StatusCode::CONFLICT,
+                "no_config_file",
+                "the hub runs without a config file to re-read",
+            ));
+        };
+        let cfg = stallnet_netconf::load_file(path)
+            .map_err(|e| ActionError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()))?;
+        let plan = crate::plan::hub(&cfg).map_err(|e| {
+            ActionError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot_run",
+                e.to_string(),
+            )
+        })?;
+        let Some(new) = cfg.hub().cloned() else {
+            return Err(ActionError::new(
+                StatusCode::BAD_REQUEST,
+                "not_hub",
+                "the config is no longer a hub's",
+            ));
+        };
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut restart = Vec::new();
+        for (field, same) in [
+            ("listen", new.listen == running.listen),
+            ("tun_name", new.tun_name == running.tun_name),
+            ("mtu", new.mtu == running.mtu),
+            ("pool", new.pool == running.pool),
+            ("lan_map", new.lan_map == running.lan_map),
+            ("mode", new.mode == running.mode),
+        ] {
+            if !same {
+                restart.push(field);
+            }
+        }
+        let want: Vec<&stallnet_netconf::Device> =
+            new.devices.iter().map(|d| d.get_ref()).collect();
+        let ipv6 = |d: &stallnet_netconf::Device| d.lan.iter().any(|p| p.network().is_ipv6());
+        let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+        // Gone or replaced first, so that a replacement can take their place.
+        for d in self.fleet.list().into_iter().filter(|d| d.from_config) {
+            let same = want.iter().find(|w| w.name == d.name);
+            let keep = same.is_some_and(|w| {
+                w.identity == d.identity
+                    && w.lan
+                        .iter()
+                        .filter(|p| p.network().is_ipv4())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        == d.map.lans().map(IpNet::V4).collect::<Vec<_>>()
+            });
+            if !keep {
+                if same.is_some_and(|w| ipv6(w)) {
+                    restart.push("an IPv6 LAN");
+                    continue;
+                }
+                self.fleet.remove(&d.name);
+                if same.is_some() {
+                    changed.push(d.name.clone());
+                } else {
+                    removed.push(d.name.clone());
+                }
+            }
+        }
+        for (i, w) in want.iter().enumerate() {
+            let rules = plan.device_rules.get(i).cloned().unwrap_or_default();
+            if let Some(d) = self.fleet.by_name(&w.name) {
+                if d.from_config {
+                    // Same identity and LAN: its POS sources may have changed.
+                    d.bond.set_rules(&rules);
+                    continue;
+                }
+                return Err(ActionError::new(
+                    StatusCode::CONFLICT,
+                    "name_taken",
+                    format!(
+                        "{} is an enrolled device: revoke it before listing it in the config",
+                        w.name
+                    ),
+                ));
+            }
+            if ipv6(w) {
+                restart.push("an IPv6 LAN");
+                continue;
+            }
+            let lan4: Vec<Ipv4Net> = w
+                .lan
+                .iter()
+                .filter_map(|p| match p {
+                    IpNet::V4(n) => Some(*n),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
+            let place = self
+                .fleet
+                .place(&self.maker, &lan4)
+                .map_err(|e| ActionError::new(StatusCode::CONFLICT, "no_room", e.to_string()))?;
+            let dev = self
+                .maker
+                .make(&w.name, &w.identity, place, Vec::new(), &rules, true);
+            self.fleet.insert(dev).map_err(|e| {
+                ActionError::new(StatusCode::INTERNAL_SERVER_ERROR, "routes", e.to_string())
+            })?;
+            if !changed.contains(&w.name) {
+                added.push(w.name.clone());
+            }
+        }
+        running.devices = new.devices.clone();
+        restart.sort_unstable();
+        restart.dedup();
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        let mut msg = format!(
+            "devices added: {}; removed: {}; replaced: {}",
+            list(&added),
+            list(&removed),
+            list(&changed)
+        );
+        if !restart.is_empty() {
+            msg.push_str(&format!(
+                "; needs a restart to apply: {}",
+                restart.join(", ")
+            ));
+        }
+        self.events
+            .push(Level::Info, "config_reloaded", None, msg.clone());
+        Ok(msg)
+    }
+}
+
 impl Registrar for Hub {
     fn redeem(&self, secret: &[u8], identity: &str) -> Result<String, Refusal> {
         self.enroll_attempts.fetch_add(1, Ordering::Relaxed);
@@ -318,6 +463,8 @@ async fn run_with(
         identity: me.id.clone(),
         listen: h.listen,
         mode: h.mode,
+        config_path: config_path.clone(),
+        running: Mutex::new(h.clone()),
         events: events.clone(),
         latest: Mutex::new(None),
         handshakes: Handshakes::default(),
@@ -401,6 +548,8 @@ async fn run_with(
         tokio::spawn(crate::confirm::guard(path, dir, ev, after, c));
     }
     let mut online: HashMap<String, bool> = HashMap::new();
+    // When each device was last seen online (since this start).
+    let mut last_heard: HashMap<String, std::time::Instant> = HashMap::new();
     let started = std::time::Instant::now();
     let mut notifier = crate::service::Notifier::new();
     notifier.ready("listening");
@@ -428,15 +577,31 @@ async fn run_with(
             }
             clock_saved = Some(std::time::Instant::now());
         }
+        let statuses: Vec<_> = devices.iter().map(|d| d.bond.status()).collect();
         let bonds: serde_json::Map<String, serde_json::Value> = devices
             .iter()
-            .map(|d| {
-                (
-                    d.name.clone(),
-                    serde_json::to_value(d.bond.status()).unwrap_or_default(),
-                )
-            })
+            .zip(&statuses)
+            .map(|(d, st)| (d.name.clone(), serde_json::to_value(st).unwrap_or_default()))
             .collect();
+        let now = std::time::Instant::now();
+        for (d, st) in devices.iter().zip(&statuses) {
+            if st.online {
+                last_heard.insert(d.name.clone(), now);
+            }
+        }
+        last_heard.retain(|n, _| devices.iter().any(|d| &d.name == n));
+        let mut stalls: Vec<serde_json::Value> = devices
+            .iter()
+            .zip(&statuses)
+            .map(|(d, st)| stall_row(d, st, last_heard.get(&d.name).map(|t| now - *t)))
+            .collect();
+        stalls.sort_by_key(|r| {
+            (
+                r["state"] != "offline",
+                r["state"] != "degraded",
+                r["name"].as_str().unwrap_or("").to_string(),
+            )
+        });
         // The isolation table's drops, every 2 s (each read runs nft twice).
         if ticks % 4 == 0 {
             match crate::hub_isolation::dropped().await {
@@ -466,6 +631,7 @@ async fn run_with(
             stream_advice: None,
             lan_source_cap: None,
             isolation: isolation.clone(),
+            stalls: Some(serde_json::Value::Array(stalls)),
             handshakes: Some(serde_json::json!({
                 "in_progress": hub.handshakes.in_progress.load(Ordering::Relaxed),
                 "retried": hub.handshakes.retried.load(Ordering::Relaxed),
@@ -509,6 +675,45 @@ async fn run_with(
         bail!("exiting so that the service manager restarts stallnet with the restored config");
     }
     Ok(())
+}
+
+/// One line of the fleet view: the stall's state (offline: no uplink reaches the hub;
+/// degraded: online, but an uplink is down or degraded), its uplinks, when it was last
+/// heard (`None`: not since the hub started), where it comes from and its addresses.
+fn stall_row(
+    d: &Device,
+    st: &crate::driver::bond::BondStatus,
+    heard: Option<Duration>,
+) -> serde_json::Value {
+    let up = crate::driver::bond::LinkCondition::Up;
+    let degraded = st.links.iter().any(|l| l.degraded || l.state != up);
+    let state = match (st.online, degraded) {
+        (false, _) => "offline",
+        (true, true) => "degraded",
+        (true, false) => "online",
+    };
+    let uplinks: Vec<serde_json::Value> = st
+        .links
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "name": l.name,
+                "state": if l.state == up && l.degraded { "degraded" } else { l.state.name() },
+                "rtt_ms": l.rtt_ms,
+                "backup": l.backup,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "name": d.name,
+        "state": state,
+        "uplinks": uplinks,
+        "last_heard_s": heard.map(|h| h.as_secs()),
+        "source": if d.from_config { "config" } else { "enrolled" },
+        "tunnel_address": d.address.to_string(),
+        "lan": d.map.lans().map(|l| l.to_string()).collect::<Vec<_>>(),
+        "lan_on_hub": d.map.blocks().map(|b| b.to_string()).collect::<Vec<_>>(),
+    })
 }
 
 /// Admits one connection into its device's bond for as long as it lives; a connection
@@ -621,10 +826,11 @@ impl Daemon for HubDaemon {
                 addresses,
             } => self.0.invite(&name, lan, valid_s, addresses),
             Action::Revoke(name) => self.0.revoke(&name),
+            Action::Reload => self.0.reload(),
             _ => Err(ActionError::new(
                 StatusCode::CONFLICT,
                 "not_on_hub",
-                "uplink actions and reloads are done on the edge (the stall's box)",
+                "uplink actions are done on the edge (the stall's box)",
             )),
         }
     }

@@ -46,6 +46,10 @@ pub struct Status {
     /// itself, since the hub started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<serde_json::Value>,
+    /// The hub's fleet view: every stall, offline and degraded first (see `stallnet
+    /// stalls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalls: Option<serde_json::Value>,
     /// The hub's connection attempts (`{"in_progress", "retried", "refused",
     /// "timed_out"}`: handshakes running now; attempts answered with a QUIC Retry or
     /// refused while handshakes piled up; handshakes given up after 5 s).

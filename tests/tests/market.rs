@@ -111,6 +111,31 @@ fn stalls_with_the_same_lan_each_get_their_own_answers() -> Result<()> {
         assert!(rx >= 300, "{name}: rx {rx}: {hub}");
         assert_eq!(hub["bonds"][name]["spoofed"], 0, "{name}: {hub}");
     }
+
+    // The fleet view: a stall whose box goes away is listed first, offline.
+    t.stop("edge3");
+    let hub_cfg = t.dir.join("hub.toml");
+    let hub_cfg = hub_cfg.to_str().context("path")?.to_string();
+    t.wait_status("hub", Duration::from_secs(20), |s| {
+        s["stalls"][0]["name"] == "stall3" && s["stalls"][0]["state"] == "offline"
+    })?;
+    let (rc, doc, err) = cli(&t, "hub", &["stalls", "--json", "--config", &hub_cfg])?;
+    assert_eq!(rc, 0, "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&doc)?;
+    let rows = doc["stalls"].as_array().context("stalls")?;
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert_eq!(names, ["stall3", "stall", "stall2"], "{doc}");
+    assert_eq!(rows[1]["state"], "online", "{doc}");
+    assert_eq!(rows[1]["lan"][0], "10.1.0.0/24", "{doc}");
+    assert_eq!(rows[2]["lan_on_hub"][0], "10.100.1.0/24", "{doc}");
+    let (rc, table, err) = cli(&t, "hub", &["stalls", "--config", &hub_cfg])?;
+    assert_eq!(rc, 0, "{err}");
+    let first = table.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.starts_with("stall3") && first.contains("offline") && first.contains("s ago"),
+        "{table}"
+    );
+    assert!(table.lines().all(|l| l.len() <= 80), "{table}");
     Ok(())
 }
 
@@ -499,4 +524,86 @@ fn a_hundred_idle_stalls_cost_the_hub_little() -> Result<()> {
     assert!(per_stall_kb <= 1024, "{per_stall_kb} kB per stall");
     assert!(cpu <= 25.0, "{cpu:.1} % of a core for {N} idle stalls");
     Ok(())
+}
+
+#[test]
+fn a_device_added_to_the_hubs_config_joins_on_reload_without_touching_the_others() -> Result<()> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi()],
+        Options {
+            extra_stalls: 2,
+            unlisted_stall: true,
+            ..Default::default()
+        },
+    )?;
+    t.start()?;
+    t.start_echo(7000)?;
+    let hub_cfg = t.dir.join("hub.toml");
+    let box_cfg = t.dir.join("edge3.toml");
+    let (hub_path, box_path) = (
+        hub_cfg.to_str().context("path")?.to_string(),
+        box_cfg.to_str().context("path")?.to_string(),
+    );
+    // Stall 3 pins the hub, which does not list it yet: refused in the handshake.
+    let pin = format!(
+        "edge.hubs=[{{ address = \"{HUB_ADDR}:4433\", identity = \"{}\" }}]",
+        t.hub_id
+    );
+    let (rc, _, err) = cli(
+        &t,
+        "edge3",
+        &[
+            "config",
+            "set",
+            &pin,
+            "--confirm",
+            "0",
+            "--config",
+            &box_path,
+        ],
+    )?;
+    assert_eq!(rc, 0, "{err}");
+    t.wait_status("hub", Duration::from_secs(10), |s| {
+        s["refused_handshakes"].as_u64().unwrap_or(0) > 0
+    })?;
+    let (echo, client) = (format!("{SERVER}:7000"), format!("{LAN_CLIENT}:0"));
+    std::thread::scope(|s| -> Result<()> {
+        let tr = &t;
+        let (e, c) = (&echo, &client);
+        let other = s.spawn(move || tr.udp_flow_in("lan2", e, c, 200, 8.0));
+        std::thread::sleep(Duration::from_millis(500));
+        // The organiser lists it and reloads: it joins, nobody else notices.
+        let mut text = std::fs::read_to_string(&hub_cfg)?;
+        text.push_str(&format!(
+            "\n[[hub.devices]]\nname = \"stall3\"\nidentity = \"{}\"\nlan = [\"10.1.0.0/24\"]\n",
+            tr.stall_ids[1]
+        ));
+        std::fs::write(&hub_cfg, text)?;
+        let (rc, out, err) = cli(tr, "hub", &["reload", "--config", &hub_path])?;
+        assert_eq!(rc, 0, "{out}{err}");
+        assert!(out.contains("added: stall3"), "{out}");
+        tr.wait_status("edge3", Duration::from_secs(10), |s| {
+            stallnet_tests::topo::up_links(s, "hub") == 1
+        })
+        .with_context(|| tr.log("edge3"))?;
+        let f = tr.udp_flow_in("lan3", e, c, 100, 1.0)?;
+        assert_eq!(f["received"], 100, "{f}");
+        // Taken out of the config again: its tunnel closes at once.
+        let text = std::fs::read_to_string(&hub_cfg)?;
+        let cut = text
+            .find("\n[[hub.devices]]\nname = \"stall3\"")
+            .context("stall3 entry")?;
+        std::fs::write(&hub_cfg, &text[..cut])?;
+        let (rc, out, err) = cli(tr, "hub", &["reload", "--config", &hub_path])?;
+        assert_eq!(rc, 0, "{out}{err}");
+        assert!(out.contains("removed: stall3"), "{out}");
+        tr.wait_status("hub", Duration::from_secs(5), |s| {
+            s["bonds"].get("stall3").is_none()
+        })?;
+        let o = other
+            .join()
+            .map_err(|_| anyhow::anyhow!("flow panicked"))??;
+        assert_eq!(o["received"], o["sent"], "stall 2 lost packets: {o}");
+        Ok(())
+    })
 }
