@@ -89,6 +89,15 @@ struct Handshakes {
 /// How long a handshake may take (QUIC's own idle timeout is 10 s).
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
 
+/// The book could not be written: nothing changed.
+fn not_saved(e: anyhow::Error) -> ActionError {
+    ActionError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "not_saved",
+        format!("{e:#}"),
+    )
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -150,13 +159,7 @@ impl Hub {
             self.fleet.by_name(n).is_some()
         })
         .map_err(|e| ActionError::new(StatusCode::CONFLICT, "bad_invite", e.to_string()))?;
-        next.save(&self.state_dir).map_err(|e| {
-            ActionError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "not_saved",
-                format!("{e:#}"),
-            )
-        })?;
+        next.save(&self.state_dir).map_err(not_saved)?;
         *book = next;
         self.events.push(
             Level::Info,
@@ -172,20 +175,14 @@ impl Hub {
             return Err(ActionError::new(
                 StatusCode::CONFLICT,
                 "in_config",
-                format!("device {name} is listed in the hub's config: remove it there and restart the hub"),
+                format!("device {name} is listed in the hub's config: remove it there and run `stallnet reload`"),
             ));
         }
         let mut book = self.book();
         let mut next = book.clone();
         let in_book = next.revoke(name);
         if in_book {
-            next.save(&self.state_dir).map_err(|e| {
-                ActionError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "not_saved",
-                    format!("{e:#}"),
-                )
-            })?;
+            next.save(&self.state_dir).map_err(not_saved)?;
             *book = next;
         }
         drop(book);

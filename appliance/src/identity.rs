@@ -298,42 +298,35 @@ pub fn transport() -> quinn::TransportConfig {
 
 /// QUIC client configuration for the edge: our certificate, the hub pinned.
 pub fn client_config(me: &Identity, hub_pins: &[String]) -> Result<quinn::ClientConfig> {
-    let prov = provider();
-    let verifier = Arc::new(PinnedServer {
-        pins: hub_pins.iter().cloned().collect(),
-        algs: prov.signature_verification_algorithms,
-    });
-    let mut tls = rustls::ClientConfig::builder_with_provider(prov)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(
-            vec![me.cert.clone()],
-            PrivateKeyDer::Pkcs8(me.key.clone_key()),
-        )
-        .context("client certificate")?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client TLS")?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport()));
-    Ok(cfg)
+    client(hub_pins, Some(me))
 }
 
 /// QUIC client configuration for enrolling: the hub pinned, no certificate of ours (the
 /// box proves the invite's secret instead, inside the connection).
 pub fn enroll_client_config(hub_pin: &str) -> Result<quinn::ClientConfig> {
+    client(&[hub_pin.to_string()], None)
+}
+
+fn client(hub_pins: &[String], me: Option<&Identity>) -> Result<quinn::ClientConfig> {
     let prov = provider();
     let verifier = Arc::new(PinnedServer {
-        pins: [hub_pin.to_string()].into_iter().collect(),
+        pins: hub_pins.iter().cloned().collect(),
         algs: prov.signature_verification_algorithms,
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(prov)
+    let builder = rustls::ClientConfig::builder_with_provider(prov)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3")?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match me {
+        Some(me) => builder
+            .with_client_auth_cert(
+                vec![me.cert.clone()],
+                PrivateKeyDer::Pkcs8(me.key.clone_key()),
+            )
+            .context("client certificate")?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client TLS")?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use stallnet_tests::topo::{bin, Options, Topology, UplinkSpec};
 
 /// A tmux server of its own (so tests never share one), killed on drop.
@@ -167,5 +167,54 @@ fn once_prints_a_snapshot_and_fails_without_a_daemon() -> Result<()> {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("stallnet is not running"), "{text}");
+    Ok(())
+}
+
+/// The dashboard on a hub: the fleet of three stalls from one image, one of them
+/// black-holed (its box's tunnel packets dropped at the box), listed first as offline;
+/// the arrows choose whose uplinks are shown.
+#[test]
+fn the_dashboard_shows_a_hubs_fleet() -> Result<()> {
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi()],
+        Options {
+            extra_stalls: 2,
+            ..Options::default()
+        },
+    )?;
+    t.start()?;
+    let cmd = format!(
+        "{} --runtime-dir {}",
+        bin("stallnet-tui").display(),
+        t.dir.join("hub-run").display()
+    );
+    let tmux = Tmux::start(format!("{}-tmux", t.prefix), &cmd)?;
+    tmux.wait(Duration::from_secs(5), "all stalls online", |s| {
+        s.contains("ALL STALLS ONLINE") && s.contains("3 stalls: 3 online")
+    })?;
+    t.nft(
+        "edge3",
+        "table inet hole { chain out { type filter hook output priority 0; udp dport 4433 drop; }\n}",
+    )?;
+    let s = tmux.wait(Duration::from_secs(15), "stall3 offline, first", |s| {
+        let first = s
+            .lines()
+            .find(|l| {
+                ["+ online", "! degraded", "x offline"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .unwrap_or("");
+        s.contains("STALLS OFFLINE") && first.contains("stall3") && first.contains("x offline")
+    });
+    s.with_context(|| tmux.screen())?;
+    // The first row is selected: its uplinks are shown; Down moves to the next stall.
+    tmux.wait(Duration::from_secs(2), "stall3's uplinks", |s| {
+        s.contains("Uplinks of stall3")
+    })?;
+    tmux.keys(&["Down"])?;
+    tmux.wait(Duration::from_secs(2), "the next stall's uplinks", |s| {
+        s.contains("Uplinks of stall ") && s.contains("> stall ")
+    })?;
     Ok(())
 }

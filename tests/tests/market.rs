@@ -238,8 +238,8 @@ fn cli(t: &Topology, role: &str, args: &[&str]) -> Result<(i32, String, String)>
     ))
 }
 
-#[test]
-fn a_fresh_box_enrolls_with_a_code_and_is_revoked_at_once() -> Result<()> {
+/// Stalls 1 and 2 on the hub, stall 3 fresh from the image (no hub yet), an echo server.
+fn fresh_box_market() -> Result<Topology> {
     let mut t = Topology::build(
         vec![UplinkSpec::wifi()],
         Options {
@@ -250,6 +250,12 @@ fn a_fresh_box_enrolls_with_a_code_and_is_revoked_at_once() -> Result<()> {
     )?;
     t.start()?;
     t.start_echo(7000)?;
+    Ok(t)
+}
+
+#[test]
+fn a_fresh_box_enrolls_with_a_code_and_is_revoked_at_once() -> Result<()> {
+    let t = fresh_box_market()?;
     let hub_cfg = t.dir.join("hub.toml");
     let hub_cfg = hub_cfg.to_str().context("path")?.to_string();
     let box_cfg = t.dir.join("edge3.toml");
@@ -528,16 +534,7 @@ fn a_hundred_idle_stalls_cost_the_hub_little() -> Result<()> {
 
 #[test]
 fn a_device_added_to_the_hubs_config_joins_on_reload_without_touching_the_others() -> Result<()> {
-    let mut t = Topology::build(
-        vec![UplinkSpec::wifi()],
-        Options {
-            extra_stalls: 2,
-            unlisted_stall: true,
-            ..Default::default()
-        },
-    )?;
-    t.start()?;
-    t.start_echo(7000)?;
+    let t = fresh_box_market()?;
     let hub_cfg = t.dir.join("hub.toml");
     let box_cfg = t.dir.join("edge3.toml");
     let (hub_path, box_path) = (

@@ -127,6 +127,12 @@ fn run(
                     .as_ref()
                     .map(|c| c.uplinks.iter().map(|u| u.name.clone()).collect())
                     .unwrap_or_default();
+                // On a hub the arrows choose a stall, and uplink actions are the edge's.
+                let stalls: Option<Vec<String>> = model
+                    .connected
+                    .as_ref()
+                    .filter(|c| c.role == "hub")
+                    .map(|c| c.fleet.iter().map(|r| r.name.clone()).collect());
                 if ui.help {
                     ui.help = false;
                 } else if let Some((verb, name)) = ui.confirm.clone() {
@@ -147,9 +153,21 @@ fn run(
                         KeyCode::Char('?') | KeyCode::Char('h') => ui.help = true,
                         KeyCode::Up | KeyCode::Char('k') => {
                             ui.selected = ui.selected.saturating_sub(1);
+                            if let Some(s) = &stalls {
+                                model.focus(s.get(ui.selected).cloned());
+                                poll(rt, client, model, start.elapsed());
+                            }
                         }
                         KeyCode::Down | KeyCode::Char('j') => {
-                            ui.selected = (ui.selected + 1).min(uplinks.len().saturating_sub(1));
+                            let n = stalls.as_ref().map_or(uplinks.len(), Vec::len);
+                            ui.selected = (ui.selected + 1).min(n.saturating_sub(1));
+                            if let Some(s) = &stalls {
+                                model.focus(s.get(ui.selected).cloned());
+                                poll(rt, client, model, start.elapsed());
+                            }
+                        }
+                        KeyCode::Char('d') | KeyCode::Char('e') if stalls.is_some() => {
+                            ui.message = Some("uplinks are switched on the stall's box".into());
                         }
                         KeyCode::Char('d') | KeyCode::Char('e') => {
                             if let Some(name) = uplinks.get(ui.selected) {

@@ -78,6 +78,22 @@ pub struct Model {
     pos_seen_at: Option<Duration>,
     last_poll: Option<Duration>,
     last_event: u64,
+    /// On a hub: the stall whose uplinks and traffic are shown (the operator's choice),
+    /// and the one the rates were counted for.
+    focus: Option<String>,
+    shown: Option<String>,
+}
+
+/// One stall of a hub's fleet view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StallRow {
+    pub name: String,
+    /// `online`, `degraded` or `offline`.
+    pub state: String,
+    /// Seconds since it was last online (`None`: not since the hub started).
+    pub last_heard_s: Option<u64>,
+    /// (uplink, state).
+    pub uplinks: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,9 +107,18 @@ pub struct Connected {
     pub uplinks: Vec<UplinkRow>,
     pub classes: Vec<ClassRow>,
     pub sales: Option<Sales>,
+    /// A hub's stalls, offline and degraded first (empty on an edge).
+    pub fleet: Vec<StallRow>,
+    /// On a hub: the stall the uplinks and traffic are of.
+    pub shown: Option<String>,
 }
 
 impl Model {
+    /// On a hub: show stall `name`'s uplinks and traffic from the next update.
+    pub fn focus(&mut self, name: Option<String>) {
+        self.focus = name;
+    }
+
     /// The daemon did not answer.
     pub fn unreachable(&mut self, why: String) {
         self.connected = None;
@@ -128,14 +153,56 @@ impl Model {
             .filter(|d| *d > 0.0);
         self.last_poll = Some(now);
         self.unreachable = None;
-        let bond = match status["role"].as_str() {
-            Some("edge") => &status["bonds"]["hub"],
-            // The hub: the first device's bond (the dashboard is for the stall's box).
-            _ => status["bonds"]
-                .as_object()
-                .and_then(|m| m.values().next())
-                .unwrap_or(&Value::Null),
+        let fleet: Vec<StallRow> = status["stalls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| StallRow {
+                name: r["name"].as_str().unwrap_or("?").to_string(),
+                state: r["state"].as_str().unwrap_or("?").to_string(),
+                last_heard_s: r["last_heard_s"].as_u64(),
+                uplinks: r["uplinks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|l| {
+                        (
+                            l["name"].as_str().unwrap_or("?").to_string(),
+                            l["state"].as_str().unwrap_or("?").to_string(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let (bond, shown) = match status["role"].as_str() {
+            Some("edge") => (&status["bonds"]["hub"], None),
+            // The hub: the stall the operator chose, else the first listed (the most in
+            // need of attention), else any.
+            _ => {
+                let name = self
+                    .focus
+                    .clone()
+                    .filter(|f| fleet.iter().any(|r| &r.name == f))
+                    .or_else(|| fleet.first().map(|r| r.name.clone()))
+                    .or_else(|| {
+                        status["bonds"]
+                            .as_object()
+                            .and_then(|m| m.keys().next().cloned())
+                    });
+                let bond = name
+                    .as_deref()
+                    .map_or(&Value::Null, |n| &status["bonds"][n]);
+                (bond, name)
+            }
         };
+        // Another stall's counters say nothing about this one's rates.
+        if shown != self.shown {
+            self.counters.clear();
+            self.class_bytes.clear();
+            self.history.clear();
+            self.pos_packets = None;
+            self.shown = shown.clone();
+        }
         let mut uplinks = Vec::new();
         for l in bond["links"].as_array().into_iter().flatten() {
             let name = l["name"].as_str().unwrap_or("?").to_string();
@@ -241,6 +308,8 @@ impl Model {
             uplinks,
             classes,
             sales,
+            fleet,
+            shown,
         });
     }
 }
@@ -251,6 +320,7 @@ pub fn age(s: i64) -> String {
         i64::MIN..=59 => format!("{} s", s.max(0)),
         60..=3599 => format!("{} min", s / 60),
         3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        86_400..=172_799 => "1 day".to_string(),
         _ => format!("{} days", s / 86_400),
     }
 }

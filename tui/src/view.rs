@@ -35,6 +35,10 @@ pub fn draw(f: &mut Frame, m: &Model, ui: &Ui) {
         missing(f, area, m, ui);
         return;
     };
+    if c.role == "hub" {
+        draw_fleet(f, area, c, m, ui);
+        return;
+    }
     let uplink_rows = c.uplinks.len().max(1) as u16;
     let [header, uplinks, middle, events, footer] = Layout::vertical([
         Constraint::Length(1),
@@ -68,6 +72,141 @@ pub fn draw(f: &mut Frame, m: &Model, ui: &Ui) {
     if ui.help {
         draw_help(f, area);
     }
+}
+
+/// A hub's screen: the fleet (offline and degraded stalls first, the selected one
+/// marked), the selected stall's uplinks, the hub's events.
+fn draw_fleet(f: &mut Frame, area: Rect, c: &Connected, m: &Model, ui: &Ui) {
+    let rows = (c.fleet.len().max(1) as u16).min(10);
+    let uplink_rows = c.uplinks.len().max(1) as u16;
+    let [header, fleet, uplinks, events, footer] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(rows + 3),
+        Constraint::Length(uplink_rows + 3),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(area);
+    let counts = |state: &str| c.fleet.iter().filter(|r| r.state == state).count();
+    let (words, colour) = if counts("offline") > 0 {
+        ("(X) STALLS OFFLINE", RED)
+    } else if counts("degraded") > 0 {
+        ("(!) STALLS DEGRADED", YELLOW)
+    } else {
+        ("(+) ALL STALLS ONLINE", GREEN)
+    };
+    f.render_widget(
+        Paragraph::new(Line::from(vec![
+            Span::styled(
+                format!(" {words} "),
+                Style::default()
+                    .fg(Color::Black)
+                    .bg(colour)
+                    .add_modifier(Modifier::BOLD),
+            ),
+            Span::raw(format!(
+                " hub | {} stalls: {} online, {} degraded, {} offline | up {}",
+                c.fleet.len(),
+                counts("online"),
+                counts("degraded"),
+                counts("offline"),
+                age(c.uptime_s as i64)
+            )),
+        ])),
+        header,
+    );
+    let block = Block::default().borders(Borders::ALL).title(" Stalls ");
+    let mut lines = vec![Line::styled(
+        format!(
+            "  {:<16} {:<11} {:<14} {}",
+            "STALL", "STATE", "LAST HEARD", "UPLINKS"
+        ),
+        Style::default().add_modifier(Modifier::BOLD),
+    )];
+    if c.fleet.is_empty() {
+        lines.push(Line::from(
+            "  no stalls yet: `stallnet hub invite NAME` adds one",
+        ));
+    }
+    // Scrolled so that the selected stall is on screen.
+    let skip = ui
+        .selected
+        .saturating_sub(usize::from(rows).saturating_sub(1));
+    for (i, r) in c
+        .fleet
+        .iter()
+        .enumerate()
+        .skip(skip)
+        .take(usize::from(rows))
+    {
+        let (state, style) = match r.state.as_str() {
+            "online" => ("+ online", Style::default().fg(GREEN)),
+            "degraded" => ("! degraded", Style::default().fg(YELLOW)),
+            _ => ("x offline", Style::default().fg(RED)),
+        };
+        let heard = match (r.state.as_str(), r.last_heard_s) {
+            ("offline", Some(s)) => format!("{} ago", age(s as i64)),
+            ("offline", None) => "not yet".to_string(),
+            _ => "now".to_string(),
+        };
+        let links: Vec<String> = r.uplinks.iter().map(|(n, s)| format!("{n} {s}")).collect();
+        let mark = if i == ui.selected { ">" } else { " " };
+        lines.push(Line::from(vec![
+            Span::raw(format!("{mark} {:<16} ", trunc(&r.name, 16))),
+            Span::styled(format!("{state:<11}"), style),
+            Span::raw(format!(
+                " {heard:<14} {}",
+                if links.is_empty() {
+                    "none connected".to_string()
+                } else {
+                    links.join(", ")
+                }
+            )),
+        ]));
+    }
+    f.render_widget(Paragraph::new(lines).block(block), fleet);
+    let title = c
+        .shown
+        .as_deref()
+        .map_or("Uplinks".to_string(), |n| format!("Uplinks of {n}"));
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .title(format!(" {title} "));
+    let inner = block.inner(uplinks);
+    f.render_widget(block, uplinks);
+    let mut lines = vec![Line::styled(
+        format!(
+            "  {:<8} {:<11} {:>7} {:>7} {:>9} {:>9}",
+            "NAME", "STATE", "RTT", "LOSS", "UP", "DOWN"
+        ),
+        Style::default().add_modifier(Modifier::BOLD),
+    )];
+    if c.uplinks.is_empty() {
+        lines.push(Line::from("  none connected"));
+    }
+    for u in &c.uplinks {
+        let (state, style) = state_style(&u.state);
+        lines.push(Line::from(vec![
+            Span::raw(format!("  {:<8} ", trunc(&u.name, 8))),
+            Span::styled(format!("{state:<11}"), style),
+            Span::raw(format!(
+                " {:>7} {:>6.1}% {:>9} {:>9}",
+                u.rtt_ms.map_or("-".into(), |r| format!("{r:.0}ms")),
+                u.loss * 100.0,
+                rate_short(u.up_bps),
+                rate_short(u.down_bps),
+            )),
+        ]));
+    }
+    f.render_widget(Paragraph::new(lines), inner);
+    draw_events(f, events, m);
+    f.render_widget(
+        Paragraph::new(Line::styled(
+            " up/down: choose a stall   ?: help   q: quit",
+            Style::default().fg(Color::DarkGray),
+        )),
+        footer,
+    );
 }
 
 fn capitalize(s: &str) -> String {

@@ -206,3 +206,69 @@ fn the_words_say_it_without_colour() {
     assert!(full.contains("STORAGE FULL"), "{full}");
     assert!(!off.contains("STORAGE FULL"), "{off}");
 }
+
+/// A hub with three stalls, one of them offline: the fleet view lists it first.
+fn hub_fleet() -> Model {
+    let bond = |s: u64, cell: &str| {
+        json!({
+            "links": [
+                link("wifi", "wifi", "up", Some(21.3), 400_000 * s),
+                link("cell", "cellular", cell, Some(48.9), 150_000 * s),
+            ],
+            "classes": [class("pos", 2_000 * s, 22.0), class("bulk", 1_500_000 * s, 80.0)],
+            "online": true,
+        })
+    };
+    let doc = |s: u64| {
+        json!({
+            "version": 1, "role": "hub", "state": "online", "fallback_active": false,
+            "uptime_s": 90_000, "clock": "synced",
+            "bonds": { "fish": { "links": [], "classes": [], "online": false },
+                       "bread": bond(s, "down"), "flowers": bond(s, "up") },
+            "stalls": [
+                { "name": "fish", "state": "offline", "last_heard_s": 300, "uplinks": [] },
+                { "name": "bread", "state": "degraded", "last_heard_s": 0,
+                  "uplinks": [ { "name": "wifi", "state": "up" }, { "name": "cell", "state": "down" } ] },
+                { "name": "flowers", "state": "online", "last_heard_s": 0,
+                  "uplinks": [ { "name": "wifi", "state": "up" }, { "name": "cell", "state": "up" } ] },
+            ],
+        })
+    };
+    let mut m = Model::default();
+    m.focus(Some("bread".into()));
+    m.update(&doc(1), Duration::from_secs(100));
+    m.update(&doc(2), Duration::from_secs(101));
+    events(
+        &mut m,
+        &[
+            ("info", "device bread enrolled"),
+            ("warning", "device fish: lost (no uplink reaches the hub)"),
+        ],
+    );
+    m
+}
+
+#[test]
+fn a_hub_shows_its_fleet_offline_first() {
+    let m = hub_fleet();
+    let ui = Ui {
+        selected: 1,
+        ..Ui::default()
+    };
+    let text = render_text(&m, &ui, 80, 24);
+    let fish = text
+        .lines()
+        .position(|l| l.contains("fish"))
+        .unwrap_or(usize::MAX);
+    let flowers = text
+        .lines()
+        .position(|l| l.contains("flowers"))
+        .unwrap_or(0);
+    assert!(fish < flowers, "{text}");
+    assert!(
+        text.contains("x offline") && text.contains("5 min ago"),
+        "{text}"
+    );
+    assert!(text.contains("Uplinks of bread"), "{text}");
+    insta::assert_snapshot!("hub_fleet_80x24", text);
+}
