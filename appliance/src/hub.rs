@@ -243,6 +243,10 @@ impl Hub {
             ("pool", new.pool == running.pool),
             ("lan_map", new.lan_map == running.lan_map),
             ("mode", new.mode == running.mode),
+            (
+                "stall_services",
+                new.stall_services == running.stall_services,
+            ),
         ] {
             if !same {
                 restart.push(field);

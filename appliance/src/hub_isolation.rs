@@ -5,9 +5,10 @@
 //!   stall's LAN block or tunnel address through the hub (chain `between`).
 //! - Nothing a stall sends is forwarded to link-local addresses (the cloud's metadata
 //!   service at 169.254.169.254 holds the VM's credentials).
-//! - The hub itself answers a stall's ping and the replies of its own connections; every
-//!   other packet from the TUN to the hub (its SSH, its control and metrics ports, on any
-//!   of its addresses) is dropped (chain `to_hub`).
+//! - The hub itself answers a stall's ping, the replies of its own connections and the TCP
+//!   ports of `hub.stall_services` (a sales broker on the hub's VM); every other packet
+//!   from the TUN to the hub (its SSH, its control and metrics ports, on any of its
+//!   addresses) is dropped (chain `to_hub`).
 //!
 //! Every drop is counted; the hub's status shows the counts. The hub's [`Kernel`] owns
 //! the table, so it is removed on every exit.
@@ -23,8 +24,9 @@ use stallnet_netconf::grammar::{require, Unwritable, IFACE_EXPECTED};
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "stallnet_hub";
 
-/// The script that (re)creates the table for the TUN device `tun`.
-pub fn render(tun: &str) -> Result<String, Unwritable> {
+/// The script that (re)creates the table for the TUN device `tun`; stalls may reach the
+/// hub's TCP `services`.
+pub fn render(tun: &str, services: &[u16]) -> Result<String, Unwritable> {
     require(
         "the nft ruleset",
         "TUN device",
@@ -32,6 +34,12 @@ pub fn render(tun: &str) -> Result<String, Unwritable> {
         stallnet_netconf::grammar::is_iface_name,
         IFACE_EXPECTED,
     )?;
+    let services = if services.is_empty() {
+        String::new()
+    } else {
+        let ports: Vec<String> = services.iter().map(u16::to_string).collect();
+        format!("\t\ttcp dport {{ {} }} accept\n", ports.join(", "))
+    };
     Ok(format!(
         "table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n\
          table {FAMILY} {TABLE} {{\n\
@@ -47,6 +55,7 @@ pub fn render(tun: &str) -> Result<String, Unwritable> {
          \t\tct state established,related accept\n\
          \t\ticmp type echo-request accept\n\
          \t\ticmpv6 type echo-request accept\n\
+         {services}\
          \t\tcounter drop\n\
          \t}}\n}}\n"
     ))
@@ -68,9 +77,15 @@ mod tests {
 
     #[test]
     fn the_tun_is_named_and_checked() {
-        let s = render("stallhub0").unwrap_or_default();
+        let s = render("stallhub0", &[]).unwrap_or_default();
         assert!(s.contains("iifname \"stallhub0\" oifname \"stallhub0\" counter drop"));
         assert!(s.contains("iifname != \"stallhub0\" accept"));
-        assert!(render("bad\" accept").is_err());
+        assert!(!s.contains("dport"));
+        let s = render("stallhub0", &[4222, 8443]).unwrap_or_default();
+        assert!(
+            s.contains("tcp dport { 4222, 8443 } accept\n\t\tcounter drop"),
+            "{s}"
+        );
+        assert!(render("bad\" accept", &[]).is_err());
     }
 }

@@ -262,7 +262,7 @@ pub fn hub(cfg: &Config) -> Result<HubPlan, PlanError> {
         );
     }
     let routes = Routes::new(entries)?;
-    let isolation = crate::hub_isolation::render(&h.tun_name)?;
+    let isolation = crate::hub_isolation::render(&h.tun_name, &h.stall_services)?;
     Ok(HubPlan {
         hub_address,
         prefix_len: pool.prefix_len(),

@@ -1125,6 +1125,13 @@ impl Validator<'_> {
                 ),
             );
         }
+        if let Some(i) = h.stall_services.iter().position(|p| *p == 0) {
+            self.err(
+                hub.span(),
+                format!("hub.stall_services[{i}]"),
+                "expected a TCP port from 1 to 65535",
+            );
+        }
         match h.lan_map {
             ipnet::IpNet::V4(space) => {
                 if h.pool.contains(&h.lan_map.network()) || h.lan_map.contains(&h.pool.network()) {

@@ -509,6 +509,11 @@ pub struct HubConfig {
     #[serde(default = "default_lan_map")]
     #[schemars(with = "String")]
     pub lan_map: IpNet,
+    /// TCP ports of the hub itself that stalls may reach through the tunnel (a sales
+    /// broker on the hub's VM, e.g. 4222 for NATS). Nothing else on the hub answers a
+    /// stall but ping.
+    #[serde(default)]
+    pub stall_services: Vec<u16>,
     /// Scheduling mode for download traffic that is not POS.
     #[serde(default)]
     pub mode: SchedMode,

@@ -129,6 +129,7 @@ fn corpus() -> Vec<(&'static str, String, &'static str, &'static str)> {
         ("one device's LANs overlapping", hub("", "").replace("lan = [\"10.1.0.0/24\"]", "lan = [\"10.1.0.0/24\", \"10.1.0.128/25\"]"), "hub.devices[0].lan[1]", "10.1.0.128/25 overlaps 10.1.0.0/24 of the same device: expected separate prefixes"),
         ("lan_map overlapping the pool", hub("lan_map = \"100.64.0.0/16\"", ""), "hub.lan_map", "100.64.0.0/16 overlaps hub.pool 100.64.0.0/24: expected a prefix of its own"),
         ("lan_map too narrow", hub("lan_map = \"10.100.0.0/24\"", &format!("[[hub.devices]]\nname = \"stall-2\"\nidentity = \"{}\"\nlan = [\"10.1.0.0/24\"]\n", ID.replace("sn1:0", "sn1:1"))), "hub.lan_map", "lan_map 10.100.0.0/24 has no room for 10.1.0.0/24 of device 1 (the devices before it take 256 addresses): expected a wider prefix"),
+        ("a stall service on port 0", hub("stall_services = [4222, 0]", ""), "hub.stall_services[1]", "expected a TCP port from 1 to 65535"),
         ("IPv6 lan_map", hub("lan_map = \"fd00::/64\"", ""), "hub.lan_map", "expected an IPv4 prefix like 10.100.0.0/14, got fd00::/64"),
         ("too many uplinks", edge("", &(1..=16).map(|i| format!("[[edge.uplinks]]\nname = \"u{i}\"\ninterface = \"wan{i}\"\nkind = \"ethernet\"\n")).collect::<String>()), "edge.uplinks", "expected at most 16 uplinks, got 17"),
     ]

@@ -203,6 +203,8 @@ pub struct Options {
     pub hub_pool: Option<&'static str>,
     /// Text appended to the hub's config (more `[[hub.devices]]`).
     pub hub_extra: Option<String>,
+    /// Fields added to the hub's `[hub]` table (`stall_services = [7301]`).
+    pub hub_fields: Option<String>,
 }
 
 pub struct Topology {
@@ -749,6 +751,13 @@ impl Topology {
             hub.push_str(&format!(
                 "\n[[hub.devices]]\nname = \"stall{k}\"\nidentity = \"{id}\"\nlan = [\"10.1.0.0/24\"]\npos_sources = [\"{POS_CLIENT}/32\"]\n"
             ));
+        }
+        if let Some(f) = &opts.hub_fields {
+            hub = hub.replacen(
+                "\n\n[[hub.devices]]",
+                &format!("\n{f}\n\n[[hub.devices]]"),
+                1,
+            );
         }
         if let Some(extra) = &opts.hub_extra {
             hub.push('\n');

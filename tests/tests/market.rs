@@ -141,7 +141,15 @@ fn stalls_with_the_same_lan_each_get_their_own_answers() -> Result<()> {
 
 #[test]
 fn a_stall_reaches_neither_another_stall_nor_the_hub() -> Result<()> {
-    let mut t = market()?;
+    let mut t = Topology::build(
+        vec![UplinkSpec::wifi()],
+        Options {
+            extra_stalls: 2,
+            hub_fields: Some("stall_services = [7301]".into()),
+            ..Default::default()
+        },
+    )?;
+    t.start()?;
     let tool = tool();
     // Stall 2's client runs a service; stall 1's client tries it at stall 2's block on
     // the hub (10.100.1.0/24: the second device's) and at stall 2's tunnel address.
@@ -155,6 +163,12 @@ fn a_stall_reaches_neither_another_stall_nor_the_hub() -> Result<()> {
         "hub",
         &[&tool, "tcp-sink", &format!("{HUB_ADDR}:7300")],
     )?;
+    // The sales broker on the hub's VM, listed in hub.stall_services.
+    t.spawn(
+        "broker",
+        "hub",
+        &[&tool, "tcp-sink", &format!("{HUB_ADDR}:7301")],
+    )?;
     std::thread::sleep(Duration::from_millis(300));
     let bind = format!("{LAN_CLIENT}:0");
     for to in ["10.100.1.2:7200", "10.99.0.3:7200"] {
@@ -167,6 +181,8 @@ fn a_stall_reaches_neither_another_stall_nor_the_hub() -> Result<()> {
     assert_eq!(from_stall["outcome"], "timeout", "{from_stall}");
     let from_inet = t.json("inet", &[&tool, "tcp-connect", &format!("{HUB_ADDR}:7300")])?;
     assert_eq!(from_inet["outcome"], "connected", "{from_inet}");
+    let broker = t.json("lan", &[&tool, "tcp-connect", &format!("{HUB_ADDR}:7301")])?;
+    assert_eq!(broker["outcome"], "connected", "{broker}");
     // The hub still answers a stall's ping on its tunnel address.
     let ping = t.exec(
         "lan",
