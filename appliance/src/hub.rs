@@ -118,12 +118,11 @@ impl Hub {
                 IpNet::V6(_) => None,
             })
             .collect();
-        let place = self.fleet.place(&self.maker, &lan4)?;
         let rules = classes::core_rules(&stallnet_netconf::classes::default_rules());
-        let dev = self
-            .maker
-            .make(name, identity, place, Vec::new(), &rules, false);
-        self.fleet.insert(dev.clone())?;
+        let dev = self.fleet.add(&self.maker, &lan4, |place| {
+            self.maker
+                .make(name, identity, place, Vec::new(), &rules, false)
+        })?;
         for (l, b) in dev.map.lans().zip(dev.map.blocks()) {
             tracing::info!(device = %name, "LAN {l} appears on the hub at {b}");
         }
@@ -310,16 +309,12 @@ impl Hub {
                     IpNet::V6(_) => None,
                 })
                 .collect();
-            let place = self
-                .fleet
-                .place(&self.maker, &lan4)
+            self.fleet
+                .add(&self.maker, &lan4, |place| {
+                    self.maker
+                        .make(&w.name, &w.identity, place, Vec::new(), &rules, true)
+                })
                 .map_err(|e| ActionError::new(StatusCode::CONFLICT, "no_room", e.to_string()))?;
-            let dev = self
-                .maker
-                .make(&w.name, &w.identity, place, Vec::new(), &rules, true);
-            self.fleet.insert(dev).map_err(|e| {
-                ActionError::new(StatusCode::INTERNAL_SERVER_ERROR, "routes", e.to_string())
-            })?;
             if !changed.contains(&w.name) {
                 added.push(w.name.clone());
             }

@@ -453,10 +453,10 @@ fn a_handshake_flood_neither_starves_the_stalls_nor_swells_the_hub() -> Result<(
         hub["handshakes"]
     );
     assert_eq!(flow["sent"], 1600, "{flow}");
-    assert_eq!(
-        flow["received"], 1600,
-        "the stall lost packets to the flood: {flow}"
-    );
+    // Without the guard the stall lost 633-680 of them; with it none, on a machine
+    // shared with other tests. A starved machine may lose a few, never 1 %.
+    let lost = flow["lost"].as_u64().unwrap_or(u64::MAX);
+    assert!(lost < 16, "the stall lost packets to the flood: {flow}");
     assert!(
         peak.saturating_sub(before) < 20_000,
         "the hub grew from {before} to {peak} kB"

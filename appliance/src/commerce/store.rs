@@ -26,6 +26,8 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// rewrites them as it compacts, and the daemon's own files (status, revisions) live on
 /// the same card.
 pub const RESERVE_BYTES: u64 = 4 * 1024 * 1024;
+/// Free space above the reserve that takes a full store back to taking writes.
+pub const FULL_MARGIN: u64 = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -271,6 +273,10 @@ pub struct SledStore {
     /// Set by an I/O failure: sled's error is sticky, and its memory may hold writes that
     /// never reached the disk. Cleared by a reopen.
     failed: AtomicBool,
+    /// A write was refused for room: writes stay refused (and the status says the card
+    /// is full) until free space is back above the reserve plus [`FULL_MARGIN`], so sled's
+    /// own flushes freeing a few kilobytes do not make it flicker.
+    full: AtomicBool,
     /// Free bytes below which writes are refused up front ([`RESERVE_BYTES`]).
     reserve: u64,
     key: Ed25519KeyPair,
@@ -395,6 +401,7 @@ impl SledStore {
             dir: dir.to_path_buf(),
             trees: RwLock::new(Some(trees)),
             failed: AtomicBool::new(false),
+            full: AtomicBool::new(false),
             reserve: RESERVE_BYTES,
             device: device_tag(key.public_key().as_ref()),
             key,
@@ -439,6 +446,20 @@ impl SledStore {
         free_bytes(&self.dir).unwrap_or(u64::MAX)
     }
 
+    /// Whether writes are refused for room now (see `full`).
+    fn short_of_room(&self) -> bool {
+        let room = self.room();
+        if room < self.reserve {
+            self.full.store(true, Ordering::SeqCst);
+            return true;
+        }
+        if self.full.load(Ordering::SeqCst) && room < self.reserve.saturating_add(FULL_MARGIN) {
+            return true;
+        }
+        self.full.store(false, Ordering::SeqCst);
+        false
+    }
+
     /// After a failure: closes the database and opens it again from disk once the
     /// filesystem has room. `Ok` when the store is usable.
     fn recover(&self) -> Result<(), StoreError> {
@@ -479,7 +500,7 @@ impl SledStore {
         f: impl FnOnce(&Trees) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.recover()?;
-        if op == Op::Write && self.room() < self.reserve {
+        if op == Op::Write && self.short_of_room() {
             return Err(StoreError::Full(FULL.into()));
         }
         let guard: RwLockReadGuard<'_, Option<Trees>> = match self.trees.read() {
@@ -988,9 +1009,10 @@ impl CommerceStore for SledStore {
     }
 
     fn storage(&self) -> Storage {
+        let full = self.short_of_room();
         let free_bytes = self.room();
         Storage {
-            ok: !self.failed.load(Ordering::SeqCst) && free_bytes >= self.reserve,
+            ok: !self.failed.load(Ordering::SeqCst) && !full,
             free_bytes,
         }
     }

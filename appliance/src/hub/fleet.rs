@@ -160,9 +160,16 @@ impl Fleet {
         t.routes.lookup(dst).and_then(|i| t.devices.get(i)).cloned()
     }
 
-    /// Where a new device with `lan` goes: the first free tunnel address and blocks.
-    pub fn place(&self, m: &Maker, lan: &[Ipv4Net]) -> Result<Place, PlaceError> {
-        let t = self.read();
+    /// Adds a device with `lan` at the first free tunnel address and blocks, made by
+    /// `make` (its identity passes the handshake from then on). Placing and admitting
+    /// happen under one write lock, so two devices added at once never share a place.
+    pub fn add(
+        &self,
+        m: &Maker,
+        lan: &[Ipv4Net],
+        make: impl FnOnce(Place) -> Arc<Device>,
+    ) -> Result<Arc<Device>, PlaceError> {
+        let mut t = self.write();
         let used: Vec<IpAddr> = t.devices.iter().map(|d| d.address).collect();
         let address = m
             .pool
@@ -178,23 +185,26 @@ impl Fleet {
             taken.push(b);
             pairs.push((l.trunc(), b));
         }
-        Ok(Place {
+        let dev = make(Place {
             address,
             map: LanMap::new(pairs)?,
-        })
-    }
-
-    /// Admits `dev` (its identity passes the handshake from now on).
-    pub fn insert(&self, dev: Arc<Device>) -> Result<(), Overlap> {
-        let mut t = self.write();
+        });
         let mut devices = t.devices.clone();
         devices.push(dev.clone());
-        t.routes = routes_of(&devices)?;
+        t.routes = match routes_of(&devices) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not placed after all: its bond's tasks stop.
+                dev.bond.close_all(b"not placed");
+                return Err(e.into());
+            }
+        };
         t.devices = devices;
+        drop(t);
         if let Ok(mut a) = self.allow.write() {
             a.insert(dev.identity.clone());
         }
-        Ok(())
+        Ok(dev)
     }
 
     /// Takes device `name` out: refused in the handshake from now on, its connections
