@@ -383,14 +383,9 @@ fn a_fresh_box_enrolls_with_a_code_and_is_revoked_at_once() -> Result<()> {
     })
 }
 
-/// Resident memory of process `pid`, kB.
+/// Resident memory of process `pid`, kB (0 when it is gone).
 fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    stallnet_tests::topo::rss_kb(pid).unwrap_or(0)
 }
 
 #[test]
@@ -469,20 +464,9 @@ fn a_handshake_flood_neither_starves_the_stalls_nor_swells_the_hub() -> Result<(
     Ok(())
 }
 
-/// User + system CPU seconds of process `pid` so far.
+/// User + system CPU seconds of process `pid` so far (0 when it is gone).
 fn cpu_s(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let f: Vec<String> = s
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .map(String::from)
-                .collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
-        })
-        .unwrap_or(0.0)
+    stallnet_tests::topo::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 #[test]

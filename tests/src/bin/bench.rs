@@ -1193,18 +1193,9 @@ fn hub_rx_bytes(t: &Topology) -> Result<u64> {
 
 /// User + system CPU seconds consumed so far by these processes (and their threads).
 fn cpu_seconds(pids: &[Option<u32>]) -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
     pids.iter()
         .flatten()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            // Fields after the command name (which may contain spaces) start after ')'.
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = f.get(11)?.parse().ok()?;
-            let stime: f64 = f.get(12)?.parse().ok()?;
-            Some((utime + stime) / tick)
-        })
+        .filter_map(|pid| stallnet_tests::topo::cpu_seconds(*pid))
         .sum()
 }
 
@@ -1663,14 +1654,8 @@ fn failover() -> Result<Vec<(String, &'static str, f64)>> {
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kb / 1024.0)
+    let kb = stallnet_tests::topo::rss_kb(pid).context("VmRSS")?;
+    Ok(kb as f64 / 1024.0)
 }
 
 /// rx + tx bytes of the edge's interface `dev`, as the kernel counts them.
