@@ -334,8 +334,8 @@ fn per_device(v: &Value) -> Vec<(Option<&str>, &Value)> {
 /// The fleet view in plain words, one stall a line (fits 80 columns).
 fn stalls_table(v: &Value) -> String {
     let mut out = format!(
-        "{:<16} {:<9} {:<12} {:<36}\n",
-        "STALL", "STATE", "LAST HEARD", "UPLINKS"
+        "{:<14} {:<9} {:>5} {:<11} {}\n",
+        "STALL", "STATE", "SALES", "LAST HEARD", "UPLINKS"
     );
     for s in v.as_array().into_iter().flatten() {
         let heard = match (s["state"].as_str(), s["last_heard_s"].as_u64()) {
@@ -356,9 +356,12 @@ fn stalls_table(v: &Value) -> String {
             })
             .collect();
         out.push_str(&format!(
-            "{:<16} {:<9} {:<12} {:<36}\n",
+            "{:<14} {:<9} {:>5} {:<11} {}\n",
             s["name"].as_str().unwrap_or("?"),
             s["state"].as_str().unwrap_or("?"),
+            s["sales_waiting"]
+                .as_u64()
+                .map_or("-".to_string(), |n| n.to_string()),
             heard,
             if links.is_empty() {
                 "none".to_string()

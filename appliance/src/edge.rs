@@ -64,6 +64,8 @@ struct Ctx {
     changes: watch::Receiver<u64>,
     /// The class settings the hub must have (each uplink's connection tells it).
     class_specs: watch::Sender<Vec<stallnet_netconf::ClassSpec>>,
+    /// What the box tells the hub of itself (its outbox), from the commerce figures.
+    box_report: watch::Sender<Option<crate::driver::session::BoxReport>>,
     /// TLS for the reachability checks, when they are on.
     tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
     /// POS packets are refused at once when nothing gets out (no direct fallback).
@@ -237,6 +239,7 @@ async fn run_with(
         hub_choice: Mutex::new(crate::core::hub_choice::HubChoice::new(e.hubs.len())),
         changes: change_rx,
         class_specs: watch::Sender::new(plan.specs.clone()),
+        box_report: watch::Sender::new(None),
         tls: Mutex::new(tls),
         fail_fast: AtomicBool::new(e.fallback == Fallback::None),
         device_rules: Mutex::new(device_rules(&e)),
@@ -355,6 +358,16 @@ async fn run_with(
         );
     }
     result
+}
+
+/// What the hub's fleet view shows of the box, from the commerce status document
+/// ([`crate::commerce::api::status`]).
+fn box_report(commerce: &serde_json::Value) -> crate::driver::session::BoxReport {
+    crate::driver::session::BoxReport {
+        sales_waiting: commerce["undelivered"].as_u64().unwrap_or(0),
+        dead_letters: commerce["dead_letters"].as_u64().unwrap_or(0),
+        oldest_waiting_unix: commerce["oldest_undelivered_at"].as_i64(),
+    }
 }
 
 /// Publishes status and drives the direct fallback until cancelled.
@@ -504,9 +517,12 @@ async fn supervise(
         // itself: a full disk must not stall this loop).
         if due {
             clock = status::clock_state();
-            commerce_doc = commerce.as_ref().and_then(|c| match c.lock() {
-                Ok(d) => d.clone(),
-                Err(p) => p.into_inner().clone(),
+            commerce_doc = commerce.as_ref().and_then(|c| lock(c).clone());
+            let report = commerce_doc.as_ref().map(box_report);
+            ctx.box_report.send_if_modified(|r| {
+                let changed = *r != report;
+                *r = report;
+                changed
             });
         }
         let preferred = lock(&ctx.preferred).clone();

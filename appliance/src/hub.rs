@@ -27,7 +27,7 @@ use crate::core::handshake_guard::{Admit, HandshakeGuard};
 use crate::core::packet;
 use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
 use crate::driver::kernel::Kernel;
-use crate::driver::session::{self, Welcome};
+use crate::driver::session::{self, EdgeDoc, Welcome};
 use crate::driver::sys;
 use crate::enroll::book::{Book, Refusal};
 use crate::enroll::{self, code::Code, Registrar};
@@ -591,10 +591,12 @@ async fn run_with(
             .zip(&statuses)
             .map(|(d, st)| stall_row(d, st, last_heard.get(&d.name).map(|t| now - *t)))
             .collect();
+        // Offline, then degraded, then those with the most sales waiting.
         stalls.sort_by_key(|r| {
             (
                 r["state"] != "offline",
                 r["state"] != "degraded",
+                std::cmp::Reverse(r["sales_waiting"].as_u64().unwrap_or(0)),
                 r["name"].as_str().unwrap_or("").to_string(),
             )
         });
@@ -675,12 +677,14 @@ async fn run_with(
 
 /// One line of the fleet view: the stall's state (offline: no uplink reaches the hub;
 /// degraded: online, but an uplink is down or degraded), its uplinks, when it was last
-/// heard (`None`: not since the hub started), where it comes from and its addresses.
+/// heard (`None`: not since the hub started), where it comes from and its addresses, and
+/// the sales waiting on the box as it last reported them.
 fn stall_row(
     d: &Device,
     st: &crate::driver::bond::BondStatus,
     heard: Option<Duration>,
 ) -> serde_json::Value {
+    let report = *crate::lock(&d.report);
     let up = crate::driver::bond::LinkCondition::Up;
     let degraded = st.links.iter().any(|l| l.degraded || l.state != up);
     let state = match (st.online, degraded) {
@@ -709,6 +713,14 @@ fn stall_row(
         "tunnel_address": d.address.to_string(),
         "lan": d.map.lans().map(|l| l.to_string()).collect::<Vec<_>>(),
         "lan_on_hub": d.map.blocks().map(|b| b.to_string()).collect::<Vec<_>>(),
+        // As the box last said (a box without the commerce service, or from before
+        // session version 2, says nothing).
+        "sales_waiting": report.map(|(r, _)| r.sales_waiting),
+        "dead_letters": report.map(|(r, _)| r.dead_letters),
+        "oldest_waiting_s": report
+            .and_then(|(r, _)| r.oldest_waiting_unix)
+            .map(|at| i64::try_from(unix_now()).unwrap_or(i64::MAX).saturating_sub(at).max(0)),
+        "report_age_s": report.map(|(_, at)| at.elapsed().as_secs()),
     })
 }
 
@@ -760,13 +772,17 @@ async fn serve(incoming: quinn::Incoming, hub: Arc<Hub>, epoch: u64) -> Result<(
     // What the edge says of the uplink while it runs, in order, until the connection ends.
     loop {
         match session::next_update(&conn).await {
-            Ok(Some(u)) => {
+            Ok(Some(EdgeDoc::Link(u))) => {
                 tracing::info!(device = %dev.name, link = %hello.link, backup = u.backup, classes = ?u.link_classes, "uplink updated");
                 if let Some(specs) = &u.classes {
                     dev.bond.configure(classes::sched_config(specs, mode));
                 }
                 dev.bond.set_backup(id, u.backup);
                 dev.bond.set_link_config(id, mask_of(&u.link_classes), None);
+            }
+            Ok(Some(EdgeDoc::Box(r))) => {
+                tracing::debug!(device = %dev.name, sales_waiting = r.sales_waiting, "box report");
+                *crate::lock(&dev.report) = Some((r, std::time::Instant::now()));
             }
             Ok(None) => break,
             Err(e) => {

@@ -22,9 +22,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::driver::session::PROTOCOLS;
 use crate::log_limit::LogLimit;
 
-pub const ALPN: &[u8] = b"stallnet/1";
 /// The name the edge asks for; the hub certificate's SAN. Authentication is by pin.
 pub const HUB_NAME: &str = "stallnet-hub";
 const KEY_FILE: &str = "device.key";
@@ -298,16 +298,30 @@ pub fn transport() -> quinn::TransportConfig {
 
 /// QUIC client configuration for the edge: our certificate, the hub pinned.
 pub fn client_config(me: &Identity, hub_pins: &[String]) -> Result<quinn::ClientConfig> {
-    client(hub_pins, Some(me))
+    client(hub_pins, Some(me), &PROTOCOLS)
+}
+
+/// [`client_config`] offering only the session versions `protocols` (an older edge, for
+/// tests of the version choice).
+pub fn client_config_speaking(
+    me: &Identity,
+    hub_pins: &[String],
+    protocols: &[&[u8]],
+) -> Result<quinn::ClientConfig> {
+    client(hub_pins, Some(me), protocols)
 }
 
 /// QUIC client configuration for enrolling: the hub pinned, no certificate of ours (the
 /// box proves the invite's secret instead, inside the connection).
 pub fn enroll_client_config(hub_pin: &str) -> Result<quinn::ClientConfig> {
-    client(&[hub_pin.to_string()], None)
+    client(&[hub_pin.to_string()], None, &PROTOCOLS)
 }
 
-fn client(hub_pins: &[String], me: Option<&Identity>) -> Result<quinn::ClientConfig> {
+fn client(
+    hub_pins: &[String],
+    me: Option<&Identity>,
+    protocols: &[&[u8]],
+) -> Result<quinn::ClientConfig> {
     let prov = provider();
     let verifier = Arc::new(PinnedServer {
         pins: hub_pins.iter().cloned().collect(),
@@ -327,7 +341,7 @@ fn client(hub_pins: &[String], me: Option<&Identity>) -> Result<quinn::ClientCon
             .context("client certificate")?,
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC client TLS")?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport()));
@@ -341,6 +355,17 @@ pub fn server_config(
     me: &Identity,
     allow: AllowList,
     refused: Arc<AtomicU64>,
+) -> Result<quinn::ServerConfig> {
+    server_config_speaking(me, allow, refused, &PROTOCOLS)
+}
+
+/// [`server_config`] accepting only the session versions `protocols` (an older hub, for
+/// tests of the version choice).
+pub fn server_config_speaking(
+    me: &Identity,
+    allow: AllowList,
+    refused: Arc<AtomicU64>,
+    protocols: &[&[u8]],
 ) -> Result<quinn::ServerConfig> {
     let prov = provider();
     let verifier = Arc::new(AllowedClients {
@@ -358,7 +383,7 @@ pub fn server_config(
             PrivateKeyDer::Pkcs8(me.key.clone_key()),
         )
         .context("server certificate")?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
     // No session resumption: a resumed session skips the client certificate check, and a
     // revoked device must be refused on its very next handshake.
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

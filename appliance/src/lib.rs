@@ -43,3 +43,9 @@ pub mod reach_probe;
 pub mod service;
 pub mod status;
 pub mod wifi_link;
+
+/// Locks, going on with the data of a poisoned lock (a panic elsewhere is a bug; the
+/// router keeps routing).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

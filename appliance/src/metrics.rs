@@ -56,6 +56,17 @@ struct QuantileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StallLabels {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StallStateLabels {
+    device: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabels {
     role: String,
 }
@@ -275,11 +286,65 @@ pub fn render(s: &Status) -> String {
         dead.set(c["dead_letters"].as_i64().unwrap_or(0));
         reg.register("outbox_dead_letters", "Records the upstream refused", dead);
     }
+    if let Some(stalls) = s.stalls.as_ref().and_then(|v| v.as_array()) {
+        stall_metrics(&mut reg, stalls);
+    }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
         tracing::warn!("metrics encoding: {e}");
     }
     out
+}
+
+/// The hub's fleet, per stall: its state and what its box last reported (a box that
+/// reports nothing has no outbox series).
+fn stall_metrics(reg: &mut Registry, stalls: &[Value]) {
+    let state = Family::<StallStateLabels, Gauge>::default();
+    let waiting = Family::<StallLabels, Gauge>::default();
+    let oldest = Family::<StallLabels, Gauge>::default();
+    let dead = Family::<StallLabels, Gauge>::default();
+    let as_i64 = |v: &Value| v.as_u64().map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    for r in stalls {
+        let device = r["name"].as_str().unwrap_or("?").to_string();
+        for candidate in ["online", "degraded", "offline"] {
+            state
+                .get_or_create(&StallStateLabels {
+                    device: device.clone(),
+                    state: candidate.into(),
+                })
+                .set(i64::from(r["state"] == candidate));
+        }
+        let l = StallLabels { device };
+        if let Some(n) = as_i64(&r["sales_waiting"]) {
+            waiting.get_or_create(&l).set(n);
+            dead.get_or_create(&l)
+                .set(as_i64(&r["dead_letters"]).unwrap_or(0));
+            oldest
+                .get_or_create(&l)
+                .set(as_i64(&r["oldest_waiting_s"]).unwrap_or(0));
+        }
+    }
+    reg.register(
+        "stall_state",
+        "1 for the stall's current state (online, degraded, offline)",
+        state,
+    );
+    reg.register(
+        "stall_outbox_undelivered",
+        "Sales and events waiting on the stall's box, as it last reported",
+        waiting,
+    );
+    reg.register_with_unit(
+        "stall_outbox_oldest_age",
+        "Age of the oldest record waiting on the stall's box (0 when none)",
+        Unit::Seconds,
+        oldest,
+    );
+    reg.register(
+        "stall_outbox_dead_letters",
+        "Records the upstream refused, on the stall's box",
+        dead,
+    );
 }
 
 /// (device, bond) pairs: the edge's one bond is device "local".
@@ -342,4 +407,41 @@ pub async fn serve(
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
         .context("metrics server")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hub's fleet appears per stall: its state, and the outbox its box reported (a box
+    /// that reports nothing has no outbox series, rather than a false 0).
+    #[test]
+    fn a_hubs_stalls_have_their_state_and_sales_waiting() -> anyhow::Result<()> {
+        let s: Status = serde_json::from_value(serde_json::json!({
+            "version": 1, "role": "hub", "state": "degraded", "fallback_active": false,
+            "tunnel_address": null, "refused_handshakes": 0, "bonds": {},
+            "uptime_s": 5, "clock": "synced",
+            "stalls": [
+                { "name": "fish", "state": "offline", "sales_waiting": 12,
+                  "dead_letters": 1, "oldest_waiting_s": 600 },
+                { "name": "bread", "state": "online" },
+            ],
+        }))?;
+        let text = render(&s);
+        for line in [
+            r#"stallnet_stall_state{device="fish",state="offline"} 1"#,
+            r#"stallnet_stall_state{device="fish",state="online"} 0"#,
+            r#"stallnet_stall_state{device="bread",state="online"} 1"#,
+            r#"stallnet_stall_outbox_undelivered{device="fish"} 12"#,
+            r#"stallnet_stall_outbox_dead_letters{device="fish"} 1"#,
+            r#"stallnet_stall_outbox_oldest_age_seconds{device="fish"} 600"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"stallnet_stall_outbox_undelivered{device="bread"}"#),
+            "{text}"
+        );
+        Ok(())
+    }
 }

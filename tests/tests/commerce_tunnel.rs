@@ -70,8 +70,11 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
         },
     )?;
     let log = t.dir.join("upstream.jsonl");
-    t.start_http_sink(8090, &log)?;
     t.start()?;
+    // The organiser's fleet view hears the box: nothing waiting.
+    t.wait_status("hub", Duration::from_secs(10), |s| {
+        s["stalls"][0]["state"] == "online" && s["stalls"][0]["sales_waiting"] == 0
+    })?;
 
     // Every uplink silently dead: sales are taken and wait on the box.
     t.isp_blackhole(1, true)?;
@@ -92,9 +95,37 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
     assert_eq!(s["commerce"]["online"], false, "{s}");
     assert!(received(&log).is_empty(), "nothing may leave while offline");
 
-    // The cellular uplink returns: everything is delivered, through the tunnel.
+    // The cellular uplink returns while the upstream is not up yet: the hub's fleet view
+    // says what waits on the box.
     t.isp_blackhole(2, false)?;
+    let s = t.wait_status("hub", Duration::from_secs(15), |s| {
+        s["stalls"][0]["sales_waiting"] == 21 && s["stalls"][0]["state"] == "degraded"
+    })?;
+    let row = &s["stalls"][0];
+    assert!(row["oldest_waiting_s"].as_u64().is_some(), "{s}");
+    let table = t.exec(
+        "hub",
+        &[
+            bin("stallnet").to_str().context("path")?,
+            "stalls",
+            "--runtime-dir",
+            t.dir.join("hub-run").to_str().context("path")?,
+        ],
+    )?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("degraded") && l.contains(" 21 ")),
+        "{table}"
+    );
+    // The upstream comes up: everything is delivered, through the tunnel, and the fleet
+    // view sees the box empty.
+    t.start_http_sink(8090, &log)?;
     wait_for(Duration::from_secs(30), || Ok(received(&log).len() >= 21))?;
+    t.wait_status("hub", Duration::from_secs(5), |s| {
+        s["stalls"][0]["sales_waiting"] == 0
+    })?;
     // Then wifi returns and dies again while more sales are made.
     t.isp_blackhole(1, false)?;
     let online: Vec<String> = (0..20).map(|i| format!("online-{i:02}")).collect();

@@ -94,6 +94,8 @@ pub struct StallRow {
     pub last_heard_s: Option<u64>,
     /// (uplink, state).
     pub uplinks: Vec<(String, String)>,
+    /// Sales waiting on the box, as it last reported (`None`: it reports none).
+    pub sales_waiting: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +163,7 @@ impl Model {
                 name: r["name"].as_str().unwrap_or("?").to_string(),
                 state: r["state"].as_str().unwrap_or("?").to_string(),
                 last_heard_s: r["last_heard_s"].as_u64(),
+                sales_waiting: r["sales_waiting"].as_u64(),
                 uplinks: r["uplinks"]
                     .as_array()
                     .into_iter()

@@ -118,8 +118,8 @@ fn draw_fleet(f: &mut Frame, area: Rect, c: &Connected, m: &Model, ui: &Ui) {
     let block = Block::default().borders(Borders::ALL).title(" Stalls ");
     let mut lines = vec![Line::styled(
         format!(
-            "  {:<16} {:<11} {:<14} {}",
-            "STALL", "STATE", "LAST HEARD", "UPLINKS"
+            "  {:<14} {:<11} {:>5} {:<11} {}",
+            "STALL", "STATE", "SALES", "LAST HEARD", "UPLINKS"
         ),
         Style::default().add_modifier(Modifier::BOLD),
     )];
@@ -151,11 +151,18 @@ fn draw_fleet(f: &mut Frame, area: Rect, c: &Connected, m: &Model, ui: &Ui) {
         };
         let links: Vec<String> = r.uplinks.iter().map(|(n, s)| format!("{n} {s}")).collect();
         let mark = if i == ui.selected { ">" } else { " " };
+        // Sales waiting on the box: what the organiser chases when a stall is offline.
+        let (sales, sales_style) = match r.sales_waiting {
+            Some(0) => ("0".to_string(), Style::default()),
+            Some(n) => (n.to_string(), Style::default().fg(YELLOW)),
+            None => ("-".to_string(), Style::default()),
+        };
         lines.push(Line::from(vec![
-            Span::raw(format!("{mark} {:<16} ", trunc(&r.name, 16))),
+            Span::raw(format!("{mark} {:<14} ", trunc(&r.name, 14))),
             Span::styled(format!("{state:<11}"), style),
+            Span::styled(format!(" {sales:>5}"), sales_style),
             Span::raw(format!(
-                " {heard:<14} {}",
+                " {heard:<11} {}",
                 if links.is_empty() {
                     "none connected".to_string()
                 } else {

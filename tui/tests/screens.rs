@@ -226,8 +226,9 @@ fn hub_fleet() -> Model {
             "bonds": { "fish": { "links": [], "classes": [], "online": false },
                        "bread": bond(s, "down"), "flowers": bond(s, "up") },
             "stalls": [
-                { "name": "fish", "state": "offline", "last_heard_s": 300, "uplinks": [] },
-                { "name": "bread", "state": "degraded", "last_heard_s": 0,
+                { "name": "fish", "state": "offline", "last_heard_s": 300, "uplinks": [],
+                  "sales_waiting": 12 },
+                { "name": "bread", "state": "degraded", "last_heard_s": 0, "sales_waiting": 0,
                   "uplinks": [ { "name": "wifi", "state": "up" }, { "name": "cell", "state": "down" } ] },
                 { "name": "flowers", "state": "online", "last_heard_s": 0,
                   "uplinks": [ { "name": "wifi", "state": "up" }, { "name": "cell", "state": "up" } ] },
@@ -270,5 +271,10 @@ fn a_hub_shows_its_fleet_offline_first() {
         "{text}"
     );
     assert!(text.contains("Uplinks of bread"), "{text}");
+    // Sales waiting per stall; a stall whose box reports none shows a dash.
+    let row = |name: &str| text.lines().find(|l| l.contains(name)).unwrap_or("");
+    assert!(row("fish").contains(" 12 "), "{text}");
+    assert!(row("bread").contains(" 0 "), "{text}");
+    assert!(row("flowers").contains(" - "), "{text}");
     insta::assert_snapshot!("hub_fleet_80x24", text);
 }

@@ -661,6 +661,7 @@ pub fn status<S: CommerceStore>(svc: &Service<S>) -> serde_json::Value {
         "storage": storage,
         "undelivered": svc.store.outbox_len(),
         "oldest_undelivered_age_s": age,
+        "oldest_undelivered_at": oldest,
         "dead_letters": svc.store.dead_len(),
         "alerts_hours_passed": alerts,
         "last_sync": last_sync,

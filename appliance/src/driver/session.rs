@@ -9,6 +9,12 @@
 //! [`LinkUpdate`], one per unidirectional stream, read in order: the operator prefers
 //! another uplink, a data cap makes it a backup, the reachability checks take POS off it,
 //! a reload changes its priority or the class settings.
+//!
+//! The session's version is chosen in the TLS handshake (ALPN, [`PROTOCOLS`]), so either
+//! end may be newer than the other. Version 2 adds the [`BoxReport`]: what the box holds
+//! for the organiser's fleet view (sales waiting). Under version 1 each unidirectional
+//! stream carries a bare [`LinkUpdate`]; under version 2 an [`EdgeDoc`], which names its
+//! kind.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -18,6 +24,23 @@ use serde::{Deserialize, Serialize};
 use stallnet_netconf::{ClassName, ClassSpec};
 
 const MAX_DOC: usize = 16 * 1024;
+
+/// The session versions this build speaks, newest first, as ALPN protocol names: a hub
+/// picks the first it shares with the edge; a peer from before version 2 offers or
+/// accepts `stallnet/1` only.
+pub const PROTOCOLS: [&[u8]; 2] = [b"stallnet/2", b"stallnet/1"];
+
+/// The session version agreed on connection `conn` in its handshake.
+pub fn version(conn: &quinn::Connection) -> u32 {
+    let protocol = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    match protocol.as_deref() {
+        Some(b"stallnet/2") => 2,
+        _ => 1,
+    }
+}
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +70,28 @@ pub struct LinkUpdate {
     /// The edge's class settings, when they changed.
     #[serde(default)]
     pub classes: Option<Vec<ClassSpec>>,
+}
+
+/// What the box holds that the organiser watches (session version 2): its commerce
+/// outbox. Sent when it changes, at most once a second, and after each hello.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoxReport {
+    /// Sales and other records taken on the box and not yet delivered upstream.
+    pub sales_waiting: u64,
+    /// Records the upstream refused for good (they need a person).
+    pub dead_letters: u64,
+    /// When the oldest waiting record was taken (Unix seconds, the box's clock).
+    #[serde(default)]
+    pub oldest_waiting_unix: Option<i64>,
+}
+
+/// One document on a unidirectional stream, edge to hub (session version 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum EdgeDoc {
+    Link(LinkUpdate),
+    Box(BoxReport),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,26 +151,41 @@ pub async fn welcome(
     .context("session handshake timed out")?
 }
 
-/// Edge side: sends one update on its own stream.
-pub async fn send_update(conn: &quinn::Connection, update: &LinkUpdate) -> Result<()> {
+/// Edge side: sends one document on its own stream, in the form the connection's
+/// version reads. Returns `false`, sending nothing, for a document the hub's version
+/// does not know (a box report to a version 1 hub).
+pub async fn send_update(conn: &quinn::Connection, doc: &EdgeDoc) -> Result<bool> {
+    let body = match (version(conn), doc) {
+        (1, EdgeDoc::Link(u)) => serde_json::to_vec(u)?,
+        (1, EdgeDoc::Box(_)) => return Ok(false),
+        _ => serde_json::to_vec(doc)?,
+    };
     tokio::time::timeout(TIMEOUT, async {
         let mut tx = conn.open_uni().await?;
-        write_doc(&mut tx, update).await
+        tx.write_all(&body).await?;
+        tx.finish()?;
+        anyhow::Ok(())
     })
     .await
-    .context("sending a link update timed out")?
+    .context("sending a session document timed out")??;
+    Ok(true)
 }
 
-/// Hub side: the next update, `Ok(None)` once the connection has closed. A malformed
-/// document is an error for that update only; the caller goes on with the next.
-pub async fn next_update(conn: &quinn::Connection) -> Result<Option<LinkUpdate>> {
+/// Hub side: the next document, `Ok(None)` once the connection has closed. A malformed
+/// document is an error for itself only; the caller goes on with the next.
+pub async fn next_update(conn: &quinn::Connection) -> Result<Option<EdgeDoc>> {
     let mut rx = match conn.accept_uni().await {
         Ok(rx) => rx,
         Err(_) => return Ok(None),
     };
-    tokio::time::timeout(TIMEOUT, read_doc(&mut rx))
-        .await
-        .context("reading a link update timed out")?
+    let doc = if version(conn) == 1 {
+        tokio::time::timeout(TIMEOUT, read_doc::<LinkUpdate>(&mut rx))
+            .await
+            .map(|r| r.map(EdgeDoc::Link))
+    } else {
+        tokio::time::timeout(TIMEOUT, read_doc::<EdgeDoc>(&mut rx)).await
+    };
+    doc.context("reading a session document timed out")?
         .map(Some)
 }
 
@@ -135,95 +195,141 @@ mod tests {
     use crate::identity;
     use std::sync::{Arc, RwLock};
 
-    fn update(backup: bool, n: usize) -> LinkUpdate {
-        LinkUpdate {
+    fn update(backup: bool, n: usize) -> EdgeDoc {
+        EdgeDoc::Link(LinkUpdate {
             backup,
             link_classes: [ClassName::Pos, ClassName::Stream, ClassName::Bulk][..n].to_vec(),
             classes: None,
-        }
+        })
+    }
+
+    /// A hub accepting session versions `hub` and an edge offering `edge`, connected over
+    /// real QUIC on loopback, hello and welcome done: (hub's side, edge's side).
+    async fn pair(
+        tag: &str,
+        hub: &[&[u8]],
+        edge: &[&[u8]],
+    ) -> Result<(quinn::Endpoint, quinn::Connection, quinn::Connection)> {
+        let dir =
+            std::env::temp_dir().join(format!("stallnet-session-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let hub_id = identity::keygen(&dir.join("hub"), false)?;
+        let edge_id = identity::keygen(&dir.join("edge"), false)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let allow = Arc::new(RwLock::new([edge_id.id.clone()].into_iter().collect()));
+        let server = identity::server_config_speaking(&hub_id, allow, Default::default(), hub)?;
+        let hub_ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
+        let addr = hub_ep.local_addr()?;
+        let mut edge_ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        edge_ep.set_default_client_config(identity::client_config_speaking(
+            &edge_id,
+            std::slice::from_ref(&hub_id.id),
+            edge,
+        )?);
+        let accept = hub_ep.accept();
+        let (hub_conn, edge_conn) = tokio::join!(
+            async { anyhow::Ok(accept.await.context("incoming")?.await?) },
+            async { anyhow::Ok(edge_ep.connect(addr, identity::HUB_NAME)?.await?) }
+        );
+        let (hub_conn, edge_conn) = (hub_conn?, edge_conn?);
+        let hello_doc = Hello {
+            version: 1,
+            epoch: 1,
+            link: "wifi".into(),
+            backup: false,
+            link_classes: None,
+            classes: None,
+        };
+        let (seen, w) = tokio::join!(
+            welcome(&hub_conn, |_| Ok(Welcome {
+                version: 1,
+                epoch: 7,
+                address: "10.99.0.2".parse()?,
+            })),
+            hello(&edge_conn, &hello_doc)
+        );
+        assert_eq!(seen?.link, "wifi");
+        assert_eq!(w?.epoch, 7);
+        Ok((edge_ep, hub_conn, edge_conn))
     }
 
     /// Over real QUIC on loopback: updates arrive in the order sent, however fast; a
     /// malformed one is an error for itself alone; the end of the connection ends them.
     #[tokio::test]
     async fn link_updates_arrive_in_order_and_a_bad_one_spoils_nothing() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("stallnet-session-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let hub = identity::keygen(&dir.join("hub"), false)?;
-        let edge = identity::keygen(&dir.join("edge"), false)?;
-        let allow = Arc::new(RwLock::new([edge.id.clone()].into_iter().collect()));
-        let server = identity::server_config(&hub, allow, Default::default())?;
-        let hub_ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
-        let addr = hub_ep.local_addr()?;
-        let mut edge_ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        edge_ep.set_default_client_config(identity::client_config(
-            &edge,
-            std::slice::from_ref(&hub.id),
-        )?);
-
+        let (_ep, hub, edge) = pair("order", &PROTOCOLS, &PROTOCOLS).await?;
+        let report = EdgeDoc::Box(BoxReport {
+            sales_waiting: 3,
+            dead_letters: 0,
+            oldest_waiting_unix: Some(1_700_000_000),
+        });
         let (five_tx, five_rx) = tokio::sync::oneshot::channel();
         let hub_side = tokio::spawn(async move {
-            let conn = hub_ep.accept().await.context("incoming")?.await?;
-            let hello = welcome(&conn, |_| {
-                Ok(Welcome {
-                    version: 1,
-                    epoch: 7,
-                    address: "10.99.0.2".parse()?,
-                })
-            })
-            .await?;
             let mut got = Vec::new();
-            while got.len() < 5 {
-                match next_update(&conn).await {
+            while got.len() < 6 {
+                match next_update(&hub).await {
                     Ok(Some(u)) => got.push(Ok(u)),
                     Ok(None) => bail!("closed after {got:?}"),
                     Err(e) => got.push(Err(format!("{e:#}"))),
                 }
             }
-            let _ = five_tx.send((hello, got));
+            let _ = five_tx.send(got);
             // The edge closes the connection: no more updates.
-            anyhow::Ok(next_update(&conn).await?)
+            anyhow::Ok(next_update(&hub).await?)
         });
-
-        let conn = edge_ep.connect(addr, identity::HUB_NAME)?.await?;
-        let w = hello(
-            &conn,
-            &Hello {
-                version: 1,
-                epoch: 1,
-                link: "wifi".into(),
-                backup: false,
-                link_classes: None,
-                classes: None,
-            },
-        )
-        .await?;
-        assert_eq!(w.epoch, 7);
+        assert_eq!(version(&edge), 2);
         for n in 1..=3 {
-            send_update(&conn, &update(n % 2 == 0, n)).await?;
+            assert!(send_update(&edge, &update(n % 2 == 0, n)).await?);
         }
-        let mut bad = conn.open_uni().await?;
-        bad.write_all(b"{\"backup\": \"maybe\"}").await?;
+        let mut bad = edge.open_uni().await?;
+        bad.write_all(b"{\"link\": {\"backup\": \"maybe\"}}")
+            .await?;
         bad.finish()?;
-        send_update(&conn, &update(true, 0)).await?;
-        let (hello_seen, got) = tokio::time::timeout(Duration::from_secs(10), five_rx)
+        assert!(send_update(&edge, &report).await?);
+        assert!(send_update(&edge, &update(true, 0)).await?);
+        let got = tokio::time::timeout(Duration::from_secs(10), five_rx)
             .await
-            .context("the hub read five updates")??;
-        conn.close(0u32.into(), b"done");
+            .context("the hub read six documents")??;
+        edge.close(0u32.into(), b"done");
         assert_eq!(
             hub_side.await??,
             None,
             "the end of the connection ends them"
         );
-        assert_eq!(hello_seen.link, "wifi");
-        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(got.len(), 6, "{got:?}");
         for n in 1..=3 {
             assert_eq!(got[n - 1], Ok(update(n % 2 == 0, n)));
         }
         let err = got[3].as_ref().expect_err("malformed");
         assert!(err.contains("malformed session document"), "{err}");
-        assert_eq!(got[4], Ok(update(true, 0)));
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(got[4], Ok(report));
+        assert_eq!(got[5], Ok(update(true, 0)));
+        Ok(())
+    }
+
+    /// Either end may be older: a version 1 peer gets bare link updates it reads as
+    /// before, and no box reports (which it would take for malformed updates).
+    #[tokio::test]
+    async fn an_older_peer_gets_version_one_and_no_box_reports() -> Result<()> {
+        let v1: [&[u8]; 1] = [b"stallnet/1"];
+        for (tag, hub_speaks, edge_speaks) in [
+            ("oldhub", &v1[..], &PROTOCOLS[..]),
+            ("oldedge", &PROTOCOLS[..], &v1[..]),
+        ] {
+            let (_ep, hub, edge) = pair(tag, hub_speaks, edge_speaks).await?;
+            assert_eq!((version(&hub), version(&edge)), (1, 1), "{tag}");
+            let report = EdgeDoc::Box(BoxReport::default());
+            assert!(!send_update(&edge, &report).await?, "{tag}: not sent");
+            assert!(send_update(&edge, &update(true, 2)).await?);
+            // What an older hub reads: the bare update.
+            let mut rx = hub.accept_uni().await?;
+            let raw = rx.read_to_end(MAX_DOC).await?;
+            let bare: LinkUpdate = serde_json::from_slice(&raw)?;
+            assert_eq!(EdgeDoc::Link(bare), update(true, 2), "{tag}");
+            assert!(send_update(&edge, &update(false, 1)).await?);
+            assert_eq!(next_update(&hub).await?, Some(update(false, 1)), "{tag}");
+            edge.close(0u32.into(), b"done");
+        }
         Ok(())
     }
 }

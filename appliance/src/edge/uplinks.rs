@@ -80,11 +80,7 @@ impl Rt {
     }
 }
 
-/// Locks, going on with the data of a poisoned lock (a panic elsewhere is a bug; the
-/// router keeps routing).
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(super) use crate::lock;
 
 /// Which fields of an uplink can change without replacing it.
 pub(super) fn same_but_tunable(a: &Uplink, b: &Uplink) -> bool {
@@ -545,7 +541,12 @@ struct Told {
     specs: tokio::sync::watch::Receiver<Vec<ClassSpec>>,
     /// The class settings the hub has.
     sent_specs: Vec<ClassSpec>,
+    /// The box's own report (sales waiting), sent after the hello and on change.
+    report: tokio::sync::watch::Receiver<Option<session::BoxReport>>,
 }
+
+/// Box reports go at most this often on one connection (the latest wins).
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// The classes of `mask`, by name.
 fn class_names(specs: &[ClassSpec], mask: ClassMask) -> Vec<ClassName> {
@@ -609,10 +610,14 @@ async fn connect(
                 uplink::ATTEMPT_TIMEOUT.as_secs()
             )
         })??;
+    let mut report = ctx.box_report.subscribe();
+    // The hub hears the report of now right after the hello.
+    report.mark_changed();
     let told = Told {
         view,
         specs: specs_rx,
         sent_specs: specs,
+        report,
     };
     Ok((conn, told))
 }
@@ -620,32 +625,62 @@ async fn connect(
 /// Tells the hub what changes about the uplink while connection `conn` runs (see
 /// [`session::LinkUpdate`]): the hub then sends downloads the way the edge sends uploads —
 /// not on a backup while a primary works, no POS where the edge sends none. Ends with the
-/// connection (the next one's hello carries the state of then).
+/// connection (the next one's hello carries the state of then). Also tells it the box's
+/// report (sales waiting) when that changes, at most once per [`REPORT_EVERY`].
 async fn tell_hub(
     conn: quinn::Connection,
     mut told: Told,
     name: String,
     cancel: CancellationToken,
 ) {
+    // When the next box report may go, and whether one waits for that.
+    let mut report_at = tokio::time::Instant::now();
+    let mut report_due = false;
     loop {
-        tokio::select! {
-            r = told.view.changed() => if r.is_err() { return },
-            r = told.specs.changed() => if r.is_err() { return },
+        let link_changed = tokio::select! {
+            r = told.view.changed() => if r.is_err() { return } else { true },
+            r = told.specs.changed() => if r.is_err() { return } else { true },
+            r = told.report.changed(), if !report_due => {
+                if r.is_err() {
+                    return;
+                }
+                report_due = true;
+                false
+            }
+            _ = tokio::time::sleep_until(report_at), if report_due => false,
             _ = conn.closed() => return,
             _ = cancel.cancelled() => return,
-        }
-        let view = *told.view.borrow_and_update();
-        let specs = told.specs.borrow_and_update().clone();
-        let update = session::LinkUpdate {
-            backup: view.backup,
-            link_classes: class_names(&specs, view.classes),
-            classes: (specs != told.sent_specs).then(|| specs.clone()),
         };
-        match session::send_update(&conn, &update).await {
-            Ok(()) => {
-                tracing::info!(uplink = %name, backup = update.backup, classes = ?update.link_classes, "told the hub");
-                told.sent_specs = specs;
+        let doc = if link_changed {
+            let view = *told.view.borrow_and_update();
+            let specs = told.specs.borrow_and_update().clone();
+            session::EdgeDoc::Link(session::LinkUpdate {
+                backup: view.backup,
+                link_classes: class_names(&specs, view.classes),
+                classes: (specs != told.sent_specs).then(|| specs.clone()),
+            })
+        } else if report_due && tokio::time::Instant::now() >= report_at {
+            report_due = false;
+            report_at = tokio::time::Instant::now() + REPORT_EVERY;
+            match *told.report.borrow_and_update() {
+                Some(r) => session::EdgeDoc::Box(r),
+                None => continue,
             }
+        } else {
+            continue;
+        };
+        match session::send_update(&conn, &doc).await {
+            Ok(sent) => match &doc {
+                session::EdgeDoc::Link(u) => {
+                    tracing::info!(uplink = %name, backup = u.backup, classes = ?u.link_classes, "told the hub");
+                    if let Some(specs) = &u.classes {
+                        told.sent_specs = specs.clone();
+                    }
+                }
+                session::EdgeDoc::Box(r) => {
+                    tracing::debug!(uplink = %name, sales_waiting = r.sales_waiting, sent, "box report")
+                }
+            },
             Err(e) => {
                 // The next connection's hello says it all: a hub that cannot hear the
                 // update must not keep sending the old way.

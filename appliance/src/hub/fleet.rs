@@ -4,7 +4,8 @@
 //! change and swapped in under a write lock; the TUN reader takes a read lock per packet.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use ipnet::{IpNet, Ipv4Net};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use crate::core::classify::{Classifier, ClassifyConfig, Rule};
 use crate::core::lan_map::{LanMap, Overlap, Routes};
 use crate::core::scheduler::SchedulerConfig;
 use crate::driver::bond::{Bond, BondConfig, Side, Tun};
+use crate::driver::session::BoxReport;
 use crate::identity::AllowList;
 
 /// One admitted device and its bond.
@@ -28,6 +30,9 @@ pub struct Device {
     pub bond: Arc<Bond>,
     /// Listed in the config (not enrolled): revoked by editing the config only.
     pub from_config: bool,
+    /// What the box last reported of itself (sales waiting), and when (session version
+    /// 2; `None` until a report came).
+    pub report: Mutex<Option<(BoxReport, Instant)>>,
 }
 
 /// Where a device sits on the hub: its tunnel address and its LAN's blocks.
@@ -94,6 +99,7 @@ impl Maker {
             lan6,
             bond,
             from_config,
+            report: Mutex::new(None),
         })
     }
 }
