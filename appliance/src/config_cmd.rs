@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::control_client::{Client, Method};
 use anyhow::{Context, Result};
 use serde_json::json;
-use stallnet::control_client::{Client, Method};
 use stallnet_netconf::edit;
 use stallnet_netconf::revisions::{self, Pending, Store};
 
@@ -140,6 +140,26 @@ pub fn set_now(
     )
 }
 
+/// [`set_now`] for the daemon itself: what the command said, or why it failed (nothing
+/// printed).
+pub fn set_quietly(live: PathBuf, assignment: String, message: String) -> Result<String, String> {
+    let out = exec(ConfigCmd::Set {
+        assignments: vec![assignment],
+        opts: ApplyOpts {
+            live: Live { config: live },
+            confirm: 0,
+            message,
+            author: Some("stallnet".into()),
+        },
+    })
+    .map_err(|e| format!("{e:#}"))?;
+    if out.code == 0 {
+        Ok(out.human)
+    } else {
+        Err(out.human)
+    }
+}
+
 pub fn run(cmd: ConfigCmd, json_out: bool) -> Result<ExitCode> {
     let out = match exec(cmd) {
         Ok(o) => o,
@@ -210,10 +230,10 @@ fn reload(cfg: &stallnet_netconf::Config) -> Result<String, String> {
     let client = Client::new(&cfg.runtime_dir);
     match rt.block_on(client.request(Method::POST, "/v1/reload")) {
         Ok(doc) => Ok(doc["message"].as_str().unwrap_or("reloaded").to_string()),
-        Err(stallnet::control_client::ClientError::NotRunning { .. }) => {
+        Err(crate::control_client::ClientError::NotRunning { .. }) => {
             Ok("the daemon is not running: the revision takes effect when it starts".into())
         }
-        Err(stallnet::control_client::ClientError::Api { message, .. }) => Err(message),
+        Err(crate::control_client::ClientError::Api { message, .. }) => Err(message),
         Err(e) => Ok(format!("the daemon did not reload: {e}")),
     }
 }
@@ -231,7 +251,7 @@ fn exec(cmd: ConfigCmd) -> Result<Out> {
         _ => None,
     };
     let _lock = match live {
-        Some(l) => match stallnet::config_lock::lock(&l, LOCK_WAIT) {
+        Some(l) => match crate::config_lock::lock(&l, LOCK_WAIT) {
             Ok(lock) => Some(lock),
             Err(e) => return Ok(refused("busy", e.to_string())),
         },
@@ -430,7 +450,7 @@ fn invalid(e: &stallnet_netconf::ConfigErrors) -> Out {
 
 /// "2026-11-21 10:31:02".
 fn utc(t: i64) -> String {
-    let (y, m, d) = stallnet::core::cap::civil_from_days(t.div_euclid(86_400));
+    let (y, m, d) = crate::core::cap::civil_from_days(t.div_euclid(86_400));
     let secs = t.rem_euclid(86_400);
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",

@@ -335,7 +335,18 @@ async fn run_with(
             }
         };
         let (events, dir, c) = (ctx.events.clone(), cfg.state_dir.clone(), cancel.clone());
-        tokio::spawn(crate::confirm::guard(path, dir, events, after, c));
+        tokio::spawn(crate::confirm::guard(path.clone(), dir, events, after, c));
+        // An invite code from the SD card, redeemed once an uplink reaches the hub.
+        if let Some(code) = crate::enroll::pending::load(&cfg.state_dir) {
+            tokio::spawn(crate::enroll::pending::run(
+                code,
+                ctx.me.id.clone(),
+                cfg.state_dir.clone(),
+                path,
+                ctx.events.clone(),
+                cancel.clone(),
+            ));
+        }
     }
 
     let result = supervise(&ctx, &cfg, tun_index, commerce).await;

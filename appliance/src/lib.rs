@@ -12,6 +12,8 @@
 //! - [`status`]: the status document both roles publish.
 //! - [`confirm`], [`boot_import`]: the confirmed commit's rollback guard; the config
 //!   imported from the SD card's boot partition.
+//! - [`config_cmd`]: the `stallnet config` verbs (also used by the daemon to pin an
+//!   enrolled hub).
 //! - [`control`]: the control API on a Unix socket; [`events`]: the event log it serves;
 //!   [`metrics`]: Prometheus metrics.
 
@@ -20,6 +22,7 @@ pub mod cap_meter;
 pub mod classes;
 pub mod clock;
 pub mod commerce;
+pub mod config_cmd;
 pub mod config_lock;
 pub mod confirm;
 pub mod control;

@@ -8,9 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use stallnet::boot_import::Outcome;
 use stallnet::events::Level;
-use stallnet::{edge, hub, identity};
+use stallnet::{config_cmd, edge, hub, identity};
 
-mod config_cmd;
 mod ctl;
 use stallnet_netconf::Role;
 use tokio_util::sync::CancellationToken;
@@ -182,11 +181,24 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let mut notes: Vec<(Level, &'static str, String)> = Vec::new();
             match stallnet::boot_import::import(&boot_dir, &config) {
                 Ok(Outcome::Nothing) => {}
-                Ok(Outcome::Imported { revision, renamed_to }) => notes.push((
+                Ok(Outcome::Imported {
+                    revision,
+                    renamed_to,
+                    enroll,
+                }) => notes.push((
                     Level::Info,
                     "config_imported",
                     format!(
-                        "the config from the SD card is in force (revision {revision}; the file is now {})",
+                        "the config from the SD card is in force (revision {revision}; the file is now {}){}",
+                        renamed_to.display(),
+                        if enroll { "; its invite code is redeemed once an uplink reaches the hub" } else { "" }
+                    ),
+                )),
+                Ok(Outcome::Enroll { renamed_to }) => notes.push((
+                    Level::Info,
+                    "enroll_pending",
+                    format!(
+                        "the SD card's invite code is redeemed once an uplink reaches the hub (the file is now {})",
                         renamed_to.display()
                     ),
                 )),
@@ -421,17 +433,7 @@ fn enroll(code: &str, config: PathBuf, json: bool) -> Result<ExitCode> {
         }
         Err(e) => return fail(1, "unreachable", format!("{e:#}")),
     };
-    let hubs: Vec<String> = code
-        .hub_addresses
-        .iter()
-        .map(|a| {
-            format!(
-                "{{ address = \"{a}\", identity = \"{}\" }}",
-                code.hub_identity
-            )
-        })
-        .collect();
-    let assignment = format!("edge.hubs=[{}]", hubs.join(", "));
+    let assignment = stallnet::enroll::pending::hubs_assignment(&code);
     if !json {
         println!(
             "enrolled as {name} on hub {}; pinning it in {}",

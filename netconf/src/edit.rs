@@ -130,6 +130,47 @@ fn value_of(raw: &str) -> toml_edit::Value {
         .unwrap_or_else(|_| toml_edit::Value::from(raw))
 }
 
+/// A top-level string taken out of a config's text by [`take_string`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// The string, or `None` when the key holds something else.
+    pub value: Option<String>,
+    /// Where the key starts (1-based).
+    pub line: usize,
+    pub col: usize,
+    /// The text with the key and its value blanked out: every other line and column is
+    /// where it was, so errors in the rest point at the file as written.
+    pub rest: String,
+}
+
+/// Takes top-level key `key` out of `text` (for a value that is not config, like an
+/// invite code in a card's `stallnet.toml`). `None` when the key is absent or the text
+/// is not TOML (the config's own parse then says why).
+pub fn take_string(text: &str, key: &str) -> Option<Taken> {
+    let doc = toml_edit::Document::parse(text.to_string()).ok()?;
+    let (k, item) = doc.as_table().get_key_value(key)?;
+    let (start, end) = (k.span()?.start, item.span()?.end);
+    let rest: String = text
+        .char_indices()
+        .map(|(i, c)| {
+            if (start..end).contains(&i) && c != '\n' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    let before = text.get(..start)?;
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Some(Taken {
+        value: item.as_str().map(str::to_string),
+        line,
+        col,
+        rest,
+    })
+}
+
 /// Applies `PATH=VALUE` assignments in order; missing tables are created.
 pub fn set(text: &str, assignments: &[String]) -> Result<String, EditError> {
     let mut doc: DocumentMut = text.parse().map_err(|e| EditError::Parse(format!("{e}")))?;
@@ -300,6 +341,21 @@ pub fn diff(before: &impl Serialize, after: &impl Serialize) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_taken_key_leaves_the_rest_where_it_was() {
+        let text = "# card\nrole = \"edge\"\nenroll = \"SN-AB\\u0043D\"\n[edge]\nlan = 4\n";
+        let t = take_string(text, "enroll").expect("taken");
+        assert_eq!(t.value.as_deref(), Some("SN-ABCD"));
+        assert_eq!((t.line, t.col), (3, 1));
+        assert_eq!(t.rest.lines().count(), text.lines().count());
+        assert_eq!(t.rest.lines().nth(2).map(str::trim), Some(""));
+        assert_eq!(t.rest.lines().nth(4), Some("lan = 4"));
+        assert!(take_string(text, "other").is_none());
+        assert!(take_string("enroll = [", "enroll").is_none());
+        let t = take_string("  enroll = 5\n", "enroll").expect("taken");
+        assert_eq!((t.value, t.col), (None, 3));
+    }
 
     const TEXT: &str = r#"# the stall's box
 role = "edge"

@@ -775,9 +775,12 @@ impl Topology {
         Ok(())
     }
 
-    /// Runs `stallnet run --config <role>.toml` in namespace `role`, labelled `role`.
-    fn run_daemon(&mut self, role: &str) -> Result<()> {
+    /// Runs `stallnet run --config <role>.toml` in namespace `role`, labelled `role`; its
+    /// SD card's boot partition is the directory [`Self::boot_dir`] (never the machine's).
+    pub fn run_daemon(&mut self, role: &str) -> Result<()> {
         let cfg = self.dir.join(format!("{role}.toml"));
+        let boot = self.boot_dir(role);
+        std::fs::create_dir_all(&boot)?;
         let b = bin("stallnet");
         self.spawn(
             role,
@@ -787,8 +790,15 @@ impl Topology {
                 "run",
                 "--config",
                 cfg.to_str().context("path")?,
+                "--boot-dir",
+                boot.to_str().context("path")?,
             ],
         )
+    }
+
+    /// What daemon `role` takes for its SD card's boot partition.
+    pub fn boot_dir(&self, role: &str) -> PathBuf {
+        self.dir.join(format!("{role}-boot"))
     }
 
     pub fn start_hub(&mut self) -> Result<()> {

@@ -383,6 +383,63 @@ fn a_fresh_box_enrolls_with_a_code_and_is_revoked_at_once() -> Result<()> {
     })
 }
 
+/// A box flashed from the image with the organiser's code written into its SD card's
+/// `stallnet.toml`: at start it keeps the code, redeems it once its uplink reaches the
+/// hub, pins the hub in its config (a revision) and its LAN gets out through the tunnel.
+#[test]
+fn a_code_on_the_sd_card_enrolls_the_box_by_itself() -> Result<()> {
+    let mut t = fresh_box_market()?;
+    let hub_cfg = t.dir.join("hub.toml");
+    let hub_cfg = hub_cfg.to_str().context("path")?.to_string();
+    let (rc, code, err) = cli(
+        &t,
+        "hub",
+        &[
+            "hub",
+            "invite",
+            "stall3",
+            "--address",
+            &format!("{HUB_ADDR}:4433"),
+            "--config",
+            &hub_cfg,
+        ],
+    )?;
+    assert_eq!(rc, 0, "{err}");
+    // The card is written on a laptop, and the box started from it.
+    t.stop("edge3");
+    let card = t.boot_dir("edge3").join("stallnet.toml");
+    std::fs::write(
+        &card,
+        format!("# from the organiser\nenroll = \"{code}\"\n"),
+    )?;
+    t.run_daemon("edge3")?;
+    t.wait_status("edge3", Duration::from_secs(30), |s| {
+        stallnet_tests::topo::up_links(s, "hub") == 1
+    })
+    .with_context(|| t.log("edge3"))?;
+    let f = t.udp_flow_in(
+        "lan3",
+        &format!("{SERVER}:7000"),
+        &format!("{LAN_CLIENT}:0"),
+        100,
+        2.0,
+    )?;
+    assert_eq!(f["received"], 200, "{f}");
+    // The card's file is used once; the hub is pinned in the box's config.
+    assert!(!card.exists());
+    let live = std::fs::read_to_string(t.dir.join("edge3.toml"))?;
+    let hub_id = stallnet::enroll::code::Code::decode(&code)?.hub_identity;
+    assert!(live.contains(&hub_id) && !live.contains("enroll"), "{live}");
+    assert!(!t.dir.join("edge3-state/enroll-pending").exists());
+    let hub = t.status("hub")?;
+    let row = hub["stalls"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "stall3"))
+        .with_context(|| format!("stall3 in {hub}"))?;
+    assert_eq!(row["source"], "enrolled", "{row}");
+    Ok(())
+}
+
 /// Resident memory of process `pid`, kB (0 when it is gone).
 fn rss_kb(pid: u32) -> u64 {
     stallnet_tests::topo::rss_kb(pid).unwrap_or(0)

@@ -7,11 +7,13 @@
 //! certificate of its own, and sends the secret and its identity on one stream
 //! ([`Request`]); the hub redeems the invite (good once, until it expires), records the
 //! device and admits it from then on, without a restart and without touching any other
-//! stall. The box then pins the hub in its config. A connection without a certificate
+//! stall. The box then pins the hub in its config. A code may also come on the SD card
+//! ([`pending`]): the edge redeems it once an uplink reaches the hub. A connection without a certificate
 //! gets this exchange and nothing else: 5 s, one request of at most 4 KB, one answer.
 
 pub mod book;
 pub mod code;
+pub mod pending;
 
 use std::net::SocketAddr;
 use std::time::Duration;

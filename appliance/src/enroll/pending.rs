@@ -1,0 +1,140 @@
+//! An invite code waiting on the box: written into the SD card's `stallnet.toml` as
+//! `enroll = "SN-…"` ([`crate::boot_import`] keeps it in `<state_dir>/enroll-pending`),
+//! redeemed by the running edge as soon as an uplink reaches the hub, then the hub pinned
+//! in the config as a new revision, exactly as `stallnet enroll` does. Until the hub
+//! answers, the edge tries again (2 s doubling to 30 s); a refusal (used, expired,
+//! forged) is a critical event and the code is set aside as `enroll-refused`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use super::code::Code;
+use crate::events::{EventLog, Level};
+
+const FILE: &str = "enroll-pending";
+const REFUSED: &str = "enroll-refused";
+
+/// Keeps `code` (already decoded once, so known good) for the edge to redeem.
+pub fn save(state_dir: &Path, code: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let path = state_dir.join(FILE);
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(code.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The code waiting, if any (a file that no longer decodes is set aside).
+pub fn load(state_dir: &Path) -> Option<Code> {
+    let text = std::fs::read_to_string(state_dir.join(FILE)).ok()?;
+    match Code::decode(&text) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("the waiting invite code is unreadable ({e}): set aside");
+            set_aside(state_dir);
+            None
+        }
+    }
+}
+
+fn set_aside(state_dir: &Path) {
+    let _ = std::fs::rename(state_dir.join(FILE), state_dir.join(REFUSED));
+}
+
+/// The `edge.hubs` assignment that pins the hub a code names, at every address it gives.
+pub fn hubs_assignment(code: &Code) -> String {
+    let hubs: Vec<String> = code
+        .hub_addresses
+        .iter()
+        .map(|a| {
+            format!(
+                "{{ address = \"{a}\", identity = \"{}\" }}",
+                code.hub_identity
+            )
+        })
+        .collect();
+    format!("edge.hubs=[{}]", hubs.join(", "))
+}
+
+/// Redeems `code` for the box with identity `me`, then pins the hub in `live` (a new
+/// revision; the daemon reloads). Runs until done, refused or cancelled.
+pub async fn run(
+    code: Code,
+    me: String,
+    state_dir: PathBuf,
+    live: PathBuf,
+    events: Arc<EventLog>,
+    cancel: CancellationToken,
+) {
+    let mut wait = Duration::from_secs(2);
+    let name = loop {
+        let attempt = tokio::select! {
+            r = super::enroll(&code, &me) => r,
+            _ = cancel.cancelled() => return,
+        };
+        match attempt {
+            Ok(Ok(name)) => break name,
+            Ok(Err(refusal)) => {
+                events.push(
+                    Level::Critical,
+                    "enroll_refused",
+                    None,
+                    format!("the hub refused the SD card's invite code: {refusal}; ask the organiser for a new one"),
+                );
+                set_aside(&state_dir);
+                return;
+            }
+            Err(e) => {
+                tracing::info!("enrolling: {e:#}; trying again in {} s", wait.as_secs());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    // The hub has admitted the box: pin it. The code is spent either way.
+    let _ = std::fs::remove_file(state_dir.join(FILE));
+    let assignment = hubs_assignment(&code);
+    let message = format!("enrolled as {name}");
+    let pinned = tokio::task::spawn_blocking(move || {
+        crate::config_cmd::set_quietly(live, assignment, message)
+    })
+    .await;
+    match pinned {
+        Ok(Ok(said)) => events.push(
+            Level::Info,
+            "enrolled",
+            None,
+            format!(
+                "enrolled as {name} on hub {} with the SD card's code: {}",
+                code.hub_identity,
+                said.lines().next().unwrap_or("")
+            ),
+        ),
+        Ok(Err(why)) => events.push(
+            Level::Critical,
+            "enroll_pin_failed",
+            None,
+            format!("enrolled as {name}, but pinning the hub failed: {why}; run `stallnet config set '{}'`", hubs_assignment(&code)),
+        ),
+        Err(e) => tracing::error!("pinning the hub: {e}"),
+    }
+}
