@@ -82,7 +82,9 @@ pub fn keygen(state_dir: &Path, force: bool) -> Result<Identity> {
     load(state_dir)
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+/// Writes `data` to `path` readable by its owner only, whole or not at all (a temporary
+/// file, fsync, rename).
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)

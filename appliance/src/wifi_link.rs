@@ -12,8 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Writes the file; returns its path.
 pub fn write_conf(u: &Uplink, runtime_dir: &std::path::Path) -> Result<Option<PathBuf>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let Some(w) = &u.wifi else {
         return Ok(None);
     };
@@ -21,19 +19,7 @@ pub fn write_conf(u: &Uplink, runtime_dir: &std::path::Path) -> Result<Option<Pa
     std::fs::create_dir_all(&ctrl).with_context(|| format!("creating {}", ctrl.display()))?;
     let path = runtime_dir.join(format!("wpa-{}.conf", u.name));
     let text = wifi::wpa_supplicant_conf(w, &ctrl.display().to_string());
-    let tmp = runtime_dir.join(format!(".wpa-{}.conf.tmp", u.name));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
+    crate::identity::write_private(&path, text.as_bytes())?;
     Ok(Some(path))
 }
 
@@ -65,5 +51,38 @@ pub async fn run(u: Uplink, conf: PathBuf, cancel: CancellationToken) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The file holds the network's derived key: the owner alone may read it, and a
+    /// rewrite replaces it whole.
+    #[test]
+    fn the_wpa_file_is_private_and_replaced_whole() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("sn-wpa-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let text =
+            "role = \"edge\"\n[edge]\nlan = [\"10.1.0.0/24\"]\nhubs = []\nfallback = \"direct\"\n\
+             [[edge.uplinks]]\nname = \"wifi\"\ninterface = \"wlan0\"\nkind = \"wifi\"\n\
+             wifi = { ssid = \"Market Hall\", passphrase = \"stall-owners-only\" }\n";
+        let cfg = stallnet_netconf::parse_str(std::path::Path::new("t.toml"), text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let u = cfg.edge().context("edge")?.uplinks[0].get_ref().clone();
+        for _ in 0..2 {
+            let path = write_conf(&u, &dir)?.context("a wifi uplink has a file")?;
+            let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            let conf = std::fs::read_to_string(&path)?;
+            assert!(
+                conf.contains("psk=") && !conf.contains("stall-owners-only"),
+                "{conf}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 }

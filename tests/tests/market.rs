@@ -254,6 +254,26 @@ fn cli(t: &Topology, role: &str, args: &[&str]) -> Result<(i32, String, String)>
     ))
 }
 
+/// `stallnet hub invite NAME` on the hub: the code it printed.
+fn invite(t: &Topology, name: &str) -> Result<String> {
+    let hub_cfg = t.dir.join("hub.toml");
+    let (rc, code, err) = cli(
+        t,
+        "hub",
+        &[
+            "hub",
+            "invite",
+            name,
+            "--address",
+            &format!("{HUB_ADDR}:4433"),
+            "--config",
+            hub_cfg.to_str().context("path")?,
+        ],
+    )?;
+    anyhow::ensure!(rc == 0, "invite {name}: {err}");
+    Ok(code)
+}
+
 /// Stalls 1 and 2 on the hub, stall 3 fresh from the image (no hub yet), an echo server.
 fn fresh_box_market() -> Result<Topology> {
     let mut t = Topology::build(
@@ -298,20 +318,7 @@ fn a_fresh_box_enrolls_with_a_code_and_is_revoked_at_once() -> Result<()> {
         );
 
         // The organiser invites the stall.
-        let (rc, code, err) = cli(
-            tr,
-            "hub",
-            &[
-                "hub",
-                "invite",
-                "stall3",
-                "--address",
-                &format!("{HUB_ADDR}:4433"),
-                "--config",
-                &hub_cfg,
-            ],
-        )?;
-        assert_eq!(rc, 0, "{err}");
+        let code = invite(tr, "stall3")?;
         assert!(code.starts_with("SN-"), "{code}");
 
         // A forged code for the same hub (another secret, a valid check): the hub
@@ -389,22 +396,7 @@ fn a_fresh_box_enrolls_with_a_code_and_is_revoked_at_once() -> Result<()> {
 #[test]
 fn a_code_on_the_sd_card_enrolls_the_box_by_itself() -> Result<()> {
     let mut t = fresh_box_market()?;
-    let hub_cfg = t.dir.join("hub.toml");
-    let hub_cfg = hub_cfg.to_str().context("path")?.to_string();
-    let (rc, code, err) = cli(
-        &t,
-        "hub",
-        &[
-            "hub",
-            "invite",
-            "stall3",
-            "--address",
-            &format!("{HUB_ADDR}:4433"),
-            "--config",
-            &hub_cfg,
-        ],
-    )?;
-    assert_eq!(rc, 0, "{err}");
+    let code = invite(&t, "stall3")?;
     // The card is written on a laptop, and the box started from it.
     t.stop("edge3");
     let card = t.boot_dir("edge3").join("stallnet.toml");

@@ -105,20 +105,7 @@ impl Book {
 
     /// Writes the book whole (temporary file, fsync, rename), 0600.
     pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = path(state_dir);
-        let tmp = p.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &p)?;
-        Ok(())
+        crate::identity::write_private(&path(state_dir), &serde_json::to_vec_pretty(self)?)
     }
 
     /// Records an invite for `name` (whose secret is `secret`), valid for `valid_s`.

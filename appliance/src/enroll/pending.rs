@@ -20,24 +20,9 @@ const REFUSED: &str = "enroll-refused";
 
 /// Keeps `code` (already decoded once, so known good) for the edge to redeem.
 pub fn save(state_dir: &Path, code: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let path = state_dir.join(FILE);
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(code.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    crate::identity::write_private(&state_dir.join(FILE), code.as_bytes())
 }
 
 /// The code waiting, if any (a file that no longer decodes is set aside).

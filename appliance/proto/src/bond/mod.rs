@@ -187,7 +187,10 @@ impl BondState {
             accept_src: cfg.accept_src,
             icmp_source: None,
             clock0: now,
-            health_cfg: HealthConfig::default(),
+            health_cfg: match cfg.side {
+                Side::Edge => HealthConfig::default(),
+                Side::Hub => HealthConfig::hub(),
+            },
             rate_cfg: RateConfig::default(),
             to_tun: VecDeque::new(),
             wake: Wake::default(),

@@ -241,6 +241,51 @@ fn an_idle_backup_probes_sparsely_and_a_primary_often_while_data_moves() {
     );
 }
 
+/// On a quiet bond the hub probes every 2 s, the edge every second; at the first packet
+/// both are back at the regular rate.
+#[test]
+fn a_quiet_hub_probes_half_as_often_as_the_edge() {
+    for (side, want) in [(Side::Edge, 19..=21), (Side::Hub, 9..=11)] {
+        let mut now = Instant::now();
+        let mut b = BondState::new(
+            BondConfig {
+                side,
+                sched: SchedulerConfig::default(),
+                classifier: Classifier::new(&[], ClassifyConfig::default()),
+                accept_src: None,
+            },
+            now,
+        );
+        let p = b.add_link("wifi", false, ALL_CLASSES, None, now);
+        bring_up(&mut b, &[p], &mut now);
+        // Past QUIET_AFTER without data.
+        let quiet_from = now + QUIET_AFTER;
+        while now < quiet_from {
+            b.handle_timeout(now);
+            answer_probes(&mut b, &[p], now + 10 * MS);
+            now = b.poll_timeout().unwrap_or(quiet_from).max(now + MS);
+        }
+        let p0 = b.status(now).links[0].probes_sent;
+        let end = now + Duration::from_secs(20);
+        while now < end {
+            b.handle_timeout(now);
+            answer_probes(&mut b, &[p], now + 10 * MS);
+            now = b.poll_timeout().unwrap_or(end).max(now + MS);
+        }
+        let dp = b.status(now).links[0].probes_sent - p0;
+        assert!(
+            want.contains(&dp),
+            "{side:?}, quiet bond: {dp} probes in 20 s"
+        );
+        b.handle_tun_packet(now, bulk_packet(), false)
+            .expect("queued");
+        assert!(
+            b.poll_timeout().is_some_and(|t| t <= now),
+            "{side:?}: a probe is due now"
+        );
+    }
+}
+
 #[test]
 fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
     let mut now = Instant::now();
