@@ -43,6 +43,8 @@ const WIRE_OVERHEAD: u64 = 40;
 const LAN_CLIENT: [u8; 4] = [10, 1, 0, 2];
 const POS_CLIENT: [u8; 4] = [10, 1, 0, 10];
 const SERVER: [u8; 4] = [198, 18, 0, 1];
+/// The port of the light default-class flow (see `Scenario::light_interval`).
+const LIGHT_PORT: u16 = 7002;
 
 #[derive(Debug, Clone)]
 pub struct SimLink {
@@ -122,7 +124,7 @@ pub struct Scenario {
     pub stream_interval: Option<Duration>,
     /// Interval of each direction's bulk packets (1200 bytes).
     pub bulk_interval: Duration,
-    /// Interval of each direction's light default-class packets (200 bytes, port 7002);
+    /// Interval of each direction's light default-class packets (200 bytes, port [`LIGHT_PORT`]);
     /// `None`: no such flow.
     pub light_interval: Option<Duration>,
     /// `Some`: every class in this mode (else the defaults: POS redundant, stream
@@ -585,7 +587,7 @@ impl<'a> World<'a> {
             flows.push((Class::Stream, i, LAN_CLIENT, 9000, 1000));
         }
         if let Some(i) = sc.light_interval {
-            flows.push((Class::Bulk, i, LAN_CLIENT, 7002, 200));
+            flows.push((Class::Bulk, i, LAN_CLIENT, LIGHT_PORT, 200));
         }
         let mut next = sc.duration;
         for (class, interval, client, port, len) in flows {
@@ -621,7 +623,7 @@ impl<'a> World<'a> {
         len: usize,
     ) {
         let id = self.out.sent.len() as u64;
-        if src.1 == 7002 || dst.1 == 7002 {
+        if src.1 == LIGHT_PORT || dst.1 == LIGHT_PORT {
             self.out.light.insert(id);
         }
         let p = udp_packet(src, dst, id, len);

@@ -451,8 +451,8 @@ impl<T: QItem> Qos<T> {
                 }
             }
         }
-        let sparse_ok = c != Class::Pos as usize && !item.resend();
-        self.bytes += self.queues[c].push_back(item, sparse_ok);
+        // Payments have their own class; resends never take a lane (`push_back`).
+        self.bytes += self.queues[c].push_back(item, c != Class::Pos as usize);
         true
     }
 
