@@ -6,7 +6,8 @@
 //! beside stallnet, for aggregation and the black-hole stall of a TCP transfer), `failover`
 //! (black hole and carrier loss of the faster uplink under 4 cubic flows with a UDP flow
 //! and POS beside them, then the uplink restored; MPTCP in the same run; emulator and
-//! kernel `tbf` links). Run all, or name
+//! kernel `tbf` links; `failover-down` the same with the 4 flows downloading). Run all,
+//! or name
 //! some: `stallnet-bench --runs 3 aggregation blackhole`. `dashboard`: the TUI's CPU over
 //! 5 minutes (`STALLNET_TUI_SECS`), control API latency with 50 clients, the daemon's CPU
 //! cost of a metrics scrape every second. Needs root. Build in release
@@ -54,6 +55,7 @@ fn main() -> Result<()> {
         "flood",
         "idle",
         "failover",
+        "failover-down",
         "scale",
     ];
     let chosen: Vec<&str> = if args.is_empty() {
@@ -125,7 +127,8 @@ fn bench(name: &str, runs: usize) -> Result<Figures> {
             "idle-backup" => idle_backup()?,
             "flood" => flood()?,
             "idle" => idle()?,
-            "failover" => failover()?,
+            "failover" => failover(false)?,
+            "failover-down" => failover(true)?,
             "scale" => scale()?,
             other => anyhow::bail!("unknown benchmark {other}"),
         };
@@ -1516,6 +1519,7 @@ fn under_fault<T: Send>(
     prefix: &[&str],
     role: &str,
     silent: bool,
+    download: bool,
     during: impl FnOnce() -> Result<T> + Send,
 ) -> Result<(serde_json::Value, T)> {
     let secs = LOAD_SECS.to_string();
@@ -1530,6 +1534,10 @@ fn under_fault<T: Send>(
         a.extend([
             "iperf3", "-c", SERVER, "-p", "5210", "-t", &secs, "-P", "4", "-C", "cubic",
         ]);
+        // Downloads: the server sends, and the receiver's 100 ms reports are the client's.
+        if download {
+            a.extend(["-R", "-i", "0.1", "-J"]);
+        }
         let load = s.spawn(move || t.exec(role, &a));
         let start = std::time::Instant::now();
         std::thread::sleep(Duration::from_secs(2));
@@ -1549,10 +1557,11 @@ fn under_fault<T: Send>(
         fault(true)?;
         at(RESTORE_AT);
         fault(false)?;
-        load.join().map_err(|_| anyhow::anyhow!("iperf3"))??;
-        let out = server
+        let client = load.join().map_err(|_| anyhow::anyhow!("iperf3"))??;
+        let server = server
             .join()
             .map_err(|_| anyhow::anyhow!("iperf3 server"))??;
+        let out = if download { client } else { server };
         let side = side.join().map_err(|_| anyhow::anyhow!("side flows"))??;
         let j: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("iperf3: {}", String::from_utf8_lossy(&out.stderr)))?;
@@ -1564,8 +1573,11 @@ fn under_fault<T: Send>(
 /// losing carrier for 2.5 s while 4 cubic TCP uploads, a 200 packet/s UDP flow in the
 /// default class and a POS flow run through stallnet; the same TCP load and fault through
 /// kernel MPTCP in the same run. On the emulator's links and on kernel `tbf` links.
-fn failover() -> Result<Vec<(String, &'static str, f64)>> {
+/// `download`: the 4 TCP flows run from the server to the LAN (the hub's side of the
+/// bond schedules them; bench case `failover-down`).
+fn failover(download: bool) -> Result<Vec<(String, &'static str, f64)>> {
     let mut out = Vec::new();
+    let dir = if download { "down" } else { "up" };
     for (links, kernel_links) in [("emulator", false), ("kernel", true)] {
         let opts = Options {
             kernel_links,
@@ -1587,7 +1599,7 @@ fn failover() -> Result<Vec<(String, &'static str, f64)>> {
             t.start_iperf_server(5201)?;
             std::thread::sleep(Duration::from_millis(300));
             let tr = &t;
-            let (report, (pos, udp)) = under_fault(tr, &[], "lan", silent, move || {
+            let (report, (pos, udp)) = under_fault(tr, &[], "lan", silent, download, move || {
                 std::thread::scope(|s| {
                     let pos = s.spawn(move || tr.udp_flow(POS_CLIENT, 7001, 100, 6.0));
                     let udp = tr.udp_flow(LAN_CLIENT, 7002, 200, 6.0)?;
@@ -1622,7 +1634,13 @@ fn failover() -> Result<Vec<(String, &'static str, f64)>> {
             );
             let (stall, back, restored) = fault_phases(&report);
             let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-            let name = |what: &str| format!("failover, {links}, {kind}: {what}");
+            let name = |what: &str| {
+                if download {
+                    format!("failover {dir}, {links}, {kind}: {what}")
+                } else {
+                    format!("failover, {links}, {kind}: {what}")
+                }
+            };
             out.extend([
                 (name("UDP 200 pkt/s lost"), "packets", f(&udp, "lost")),
                 (name("UDP longest gap"), "ms", f(&udp, "max_gap_ms")),
@@ -1636,7 +1654,14 @@ fn failover() -> Result<Vec<(String, &'static str, f64)>> {
                 ),
             ]);
             let m = mptcp_topology(specs, opts.clone())?;
-            let (report, ()) = under_fault(&m, &["mptcpize", "run"], "edge", silent, || Ok(()))?;
+            let (report, ()) = under_fault(
+                &m,
+                &["mptcpize", "run"],
+                "edge",
+                silent,
+                download,
+                || Ok(()),
+            )?;
             drop(m);
             let (stall, back, restored) = fault_phases(&report);
             out.extend([
