@@ -352,6 +352,11 @@ impl Registrar for Hub {
         self.enroll_attempts.fetch_add(1, Ordering::Relaxed);
         let r = (|| {
             if self.fleet.by_identity(identity).is_some() {
+                // The same box with the same code again: its first answer was lost, or
+                // it restarted before pinning the hub. Nothing changes.
+                if let Some(dev) = self.book().redeemed_by(secret, identity) {
+                    return Ok(dev.name.clone());
+                }
                 return Err(Refusal::AlreadyEnrolled);
             }
             let mut book = self.book();

@@ -889,7 +889,14 @@ impl Topology {
                 "udp-echo",
                 &format!("{SERVER}:{port}"),
             ],
-        )
+        )?;
+        // Bound before anything is sent to it (a busy machine starts it late, and a
+        // flow's first packet would meet a closed port).
+        wait_for(Duration::from_secs(10), || {
+            let out = self.exec("inet", &["ss", "-Hlun", &format!("sport = :{port}")])?;
+            Ok(!out.stdout.is_empty())
+        })
+        .with_context(|| format!("the echo server on port {port} did not start"))
     }
 
     /// Starts an HTTP upstream for the outbox in the internet namespace on `port`

@@ -155,6 +155,17 @@ impl Book {
         self.invites.last().ok_or(InviteError::Expiry)
     }
 
+    /// The device that redeemed the invite whose secret is `secret`, when that was
+    /// `identity` and the device is still enrolled: the same box asking again (its answer
+    /// was lost, or it restarted before pinning the hub) gets the same answer.
+    pub fn redeemed_by(&self, secret: &[u8], identity: &str) -> Option<&Enrolled> {
+        let digest = secret_digest(secret);
+        self.invites
+            .iter()
+            .find(|i| i.secret_sha256 == digest && i.used_by.as_deref() == Some(identity))?;
+        self.devices.iter().find(|d| d.identity == identity)
+    }
+
     /// Redeems the invite whose secret is `secret` for `identity`: the new device.
     pub fn redeem(&mut self, secret: &[u8], identity: &str, now: u64) -> Result<Enrolled, Refusal> {
         let digest = secret_digest(secret);
@@ -214,11 +225,23 @@ mod tests {
         let d = b.redeem(b"secret-1", A, 1001).expect("redeem");
         assert_eq!((d.name.as_str(), d.identity.as_str()), ("fish", A));
         assert_eq!(b.redeem(b"secret-1", B, 1002), Err(Refusal::Used));
+        // The same box asking again is told it is in; another box, or the wrong secret,
+        // is not.
+        assert_eq!(
+            b.redeemed_by(b"secret-1", A).map(|d| d.name.as_str()),
+            Some("fish")
+        );
+        assert!(b.redeemed_by(b"secret-1", B).is_none());
+        assert!(b.redeemed_by(b"wrong", A).is_none());
         b.invite("bread", lan(), b"secret-2", 60, 2000, |_| false)
             .expect("invite");
         assert_eq!(b.redeem(b"secret-2", B, 2060), Err(Refusal::Expired));
         // The wrong secret taught the book nothing.
         assert_eq!(b.devices.len(), 1);
+        // Revoked: asking again does not bring the box back.
+        assert!(b.revoke("fish"));
+        assert!(b.redeemed_by(b"secret-1", A).is_none());
+        assert_eq!(b.redeem(b"secret-1", A, 1003), Err(Refusal::Used));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! An invite code waiting on the box: written into the SD card's `stallnet.toml` as
 //! `enroll = "SN-…"` ([`crate::boot_import`] keeps it in `<state_dir>/enroll-pending`),
 //! redeemed by the running edge as soon as an uplink reaches the hub, then the hub pinned
-//! in the config as a new revision, exactly as `stallnet enroll` does. Until the hub
+//! in the config as a new revision, exactly as `stallnet enroll` does; the code is kept
+//! until then (the hub answers the same box with the same code again). Until the hub
 //! answers, the edge tries again (2 s doubling to 30 s); a refusal (used, expired,
 //! forged) is a critical event and the code is set aside as `enroll-refused`.
 
@@ -95,8 +96,8 @@ pub async fn run(
             }
         }
     };
-    // The hub has admitted the box: pin it. The code is spent either way.
-    let _ = std::fs::remove_file(state_dir.join(FILE));
+    // The hub has admitted the box: pin it. The code is kept until that is done (asked
+    // again, the hub gives the same box the same answer).
     let assignment = hubs_assignment(&code);
     let message = format!("enrolled as {name}");
     let pinned = tokio::task::spawn_blocking(move || {
@@ -104,7 +105,9 @@ pub async fn run(
     })
     .await;
     match pinned {
-        Ok(Ok(said)) => events.push(
+        Ok(Ok(said)) => {
+            let _ = std::fs::remove_file(state_dir.join(FILE));
+            events.push(
             Level::Info,
             "enrolled",
             None,
@@ -113,12 +116,13 @@ pub async fn run(
                 code.hub_identity,
                 said.lines().next().unwrap_or("")
             ),
-        ),
+            )
+        }
         Ok(Err(why)) => events.push(
             Level::Critical,
             "enroll_pin_failed",
             None,
-            format!("enrolled as {name}, but pinning the hub failed: {why}; run `stallnet config set '{}'`", hubs_assignment(&code)),
+            format!("enrolled as {name}, but pinning the hub failed: {why}; the next start tries again, or run `stallnet config set '{}'`", hubs_assignment(&code)),
         ),
         Err(e) => tracing::error!("pinning the hub: {e}"),
     }
