@@ -3,8 +3,9 @@
 //! redeemed by the running edge as soon as an uplink reaches the hub, then the hub pinned
 //! in the config as a new revision, exactly as `stallnet enroll` does; the code is kept
 //! until then (the hub answers the same box with the same code again). Until the hub
-//! answers, the edge tries again (2 s doubling to 30 s); a refusal (used, expired,
-//! forged) is a critical event and the code is set aside as `enroll-refused`.
+//! answers (or while it cannot record the box), the edge tries again (2 s doubling to
+//! 30 s); a refusal (used, expired, forged) is a critical event and the code is set
+//! aside as `enroll-refused`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,8 +75,10 @@ pub async fn run(
             r = super::enroll(&code, &me) => r,
             _ = cancel.cancelled() => return,
         };
-        match attempt {
+        let why = match attempt {
             Ok(Ok(name)) => break name,
+            // The hub could not record the box (its disk, say): the code is still good.
+            Ok(Err(super::Refusal::HubError)) => "the hub could not record this box".to_string(),
             Ok(Err(refusal)) => {
                 events.push(
                     Level::Critical,
@@ -86,15 +89,14 @@ pub async fn run(
                 set_aside(&state_dir);
                 return;
             }
-            Err(e) => {
-                tracing::info!("enrolling: {e:#}; trying again in {} s", wait.as_secs());
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = cancel.cancelled() => return,
-                }
-                wait = (wait * 2).min(Duration::from_secs(30));
-            }
+            Err(e) => format!("{e:#}"),
+        };
+        tracing::info!("enrolling: {why}; trying again in {} s", wait.as_secs());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => return,
         }
+        wait = (wait * 2).min(Duration::from_secs(30));
     };
     // The hub has admitted the box: pin it. The code is kept until that is done (asked
     // again, the hub gives the same box the same answer).
