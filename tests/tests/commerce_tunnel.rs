@@ -41,18 +41,24 @@ fn received(log: &std::path::Path) -> HashMap<String, Vec<String>> {
     m
 }
 
-/// What `stallnet status` prints for the edge (over its control socket).
-fn status_text(t: &Topology) -> Result<String> {
+/// What `stallnet VERB` prints in `role`'s namespace, over that daemon's control socket.
+fn ctl(t: &Topology, role: &str, verb: &str) -> Result<String> {
+    let run = t.dir.join(format!("{role}-run"));
     let out = t.exec(
-        "edge",
+        role,
         &[
             bin("stallnet").to_str().context("path")?,
-            "status",
+            verb,
             "--runtime-dir",
-            t.dir.join("edge-run").to_str().context("path")?,
+            run.to_str().context("path")?,
         ],
     )?;
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// What `stallnet status` prints for the edge.
+fn status_text(t: &Topology) -> Result<String> {
+    ctl(t, "edge", "status")
 }
 
 #[test]
@@ -103,16 +109,7 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
     })?;
     let row = &s["stalls"][0];
     assert!(row["oldest_waiting_s"].as_u64().is_some(), "{s}");
-    let table = t.exec(
-        "hub",
-        &[
-            bin("stallnet").to_str().context("path")?,
-            "stalls",
-            "--runtime-dir",
-            t.dir.join("hub-run").to_str().context("path")?,
-        ],
-    )?;
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = ctl(&t, "hub", "stalls")?;
     assert!(
         table
             .lines()
@@ -164,16 +161,7 @@ fn offline_sales_reach_the_upstream_through_the_tunnel_exactly_once() -> Result<
     anyhow::ensure!(cfg.contains(&hash2), "config rewritten");
     std::fs::write(&live, cfg)?;
     assert_eq!(post_sale_as(&t, KEY2, "new-till-before")?, "401");
-    let out = t.exec(
-        "edge",
-        &[
-            bin("stallnet").to_str().context("path")?,
-            "reload",
-            "--runtime-dir",
-            t.dir.join("edge-run").to_str().context("path")?,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ctl(&t, "edge", "reload")?;
     assert!(!text.contains("need a restart"), "{text}");
     assert_eq!(post_sale_as(&t, KEY2, "new-till-after")?, "202");
     assert_eq!(post_sale_as(&t, KEY, "old-till-after")?, "401");

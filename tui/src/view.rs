@@ -97,13 +97,7 @@ fn draw_fleet(f: &mut Frame, area: Rect, c: &Connected, m: &Model, ui: &Ui) {
     };
     f.render_widget(
         Paragraph::new(Line::from(vec![
-            Span::styled(
-                format!(" {words} "),
-                Style::default()
-                    .fg(Color::Black)
-                    .bg(colour)
-                    .add_modifier(Modifier::BOLD),
-            ),
+            badge(words, colour),
             Span::raw(format!(
                 " hub | {} stalls: {} online, {} degraded, {} offline | up {}",
                 c.fleet.len(),
@@ -234,6 +228,18 @@ fn centered(area: Rect, w: u16, h: u16) -> Rect {
     )
 }
 
+/// The state in words on its colour: the first thing an operator reads, on an edge and
+/// on a hub alike.
+fn badge(words: &str, colour: Color) -> Span<'static> {
+    Span::styled(
+        format!(" {words} "),
+        Style::default()
+            .fg(Color::Black)
+            .bg(colour)
+            .add_modifier(Modifier::BOLD),
+    )
+}
+
 fn overall_words(o: Overall) -> (&'static str, Color) {
     match o {
         Overall::Online => ("(+) ONLINE", GREEN),
@@ -249,16 +255,7 @@ fn draw_header(f: &mut Frame, r: Rect, c: &Connected, _ui: &Ui) {
         "wrong" => "CLOCK WRONG".to_string(),
         _ => "clock not yet verified".to_string(),
     };
-    let mut spans = vec![
-        Span::styled(
-            format!(" {words} "),
-            Style::default()
-                .fg(Color::Black)
-                .bg(colour)
-                .add_modifier(Modifier::BOLD),
-        ),
-        Span::raw(" "),
-    ];
+    let mut spans = vec![badge(words, colour), Span::raw(" ")];
     if c.fallback {
         spans.push(Span::styled(
             "direct fallback  ",
