@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use ipnet::IpNet;
 use stallnet_netconf::{Config, EdgeConfig, Fallback, UplinkPriority, UpstreamPath};
 use tokio::sync::watch;
@@ -20,10 +19,11 @@ use crate::control::{self, ActionError, Daemon};
 use crate::core::classify::{Classifier, ClassifyConfig, DeviceRef};
 use crate::core::fallback::{Action, Candidate, DirectFallback};
 use crate::core::packet;
-use crate::driver::bond::{Bond, BondConfig, LinkCondition, Sent, Side};
+use crate::driver::bond::{Bond, BondConfig, LinkCondition, Side, Tun};
 use crate::driver::kernel::{nft, Kernel};
 use crate::driver::netlink::Netlink;
 use crate::driver::sys;
+use crate::driver::tun_io::{ReadBuf, MAX_SEGMENTS};
 use crate::events::{self, EventLog, Level, LinkSeen};
 use crate::identity;
 use crate::status::{self, Status};
@@ -41,6 +41,8 @@ const LAN_LOCAL_PRIORITY: u32 = 999;
 const LAN_TUNNEL_PRIORITY: u32 = 1000;
 
 struct Ctx {
+    /// The TUN device the LAN's packets come from (its counters).
+    tun: Tun,
     /// The config the daemon started with: the TUN device, its MTU and the table numbers
     /// come from it (changing them needs a restart).
     started: EdgeConfig,
@@ -225,6 +227,7 @@ async fn run_with(
         }
     });
     let ctx = Arc::new(Ctx {
+        tun: tun.clone(),
         started: e.clone(),
         cfg: RwLock::new(Arc::new(e.clone())),
         nl,
@@ -566,6 +569,7 @@ async fn supervise(
             fallback_active: fallback.active().is_some(),
             tunnel_address: lock(&ctx.tunnel_address).map(|a| a.to_string()),
             refused_handshakes: 0,
+            tun_malformed: ctx.tun.malformed(),
             bonds: serde_json::json!({ "hub": b }),
             commerce: commerce_doc.clone(),
             uptime_s: started.elapsed().as_secs(),
@@ -735,23 +739,35 @@ async fn route_upstream(ctx: Arc<Ctx>, tun_index: u32, url: String) {
     }
 }
 
-async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
+async fn tun_reader(ctx: Arc<Ctx>, tun: Tun) -> Result<()> {
     let mss = ctx.started.mtu.saturating_sub(40);
-    let mut buf = vec![0u8; 65536];
+    let mut raw = ReadBuf::default();
+    let (mut read, mut batch) = (Vec::new(), Vec::with_capacity(MAX_SEGMENTS));
     loop {
-        let n = tun.recv(&mut buf).await.context("TUN read")?;
-        let pkt = &mut buf[..n];
-        let Some((src, dst)) = packet::addrs(pkt) else {
-            continue;
-        };
-        // The TUN device's own link-local chatter (IPv6 router solicitations, MLD) stays.
-        if packet::link_scoped(src, dst) {
+        tun.read(&mut raw, &mut read).await.context("TUN read")?;
+        batch.clear();
+        for mut p in read.drain(..) {
+            let Some((src, dst)) = packet::addrs(&p) else {
+                continue;
+            };
+            // The TUN device's own link-local chatter (IPv6 router solicitations, MLD)
+            // stays.
+            if packet::link_scoped(src, dst) {
+                continue;
+            }
+            packet::clamp_mss(&mut p, mss);
+            batch.push(p.freeze());
+        }
+        if batch.is_empty() {
             continue;
         }
-        packet::clamp_mss(pkt, mss);
         // Without a direct fallback, POS apps are told at once when nothing gets out.
         let fail_fast = ctx.fail_fast.load(Ordering::Relaxed);
-        if let Ok(Sent::Offline(_)) = ctx.bond.send(Bytes::copy_from_slice(pkt), fail_fast) {
+        for i in ctx.bond.send_batch(&batch, fail_fast) {
+            let pkt = &batch[i];
+            let Some((_, dst)) = packet::addrs(pkt) else {
+                continue;
+            };
             let from = ctx
                 .tunnel_address
                 .lock()
@@ -760,7 +776,7 @@ async fn tun_reader(ctx: Arc<Ctx>, tun: Arc<tun::AsyncDevice>) -> Result<()> {
                 .filter(|a| a.is_ipv4() == dst.is_ipv4())
                 .unwrap_or(dst);
             if let Some(reply) = packet::offline_reply(pkt, from) {
-                if let Err(e) = tun.send(&reply).await {
+                if let Err(e) = tun.write_one(&reply).await {
                     tracing::debug!("offline answer: {e}");
                 }
             }

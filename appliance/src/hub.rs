@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use axum::http::StatusCode;
-use bytes::Bytes;
 use ipnet::{IpNet, Ipv4Net};
 use stallnet_netconf::Config;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +25,11 @@ use crate::control::{self, Action, ActionError, Daemon};
 use crate::core::handshake_guard::{Admit, HandshakeGuard};
 use crate::core::packet;
 use crate::core::qos::{bit, ClassMask, ALL_CLASSES};
+use crate::driver::bond::Tun;
 use crate::driver::kernel::Kernel;
 use crate::driver::session::{self, EdgeDoc, Welcome};
 use crate::driver::sys;
+use crate::driver::tun_io::{ReadBuf, MAX_SEGMENTS};
 use crate::enroll::book::{Book, Refusal};
 use crate::enroll::{self, code::Code, Registrar};
 use crate::events::{EventLog, Level};
@@ -626,6 +627,7 @@ async fn run_with(
             fallback_active: false,
             tunnel_address: Some(hub_addr.to_string()),
             refused_handshakes: refused.load(Ordering::Relaxed),
+            tun_malformed: tun.malformed(),
             bonds: serde_json::Value::Object(bonds),
             commerce: None,
             uptime_s: started.elapsed().as_secs(),
@@ -806,22 +808,45 @@ fn mask_of(names: &[stallnet_netconf::ClassName]) -> ClassMask {
     names.iter().fold(0, |m, n| m | bit(classes::class_of(*n)))
 }
 
-async fn tun_reader(hub: Arc<Hub>, tun: Arc<tun::AsyncDevice>, mss: u16) -> Result<()> {
-    let mut buf = vec![0u8; 65536];
+async fn tun_reader(hub: Arc<Hub>, tun: Tun, mss: u16) -> Result<()> {
+    let mut raw = ReadBuf::default();
+    let (mut read, mut batch) = (Vec::new(), Vec::with_capacity(MAX_SEGMENTS));
+    // The packets of one read mostly go to one device (one flow's super-packet): each
+    // run of packets for the same device goes to its bond in one call.
+    let mut to: Option<Arc<Device>> = None;
     loop {
-        let n = tun.recv(&mut buf).await.context("TUN read")?;
-        let pkt = &mut buf[..n];
-        let Some((_, dst)) = packet::addrs(pkt) else {
-            continue;
-        };
-        let Some(dev) = hub.fleet.for_destination(dst) else {
-            continue;
-        };
-        // Back to the device's own LAN address (its tunnel address stays).
-        dev.map.to_device(pkt);
-        packet::clamp_mss(pkt, mss);
-        // Malformed packets are counted by the bond and dropped.
-        let _ = dev.bond.send(Bytes::copy_from_slice(pkt), false);
+        tun.read(&mut raw, &mut read).await.context("TUN read")?;
+        let mut last_dst = None;
+        for mut p in read.drain(..) {
+            let Some((_, dst)) = packet::addrs(&p) else {
+                continue;
+            };
+            // A run of packets to one address looks its device up once.
+            let dev = match (&to, last_dst == Some(dst)) {
+                (Some(d), true) => d.clone(),
+                _ => match hub.fleet.for_destination(dst) {
+                    Some(d) => d,
+                    None => continue,
+                },
+            };
+            last_dst = Some(dst);
+            if to.as_ref().is_some_and(|d| !Arc::ptr_eq(d, &dev)) {
+                if let Some(d) = to.take() {
+                    // Malformed packets are counted by the bond and dropped.
+                    d.bond.send_batch(&batch, false);
+                }
+                batch.clear();
+            }
+            // Back to the device's own LAN address (its tunnel address stays).
+            dev.map.to_device(&mut p);
+            packet::clamp_mss(&mut p, mss);
+            batch.push(p.freeze());
+            to = Some(dev);
+        }
+        if let Some(d) = to.take() {
+            d.bond.send_batch(&batch, false);
+        }
+        batch.clear();
     }
 }
 

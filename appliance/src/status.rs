@@ -17,6 +17,10 @@ pub struct Status {
     pub fallback_active: bool,
     pub tunnel_address: Option<String>,
     pub refused_handshakes: u64,
+    /// TUN reads and coalesced writes dropped for a malformed offload header (see
+    /// `driver::tun_io`).
+    #[serde(default)]
+    pub tun_malformed: u64,
     pub bonds: serde_json::Value,
     /// The edge's commerce figures (online, undelivered, oldest age, dead letters, alerts,
     /// per-client last sync), when the commerce service is configured.

@@ -29,10 +29,13 @@ use crate::core::rate::RateConfig;
 use crate::core::scheduler::{LinkId, SchedulerConfig};
 
 /// Where released packets go (the TUN device).
-pub type Tun = Arc<tun::AsyncDevice>;
+pub type Tun = Arc<super::tun_io::TunDevice>;
 
 /// Released packets waiting for the TUN writer.
 const TUN_QUEUE: usize = 4096;
+
+/// The most datagrams one connection's receiver feeds in under one lock.
+const RECV_BATCH: usize = 64;
 
 /// What a bond is built from.
 pub struct BondConfig {
@@ -77,11 +80,19 @@ impl Bond {
     ) -> Arc<Self> {
         let now = Instant::now();
         let (to_tun, mut from_bond) = tokio::sync::mpsc::channel::<Bytes>(TUN_QUEUE);
+        // Writes what is waiting in one batch, coalesced per flow.
         tokio::spawn(async move {
-            while let Some(p) = from_bond.recv().await {
-                if let Err(e) = tun.send(&p).await {
+            let mut w = super::tun_io::Writer::default();
+            let mut batch = Vec::with_capacity(super::tun_io::MAX_SEGMENTS);
+            while from_bond
+                .recv_many(&mut batch, super::tun_io::MAX_SEGMENTS)
+                .await
+                > 0
+            {
+                if let Err(e) = tun.write(&mut w, &batch).await {
                     tracing::debug!("tun write: {e}");
                 }
+                batch.clear();
             }
         });
         let st = BondState::new(
@@ -354,6 +365,21 @@ impl Bond {
         self.with(|st, now| st.handle_tun_packet(now, packet, fail_fast))
     }
 
+    /// [`Self::send`] for the packets of one TUN read, under one lock and one round of
+    /// wake-ups; returns the indices of the POS packets to answer at once (see
+    /// [`Sent::Offline`]). Malformed packets are counted by the state and dropped.
+    pub fn send_batch(&self, packets: &[Bytes], fail_fast: bool) -> Vec<usize> {
+        self.with(|st, now| {
+            let mut offline = Vec::new();
+            for (i, p) in packets.iter().enumerate() {
+                if let Ok(Sent::Offline(_)) = st.handle_tun_packet(now, p.clone(), fail_fast) {
+                    offline.push(i);
+                }
+            }
+            offline
+        })
+    }
+
     /// New class settings (the edge's, on the hub).
     pub fn configure(&self, sched: SchedulerConfig) {
         self.with(|st, _| st.configure(sched));
@@ -443,23 +469,50 @@ impl Bond {
         }
     }
 
+    /// Feeds the connection's datagrams in: after waiting for one, takes those already
+    /// waiting too (up to [`RECV_BATCH`]), under one lock.
     async fn receiver(self: Arc<Self>, id: LinkId, generation: u64, conn: quinn::Connection) {
+        use futures::FutureExt;
+        let mut batch = Vec::with_capacity(RECV_BATCH);
         loop {
-            let d = match conn.read_datagram().await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::info!(link = id, "connection ended: {e}");
-                    self.detach(id, generation);
-                    return;
+            let mut next = conn.read_datagram().await;
+            loop {
+                match next {
+                    Ok(d) => batch.push(d),
+                    Err(e) => {
+                        self.take_datagrams(id, generation, &mut batch);
+                        tracing::info!(link = id, "connection ended: {e}");
+                        self.detach(id, generation);
+                        return;
+                    }
                 }
-            };
-            let mut g = self.lock();
-            if Self::current(&g, id, generation).is_none() {
+                if batch.len() == RECV_BATCH {
+                    break;
+                }
+                match conn.read_datagram().now_or_never() {
+                    Some(r) => next = r,
+                    None => break,
+                }
+            }
+            if !self.take_datagrams(id, generation, &mut batch) {
                 return;
             }
-            g.st.handle_datagram(Instant::now(), id, d);
-            self.settle(&mut g);
         }
+    }
+
+    /// Feeds `batch` (emptied) to the state; false once `generation` is no longer
+    /// uplink `id`'s connection.
+    fn take_datagrams(&self, id: LinkId, generation: u64, batch: &mut Vec<Bytes>) -> bool {
+        let mut g = self.lock();
+        if Self::current(&g, id, generation).is_none() {
+            return false;
+        }
+        let now = Instant::now();
+        for d in batch.drain(..) {
+            g.st.handle_datagram(now, id, d);
+        }
+        self.settle(&mut g);
+        true
     }
 
     pub fn status(&self) -> BondStatus {

@@ -7,3 +7,4 @@ pub mod lan;
 pub mod netlink;
 pub mod session;
 pub mod sys;
+pub mod tun_io;

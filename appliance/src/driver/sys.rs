@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::tun_io::TunDevice;
+
 /// Writes a sysctl under /proc/sys (`net/ipv4/ip_forward`).
 pub fn sysctl(key: &str, value: &str) -> Result<()> {
     let path = format!("/proc/sys/{key}");
@@ -18,15 +20,10 @@ pub fn sysctl(key: &str, value: &str) -> Result<()> {
     std::fs::write(&path, value).with_context(|| format!("setting {path} = {value}"))
 }
 
-/// Creates and brings up a TUN device (no packet-information header).
-pub fn tun(name: &str, mtu: u16, addr: Option<(Ipv4Addr, u8)>) -> Result<Arc<tun::AsyncDevice>> {
-    let mut cfg = tun::Configuration::default();
-    cfg.tun_name(name).mtu(mtu).up();
-    if let Some((a, len)) = addr {
-        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-        cfg.address(a).netmask(Ipv4Addr::from(mask));
-    }
-    let dev = tun::create_as_async(&cfg).with_context(|| format!("creating TUN {name}"))?;
+/// Creates and brings up a TUN device with offloads (see [`super::tun_io`]), addressed
+/// when `addr` is given, with loose reverse-path filtering.
+pub fn tun(name: &str, mtu: u16, addr: Option<(Ipv4Addr, u8)>) -> Result<Arc<TunDevice>> {
+    let dev = super::tun_io::open(name, mtu, addr)?;
     // Loose reverse-path filtering: packets from anywhere arrive through the tunnel.
     let _ = sysctl(&format!("net/ipv4/conf/{name}/rp_filter"), "2");
     Ok(Arc::new(dev))
