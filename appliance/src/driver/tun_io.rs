@@ -93,6 +93,22 @@ impl TunDevice {
 
     /// Writes `packets`, coalesced per flow where the kernel can take it.
     pub async fn write(&self, w: &mut Writer, packets: &[Bytes]) -> io::Result<()> {
+        // Coalescing costs a table entry and a copy per packet: a batch of many flows
+        // (a LAN device spraying small datagrams) is written packet by packet.
+        if !worth_coalescing(packets) {
+            let mut refused = 0;
+            for p in packets {
+                match self.write_one(p).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => refused += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+            if refused > 0 {
+                self.malformed.fetch_add(refused, Ordering::Relaxed);
+            }
+            return Ok(());
+        }
         let (n, empty) = w.fill(packets);
         if empty > 0 {
             self.malformed.fetch_add(empty, Ordering::Relaxed);
@@ -174,6 +190,30 @@ impl Writer {
         }
         (n, (packets.len() - n) as u64)
     }
+}
+
+/// Whether at least half the packets of `packets` follow one of the same TCP or UDP flow
+/// (what the coalescing can merge).
+fn worth_coalescing(packets: &[Bytes]) -> bool {
+    let followers = packets
+        .windows(2)
+        .filter(|w| match (flow_of(&w[0]), flow_of(&w[1])) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        })
+        .count();
+    packets.len() > 1 && followers * 2 >= packets.len()
+}
+
+/// The bytes that name a TCP or UDP packet's flow (addresses, protocol, ports), for an
+/// IPv4 header without options or an IPv6 header without extensions.
+fn flow_of(p: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (proto, addrs, ports) = match p.first()? >> 4 {
+        4 if p[0] & 0x0f == 5 => (*p.get(9)?, p.get(12..20)?, p.get(20..24)?),
+        6 => (*p.get(6)?, p.get(8..40)?, p.get(40..44)?),
+        _ => return None,
+    };
+    matches!(proto, 6 | 17).then_some((proto, addrs, ports))
 }
 
 /// Splits what one read brought (the virtio header, then a packet or a super-packet)
@@ -427,6 +467,28 @@ mod tests {
                 Bytes::from(p)
             })
             .collect()
+    }
+
+    #[test]
+    fn only_batches_that_can_merge_are_coalesced() {
+        assert!(worth_coalescing(&tcp_run(8, 1000)));
+        // Eight flows, a packet each (a LAN device spraying datagrams).
+        let spray: Vec<Bytes> = (0..8u16)
+            .map(|i| {
+                let mut p = tcp_run(1, 64)[0].to_vec();
+                p[20..22].copy_from_slice(&(1000 + i).to_be_bytes());
+                Bytes::from(p)
+            })
+            .collect();
+        assert!(!worth_coalescing(&spray));
+        // A bulk flow with a few strays among it still is.
+        let mut mixed = tcp_run(6, 1000);
+        mixed.insert(3, spray[0].clone());
+        assert!(worth_coalescing(&mixed));
+        assert!(
+            !worth_coalescing(&tcp_run(1, 1000)),
+            "one packet: nothing to merge"
+        );
     }
 
     #[test]
