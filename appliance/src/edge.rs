@@ -204,6 +204,7 @@ async fn run_with(
             sched: plan.sched.clone(),
             classifier,
             lan_map: None,
+            mtu: e.mtu,
         },
         None,
         cancel.child_token(),
@@ -740,12 +741,13 @@ async fn route_upstream(ctx: Arc<Ctx>, tun_index: u32, url: String) {
 }
 
 async fn tun_reader(ctx: Arc<Ctx>, tun: Tun) -> Result<()> {
-    let mss = ctx.started.mtu.saturating_sub(40);
     let mut raw = ReadBuf::default();
     let (mut read, mut batch) = (Vec::new(), Vec::with_capacity(MAX_SEGMENTS));
     loop {
         tun.read(&mut raw, &mut read).await.context("TUN read")?;
         batch.clear();
+        // Each SYN's MSS is clamped to what every usable uplink carries now.
+        let mtu = ctx.bond.path_mtu();
         for mut p in read.drain(..) {
             let Some((src, dst)) = packet::addrs(&p) else {
                 continue;
@@ -755,7 +757,7 @@ async fn tun_reader(ctx: Arc<Ctx>, tun: Tun) -> Result<()> {
             if packet::link_scoped(src, dst) {
                 continue;
             }
-            packet::clamp_mss(&mut p, mss);
+            packet::clamp_mss(&mut p, mtu);
             batch.push(p.freeze());
         }
         if batch.is_empty() {

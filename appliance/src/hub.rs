@@ -420,6 +420,7 @@ async fn run_with(
 
     let maker = Maker {
         tun: tun.clone(),
+        mtu: h.mtu,
         sched: plan.sched.clone(),
         hub_address: hub_addr,
         pool: plan.pool,
@@ -525,8 +526,7 @@ async fn run_with(
         }
     });
     let (hb, t) = (hub.clone(), tun.clone());
-    let mss = h.mtu.saturating_sub(40);
-    let reader = tokio::spawn(async move { tun_reader(hb, t, mss).await });
+    let reader = tokio::spawn(async move { tun_reader(hb, t).await });
 
     events.push(Level::Info, "started", None, "stallnet hub started".into());
     for (level, kind, msg) in notes {
@@ -808,7 +808,7 @@ fn mask_of(names: &[stallnet_netconf::ClassName]) -> ClassMask {
     names.iter().fold(0, |m, n| m | bit(classes::class_of(*n)))
 }
 
-async fn tun_reader(hub: Arc<Hub>, tun: Tun, mss: u16) -> Result<()> {
+async fn tun_reader(hub: Arc<Hub>, tun: Tun) -> Result<()> {
     let mut raw = ReadBuf::default();
     let (mut read, mut batch) = (Vec::new(), Vec::with_capacity(MAX_SEGMENTS));
     // The packets of one read mostly go to one device (one flow's super-packet): each
@@ -839,7 +839,7 @@ async fn tun_reader(hub: Arc<Hub>, tun: Tun, mss: u16) -> Result<()> {
             }
             // Back to the device's own LAN address (its tunnel address stays).
             dev.map.to_device(&mut p);
-            packet::clamp_mss(&mut p, mss);
+            packet::clamp_mss(&mut p, dev.bond.path_mtu());
             batch.push(p.freeze());
             to = Some(dev);
         }

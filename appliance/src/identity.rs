@@ -276,8 +276,8 @@ impl ClientCertVerifier for AllowedClients {
 }
 
 /// Transport settings shared by both ends: a small datagram buffer (our own queues sit in
-/// front of quinn), keep-alives that outlive cellular NAT timeouts, and an MTU that fits a
-/// 1280-byte tunnel packet from the start.
+/// front of quinn), keep-alives that outlive cellular NAT timeouts, and path-MTU
+/// discovery from a size most paths carry up to what a 1500-byte IPv4 path carries.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.datagram_send_buffer_size(8 * 1024)
@@ -285,7 +285,12 @@ pub fn transport() -> quinn::TransportConfig {
         // Probes keep a link busier than this (an idle backup's every 4 s): a PING only
         // goes out when they stop, so the keep-alive costs an idle backup nothing.
         .keep_alive_interval(Some(Duration::from_secs(5)))
+        // 1350 bytes of UDP fit nearly every path from the start (and a 1 302-byte tunnel
+        // packet); each connection's path-MTU discovery then searches up to 1 472 (a
+        // 1500-byte IPv4 path, 1 424-byte tunnel packets) in steps down to 8 bytes, and
+        // falls back when large packets stop arriving. The bond's path MTU follows.
         .initial_mtu(1350)
+        .mtu_discovery_config(Some(mtu_discovery()))
         // The edge's link updates (`driver::session`), read one at a time by the hub.
         .max_concurrent_uni_streams(4u32.into())
         .max_concurrent_bidi_streams(4u32.into())
@@ -296,6 +301,13 @@ pub fn transport() -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle));
     }
     t
+}
+
+/// Path-MTU discovery for the uplinks (IPv4: a UDP payload of at most 1 472 bytes).
+fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut m = quinn::MtuDiscoveryConfig::default();
+    m.upper_bound(1472).minimum_change(8);
+    m
 }
 
 /// QUIC client configuration for the edge: our certificate, the hub pinned.

@@ -1295,7 +1295,7 @@ kind = "wifi"
         let cfg = parse_str(Path::new("s.toml"), &edge("")).expect("valid");
         let e = cfg.edge().expect("edge");
         assert_eq!(e.uplinks.len(), 1);
-        assert_eq!(e.mtu, 1280);
+        assert_eq!(e.mtu, 1424);
     }
 
     #[test]

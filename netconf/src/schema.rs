@@ -241,7 +241,11 @@ pub struct EdgeConfig {
     /// Name of the TUN device (1-15 letters, digits, '-', '_' or '.').
     #[serde(default = "default_edge_tun")]
     pub tun_name: String,
-    /// MTU of the TUN device: every packet that crosses the tunnel fits in it.
+    /// MTU of the TUN device: the largest packet the tunnel carries. Below it the tunnel
+    /// follows what its uplinks carry now (each uplink's path-MTU discovery): a larger
+    /// packet is fragmented (IPv4 without "don't fragment") or answered with ICMP "too
+    /// big", and TCP's MSS is clamped to fit. The default is what a 1500-byte IPv4 uplink
+    /// carries inside the tunnel.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
     /// What LAN traffic does when no uplink reaches the hub.
@@ -356,7 +360,7 @@ fn default_edge_tun() -> String {
     "stall0".into()
 }
 fn default_mtu() -> u16 {
-    1280
+    1424
 }
 fn default_table_base() -> u32 {
     200
@@ -496,7 +500,8 @@ pub struct HubConfig {
     /// Name of the hub's TUN device.
     #[serde(default = "default_hub_tun")]
     pub tun_name: String,
-    /// MTU of the hub's TUN device (the same as the edges').
+    /// MTU of the hub's TUN device: the largest packet sent down the tunnel (as for the
+    /// edges, each stall's tunnel follows what its uplinks carry below it).
     #[serde(default = "default_mtu")]
     pub mtu: u16,
     /// Tunnel addresses: the hub takes the first, devices get the following ones.

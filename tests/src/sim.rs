@@ -39,6 +39,8 @@ use stallnet::core::Class;
 
 /// What QUIC adds to a datagram on the wire.
 const WIRE_OVERHEAD: u64 = 40;
+/// The TUN MTU both simulated ends start with (the config's default).
+const TUN_MTU: usize = 1424;
 /// The LAN behind the edge, and the server the traffic goes to.
 const LAN_CLIENT: [u8; 4] = [10, 1, 0, 2];
 const POS_CLIENT: [u8; 4] = [10, 1, 0, 10];
@@ -312,6 +314,7 @@ impl<'a> World<'a> {
                         ClassifyConfig::default(),
                     ),
                     accept_src: accept,
+                    mtu: TUN_MTU,
                 },
                 base,
             );

@@ -60,6 +60,12 @@ pub struct TcpFlags {
 #[error("malformed packet: {0}")]
 pub struct Malformed(String);
 
+impl Malformed {
+    pub(crate) fn new(why: impl Into<String>) -> Self {
+        Self(why.into())
+    }
+}
+
 /// Parses the headers the rules look at.
 pub fn facts(packet: &[u8]) -> Result<Facts, Malformed> {
     let ip = IpSlice::from_slice(packet).map_err(|e| Malformed(e.to_string()))?;

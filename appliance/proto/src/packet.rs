@@ -1,6 +1,7 @@
 //! Small edits and facts about IP packets on the tunnel path: addresses, TCP MSS clamping
-//! on SYNs, ICMP "too big" answers for packets that do not fit, and the fail-fast answers
-//! given while offline (a TCP RST for a SYN, ICMP unreachable for UDP).
+//! on SYNs, ICMP "too big" answers and IPv4 fragmentation for packets that do not fit, and
+//! the fail-fast answers given while offline (a TCP RST for a SYN, ICMP unreachable for
+//! UDP).
 
 use std::net::IpAddr;
 
@@ -38,13 +39,17 @@ pub fn link_scoped(src: IpAddr, dst: IpAddr) -> bool {
     }
 }
 
-/// Lowers the MSS option of a TCP SYN to `max_mss` in place, fixing the checksum.
-/// Returns true when the packet was changed. Anything that is not a well-formed TCP SYN
-/// with an MSS option is left alone.
-pub fn clamp_mss(packet: &mut [u8], max_mss: u16) -> bool {
+/// Lowers the MSS option of a TCP SYN in place, fixing the checksum, so that the flow's
+/// segments fit in `mtu`-byte IP packets (the MSS leaves room for an IPv4 header of 20
+/// bytes or an IPv6 header of 40, and a TCP header of 20). Returns true when the packet
+/// was changed. Anything that is not a well-formed TCP SYN with an MSS option is left
+/// alone.
+pub fn clamp_mss(packet: &mut [u8], mtu: u16) -> bool {
     let Some(tcp_off) = tcp_offset(packet) else {
         return false;
     };
+    let ip_header = if packet[0] >> 4 == 6 { 40 } else { 20 };
+    let max_mss = mtu.saturating_sub(ip_header + 20);
     let Some(tcp) = packet.get(tcp_off..) else {
         return false; // header length points past the end
     };
@@ -108,6 +113,118 @@ fn tcp_offset(packet: &[u8]) -> Option<usize> {
         6 => (packet.get(6) == Some(&6)).then_some(40),
         _ => None,
     }
+}
+
+/// Why [`fragment_v4`] would not cut a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfragmentable {
+    /// IPv6, or IPv4 with "don't fragment": the sender must be told the size instead.
+    DontFragment,
+    /// Not a well-formed IPv4 packet, or the size leaves no room for data.
+    Malformed,
+}
+
+/// Cuts an IPv4 packet without "don't fragment" into fragments of at most `mtu` bytes
+/// (RFC 791): each carries a copy of the header (of the options, only those marked to be
+/// copied go past the first), its offset, and "more fragments" on all but the last,
+/// which keeps the original's (the packet may itself be a fragment). A packet that
+/// already fits comes back whole.
+pub fn fragment_v4(packet: &[u8], mtu: usize) -> Result<Vec<Vec<u8>>, Unfragmentable> {
+    use Unfragmentable::{DontFragment, Malformed};
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {}
+        Some(6) => return Err(DontFragment),
+        _ => return Err(Malformed),
+    }
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([
+        *packet.get(2).ok_or(Malformed)?,
+        *packet.get(3).ok_or(Malformed)?,
+    ]));
+    if ihl < 20 || total < ihl || total > packet.len() {
+        return Err(Malformed);
+    }
+    let flags_offset = u16::from_be_bytes([packet[6], packet[7]]);
+    if flags_offset & 0x4000 != 0 {
+        return Err(DontFragment);
+    }
+    let packet = &packet[..total];
+    if total <= mtu {
+        return Ok(vec![packet.to_vec()]);
+    }
+    let (header, payload) = packet.split_at(ihl);
+    let later_header = copied_options(header);
+    // Every fragment but the last carries a multiple of 8 bytes of data; the later
+    // headers may be shorter than the first, never longer.
+    let room = |h: usize| mtu.checked_sub(h).map(|r| r & !7).filter(|r| *r > 0);
+    let first_room = room(ihl).ok_or(Malformed)?;
+    let later_room = room(later_header.len()).ok_or(Malformed)?;
+    let more_after = flags_offset & 0x2000 != 0;
+    let base = usize::from(flags_offset & 0x1fff) * 8;
+    let mut out = Vec::with_capacity(payload.len() / later_room + 2);
+    let mut at = 0;
+    while at < payload.len() {
+        let h: &[u8] = if at == 0 { header } else { &later_header };
+        let take = (if at == 0 { first_room } else { later_room }).min(payload.len() - at);
+        let last = at + take == payload.len();
+        let offset = u16::try_from((base + at) / 8)
+            .ok()
+            .filter(|o| *o <= 0x1fff)
+            .ok_or(Malformed)?;
+        let len = u16::try_from(h.len() + take).map_err(|_| Malformed)?;
+        let mut f = Vec::with_capacity(h.len() + take);
+        f.extend_from_slice(h);
+        f.extend_from_slice(&payload[at..at + take]);
+        f[0] = 0x40 | (h.len() / 4) as u8;
+        f[2..4].copy_from_slice(&len.to_be_bytes());
+        let mf = if last && !more_after { 0 } else { 0x2000 };
+        f[6..8].copy_from_slice(&(mf | offset).to_be_bytes());
+        f[10..12].fill(0);
+        let sum = header_checksum(&f[..h.len()]);
+        f[10..12].copy_from_slice(&sum.to_be_bytes());
+        out.push(f);
+        at += take;
+    }
+    Ok(out)
+}
+
+/// The IPv4 header for fragments after the first: the fixed 20 bytes and the options
+/// marked "copied", padded to a multiple of 4.
+fn copied_options(header: &[u8]) -> Vec<u8> {
+    let mut h = header[..20].to_vec();
+    let mut i = 20;
+    while i < header.len() {
+        match header[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let len = header.get(i + 1).map_or(0, |l| usize::from(*l));
+                if len < 2 || i + len > header.len() {
+                    break;
+                }
+                if kind & 0x80 != 0 {
+                    h.extend_from_slice(&header[i..i + len]);
+                }
+                i += len;
+            }
+        }
+    }
+    while h.len() % 4 != 0 {
+        h.push(0);
+    }
+    h
+}
+
+/// The IPv4 header checksum of `header` (its checksum field zeroed).
+fn header_checksum(header: &[u8]) -> u16 {
+    let mut acc: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
 }
 
 /// True for ICMPv4 error messages, which never get an ICMP error in reply (RFC 1812).
@@ -261,11 +378,178 @@ mod tests {
     #[test]
     fn syn_mss_is_clamped_with_a_valid_checksum() {
         let mut p = syn(1460);
-        assert!(clamp_mss(&mut p, 1200));
+        assert!(clamp_mss(&mut p, 1240));
         assert_eq!(mss_and_checksum_ok(&p), (1200, true));
         let mut q = syn(1000);
-        assert!(!clamp_mss(&mut q, 1200));
+        assert!(!clamp_mss(&mut q, 1240));
         assert_eq!(mss_and_checksum_ok(&q), (1000, true));
+    }
+
+    #[test]
+    fn an_ipv6_syn_leaves_room_for_the_longer_header() {
+        let b = PacketBuilder::ipv6([0x20; 16], [0x30; 16], 64)
+            .tcp(40000, 443, 1, 65535)
+            .syn()
+            .options(&[TcpOptionElement::MaximumSegmentSize(1440)])
+            .expect("options");
+        let mut p = Vec::new();
+        b.write(&mut p, &[]).expect("write");
+        assert!(clamp_mss(&mut p, 1400));
+        let s = SlicedPacket::from_ip(&p).expect("parse");
+        let Some(TransportSlice::Tcp(tcp)) = s.transport else {
+            panic!("tcp")
+        };
+        let mss = tcp.options_iterator().find_map(|o| match o {
+            Ok(TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+            _ => None,
+        });
+        assert_eq!(mss, Some(1340));
+    }
+
+    fn udp(len: usize, dont_fragment: bool) -> Vec<u8> {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        let b = PacketBuilder::ipv4([10, 1, 0, 2], [198, 18, 0, 1], 64).udp(5000, 4000);
+        let mut p = Vec::new();
+        b.write(&mut p, &payload).expect("udp");
+        if dont_fragment {
+            p[6] |= 0x40;
+        } else {
+            p[6] &= !0x40;
+        }
+        p[10..12].fill(0);
+        let sum = header_checksum(&p[..20]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        p
+    }
+
+    /// The fragments' payloads in offset order, checking each header on the way; and
+    /// whether the last one says more follow.
+    fn reassemble(frags: &[Vec<u8>], mtu: usize) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut more = true;
+        for f in frags {
+            assert!(f.len() <= mtu, "{} > {mtu}", f.len());
+            let (h, rest) = Ipv4Header::from_slice(f).expect("header");
+            assert_eq!(h.calc_header_checksum(), h.header_checksum, "checksum");
+            assert_eq!(usize::from(h.total_len), f.len());
+            assert_eq!(
+                usize::from(h.fragment_offset.value()) * 8,
+                out.len(),
+                "offset"
+            );
+            assert!(!h.dont_fragment);
+            more = h.more_fragments;
+            out.extend_from_slice(rest);
+        }
+        (out, more)
+    }
+
+    #[test]
+    fn a_packet_without_dont_fragment_is_cut_to_fit() {
+        let p = udp(3000, false);
+        for mtu in [576, 1280, 1424] {
+            let frags = fragment_v4(&p, mtu).expect("fragments");
+            assert!(frags.len() > 1);
+            for f in &frags[..frags.len() - 1] {
+                assert_eq!(
+                    (f.len() - 20) % 8,
+                    0,
+                    "a middle fragment's data is whole 8-byte units"
+                );
+            }
+            let (payload, more) = reassemble(&frags, mtu);
+            assert_eq!(payload, p[20..], "mtu {mtu}");
+            assert!(!more, "the last fragment ends the packet");
+        }
+        // One that fits comes back whole.
+        assert_eq!(fragment_v4(&p, 4000), Ok(vec![p.clone()]));
+    }
+
+    #[test]
+    fn a_fragment_cut_again_keeps_its_place_and_its_more_flag() {
+        let p = udp(3000, false);
+        let frags = fragment_v4(&p, 1500).expect("fragments");
+        let again: Vec<Vec<u8>> = frags
+            .iter()
+            .flat_map(|f| fragment_v4(f, 600).expect("again"))
+            .collect();
+        let (payload, more) = reassemble(&again, 600);
+        assert_eq!(payload, p[20..]);
+        assert!(!more);
+    }
+
+    #[test]
+    fn only_copied_options_follow_the_first_fragment() {
+        let mut p = udp(2000, false);
+        // 8 bytes of options: a copied one (kind 0x82, 4 bytes), a record route stub
+        // (kind 7, not copied, 3 bytes), end of list.
+        let opts = [0x82, 4, 0xaa, 0xbb, 7, 3, 4, 0];
+        p.splice(20..20, opts);
+        p[0] = 0x47;
+        let total = u16::try_from(p.len()).expect("len");
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[10..12].fill(0);
+        let sum = header_checksum(&p[..28]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        let frags = fragment_v4(&p, 1000).expect("fragments");
+        assert_eq!(&frags[0][20..28], &opts);
+        for f in &frags[1..] {
+            assert_eq!(f[0], 0x46);
+            assert_eq!(&f[20..24], &opts[..4]);
+        }
+        let (payload, _) = reassemble(&frags, 1000);
+        assert_eq!(payload, p[28..]);
+    }
+
+    #[test]
+    fn dont_fragment_ipv6_and_garbage_are_not_cut() {
+        assert_eq!(
+            fragment_v4(&udp(3000, true), 1400),
+            Err(Unfragmentable::DontFragment)
+        );
+        let mut v6 = Vec::new();
+        PacketBuilder::ipv6([0x20; 16], [0x30; 16], 64)
+            .udp(1, 2)
+            .write(&mut v6, &[0; 2000])
+            .expect("v6");
+        assert_eq!(fragment_v4(&v6, 1400), Err(Unfragmentable::DontFragment));
+        // No room for 8 bytes of data behind the header.
+        assert_eq!(
+            fragment_v4(&udp(100, false), 27),
+            Err(Unfragmentable::Malformed)
+        );
+        // A total length past the end.
+        let mut short = udp(100, false);
+        short.truncate(60);
+        assert_eq!(fragment_v4(&short, 40), Err(Unfragmentable::Malformed));
+        assert_eq!(fragment_v4(&[], 1400), Err(Unfragmentable::Malformed));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_cut_or_refused_and_cuts_fit(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            mtu in 0usize..2000,
+        ) {
+            if let Ok(frags) = fragment_v4(&bytes, mtu) {
+                if frags.len() > 1 {
+                    for f in &frags {
+                        proptest::prop_assert!(f.len() <= mtu);
+                        let (h, _) = Ipv4Header::from_slice(f).expect("a fragment's header");
+                        proptest::prop_assert_eq!(h.calc_header_checksum(), h.header_checksum);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_udp_packet_reassembles_from_its_fragments(len in 0usize..4000, mtu in 68usize..1500) {
+            let p = udp(len, false);
+            let frags = fragment_v4(&p, mtu).expect("fragments");
+            let (payload, more) = reassemble(&frags, mtu);
+            proptest::prop_assert_eq!(&payload[..], &p[20..]);
+            proptest::prop_assert!(!more);
+        }
     }
 
     #[test]
@@ -293,6 +577,7 @@ mod tests {
         for len in 0..80 {
             let mut junk: Vec<u8> = (0..len).map(|i| (i * 37 + 0x45) as u8).collect();
             let _ = clamp_mss(&mut junk, 1200);
+            let _ = fragment_v4(&junk, 40);
             let _ = addrs(&junk);
             let _ = too_big_reply(&junk, 1200, IpAddr::from([10, 99, 0, 2]));
         }

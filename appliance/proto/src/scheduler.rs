@@ -596,6 +596,16 @@ impl Scheduler {
         Some(q)
     }
 
+    /// Gives a packet [`Self::poll`] returned to link `to` instead (the link that took it
+    /// cannot carry it): first in line there, with its sequence number, like a resend.
+    pub fn hand_over(&mut self, mut q: Queued, to: LinkId) -> Wake {
+        q.resend = true;
+        q.twin = None;
+        q.target = Some(to);
+        self.qos.requeue_front(vec![q]);
+        Wake::of(to)
+    }
+
     /// The sequence number for a packet about to be sent (twins share one).
     fn number(&mut self, twin: Option<u64>) -> u64 {
         match twin {

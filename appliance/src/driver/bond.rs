@@ -10,6 +10,7 @@
 //! uplink published, released packets handed to the TUN writer in release order.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -45,6 +46,8 @@ pub struct BondConfig {
     /// The hub's: where the device's LAN appears on the hub; released packets from the
     /// LAN get their source moved into the device's block on their way to the TUN.
     pub lan_map: Option<LanMap>,
+    /// The TUN device's MTU: the largest packet handed in.
+    pub mtu: u16,
 }
 
 /// The driver's side of one uplink: its connection and the handles of its tasks.
@@ -65,6 +68,9 @@ struct Inner {
 
 pub struct Bond {
     inner: Mutex<Inner>,
+    /// The state's [`BondState::path_mtu`] after the last call into it, for the TUN
+    /// readers' MSS clamp without taking the lock.
+    path_mtu: AtomicUsize,
     lan_map: Option<LanMap>,
     to_tun: tokio::sync::mpsc::Sender<Bytes>,
     timer: Notify,
@@ -101,6 +107,7 @@ impl Bond {
                 sched: cfg.sched,
                 classifier: cfg.classifier,
                 accept_src,
+                mtu: usize::from(cfg.mtu),
             },
             now,
         );
@@ -111,6 +118,7 @@ impl Bond {
                 next_generation: 1,
                 armed: None,
             }),
+            path_mtu: AtomicUsize::new(usize::from(cfg.mtu)),
             to_tun,
             lan_map: cfg.lan_map,
             timer: Notify::new(),
@@ -161,6 +169,7 @@ impl Bond {
                 }
             }
         }
+        self.path_mtu.store(g.st.path_mtu(), Ordering::Relaxed);
         if !g.st.take_timers_moved() {
             return;
         }
@@ -343,6 +352,12 @@ impl Bond {
             .get(id)
             .and_then(Option::as_ref)
             .and_then(|p| p.conn.clone())
+    }
+
+    /// The tunnel's MTU now (see [`BondState::path_mtu`]): what a TCP SYN's MSS is
+    /// clamped to on its way in.
+    pub fn path_mtu(&self) -> u16 {
+        u16::try_from(self.path_mtu.load(Ordering::Relaxed)).unwrap_or(u16::MAX)
     }
 
     pub fn online(&self) -> bool {

@@ -44,6 +44,8 @@ pub struct Place {
 /// What every device's bond is made from.
 pub struct Maker {
     pub tun: Tun,
+    /// The TUN device's MTU.
+    pub mtu: u16,
     pub sched: SchedulerConfig,
     pub hub_address: Ipv4Addr,
     pub pool: Ipv4Net,
@@ -86,6 +88,7 @@ impl Maker {
                 sched: self.sched.clone(),
                 classifier: Classifier::new(rules, ClassifyConfig::default()),
                 lan_map: Some(map.clone()),
+                mtu: self.mtu,
             },
             Some(accept),
             self.cancel.child_token(),

@@ -136,6 +136,7 @@ async fn stall(
             sched,
             classifier: Classifier::new(&rules, ClassifyConfig::default()),
             lan_map: None,
+            mtu: 1280,
         },
         None,
         cancel.child_token(),

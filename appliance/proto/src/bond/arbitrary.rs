@@ -43,6 +43,7 @@ pub fn drive(data: &[u8], rules: &[Rule]) {
                 classifier: Classifier::new(rules, ClassifyConfig::default()),
                 accept_src: (side == Side::Hub)
                     .then(|| vec!["10.1.0.0/24".parse().expect("a prefix")]),
+                mtu: 1280,
             },
             now,
         );

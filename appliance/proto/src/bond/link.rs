@@ -23,6 +23,11 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(10);
 pub const REPORT_MIN_BYTES: u64 = 1500;
 /// A link carrying only control traffic reports this rarely.
 pub const REPORT_IDLE: Duration = Duration::from_secs(30);
+/// How long a new connection's path-MTU discovery has before its datagram size counts in
+/// the tunnel's path MTU (a handful of probes, one RTT each, on a path that carries the
+/// upper bound): a reconnected uplink does not pull the whole tunnel down to its
+/// starting size meanwhile.
+pub const MTU_SETTLE: Duration = Duration::from_secs(2);
 /// Control frames kept for a link that cannot send them (the newest are kept).
 const CONTROL_MAX: usize = 16;
 
@@ -80,6 +85,12 @@ pub(super) struct LinkSlot {
     pub classes: ClassMask,
     /// The transport's latest totals.
     pub stats: TransportStats,
+    /// The largest datagram the connection carries now (its path-MTU discovery's), as the
+    /// driver last said; 0 while unknown or unconnected.
+    pub max_datagram: usize,
+    /// When the connection's path-MTU discovery has had its time (see
+    /// [`MTU_SETTLE`]); None once it has, or while unconnected.
+    pub mtu_settles_at: Option<Instant>,
     /// When we last reported our received byte count to the peer, and that count.
     pub reported: (Instant, u64),
     /// Datagram bytes received since that report (what makes the next one due).
@@ -123,6 +134,8 @@ impl LinkSlot {
             pacer_limited: false,
             classes,
             stats: TransportStats::default(),
+            max_datagram: 0,
+            mtu_settles_at: None,
             reported: (now, 0),
             rx_since_report: 0,
             backup,
@@ -185,6 +198,15 @@ impl LinkSlot {
         self.health.on_transport_rtt(stats.rtt);
         self.inflight
             .on_transport(stats.udp_tx_bytes, stats.lost_bytes, self.health.min_rtt());
+    }
+
+    /// The largest packet this link's datagrams carry now, if it is connected, usable
+    /// and its datagram size is known.
+    pub fn max_packet(&self) -> Option<usize> {
+        (self.connected && self.max_datagram > 0 && self.health.usable()).then(|| {
+            self.max_datagram
+                .saturating_sub(crate::frame::DATA_OVERHEAD)
+        })
     }
 
     /// When the next report of received bytes is due, if one is.

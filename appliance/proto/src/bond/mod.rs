@@ -72,6 +72,9 @@ pub struct BondConfig {
     /// Sources accepted from the peer (the hub's anti-spoofing); `None` accepts any IP
     /// packet.
     pub accept_src: Option<Vec<IpNet>>,
+    /// The TUN device's MTU: the largest packet handed in, and the tunnel's MTU while no
+    /// uplink has said what it carries (see [`BondState::path_mtu`]).
+    pub mtu: usize,
 }
 
 /// How a packet handed to [`BondState::handle_tun_packet`] fared.
@@ -80,6 +83,9 @@ pub enum Sent {
     Queued(Verdict),
     /// Not queued: nothing reaches the peer and the caller asked to be told (fail fast).
     Offline(Verdict),
+    /// Not queued: larger than every usable uplink carries and not to be fragmented; the
+    /// sender is told the size that fits (ICMP "too big" into the TUN).
+    TooBig(Verdict),
 }
 
 /// Something that happened to an uplink's connection or interface.
@@ -166,6 +172,8 @@ pub struct BondState {
     quiet: bool,
     /// Packets handed in from the TUN, ever.
     tun_packets: u64,
+    /// See [`BondConfig::mtu`].
+    mtu: usize,
 }
 
 /// How long after the last data packet (either way) the bond turns quiet.
@@ -198,7 +206,48 @@ impl BondState {
             counters: Counters::default(),
             out: Vec::new(),
             timers_moved: true,
+            mtu: cfg.mtu,
         }
+    }
+
+    /// The tunnel's MTU now: the largest IP packet that every usable, connected uplink's
+    /// QUIC datagrams carry (each connection's path-MTU discovery sets its datagram size),
+    /// at most the TUN device's MTU. While no uplink is usable it is the TUN device's
+    /// MTU: a link that is down tells nothing of what the next one carries.
+    ///
+    /// Larger packets are cut (IPv4 without "don't fragment") or answered with ICMP
+    /// "too big" before they queue, and the drivers clamp TCP's MSS to it, so a flow's
+    /// segments fit whichever uplink carries them.
+    ///
+    /// A connection younger than [`link::MTU_SETTLE`] counts only while no settled one is
+    /// usable (its discovery is still searching upward); meanwhile a packet too large for
+    /// it goes to an uplink that carries it (see [`Self::poll_transmit`]).
+    pub fn path_mtu(&self) -> usize {
+        let usable = || {
+            self.links
+                .iter()
+                .flatten()
+                .filter_map(|l| Some((l, l.max_packet()?)))
+        };
+        usable()
+            .filter(|(l, _)| l.mtu_settles_at.is_none())
+            .map(|(_, m)| m)
+            .min()
+            .or_else(|| usable().map(|(_, m)| m).min())
+            .map_or(self.mtu, |m| m.min(self.mtu))
+    }
+
+    /// The usable uplink other than `from` whose datagrams carry the most, if they carry
+    /// `len` bytes of packet.
+    fn roomiest(&self, from: LinkId, len: usize) -> Option<LinkId> {
+        self.links
+            .iter()
+            .enumerate()
+            .filter(|(id, _)| *id != from)
+            .filter_map(|(id, l)| Some((id, l.as_ref()?.max_packet()?)))
+            .filter(|(_, m)| *m >= len)
+            .max_by_key(|(_, m)| *m)
+            .map(|(id, _)| id)
     }
 
     fn link(&self, id: LinkId) -> Option<&LinkSlot> {
@@ -276,11 +325,14 @@ impl BondState {
         match ev {
             LinkEvent::Connected => {
                 l.connected = true;
+                l.mtu_settles_at = Some(now + link::MTU_SETTLE);
                 l.health.on_connected(true, now);
                 self.wake.0 |= Wake::of(id).0;
             }
             LinkEvent::Disconnected => {
                 l.connected = false;
+                l.max_datagram = 0;
+                l.mtu_settles_at = None;
                 l.health.on_connected(false, now);
             }
             LinkEvent::Carrier { present, carrier } => {
@@ -441,8 +493,29 @@ impl BondState {
             self.counters.refused_offline += 1;
             return Ok(Sent::Offline(v));
         }
-        let wake = self.sched.enqueue(v.class, v.flow, packet, now);
-        self.wake.0 |= wake.0;
+        let mtu = self.path_mtu();
+        if packet.len() > mtu {
+            match packet::fragment_v4(&packet, mtu) {
+                Ok(frags) => {
+                    self.counters.fragmented += 1;
+                    for f in frags {
+                        let wake = self.sched.enqueue(v.class, v.flow, Bytes::from(f), now);
+                        self.wake.0 |= wake.0;
+                    }
+                }
+                Err(packet::Unfragmentable::DontFragment) => {
+                    self.too_big(&packet, mtu);
+                    return Ok(Sent::TooBig(v));
+                }
+                Err(packet::Unfragmentable::Malformed) => {
+                    self.counters.malformed += 1;
+                    return Err(Malformed::new("an IPv4 header that cannot be fragmented"));
+                }
+            }
+        } else {
+            let wake = self.sched.enqueue(v.class, v.flow, packet, now);
+            self.wake.0 |= wake.0;
+        }
         self.data_moved(now);
         Ok(Sent::Queued(v))
     }
@@ -572,6 +645,9 @@ impl BondState {
             let Some(l) = l else { continue };
             l.health.set_quiet(self.quiet, now);
             l.health.handle_timeout(now);
+            if l.mtu_settles_at.is_some_and(|t| now >= t) {
+                l.mtu_settles_at = None;
+            }
             if !l.connected {
                 continue;
             }
@@ -617,6 +693,7 @@ impl BondState {
         for l in self.links.iter().flatten() {
             at(l.health.poll_timeout());
             at(l.report_due());
+            at(l.mtu_settles_at);
         }
         at(self.reorder.poll_timeout());
         at(Some(self.last_sweep + SWEEP_EVERY));
@@ -633,6 +710,7 @@ impl BondState {
             if !l.connected {
                 return Transmit::Idle { until: None };
             }
+            l.max_datagram = max_datagram;
             if let Some(c) = l.control.pop_front() {
                 return Transmit::Datagram(c);
             }
@@ -668,7 +746,17 @@ impl BondState {
             }
             .encode(&mut buf);
             if buf.len() > max_datagram {
-                self.too_big(&q.packet, max_datagram.saturating_sub(DATA_OVERHEAD));
+                // Queued for a tunnel that carries it, too large for this link alone (a
+                // new connection still searching upward, or one that fell back): another
+                // uplink takes it, or its sender hears what fits.
+                match self.roomiest(id, q.packet.len()) {
+                    Some(to) => {
+                        self.counters.handed_over += 1;
+                        let wake = self.sched.hand_over(q, to);
+                        self.wake.0 |= wake.0;
+                    }
+                    None => self.too_big(&q.packet, max_datagram.saturating_sub(DATA_OVERHEAD)),
+                }
                 continue;
             }
             let Some(l) = self.links.get_mut(id).and_then(Option::as_mut) else {
@@ -797,6 +885,9 @@ impl BondState {
                     rate_mbps: l.rate.rate() * 8.0 / 1e6,
                     queue_delay_ms: l.rate.queue_delay().as_secs_f64() * 1e3,
                     rate_decreases: l.rate.decreases(),
+                    max_packet: (l.connected && l.max_datagram > 0)
+                        .then(|| l.max_datagram.saturating_sub(DATA_OVERHEAD)),
+                    mtu_settled: l.connected && l.mtu_settles_at.is_none(),
                 }
             })
             .collect();
@@ -831,6 +922,9 @@ impl BondState {
             reorder_hold_ms: self.reorder.hold().as_secs_f64() * 1e3,
             bad_frames: c.bad_frames,
             too_big: c.too_big,
+            fragmented: c.fragmented,
+            handed_over: c.handed_over,
+            path_mtu: self.path_mtu(),
             spoofed: c.spoofed,
             tun_overflow: c.tun_overflow,
         }

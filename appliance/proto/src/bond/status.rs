@@ -34,6 +34,12 @@ pub struct LinkStatus {
     pub rate_mbps: f64,
     pub queue_delay_ms: f64,
     pub rate_decreases: u64,
+    /// The largest tunnelled packet the uplink's connection carries now (its path-MTU
+    /// discovery's datagram size less the bond's frame header); absent while unconnected.
+    pub max_packet: Option<usize>,
+    /// Its connection's path-MTU discovery has had its time: `max_packet` counts in the
+    /// tunnel's path MTU.
+    pub mtu_settled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -57,8 +63,12 @@ pub struct Counters {
     pub refused_offline: u64,
     /// Datagrams from the peer that are not a valid frame.
     pub bad_frames: u64,
-    /// Packets too large for the uplink's datagrams (answered with ICMP "too big").
+    /// Packets too large for the uplinks' datagrams (answered with ICMP "too big").
     pub too_big: u64,
+    /// IPv4 packets (without "don't fragment") cut to fit the uplinks' datagrams.
+    pub fragmented: u64,
+    /// Packets too large for the link that took them, sent on another that carries them.
+    pub handed_over: u64,
     /// Packets from the peer with a source it may not use.
     pub spoofed: u64,
     /// Released packets the TUN writer had no room for.
@@ -82,6 +92,10 @@ pub struct BondStatus {
     pub reorder_hold_ms: f64,
     pub bad_frames: u64,
     pub too_big: u64,
+    pub fragmented: u64,
+    pub handed_over: u64,
+    /// The tunnel's MTU now (see `BondState::path_mtu`): what TCP's MSS is clamped to.
+    pub path_mtu: usize,
     pub spoofed: u64,
     pub tun_overflow: u64,
 }

@@ -51,6 +51,7 @@ fn edge(now: Instant) -> BondState {
             sched: SchedulerConfig::default(),
             classifier: Classifier::new(&rules, ClassifyConfig::default()),
             accept_src: None,
+            mtu: 1500,
         },
         now,
     )
@@ -71,9 +72,19 @@ fn bring_up(b: &mut BondState, ids: &[LinkId], now: &mut Instant) {
 
 /// Takes what each link has to send; answers its probes as the peer would.
 fn answer_probes(b: &mut BondState, ids: &[LinkId], at: Instant) -> Vec<(LinkId, Frame<'static>)> {
+    let sized: Vec<(LinkId, usize)> = ids.iter().map(|id| (*id, 1400)).collect();
+    answer_probes_sized(b, &sized, at)
+}
+
+/// [`answer_probes`] with each link's datagram size.
+fn answer_probes_sized(
+    b: &mut BondState,
+    ids: &[(LinkId, usize)],
+    at: Instant,
+) -> Vec<(LinkId, Frame<'static>)> {
     let mut other = Vec::new();
-    for &id in ids {
-        while let Transmit::Datagram(d) = b.poll_transmit(at, id, 1400) {
+    for &(id, max) in ids {
+        while let Transmit::Datagram(d) = b.poll_transmit(at, id, max) {
             match Frame::decode(&d) {
                 Ok(Frame::Probe { id: pid, echo }) => {
                     let ack = Frame::ProbeAck {
@@ -253,6 +264,7 @@ fn a_quiet_hub_probes_half_as_often_as_the_edge() {
                 sched: SchedulerConfig::default(),
                 classifier: Classifier::new(&[], ClassifyConfig::default()),
                 accept_src: None,
+                mtu: 1500,
             },
             now,
         );
@@ -364,6 +376,7 @@ fn bad_input_is_counted_and_dropped() {
             sched: SchedulerConfig::default(),
             classifier: Classifier::new(&[], ClassifyConfig::default()),
             accept_src: Some(vec!["10.1.0.0/24".parse().expect("prefix")]),
+            mtu: 1500,
         },
         now,
     );
@@ -426,4 +439,131 @@ mod arbitrary_input {
             .collect();
         super::super::arbitrary::drive(&bytes, &[]);
     }
+}
+
+/// What link `id` sends now, datagrams of up to `max` bytes: the tunnelled packets.
+fn sent_packets(b: &mut BondState, id: LinkId, max: usize, at: Instant) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Transmit::Datagram(d) = b.poll_transmit(at, id, max) {
+        assert!(
+            d.len() <= max,
+            "a datagram of {} bytes on a {max}-byte link",
+            d.len()
+        );
+        if let Ok(Frame::Data { packet, .. }) = Frame::decode(&d) {
+            out.push(packet.to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn packets_larger_than_an_uplink_carries_are_cut_or_answered_before_they_queue() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    b.set_icmp_source(IpAddr::from([10, 99, 0, 2]));
+    let (a, c) = (
+        b.add_link("wifi", false, ALL_CLASSES, None, now),
+        b.add_link("cell", false, ALL_CLASSES, None, now),
+    );
+    assert_eq!(b.path_mtu(), 1500, "nothing connected: the TUN's MTU");
+    bring_up(&mut b, &[a, c], &mut now);
+    assert_eq!(b.path_mtu(), 1400 - DATA_OVERHEAD);
+    // The cellular connection's path-MTU discovery settles lower.
+    let _ = sent_packets(&mut b, c, 1010, now);
+    assert_eq!(b.path_mtu(), 1000);
+    assert_eq!(b.status(now).links[1].max_packet, Some(1000));
+    while b.poll_tun().is_some() {}
+
+    // Don't fragment (what TCP and QUIC send): the sender hears the size that fits.
+    let big = bulk_packet();
+    assert!(matches!(
+        b.handle_tun_packet(now, big.clone(), false),
+        Ok(Sent::TooBig(_))
+    ));
+    let icmp = b.poll_tun().expect("an ICMP answer");
+    let s = etherparse::SlicedPacket::from_ip(&icmp).expect("parse");
+    let Some(etherparse::TransportSlice::Icmpv4(i)) = s.transport else {
+        panic!("not ICMP: {icmp:?}")
+    };
+    assert_eq!(
+        i.icmp_type(),
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1000 }
+        )
+    );
+
+    // Without it, the packet is cut into fragments that fit either uplink.
+    let mut loose = big.to_vec();
+    loose[6] = 0;
+    assert!(matches!(
+        b.handle_tun_packet(now, Bytes::from(loose.clone()), false),
+        Ok(Sent::Queued(_))
+    ));
+    let mut frags = sent_packets(&mut b, a, 1400, now);
+    frags.extend(sent_packets(&mut b, c, 1010, now));
+    assert_eq!(frags.len(), 2, "{frags:?}");
+    frags.sort_by_key(|f| u16::from_be_bytes([f[6], f[7]]) & 0x1fff);
+    assert!(frags.iter().all(|f| f.len() <= 1000));
+    let payload: Vec<u8> = frags.iter().flat_map(|f| f[20..].to_vec()).collect();
+    assert_eq!(payload, loose[20..]);
+    let st = b.status(now);
+    assert_eq!((st.too_big, st.fragmented, st.path_mtu), (1, 1, 1000));
+
+    // The small uplink gone, the tunnel carries what the other does.
+    b.handle_link_event(now, c, LinkEvent::Disconnected);
+    assert_eq!(b.path_mtu(), 1390);
+    assert!(matches!(
+        b.handle_tun_packet(now, big, false),
+        Ok(Sent::Queued(_))
+    ));
+}
+
+#[test]
+fn a_reconnected_uplink_still_searching_its_mtu_hands_big_packets_over() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    b.set_icmp_source(IpAddr::from([10, 99, 0, 2]));
+    let (a, c) = (
+        b.add_link("wifi", false, ALL_CLASSES, None, now),
+        b.add_link("cell", false, ALL_CLASSES, None, now),
+    );
+    bring_up(&mut b, &[a, c], &mut now);
+    assert_eq!(b.path_mtu(), 1390);
+    // Cell reconnects: its new connection starts at a smaller datagram size and has not
+    // searched upward yet. The tunnel keeps what the settled wifi carries.
+    b.handle_link_event(now, c, LinkEvent::Disconnected);
+    b.handle_link_event(now, c, LinkEvent::Connected);
+    let end = now + Duration::from_millis(1200);
+    while now < end {
+        b.handle_timeout(now);
+        answer_probes_sized(&mut b, &[(a, 1400), (c, 1312)], now + 10 * MS);
+        now += 50 * MS;
+    }
+    let st = b.status(now);
+    assert_eq!(st.links[1].state, LinkCondition::Up, "{:?}", st.links[1]);
+    assert!(!st.links[1].mtu_settled);
+    assert_eq!(
+        b.path_mtu(),
+        1390,
+        "a young connection does not pull the tunnel down"
+    );
+    // A 1 380-byte packet is queued; cell takes it first and hands it to wifi.
+    let p = udp([10, 1, 0, 2], 40001, [198, 18, 0, 1], 5201, 1380);
+    assert!(matches!(
+        b.handle_tun_packet(now, p.clone(), false),
+        Ok(Sent::Queued(_))
+    ));
+    assert!(sent_packets(&mut b, c, 1312, now).is_empty());
+    assert_eq!(sent_packets(&mut b, a, 1400, now), vec![p.to_vec()]);
+    let st = b.status(now);
+    assert_eq!((st.handed_over, st.too_big), (1, 0));
+    // Once settled, cell's size counts.
+    let end = now + Duration::from_millis(1000);
+    while now < end {
+        b.handle_timeout(now);
+        answer_probes_sized(&mut b, &[(a, 1400), (c, 1312)], now + 10 * MS);
+        now += 50 * MS;
+    }
+    assert_eq!(b.path_mtu(), 1302);
 }
