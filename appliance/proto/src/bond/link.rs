@@ -23,11 +23,81 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(10);
 pub const REPORT_MIN_BYTES: u64 = 1500;
 /// A link carrying only control traffic reports this rarely.
 pub const REPORT_IDLE: Duration = Duration::from_secs(30);
-/// How long a new connection's path-MTU discovery has before its datagram size counts in
-/// the tunnel's path MTU (a handful of probes, one RTT each, on a path that carries the
-/// upper bound): a reconnected uplink does not pull the whole tunnel down to its
-/// starting size meanwhile.
+/// How long a datagram size must hold before it counts in the tunnel's path MTU: a new
+/// connection's path-MTU discovery searches upward meanwhile (a handful of probes, one
+/// RTT each), and a sudden smaller size may be quinn's black-hole detection misreading an
+/// outage (it falls back to 1200 bytes when large packets vanish with the small). Neither
+/// pulls the whole tunnel down, nor teaches the LAN a smaller MTU, until it holds.
 pub const MTU_SETTLE: Duration = Duration::from_secs(2);
+
+/// The datagram size of one connection as the bond counts it: what the transport says
+/// now, and what counts in the tunnel's path MTU (a larger size at once, a smaller one
+/// or a new connection's after [`MTU_SETTLE`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatagramSize {
+    /// As the driver last said; 0 while unknown.
+    now: usize,
+    /// The size that counts; None while a new connection settles.
+    counted: Option<usize>,
+    /// When a pending change (a new connection, a smaller size) counts.
+    confirm_at: Option<Instant>,
+}
+
+impl DatagramSize {
+    /// A new connection: its size counts after [`MTU_SETTLE`].
+    pub fn connected(now: Instant) -> Self {
+        Self {
+            now: 0,
+            counted: None,
+            confirm_at: Some(now + MTU_SETTLE),
+        }
+    }
+
+    /// The transport's current size.
+    pub fn observe(&mut self, size: usize, now: Instant) {
+        self.now = size;
+        match self.counted {
+            Some(c) if size >= c => {
+                self.counted = Some(size);
+                self.confirm_at = None;
+            }
+            Some(_) => {
+                self.confirm_at.get_or_insert(now + MTU_SETTLE);
+            }
+            None if self.confirm_at.is_none() && size > 0 => self.counted = Some(size),
+            None => {}
+        }
+        self.handle_timeout(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.confirm_at.is_some_and(|t| now >= t) {
+            self.confirm_at = None;
+            if self.now > 0 {
+                self.counted = Some(self.now);
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.confirm_at
+    }
+
+    /// What the transport says now (0: unknown).
+    pub fn current(&self) -> usize {
+        self.now
+    }
+
+    /// What counts in the tunnel's path MTU, if anything does yet.
+    pub fn counted(&self) -> Option<usize> {
+        self.counted
+    }
+
+    /// The current size counts: no change is pending.
+    pub fn settled(&self) -> bool {
+        self.counted.is_some_and(|c| c == self.now) && self.confirm_at.is_none()
+    }
+}
 /// Control frames kept for a link that cannot send them (the newest are kept).
 const CONTROL_MAX: usize = 16;
 
@@ -85,12 +155,8 @@ pub(super) struct LinkSlot {
     pub classes: ClassMask,
     /// The transport's latest totals.
     pub stats: TransportStats,
-    /// The largest datagram the connection carries now (its path-MTU discovery's), as the
-    /// driver last said; 0 while unknown or unconnected.
-    pub max_datagram: usize,
-    /// When the connection's path-MTU discovery has had its time (see
-    /// [`MTU_SETTLE`]); None once it has, or while unconnected.
-    pub mtu_settles_at: Option<Instant>,
+    /// The largest datagram the connection carries (its path-MTU discovery's).
+    pub datagram: DatagramSize,
     /// When we last reported our received byte count to the peer, and that count.
     pub reported: (Instant, u64),
     /// Datagram bytes received since that report (what makes the next one due).
@@ -134,8 +200,7 @@ impl LinkSlot {
             pacer_limited: false,
             classes,
             stats: TransportStats::default(),
-            max_datagram: 0,
-            mtu_settles_at: None,
+            datagram: DatagramSize::default(),
             reported: (now, 0),
             rx_since_report: 0,
             backup,
@@ -203,10 +268,17 @@ impl LinkSlot {
     /// The largest packet this link's datagrams carry now, if it is connected, usable
     /// and its datagram size is known.
     pub fn max_packet(&self) -> Option<usize> {
-        (self.connected && self.max_datagram > 0 && self.health.usable()).then(|| {
-            self.max_datagram
-                .saturating_sub(crate::frame::DATA_OVERHEAD)
-        })
+        let d = self.datagram.current();
+        (self.connected && d > 0 && self.health.usable())
+            .then(|| d.saturating_sub(crate::frame::DATA_OVERHEAD))
+    }
+
+    /// What this link counts for in the tunnel's path MTU, if it is connected, usable and
+    /// its size has settled (see [`DatagramSize`]).
+    pub fn counted_packet(&self) -> Option<usize> {
+        let d = self.datagram.counted()?;
+        (self.connected && self.health.usable())
+            .then(|| d.saturating_sub(crate::frame::DATA_OVERHEAD))
     }
 
     /// When the next report of received bytes is due, if one is.

@@ -219,21 +219,18 @@ impl BondState {
     /// "too big" before they queue, and the drivers clamp TCP's MSS to it, so a flow's
     /// segments fit whichever uplink carries them.
     ///
-    /// A connection younger than [`link::MTU_SETTLE`] counts only while no settled one is
-    /// usable (its discovery is still searching upward); meanwhile a packet too large for
-    /// it goes to an uplink that carries it (see [`Self::poll_transmit`]).
+    /// A link's size counts once it has held for [`link::MTU_SETTLE`] (see
+    /// [`link::DatagramSize`]): a new connection still searching upward counts only while
+    /// no settled link is usable, and a sudden smaller size (a real change, or quinn
+    /// misreading an outage as an MTU black hole) counts only once it lasts. Meanwhile a
+    /// packet too large for that link goes to an uplink that carries it (see
+    /// [`Self::poll_transmit`]).
     pub fn path_mtu(&self) -> usize {
-        let usable = || {
-            self.links
-                .iter()
-                .flatten()
-                .filter_map(|l| Some((l, l.max_packet()?)))
-        };
-        usable()
-            .filter(|(l, _)| l.mtu_settles_at.is_none())
-            .map(|(_, m)| m)
+        let links = || self.links.iter().flatten();
+        links()
+            .filter_map(LinkSlot::counted_packet)
             .min()
-            .or_else(|| usable().map(|(_, m)| m).min())
+            .or_else(|| links().filter_map(LinkSlot::max_packet).min())
             .map_or(self.mtu, |m| m.min(self.mtu))
     }
 
@@ -325,14 +322,13 @@ impl BondState {
         match ev {
             LinkEvent::Connected => {
                 l.connected = true;
-                l.mtu_settles_at = Some(now + link::MTU_SETTLE);
+                l.datagram = link::DatagramSize::connected(now);
                 l.health.on_connected(true, now);
                 self.wake.0 |= Wake::of(id).0;
             }
             LinkEvent::Disconnected => {
                 l.connected = false;
-                l.max_datagram = 0;
-                l.mtu_settles_at = None;
+                l.datagram = link::DatagramSize::default();
                 l.health.on_connected(false, now);
             }
             LinkEvent::Carrier { present, carrier } => {
@@ -645,9 +641,7 @@ impl BondState {
             let Some(l) = l else { continue };
             l.health.set_quiet(self.quiet, now);
             l.health.handle_timeout(now);
-            if l.mtu_settles_at.is_some_and(|t| now >= t) {
-                l.mtu_settles_at = None;
-            }
+            l.datagram.handle_timeout(now);
             if !l.connected {
                 continue;
             }
@@ -693,7 +687,7 @@ impl BondState {
         for l in self.links.iter().flatten() {
             at(l.health.poll_timeout());
             at(l.report_due());
-            at(l.mtu_settles_at);
+            at(l.datagram.poll_timeout());
         }
         at(self.reorder.poll_timeout());
         at(Some(self.last_sweep + SWEEP_EVERY));
@@ -710,7 +704,7 @@ impl BondState {
             if !l.connected {
                 return Transmit::Idle { until: None };
             }
-            l.max_datagram = max_datagram;
+            l.datagram.observe(max_datagram, now);
             if let Some(c) = l.control.pop_front() {
                 return Transmit::Datagram(c);
             }
@@ -747,15 +741,26 @@ impl BondState {
             .encode(&mut buf);
             if buf.len() > max_datagram {
                 // Queued for a tunnel that carries it, too large for this link alone (a
-                // new connection still searching upward, or one that fell back): another
-                // uplink takes it, or its sender hears what fits.
+                // new connection still searching upward, or a smaller size not yet
+                // settled): another uplink takes it. Otherwise its sender hears what
+                // fits, if that size has settled on a usable link; an unsettled one may be
+                // an outage misread, and is not taught to the LAN (the packet is dropped).
                 match self.roomiest(id, q.packet.len()) {
                     Some(to) => {
                         self.counters.handed_over += 1;
                         let wake = self.sched.hand_over(q, to);
                         self.wake.0 |= wake.0;
                     }
-                    None => self.too_big(&q.packet, max_datagram.saturating_sub(DATA_OVERHEAD)),
+                    None => {
+                        let settled = self
+                            .link(id)
+                            .is_some_and(|l| l.datagram.settled() && l.health.usable());
+                        if settled {
+                            self.too_big(&q.packet, max_datagram.saturating_sub(DATA_OVERHEAD));
+                        } else {
+                            self.counters.too_big += 1;
+                        }
+                    }
                 }
                 continue;
             }
@@ -885,9 +890,9 @@ impl BondState {
                     rate_mbps: l.rate.rate() * 8.0 / 1e6,
                     queue_delay_ms: l.rate.queue_delay().as_secs_f64() * 1e3,
                     rate_decreases: l.rate.decreases(),
-                    max_packet: (l.connected && l.max_datagram > 0)
-                        .then(|| l.max_datagram.saturating_sub(DATA_OVERHEAD)),
-                    mtu_settled: l.connected && l.mtu_settles_at.is_none(),
+                    max_packet: (l.connected && l.datagram.current() > 0)
+                        .then(|| l.datagram.current().saturating_sub(DATA_OVERHEAD)),
+                    mtu_settled: l.connected && l.datagram.settled(),
                 }
             })
             .collect();

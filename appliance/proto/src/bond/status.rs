@@ -63,7 +63,8 @@ pub struct Counters {
     pub refused_offline: u64,
     /// Datagrams from the peer that are not a valid frame.
     pub bad_frames: u64,
-    /// Packets too large for the uplinks' datagrams (answered with ICMP "too big").
+    /// Packets too large for the uplinks' datagrams: answered with ICMP "too big", or
+    /// dropped unanswered when the only uplink's smaller size has not settled yet.
     pub too_big: u64,
     /// IPv4 packets (without "don't fragment") cut to fit the uplinks' datagrams.
     pub fragmented: u64,

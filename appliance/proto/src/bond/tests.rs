@@ -469,14 +469,28 @@ fn packets_larger_than_an_uplink_carries_are_cut_or_answered_before_they_queue()
     assert_eq!(b.path_mtu(), 1500, "nothing connected: the TUN's MTU");
     bring_up(&mut b, &[a, c], &mut now);
     assert_eq!(b.path_mtu(), 1400 - DATA_OVERHEAD);
-    // The cellular connection's path-MTU discovery settles lower.
+    // The cellular path starts carrying less: it counts once the smaller size has held.
     let _ = sent_packets(&mut b, c, 1010, now);
+    assert_eq!(b.path_mtu(), 1390, "not at once");
+    // Meanwhile a packet that fits the tunnel but not cell goes out on wifi.
+    let big = bulk_packet();
+    assert!(matches!(
+        b.handle_tun_packet(now, big.clone(), false),
+        Ok(Sent::Queued(_))
+    ));
+    assert!(sent_packets(&mut b, c, 1010, now).is_empty());
+    assert_eq!(sent_packets(&mut b, a, 1400, now), vec![big.to_vec()]);
+    let end = now + Duration::from_millis(2100);
+    while now < end {
+        b.handle_timeout(now);
+        answer_probes_sized(&mut b, &[(a, 1400), (c, 1010)], now + 10 * MS);
+        now += 50 * MS;
+    }
     assert_eq!(b.path_mtu(), 1000);
     assert_eq!(b.status(now).links[1].max_packet, Some(1000));
     while b.poll_tun().is_some() {}
 
     // Don't fragment (what TCP and QUIC send): the sender hears the size that fits.
-    let big = bulk_packet();
     assert!(matches!(
         b.handle_tun_packet(now, big.clone(), false),
         Ok(Sent::TooBig(_))
@@ -508,7 +522,10 @@ fn packets_larger_than_an_uplink_carries_are_cut_or_answered_before_they_queue()
     let payload: Vec<u8> = frags.iter().flat_map(|f| f[20..].to_vec()).collect();
     assert_eq!(payload, loose[20..]);
     let st = b.status(now);
-    assert_eq!((st.too_big, st.fragmented, st.path_mtu), (1, 1, 1000));
+    assert_eq!(
+        (st.too_big, st.fragmented, st.handed_over, st.path_mtu),
+        (1, 1, 1, 1000)
+    );
 
     // The small uplink gone, the tunnel carries what the other does.
     b.handle_link_event(now, c, LinkEvent::Disconnected);
@@ -566,4 +583,42 @@ fn a_reconnected_uplink_still_searching_its_mtu_hands_big_packets_over() {
         now += 50 * MS;
     }
     assert_eq!(b.path_mtu(), 1302);
+}
+
+#[test]
+fn a_sudden_smaller_size_on_the_only_uplink_is_not_taught_to_the_lan_until_it_holds() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    b.set_icmp_source(IpAddr::from([10, 99, 0, 2]));
+    let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
+    bring_up(&mut b, &[a], &mut now);
+    assert_eq!(b.path_mtu(), 1390);
+    while b.poll_tun().is_some() {}
+    // quinn falls back to 1 200 bytes (its black-hole detection, which an outage under
+    // load can trip): what was queued for the old size is dropped, not answered.
+    let p = udp([10, 1, 0, 2], 40001, [198, 18, 0, 1], 5201, 1300);
+    assert!(matches!(
+        b.handle_tun_packet(now, p.clone(), false),
+        Ok(Sent::Queued(_))
+    ));
+    assert!(sent_packets(&mut b, a, 1200, now).is_empty());
+    assert_eq!(b.poll_tun(), None, "no ICMP for a size that has not held");
+    assert_eq!(b.status(now).too_big, 1);
+    assert_eq!(b.path_mtu(), 1390);
+    // It holds: the tunnel follows and the LAN hears of it.
+    let end = now + Duration::from_millis(2100);
+    while now < end {
+        b.handle_timeout(now);
+        answer_probes_sized(&mut b, &[(a, 1200)], now + 10 * MS);
+        now += 50 * MS;
+    }
+    assert_eq!(b.path_mtu(), 1190);
+    assert!(matches!(
+        b.handle_tun_packet(now, p, false),
+        Ok(Sent::TooBig(_))
+    ));
+    assert!(b.poll_tun().is_some(), "ICMP too big");
+    // The size comes back: it counts at once.
+    let _ = sent_packets(&mut b, a, 1400, now);
+    assert_eq!(b.path_mtu(), 1390);
 }
