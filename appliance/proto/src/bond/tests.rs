@@ -457,15 +457,30 @@ fn sent_packets(b: &mut BondState, id: LinkId, max: usize, at: Instant) -> Vec<V
     out
 }
 
+/// Runs the bond for `ms` milliseconds, its links answering probes with each one's
+/// datagram size.
+fn run_for(b: &mut BondState, now: &mut Instant, ms: u64, sizes: &[(LinkId, usize)]) {
+    let end = *now + Duration::from_millis(ms);
+    while *now < end {
+        b.handle_timeout(*now);
+        answer_probes_sized(b, sizes, *now + 10 * MS);
+        *now += 50 * MS;
+    }
+}
+
+/// An edge with a wifi and a cellular uplink, not yet connected, answering with ICMP.
+fn wifi_and_cell(now: Instant) -> (BondState, LinkId, LinkId) {
+    let mut b = edge(now);
+    b.set_icmp_source(IpAddr::from([10, 99, 0, 2]));
+    let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
+    let c = b.add_link("cell", false, ALL_CLASSES, None, now);
+    (b, a, c)
+}
+
 #[test]
 fn packets_larger_than_an_uplink_carries_are_cut_or_answered_before_they_queue() {
     let mut now = Instant::now();
-    let mut b = edge(now);
-    b.set_icmp_source(IpAddr::from([10, 99, 0, 2]));
-    let (a, c) = (
-        b.add_link("wifi", false, ALL_CLASSES, None, now),
-        b.add_link("cell", false, ALL_CLASSES, None, now),
-    );
+    let (mut b, a, c) = wifi_and_cell(now);
     assert_eq!(b.path_mtu(), 1500, "nothing connected: the TUN's MTU");
     bring_up(&mut b, &[a, c], &mut now);
     assert_eq!(b.path_mtu(), 1400 - DATA_OVERHEAD);
@@ -480,12 +495,7 @@ fn packets_larger_than_an_uplink_carries_are_cut_or_answered_before_they_queue()
     ));
     assert!(sent_packets(&mut b, c, 1010, now).is_empty());
     assert_eq!(sent_packets(&mut b, a, 1400, now), vec![big.to_vec()]);
-    let end = now + Duration::from_millis(2100);
-    while now < end {
-        b.handle_timeout(now);
-        answer_probes_sized(&mut b, &[(a, 1400), (c, 1010)], now + 10 * MS);
-        now += 50 * MS;
-    }
+    run_for(&mut b, &mut now, 2100, &[(a, 1400), (c, 1010)]);
     assert_eq!(b.path_mtu(), 1000);
     assert_eq!(b.status(now).links[1].max_packet, Some(1000));
     while b.poll_tun().is_some() {}
@@ -539,24 +549,14 @@ fn packets_larger_than_an_uplink_carries_are_cut_or_answered_before_they_queue()
 #[test]
 fn a_reconnected_uplink_still_searching_its_mtu_hands_big_packets_over() {
     let mut now = Instant::now();
-    let mut b = edge(now);
-    b.set_icmp_source(IpAddr::from([10, 99, 0, 2]));
-    let (a, c) = (
-        b.add_link("wifi", false, ALL_CLASSES, None, now),
-        b.add_link("cell", false, ALL_CLASSES, None, now),
-    );
+    let (mut b, a, c) = wifi_and_cell(now);
     bring_up(&mut b, &[a, c], &mut now);
     assert_eq!(b.path_mtu(), 1390);
     // Cell reconnects: its new connection starts at a smaller datagram size and has not
     // searched upward yet. The tunnel keeps what the settled wifi carries.
     b.handle_link_event(now, c, LinkEvent::Disconnected);
     b.handle_link_event(now, c, LinkEvent::Connected);
-    let end = now + Duration::from_millis(1200);
-    while now < end {
-        b.handle_timeout(now);
-        answer_probes_sized(&mut b, &[(a, 1400), (c, 1312)], now + 10 * MS);
-        now += 50 * MS;
-    }
+    run_for(&mut b, &mut now, 1200, &[(a, 1400), (c, 1312)]);
     let st = b.status(now);
     assert_eq!(st.links[1].state, LinkCondition::Up, "{:?}", st.links[1]);
     assert!(!st.links[1].mtu_settled);
@@ -576,12 +576,7 @@ fn a_reconnected_uplink_still_searching_its_mtu_hands_big_packets_over() {
     let st = b.status(now);
     assert_eq!((st.handed_over, st.too_big), (1, 0));
     // Once settled, cell's size counts.
-    let end = now + Duration::from_millis(1000);
-    while now < end {
-        b.handle_timeout(now);
-        answer_probes_sized(&mut b, &[(a, 1400), (c, 1312)], now + 10 * MS);
-        now += 50 * MS;
-    }
+    run_for(&mut b, &mut now, 1000, &[(a, 1400), (c, 1312)]);
     assert_eq!(b.path_mtu(), 1302);
 }
 
@@ -606,12 +601,7 @@ fn a_sudden_smaller_size_on_the_only_uplink_is_not_taught_to_the_lan_until_it_ho
     assert_eq!(b.status(now).too_big, 1);
     assert_eq!(b.path_mtu(), 1390);
     // It holds: the tunnel follows and the LAN hears of it.
-    let end = now + Duration::from_millis(2100);
-    while now < end {
-        b.handle_timeout(now);
-        answer_probes_sized(&mut b, &[(a, 1200)], now + 10 * MS);
-        now += 50 * MS;
-    }
+    run_for(&mut b, &mut now, 2100, &[(a, 1200)]);
     assert_eq!(b.path_mtu(), 1190);
     assert!(matches!(
         b.handle_tun_packet(now, p, false),
