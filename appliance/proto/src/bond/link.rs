@@ -1,7 +1,8 @@
 //! One uplink slot of a bond: what the bond knows and decides about it — whether it may
 //! carry anything (absent, disabled, held), its health, in-flight cap, rate and pacer,
-//! the control frames waiting for it, when it reports what it received, and what the peer
-//! must hear of it.
+//! the control frames waiting for it, when it reports what it received, what the peer
+//! must hear of it, and the datagram size its connection carries as the tunnel's path MTU
+//! counts it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -98,6 +99,7 @@ impl DatagramSize {
         self.counted.is_some_and(|c| c == self.now) && self.confirm_at.is_none()
     }
 }
+
 /// Control frames kept for a link that cannot send them (the newest are kept).
 const CONTROL_MAX: usize = 16;
 
