@@ -10,7 +10,9 @@
 //! Control: a Unix stream socket taking one command per line, answering `ok` or `error: …`:
 //! `set KEY=VALUE…` with keys `rate_kbit` (0 = unlimited), `queue_ms`, `delay_ms`,
 //! `jitter_ms`, `loss` (0.0–1.0), `blackhole` (0/1), `dir` (`both`, `up`, `down`);
-//! `outage MS` (black hole for MS milliseconds); `stats`.
+//! `outage MS` (black hole for MS milliseconds); `stats`; `queue` (the wait of the frames
+//! admitted since the last `queue`, in whole milliseconds of the bottleneck's FIFO:
+//! `up_p50_ms=… up_p99_ms=… down_p50_ms=… down_p99_ms=…`, then it starts again).
 #![allow(unsafe_code)] // AF_PACKET sockets through libc: a test tool, not the product.
 
 use std::collections::VecDeque;
@@ -56,7 +58,11 @@ struct Dir {
     cv: Condvar,
     passed: AtomicU64,
     dropped: AtomicU64,
+    /// Admitted frames by their wait in the FIFO, 1 ms buckets (the last: that or more).
+    waits: Mutex<[u64; WAIT_BUCKETS]>,
 }
+
+const WAIT_BUCKETS: usize = 1024;
 
 impl Dir {
     fn new() -> Self {
@@ -68,6 +74,7 @@ impl Dir {
             cv: Condvar::new(),
             passed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            waits: Mutex::new([0; WAIT_BUCKETS]),
         }
     }
 
@@ -98,6 +105,10 @@ impl Dir {
             }
         };
         *last_depart = depart;
+        let wait = start.saturating_duration_since(now).as_millis() as usize;
+        if let Ok(mut w) = self.waits.lock() {
+            w[wait.min(WAIT_BUCKETS - 1)] += 1;
+        }
         let jitter = if s.jitter_ms > 0.0 {
             rng.random_range(-s.jitter_ms..s.jitter_ms)
         } else {
@@ -108,6 +119,26 @@ impl Dir {
         *last_deliver = deliver;
         fifo.push_back((deliver, frame));
         self.cv.notify_one();
+    }
+
+    /// The 50th and 99th percentile of the waits since the last call (ms), then forgets
+    /// them.
+    fn take_waits(&self) -> (usize, usize) {
+        let w = match self.waits.lock() {
+            Ok(mut w) => std::mem::replace(&mut *w, [0; WAIT_BUCKETS]),
+            Err(_) => return (0, 0),
+        };
+        let total: u64 = w.iter().sum();
+        let at = |q: u64| {
+            let mut seen = 0;
+            w.iter()
+                .position(|n| {
+                    seen += n;
+                    seen * 100 >= total * q && total > 0
+                })
+                .unwrap_or(0)
+        };
+        (at(50), at(99))
     }
 
     /// Sends queued frames out of `fd` when due.
@@ -286,6 +317,13 @@ pub fn run(a: &str, b: &str, control: &std::path::Path, initial: &[&str]) -> Res
                         down.passed.load(Ordering::Relaxed),
                         down.dropped.load(Ordering::Relaxed)
                     )),
+                    ["queue"] => {
+                        let (u50, u99) = up.take_waits();
+                        let (d50, d99) = down.take_waits();
+                        Ok(format!(
+                            "up_p50_ms={u50} up_p99_ms={u99} down_p50_ms={d50} down_p99_ms={d99}"
+                        ))
+                    }
                     _ => Err(anyhow::anyhow!("unknown command")),
                 };
                 let text = match reply {

@@ -472,6 +472,7 @@ impl<'a> World<'a> {
                 udp_tx_bytes: s.wires[l].tx_bytes,
                 udp_rx_bytes: s.rx_bytes[l],
                 lost_bytes: s.wires[l].lost,
+                ..TransportStats::default()
             };
             s.st.handle_link_event(at, l, LinkEvent::Stats(stats));
         }

@@ -1,14 +1,20 @@
-//! How much one uplink may have in flight: a cap of about 1.4 bandwidth-delay
-//! products, from the link's own delivery rate.
+//! How much one uplink may have in flight: one path's worth (the link's delivery rate
+//! times its round trip and the time between reports) and a few milliseconds more.
 //!
-//! The receiver reports, every few milliseconds, how many UDP bytes it has received on
+//! The receiver reports, every [`REPORT_EVERY`], how many UDP bytes it has received on
 //! the connection. From two reports the sender learns the delivery rate (a windowed
-//! maximum is the capacity estimate); from the latest report, its own byte count and the
-//! transport's lost bytes it learns what is in flight. A link whose in-flight bytes reach
-//! the cap stops taking shared traffic: its bottleneck queue (a modem's buffer) never
-//! fills, so the tunnel adds no loss of its own and aggregation follows what each link
-//! really carries. Growth is 1.4x per round trip while the link keeps up, so a fresh
-//! link ramps up like slow start.
+//! maximum is the capacity estimate); from the latest report, the bytes sent (the
+//! transport's total plus what the bond handed it since) and the transport's lost bytes
+//! it learns what is in flight. A link whose in-flight bytes reach the cap stops taking
+//! shared traffic until a report frees room. Once the link has been found full, between
+//! two reports it sends what the link delivers in that time and its bottleneck queue (a
+//! modem's buffer) holds about [`HEADROOM`]: enough to keep the link busy while the next report travels, short
+//! enough that a card payment queued behind it waits a few milliseconds, not tens. The
+//! tunnel adds no loss of its own, and aggregation follows what each link really
+//! carries. A fresh link has no cap until its first report; until it is found full its
+//! cap is 1.4 times that, so it ramps up like slow start.
+//!
+//! [`REPORT_EVERY`]: crate::bond::REPORT_EVERY
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -17,7 +23,13 @@ const WINDOW: Duration = Duration::from_secs(2);
 /// Delivery-rate samples span at least this (µs): shorter ones are mostly noise from
 /// report timing, and a maximum over noise overestimates the capacity.
 const SAMPLE_US: u64 = 40_000;
-const GAIN: f64 = 1.4;
+/// Up to one report interval of delivered bytes is not yet reported: the cap allows it.
+const REPORT_LAG: Duration = crate::bond::REPORT_EVERY;
+/// The bottleneck queue the cap allows beyond one path's worth.
+pub const HEADROOM: Duration = Duration::from_millis(3);
+/// While a link grows into its capacity, the cap is this much more than what it delivers
+/// (so the delivery rate, and the cap with it, grows by about this much per round trip).
+const GROWTH: f64 = 1.4;
 /// Never cap below this: a link must be able to start.
 const FLOOR: u64 = 24 * 1024;
 
@@ -30,8 +42,13 @@ pub struct Inflight {
     /// Delivery-rate samples (bytes/s) with the time they were taken.
     samples: VecDeque<(Instant, f64)>,
     sent: u64,
+    /// Bytes handed to the transport since its last total (`sent`), counted at once so
+    /// that the cap holds between two readings of the transport's totals.
+    handed: u64,
     lost: u64,
     min_rtt: Option<Duration>,
+    /// The link was found full (its rate control left startup): no growth margin.
+    steady: bool,
 }
 
 impl Inflight {
@@ -75,6 +92,7 @@ impl Inflight {
     /// Totals from the transport: UDP bytes sent and bytes declared lost.
     pub fn on_transport(&mut self, sent_bytes: u64, lost_bytes: u64, min_rtt: Option<Duration>) {
         self.sent = sent_bytes;
+        self.handed = 0;
         self.lost = lost_bytes;
         self.min_rtt = min_rtt;
     }
@@ -99,17 +117,30 @@ impl Inflight {
         self.samples.iter().map(|s| s.1).fold(0.0, f64::max)
     }
 
+    /// A datagram of `bytes` (with the transport's overhead) handed to the transport.
+    pub fn on_handed(&mut self, bytes: usize) {
+        self.handed = self.handed.saturating_add(bytes as u64);
+    }
+
     pub fn in_flight(&self) -> u64 {
         let delivered = self.last.map_or(0, |l| l.0);
         self.sent
+            .saturating_add(self.handed)
             .saturating_sub(delivered)
             .saturating_sub(self.lost)
     }
 
+    /// Whether the link has been found full (no more growth margin) or is still growing
+    /// into its capacity (a new link, or capacity come back): see [`crate::rate::Phase`].
+    pub fn set_steady(&mut self, steady: bool) {
+        self.steady = steady;
+    }
+
     pub fn cap(&self) -> u64 {
         let rtt = self.min_rtt.unwrap_or(Duration::from_millis(100));
-        let bdp = self.capacity() * (rtt + Duration::from_millis(5)).as_secs_f64();
-        ((bdp * GAIN) as u64).max(FLOOR)
+        let pipe = (rtt + REPORT_LAG + HEADROOM).as_secs_f64();
+        let gain = if self.steady { 1.0 } else { GROWTH };
+        ((self.capacity() * pipe * gain) as u64).max(FLOOR)
     }
 
     /// True while the link may take more shared traffic. Without reports yet (a new link,
@@ -133,11 +164,20 @@ mod tests {
             f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
         }
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
+        // Growing: 1.4 × 1.25 MB/s × (45 + 10 + 3) ms.
         let cap = f.cap();
-        assert!((80_000..=95_000).contains(&cap), "cap {cap}");
+        assert!((95_000..=110_000).contains(&cap), "cap {cap}");
+        // Found full: 1.25 MB/s × 58 ms.
+        f.set_steady(true);
+        let cap = f.cap();
+        assert!((68_000..=78_000).contains(&cap), "cap {cap}");
         assert!(f.has_room(), "40 kB in flight");
         f.on_transport(250_000 + 120_000, 0, Some(Duration::from_millis(45)));
         assert!(!f.has_room(), "120 kB in flight");
+        // Handed to the transport, not yet in its totals: in flight at once.
+        f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
+        f.on_handed(40_000);
+        assert!(!f.has_room(), "40 kB sent and 40 kB handed over");
         // Lost bytes are no longer in flight.
         f.on_transport(250_000 + 120_000, 60_000, Some(Duration::from_millis(45)));
         assert!(f.has_room());

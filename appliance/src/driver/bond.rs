@@ -542,6 +542,8 @@ fn transport_stats(c: &quinn::Connection) -> TransportStats {
         udp_tx_bytes: s.udp_tx.bytes,
         udp_rx_bytes: s.udp_rx.bytes,
         lost_bytes: s.path.lost_bytes,
+        udp_tx_datagrams: s.udp_tx.datagrams,
+        udp_tx_ios: s.udp_tx.ios,
     }
 }
 

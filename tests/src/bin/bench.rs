@@ -244,6 +244,9 @@ fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
     t.start_iperf_load("up", LAN_CLIENT, 5201, false, secs + 6, 4)?;
     t.start_iperf_load("down", LAN_CLIENT, 5202, true, secs + 6, 4)?;
     std::thread::sleep(Duration::from_secs(4));
+    // The emulator's queues from here (the kernel links' tbf has no such figure).
+    let emulated = t.emu(1, "queue").is_ok();
+    let _ = t.emu(2, "queue");
     let (pos, stream) = std::thread::scope(|s| {
         let tr = &*t;
         let stream =
@@ -259,6 +262,21 @@ fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
             .map_err(|_| anyhow::anyhow!("stream flow panicked"))?;
         anyhow::Ok((pos?, stream?))
     })?;
+    let mut queues = Vec::new();
+    if emulated {
+        for (i, name) in [(1, "wifi"), (2, "cell")] {
+            let Ok(q) = t.emu(i, "queue") else { continue };
+            eprintln!("  {label}: emulator {name} queue: {q}");
+            for (key, dir) in [("up_p99_ms", "up"), ("down_p99_ms", "down")] {
+                let v = q
+                    .split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN);
+                queues.push((format!("{label}: {name} queue {dir} p99"), "ms", v));
+            }
+        }
+    }
     // iperf3 prints its report when it ends.
     std::thread::sleep(Duration::from_secs(3));
     let goodput = |l: &str| -> f64 {
@@ -309,7 +327,10 @@ fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
         ),
         (format!("{label}: bulk goodput up"), "Mbit/s", up),
         (format!("{label}: bulk goodput down"), "Mbit/s", down),
-    ])
+    ]
+    .into_iter()
+    .chain(queues)
+    .collect())
 }
 
 type Figures1 = Vec<(String, &'static str, f64)>;
@@ -320,10 +341,11 @@ fn print_links(t: &Topology) {
         if let Ok(st) = t.status(role) {
             for l in st["bonds"][bond]["links"].as_array().into_iter().flatten() {
                 eprintln!(
-                    "  {role} {}: rtt {:.1} ms, capacity {:.1}, rate {:.1} Mbit/s, queue {:.1} ms, decreases {}",
+                    "  {role} {}: rtt {:.1} ms, capacity {:.1}, rate {:.1} Mbit/s, queue {:.1} ms, decreases {}, datagrams per send {:.2}",
                     l["name"], l["rtt_ms"].as_f64().unwrap_or(0.0),
                     l["capacity_mbps"].as_f64().unwrap_or(0.0), l["rate_mbps"].as_f64().unwrap_or(0.0),
-                    l["queue_delay_ms"].as_f64().unwrap_or(0.0), l["rate_decreases"]
+                    l["queue_delay_ms"].as_f64().unwrap_or(0.0), l["rate_decreases"],
+                    l["tx_datagrams_per_send"].as_f64().unwrap_or(0.0)
                 );
             }
         }

@@ -85,6 +85,8 @@ pub fn drive(data: &[u8], rules: &[Rule]) {
                     udp_tx_bytes: b << 20,
                     udp_rx_bytes: b << 19,
                     lost_bytes: b << 10,
+                    udp_tx_datagrams: b << 10,
+                    udp_tx_ios: b << 8,
                 };
                 sides[s].handle_link_event(now, link, LinkEvent::Stats(stats));
             }

@@ -139,6 +139,10 @@ pub struct TransportStats {
     pub udp_tx_bytes: u64,
     pub udp_rx_bytes: u64,
     pub lost_bytes: u64,
+    /// UDP datagrams sent, and the system calls that sent them (several per call with
+    /// segmentation offload).
+    pub udp_tx_datagrams: u64,
+    pub udp_tx_ios: u64,
 }
 
 #[derive(Debug)]

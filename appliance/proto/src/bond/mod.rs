@@ -37,7 +37,7 @@ use crate::reorder::{self, Reorder};
 use crate::scheduler::{LinkId, Scheduler, SchedulerConfig, Wake};
 use crate::Class;
 use link::LinkSlot;
-pub use link::{Held, LinkCondition, PeerView, TransportStats};
+pub use link::{Held, LinkCondition, PeerView, TransportStats, REPORT_EVERY};
 pub use status::{BondStatus, Counters, FlowStatus, LinkStatus};
 
 const REORDER_MAX: usize = 2048;
@@ -555,6 +555,8 @@ impl BondState {
                         let delivered = l.inflight.delivery_rate(now, DELIVERY_WINDOW);
                         let limited = std::mem::take(&mut l.pacer_limited);
                         l.rate.on_sample(now, owd, delivered, limited);
+                        l.inflight
+                            .set_steady(l.rate.phase() == crate::rate::Phase::Steady);
                     }
                 }
                 self.refresh(now);
@@ -770,6 +772,7 @@ impl BondState {
             l.tx_packets += 1;
             l.tx_bytes += buf.len() as u64;
             l.pacer.spend(buf.len() + QUIC_OVERHEAD);
+            l.inflight.on_handed(buf.len() + QUIC_OVERHEAD);
             return Transmit::Datagram(Bytes::from(buf));
         }
     }
@@ -893,6 +896,11 @@ impl BondState {
                     max_packet: (l.connected && l.datagram.current() > 0)
                         .then(|| l.datagram.current().saturating_sub(DATA_OVERHEAD)),
                     mtu_settled: l.connected && l.datagram.settled(),
+                    tx_datagrams_per_send: if l.stats.udp_tx_ios == 0 {
+                        0.0
+                    } else {
+                        l.stats.udp_tx_datagrams as f64 / l.stats.udp_tx_ios as f64
+                    },
                 }
             })
             .collect();

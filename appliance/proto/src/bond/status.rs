@@ -40,6 +40,9 @@ pub struct LinkStatus {
     /// Its connection's path-MTU discovery has had its time: `max_packet` counts in the
     /// tunnel's path MTU.
     pub mtu_settled: bool,
+    /// UDP datagrams the connection sent per system call (above 1 when the transport
+    /// batches them with segmentation offload); 0 before the first.
+    pub tx_datagrams_per_send: f64,
 }
 
 #[derive(Debug, Clone)]
