@@ -6,13 +6,15 @@
 //! maximum is the capacity estimate); from the latest report, the bytes sent (the
 //! transport's total plus what the bond handed it since) and the transport's lost bytes
 //! it learns what is in flight. A link whose in-flight bytes reach the cap stops taking
-//! shared traffic until a report frees room. Once the link has been found full, between
-//! two reports it sends what the link delivers in that time and its bottleneck queue (a
-//! modem's buffer) holds about [`HEADROOM`]: enough to keep the link busy while the next report travels, short
+//! shared traffic until a report frees room.
+//!
+//! Once the link has been found full, between two reports it sends about what the link
+//! delivers in that time, and its bottleneck queue (a modem's buffer) holds about
+//! [`HEADROOM`]: enough to keep the link busy while the next report travels, short
 //! enough that a card payment queued behind it waits a few milliseconds, not tens. The
 //! tunnel adds no loss of its own, and aggregation follows what each link really
-//! carries. A fresh link has no cap until its first report; until it is found full its
-//! cap is 1.4 times that, so it ramps up like slow start.
+//! carries. A fresh link has no cap until its first report; until it is found full, its
+//! cap is [`GROWTH`] times the found-full one, so it ramps up like slow start.
 //!
 //! [`REPORT_EVERY`]: crate::bond::REPORT_EVERY
 
@@ -29,7 +31,7 @@ const REPORT_LAG: Duration = crate::bond::REPORT_EVERY;
 pub const HEADROOM: Duration = Duration::from_millis(3);
 /// While a link grows into its capacity, the cap is this much more than what it delivers
 /// (so the delivery rate, and the cap with it, grows by about this much per round trip).
-const GROWTH: f64 = 1.4;
+pub const GROWTH: f64 = 1.4;
 /// Never cap below this: a link must be able to start.
 const FLOOR: u64 = 24 * 1024;
 
@@ -43,7 +45,9 @@ pub struct Inflight {
     samples: VecDeque<(Instant, f64)>,
     sent: u64,
     /// Bytes handed to the transport since its last total (`sent`), counted at once so
-    /// that the cap holds between two readings of the transport's totals.
+    /// that the cap holds between two readings of the transport's totals (which come
+    /// with the bond's timer). A new total replaces them, even if a few of them still
+    /// wait in the transport's datagram buffer.
     handed: u64,
     lost: u64,
     min_rtt: Option<Duration>,
