@@ -51,8 +51,6 @@ pub struct Inflight {
     handed: u64,
     lost: u64,
     min_rtt: Option<Duration>,
-    /// The link was found full (its rate control left startup): no growth margin.
-    steady: bool,
 }
 
 impl Inflight {
@@ -134,23 +132,20 @@ impl Inflight {
             .saturating_sub(self.lost)
     }
 
-    /// Whether the link has been found full (no more growth margin) or is still growing
-    /// into its capacity (a new link, or capacity come back): see [`crate::rate::Phase`].
-    pub fn set_steady(&mut self, steady: bool) {
-        self.steady = steady;
-    }
-
-    pub fn cap(&self) -> u64 {
+    /// The cap: `steady` when the link has been found full (its rate control is in
+    /// [`crate::rate::Phase::Steady`]: no growth margin), else it is still growing into
+    /// its capacity (a new link, or capacity come back).
+    pub fn cap(&self, steady: bool) -> u64 {
         let rtt = self.min_rtt.unwrap_or(Duration::from_millis(100));
         let pipe = (rtt + REPORT_LAG + HEADROOM).as_secs_f64();
-        let gain = if self.steady { 1.0 } else { GROWTH };
+        let gain = if steady { 1.0 } else { GROWTH };
         ((self.capacity() * pipe * gain) as u64).max(FLOOR)
     }
 
     /// True while the link may take more shared traffic. Without reports yet (a new link,
     /// an old peer) there is no cap.
-    pub fn has_room(&self) -> bool {
-        self.last.is_none() || self.in_flight() < self.cap()
+    pub fn has_room(&self, steady: bool) -> bool {
+        self.last.is_none() || self.in_flight() < self.cap(steady)
     }
 }
 
@@ -162,29 +157,28 @@ mod tests {
     fn cap_follows_the_delivery_rate() {
         let t = Instant::now();
         let mut f = Inflight::new();
-        assert!(f.has_room());
+        assert!(f.has_room(false));
         // 10 Mbit/s = 1.25 MB/s delivered, 45 ms RTT.
         for i in 0..=10u64 {
             f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
         }
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
         // Growing: 1.4 × 1.25 MB/s × (45 + 10 + 3) ms.
-        let cap = f.cap();
+        let cap = f.cap(false);
         assert!((95_000..=110_000).contains(&cap), "cap {cap}");
         // Found full: 1.25 MB/s × 58 ms.
-        f.set_steady(true);
-        let cap = f.cap();
+        let cap = f.cap(true);
         assert!((68_000..=78_000).contains(&cap), "cap {cap}");
-        assert!(f.has_room(), "40 kB in flight");
+        assert!(f.has_room(true), "40 kB in flight");
         f.on_transport(250_000 + 120_000, 0, Some(Duration::from_millis(45)));
-        assert!(!f.has_room(), "120 kB in flight");
+        assert!(!f.has_room(true), "120 kB in flight");
         // Handed to the transport, not yet in its totals: in flight at once.
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
         f.on_handed(40_000);
-        assert!(!f.has_room(), "40 kB sent and 40 kB handed over");
+        assert!(!f.has_room(true), "40 kB sent and 40 kB handed over");
         // Lost bytes are no longer in flight.
         f.on_transport(250_000 + 120_000, 60_000, Some(Duration::from_millis(45)));
-        assert!(f.has_room());
+        assert!(f.has_room(true));
     }
 
     #[test]

@@ -248,11 +248,18 @@ impl LinkSlot {
             backup: self.backup,
             srtt: self.health.srtt(),
             disabled: self.out(),
-            room: self.inflight.has_room(),
+            room: self.has_room(),
             verified_until: self.health.verified_until(),
             degraded: self.health.degraded(),
             classes: self.classes_now(),
         }
+    }
+
+    /// Whether the link may take more shared traffic: under its in-flight cap, with the
+    /// growth margin while its rate control is still in startup.
+    pub fn has_room(&self) -> bool {
+        self.inflight
+            .has_room(self.rate.phase() == crate::rate::Phase::Steady)
     }
 
     /// Queues a control frame (bounded: a stuck link keeps the newest).

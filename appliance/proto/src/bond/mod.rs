@@ -555,20 +555,18 @@ impl BondState {
                         let delivered = l.inflight.delivery_rate(now, DELIVERY_WINDOW);
                         let limited = std::mem::take(&mut l.pacer_limited);
                         l.rate.on_sample(now, owd, delivered, limited);
-                        l.inflight
-                            .set_steady(l.rate.phase() == crate::rate::Phase::Steady);
                     }
                 }
                 self.refresh(now);
             }
             Frame::Report { rx_bytes, at_us } => {
                 if let Some(l) = self.links.get_mut(id).and_then(Option::as_mut) {
-                    let had_room = l.inflight.has_room();
+                    let had_room = l.has_room();
                     l.inflight.on_report(rx_bytes, at_us, now);
                     // Deliveries free room under the in-flight cap: the scheduler hears
                     // of it now, not at the next timer. Only this link can send more
                     // because of it, so only it is woken.
-                    if !had_room && l.inflight.has_room() {
+                    if !had_room && l.has_room() {
                         let _all = self.sched.update_link(id, l.view());
                         if self.sched.has_work(id) {
                             self.wake.0 |= Wake::of(id).0;
