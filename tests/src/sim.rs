@@ -9,11 +9,12 @@
 //! costs what its packets cost.
 //!
 //! An uplink has a rate, a one-way delay, jitter (order-preserving, like a real queue),
-//! random loss, a largest datagram, and fault windows: a silent black hole (datagrams
-//! vanish, carrier stays), carrier loss (the edge hears of it at once, as from netlink; the
-//! hub only through its probes) and smaller datagrams (an MTU drop). The transport is a
-//! stand-in for QUIC: unreliable datagrams, a sender that takes a datagram only when its
-//! wire is free (quinn's send buffer), and the totals QUIC keeps (bytes sent and received,
+//! a bottleneck queue (a modem's buffer; none unless a scenario asks), random loss, a
+//! largest datagram, and fault windows: a silent black hole (datagrams vanish, carrier
+//! stays), carrier loss (the edge hears of it at once, as from netlink; the hub only
+//! through its probes) and smaller datagrams (an MTU drop). The transport is a stand-in
+//! for QUIC: unreliable datagrams, a sender that takes a datagram only when its wire is
+//! free, or its queue has room (quinn's send buffer), and the totals QUIC keeps (bytes sent and received,
 //! bytes lost, RTT). Each side is driven the way `driver::bond` drives it: after every
 //! call, packets for the TUN are taken, events applied (senders woken, the peer told of an
 //! uplink's backup flag and classes after a one-way delay), and the timer re-armed.
@@ -54,6 +55,9 @@ pub struct SimLink {
     pub delay: Duration,
     pub jitter: Duration,
     pub loss: f64,
+    /// The bottleneck's queue (a modem's buffer): the sender may hand over datagrams
+    /// until this much is waiting to be serialized. Zero: the sender is paced by the wire.
+    pub queue: Duration,
     /// Largest datagram the uplink carries.
     pub max_datagram: usize,
     /// Configured as a backup (carries traffic only when no primary can).
@@ -73,6 +77,7 @@ impl SimLink {
             delay: Duration::from_millis(delay_ms),
             jitter: Duration::ZERO,
             loss: 0.0,
+            queue: Duration::ZERO,
             max_datagram: 1350,
             backup: false,
             blackholes: Vec::new(),
@@ -153,6 +158,8 @@ pub struct Outcome {
     pub light: BTreeSet<u64>,
     /// Data datagrams each side sent per link, after `warmup`, as (edge, hub).
     pub data_sent: Vec<(u64, u64)>,
+    /// Per link: when each side sent a data datagram on it, and which way it went.
+    pub data_times: Vec<Vec<(Duration, Dir)>>,
     /// Times a side asked to be woken at or before the instant it had just handled.
     pub timer_spins: u64,
     /// ICMP "too big" answers the sides wrote into their TUN devices.
@@ -342,6 +349,7 @@ impl<'a> World<'a> {
             hub: side(Side::Hub, Some(vec![lan])),
             out: Outcome {
                 data_sent: vec![(0, 0); n],
+                data_times: vec![Vec::new(); n],
                 ..Default::default()
             },
             carrier: vec![true; n],
@@ -492,8 +500,8 @@ impl<'a> World<'a> {
         let link = self.sc.links[l].clone();
         loop {
             let busy = self.side(d).wires[l].busy_until;
-            if busy > now {
-                self.pump_at(d, l, busy);
+            if busy > now + link.queue {
+                self.pump_at(d, l, busy - link.queue);
                 break;
             }
             let at = self.at();
@@ -502,6 +510,9 @@ impl<'a> World<'a> {
                 Transmit::Datagram(dg) => {
                     let size = dg.len() as u64 + WIRE_OVERHEAD;
                     let ser = Duration::from_nanos(size * 8 * 1_000_000_000 / link.rate_bps.max(1));
+                    if dg.first().is_some_and(|b| b & 0x0f == 0) {
+                        self.out.data_times[l].push((now, d));
+                    }
                     if now >= WARMUP && dg.first().is_some_and(|b| b & 0x0f == 0) {
                         let c = &mut self.out.data_sent[l];
                         if d == Dir::Up {

@@ -25,6 +25,14 @@ const WINDOW: Duration = Duration::from_secs(2);
 /// Delivery-rate samples span at least this (µs): shorter ones are mostly noise from
 /// report timing, and a maximum over noise overestimates the capacity.
 const SAMPLE_US: u64 = 40_000;
+/// Reports further apart than this (µs) mean the link carried nothing between them (it
+/// was down, or had nothing to carry): no delivery-rate sample spans such a gap, and the
+/// samples taken before it keep their age (a link back from an outage or a pause is
+/// trusted with what it carried before it, not made to grow again from nothing).
+const SILENCE_US: u64 = 250_000;
+/// A silence longer than this forgets the samples: what the link carried that long ago
+/// says little of what it carries now.
+const MEMORY: Duration = Duration::from_secs(60);
 /// Up to one report interval of delivered bytes is not yet reported: the cap allows it.
 const REPORT_LAG: Duration = crate::bond::REPORT_EVERY;
 /// The bottleneck queue the cap allows beyond one path's worth.
@@ -37,8 +45,13 @@ const FLOOR: u64 = 24 * 1024;
 
 #[derive(Debug, Clone, Default)]
 pub struct Inflight {
-    /// Latest report: receiver's byte count and its clock (µs).
+    /// Latest report: receiver's byte count and its clock (µs), and when it came.
     last: Option<(u64, u64)>,
+    last_at: Option<Instant>,
+    /// The link went down since the latest report: what it had in flight has either
+    /// arrived (a report will say) or is lost, and until a report comes it is not
+    /// counted (see [`Inflight::forget_in_flight`]).
+    unknown: bool,
     /// Start of the current delivery-rate sample (a report at least `SAMPLE` old).
     anchor: Option<(u64, u64)>,
     /// Delivery-rate samples (bytes/s) with the time they were taken.
@@ -70,7 +83,21 @@ impl Inflight {
                 return;
             }
         }
+        if let (Some((_, t0)), Some(at)) = (self.last, self.last_at) {
+            if at_us.saturating_sub(t0) > SILENCE_US {
+                let silent = now.saturating_duration_since(at);
+                if silent > MEMORY {
+                    self.samples.clear();
+                }
+                for s in &mut self.samples {
+                    s.0 += silent;
+                }
+                self.anchor = None;
+            }
+        }
         self.last = Some((rx_bytes, at_us));
+        self.last_at = Some(now);
+        self.unknown = false;
         let Some((rx0, t0)) = self.anchor else {
             self.anchor = self.last;
             return;
@@ -142,10 +169,18 @@ impl Inflight {
         ((self.capacity() * pipe * gain) as u64).max(FLOOR)
     }
 
+    /// The link went down: until the next report, what it had in flight is not counted.
+    /// Those bytes either arrived, and the report that said so may have been lost with
+    /// the link, or were lost with it; counted, they could keep a link that came back
+    /// from taking any data, and so from eliciting the report that would free it.
+    pub fn forget_in_flight(&mut self) {
+        self.unknown = true;
+    }
+
     /// True while the link may take more shared traffic. Without reports yet (a new link,
-    /// an old peer) there is no cap.
+    /// an old peer) or since it went down, there is no cap.
     pub fn has_room(&self, steady: bool) -> bool {
-        self.last.is_none() || self.in_flight() < self.cap(steady)
+        self.last.is_none() || self.unknown || self.in_flight() < self.cap(steady)
     }
 }
 
@@ -191,5 +226,58 @@ mod tests {
         assert!(f.capacity() < 200_000.0, "{}", f.capacity());
         f.on_report(5, 300_000, t + Duration::from_secs(3));
         assert_eq!(f.in_flight(), 0);
+    }
+
+    /// 20 Mbit/s = 2.5 MB/s delivered for 400 ms, reports every 10 ms.
+    fn busy(f: &mut Inflight, t: Instant) -> (u64, u64) {
+        for i in 0..=40u64 {
+            f.on_report(i * 25_000, i * 10_000, t + Duration::from_millis(i * 10));
+        }
+        (40 * 25_000, 400_000)
+    }
+
+    #[test]
+    fn a_silent_link_keeps_what_it_carried_before() {
+        let t = Instant::now();
+        let mut f = Inflight::new();
+        let (rx, at) = busy(&mut f, t);
+        let before = f.capacity();
+        assert!((2.4e6..2.6e6).contains(&before), "{before}");
+        // Three seconds of outage, then a trickle: the samples from before stay, and no
+        // sample spans the silence.
+        let back = t + Duration::from_millis(3_400);
+        f.on_report(rx + 100, at + 3_000_000, back);
+        f.on_report(rx + 300, at + 3_050_000, back + Duration::from_millis(50));
+        assert_eq!(f.capacity(), before);
+        // Two seconds of reports later they have aged out as usual.
+        for i in 1..=30u64 {
+            let later = back + Duration::from_millis(50 + i * 70);
+            f.on_report(rx + 300 + i * 700, at + 3_050_000 + i * 70_000, later);
+        }
+        assert!(f.capacity() < 20_000.0, "{}", f.capacity());
+        // After a silence longer than MEMORY, nothing of before is kept.
+        let mut g = Inflight::new();
+        let (rx, at) = busy(&mut g, t);
+        let much_later = t + MEMORY + Duration::from_secs(1);
+        g.on_report(
+            rx + 100,
+            at + (MEMORY.as_micros() as u64) + 600_000,
+            much_later,
+        );
+        assert_eq!(g.capacity(), 0.0);
+    }
+
+    #[test]
+    fn what_a_link_had_in_flight_when_it_went_down_holds_it_back_only_until_a_report() {
+        let t = Instant::now();
+        let mut f = Inflight::new();
+        let (rx, at) = busy(&mut f, t);
+        f.on_transport(rx + 200_000, 0, Some(Duration::from_millis(20)));
+        assert!(!f.has_room(true), "200 kB in flight");
+        f.forget_in_flight();
+        assert!(f.has_room(true), "not counted once the link went down");
+        // The next report says what arrived: the cap holds again.
+        f.on_report(rx + 10_000, at + 2_000_000, t + Duration::from_secs(2));
+        assert!(!f.has_room(true), "190 kB in flight");
     }
 }

@@ -24,6 +24,12 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(10);
 pub const REPORT_MIN_BYTES: u64 = 1500;
 /// A link carrying only control traffic reports this rarely.
 pub const REPORT_IDLE: Duration = Duration::from_secs(30);
+/// After its data stops, a link answers this many arrivals of control traffic (the
+/// peer's probes, mostly) with a report each. The last report of a burst may be lost
+/// (an outage began, or plain loss), and then the peer's sender would count what it
+/// delivered as in flight until the next report: with its in-flight cap reached, it
+/// sends no data, so without these nothing would report for [`REPORT_IDLE`].
+pub const CLOSING_REPORTS: u8 = 3;
 /// How long a datagram size must hold before it counts in the tunnel's path MTU: a new
 /// connection's path-MTU discovery searches upward meanwhile (a handful of probes, one
 /// RTT each), and a sudden smaller size may be quinn's black-hole detection misreading an
@@ -167,6 +173,9 @@ pub(super) struct LinkSlot {
     pub reported: (Instant, u64),
     /// Datagram bytes received since that report (what makes the next one due).
     pub rx_since_report: u64,
+    /// Reports still to send for mere control traffic since the last one for data (see
+    /// [`CLOSING_REPORTS`]).
+    pub closing: u8,
     pub backup: bool,
     pub absent: bool,
     /// Switched off by the operator (or its data cap): carries nothing.
@@ -209,6 +218,7 @@ impl LinkSlot {
             datagram: DatagramSize::default(),
             reported: (now, 0),
             rx_since_report: 0,
+            closing: 0,
             backup,
             absent: false,
             disabled: false,
@@ -299,11 +309,13 @@ impl LinkSlot {
         if !self.connected || self.rx_since_report == 0 {
             return None;
         }
-        Some(if self.rx_since_report >= REPORT_MIN_BYTES {
-            self.reported.0 + REPORT_EVERY
-        } else {
-            self.reported.0 + REPORT_IDLE
-        })
+        Some(
+            if self.rx_since_report >= REPORT_MIN_BYTES || self.closing > 0 {
+                self.reported.0 + REPORT_EVERY
+            } else {
+                self.reported.0 + REPORT_IDLE
+            },
+        )
     }
 
     /// Reports what the transport has received, if a report is due.
@@ -311,6 +323,11 @@ impl LinkSlot {
         if self.report_due().is_some_and(|t| now >= t) {
             let rx = self.stats.udp_rx_bytes;
             self.reported = (now, rx);
+            self.closing = if self.rx_since_report >= REPORT_MIN_BYTES {
+                CLOSING_REPORTS
+            } else {
+                self.closing.saturating_sub(1)
+            };
             self.rx_since_report = 0;
             self.push_control(Frame::Report {
                 rx_bytes: rx,

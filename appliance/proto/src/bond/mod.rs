@@ -29,7 +29,7 @@ use ipnet::IpNet;
 
 use crate::classify::{Classifier, Malformed, Verdict};
 use crate::frame::{Frame, DATA_OVERHEAD};
-use crate::health::HealthConfig;
+use crate::health::{HealthConfig, LinkState};
 use crate::packet;
 use crate::qos::{bit, ClassMask, ALL_CLASSES};
 use crate::rate::RateConfig;
@@ -835,6 +835,9 @@ impl BondState {
             };
             l.pos_ok = pos_ok.get(id).copied().unwrap_or(true);
             l.health.set_sparse(l.backup && primary_up, now);
+            if l.health.state() == LinkState::Down {
+                l.inflight.forget_in_flight();
+            }
             let peer = PeerView {
                 backup: l.backup,
                 classes: l.classes_now(),

@@ -612,3 +612,55 @@ fn a_sudden_smaller_size_on_the_only_uplink_is_not_taught_to_the_lan_until_it_ho
     let _ = sent_packets(&mut b, a, 1400, now);
     assert_eq!(b.path_mtu(), 1390);
 }
+
+/// The reports `b` sends on link `id` now.
+fn reports(b: &mut BondState, id: LinkId, at: Instant) -> usize {
+    let mut n = 0;
+    while let Transmit::Datagram(d) = b.poll_transmit(at, id, 1400) {
+        if let Ok(Frame::Report { .. }) = Frame::decode(&d) {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn after_its_data_stops_a_link_reports_on_the_next_probes_then_rests() {
+    let mut now = Instant::now();
+    let (mut b, a, _) = wifi_and_cell(now);
+    bring_up(&mut b, &[a], &mut now);
+    let _ = reports(&mut b, a, now);
+    // A burst of data from the peer: reported within the report interval.
+    for seq in 0..4u64 {
+        let p = bulk_packet();
+        let f = Frame::Data {
+            class: Class::Bulk,
+            seq,
+            packet: &p,
+        };
+        b.handle_datagram(now, a, Bytes::from(f.to_vec()));
+    }
+    now += REPORT_EVERY;
+    b.handle_timeout(now);
+    assert_eq!(reports(&mut b, a, now), 1, "the data is reported");
+    // That report may be lost; the peer's next probes each get one more.
+    let probe = |id| Bytes::from(Frame::Probe { id, echo: 0 }.to_vec());
+    for i in 0..u32::from(link::CLOSING_REPORTS) {
+        now += 100 * MS;
+        b.handle_datagram(now, a, probe(1000 + i));
+        assert!(b.poll_timeout().is_some_and(|t| t <= now + REPORT_EVERY));
+        now += REPORT_EVERY;
+        b.handle_timeout(now);
+        assert_eq!(reports(&mut b, a, now), 1, "closing report {i}");
+    }
+    // Then probes alone are reported only every REPORT_IDLE.
+    now += 100 * MS;
+    b.handle_datagram(now, a, probe(2000));
+    now += REPORT_EVERY;
+    b.handle_timeout(now);
+    assert_eq!(
+        reports(&mut b, a, now),
+        0,
+        "an idle link's probes are not reported"
+    );
+}
