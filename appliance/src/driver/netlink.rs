@@ -14,6 +14,7 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::LinkFlags;
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -490,6 +491,51 @@ impl Netlink {
     fn record(&self, a: Added) {
         if let Ok(mut v) = self.added.lock() {
             v.added.push(a);
+        }
+    }
+
+    /// Forgets the IPv4 neighbours of interface `index` that are still being resolved or
+    /// were given up on (INCOMPLETE, FAILED). For an uplink whose carrier came back: an
+    /// address resolution begun while it was down (the gateway's, for the packets sent
+    /// meanwhile) retries on its own timer, a second apart, and every packet to the
+    /// gateway waits behind it or fails: measured, 0.6 s more before a restored uplink
+    /// reached the hub. Forgotten, the next packet asks at once. The kernel's cache
+    /// refills itself, so there is nothing to undo.
+    pub async fn forget_unresolved_neighbours(&self, index: u32) {
+        let _serial = self.serial.lock().await;
+        if self.check_open().is_err() {
+            return;
+        }
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(netlink_packet_route::AddressFamily::Inet)
+            .execute();
+        let mut unresolved = Vec::new();
+        loop {
+            match dump.try_next().await {
+                Ok(Some(m)) => {
+                    if m.header.ifindex == index
+                        && matches!(
+                            m.header.state,
+                            NeighbourState::Incomplete | NeighbourState::Failed
+                        )
+                    {
+                        unresolved.push(m);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!("reading the neighbour table: {e}");
+                    break;
+                }
+            }
+        }
+        for m in unresolved {
+            if let Err(e) = self.handle.neighbours().del(m).execute().await {
+                tracing::debug!("forgetting an unresolved neighbour: {e}");
+            }
         }
     }
 

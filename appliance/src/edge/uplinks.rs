@@ -373,6 +373,11 @@ async fn uplink_task(ctx: Arc<Ctx>, rt: Arc<Rt>, mut changes: tokio::sync::watch
             Some(li) => ctx.bond.set_carrier(id, true, li.carrier),
         }
         if let (Some(li), Some(addr)) = (&info, addr) {
+            if !lock(&rt.seen).carrier {
+                // Carrier back (or first seen): no packet to the gateway should wait
+                // out a resolution begun while it was down.
+                ctx.nl.forget_unresolved_neighbours(li.index).await;
+            }
             let gw = match u.gateway {
                 Some(IpAddr::V4(g)) => Some(g),
                 _ => ctx.nl.default_gateway(li.index).await.ok().flatten(),
