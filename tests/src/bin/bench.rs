@@ -1639,6 +1639,22 @@ fn failover(download: bool) -> Result<Vec<(String, &'static str, f64)>> {
                         "{links} {kind} {role}: scheduler {} reorder {} classes {}",
                         b["scheduler"], b["reorder"], b["classes"]
                     );
+                    for l in b["links"].as_array().into_iter().flatten() {
+                        eprintln!(
+                            "{links} {kind} {role}: link {} state {} degraded {} flaps {} \
+                             capacity {} Mbit/s rate {} Mbit/s in flight {} B, tx {} packets, \
+                             largest packet {}",
+                            l["name"],
+                            l["state"],
+                            l["degraded"],
+                            l["flaps"],
+                            l["capacity_mbps"],
+                            l["rate_mbps"],
+                            l["in_flight_bytes"],
+                            l["tx_packets"],
+                            l["max_packet"]
+                        );
+                    }
                 }
             }
             if !kernel_links {
