@@ -305,12 +305,13 @@ pub fn transport() -> quinn::TransportConfig {
 
 /// Path-MTU discovery for the uplinks (IPv4: a UDP payload of at most 1 472 bytes).
 ///
-/// After a black hole it searches again within half a second, not quinn's minute: an
-/// outage under load (everything lost, large packets and the ACK-only packets between
-/// them) reads as one, and the connection would then carry only 1 200-byte datagrams
-/// for a minute: a restored uplink could not take the tunnel's full-size packets (measured:
-/// a restored wifi uplink left unused to the end of the failover bench's load). A real
-/// drop of the path's MTU is found by that search, which then rests for the usual 600 s.
+/// After a black hole it searches again within half a second, not quinn's minute. An
+/// outage under load (large packets lost, the ACK-only packets between them splitting
+/// the losses into bursts) can read as one, and the connection would then carry only
+/// 1 200-byte datagrams for a minute: a restored uplink could not take the tunnel's
+/// full-size packets (the likely cause of one failover run whose restored uplink stayed
+/// unused to the end of the load). A real drop of the path's MTU is found by that
+/// search, which then rests for the usual 600 s.
 fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
     let mut m = quinn::MtuDiscoveryConfig::default();
     m.upper_bound(1472)
