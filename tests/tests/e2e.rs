@@ -100,10 +100,25 @@ fn carrier_loss_costs_pos_nothing() -> Result<()> {
     Ok(())
 }
 
+/// What uplink `name` of the edge sends of a 2 s, 200 packet/s UDP flow to port 7001
+/// (which needs an echo server there): the packets the status counts before and after.
+fn carried_of_a_flow(t: &Topology, name: &str) -> Result<u64> {
+    let before = tx_packets(&t.status("edge")?, name);
+    let flow = t.udp_flow(LAN_CLIENT, 7001, 200, 2.0)?;
+    assert_eq!(flow["lost"], 0, "{flow}");
+    // The status is written every half second: wait for one written after the flow.
+    std::thread::sleep(Duration::from_millis(600));
+    Ok(tx_packets(&t.status("edge")?, name) - before)
+}
+
 #[test]
 fn a_restored_uplink_is_used_again_after_its_hold() -> Result<()> {
     let mut t = Topology::build(two_links(), Options::default())?;
     t.start()?;
+    t.start_echo(7001)?;
+    // How much of a light flow wifi takes while both uplinks are fine: the two senders
+    // race for each packet, so this is the share to expect back after the restore.
+    let usual = carried_of_a_flow(&t, "wifi")?;
     t.isp_blackhole(1, true)?;
     t.wait_status("edge", Duration::from_secs(5), |s| {
         link_state(s, "wifi") == "down"
@@ -120,16 +135,13 @@ fn a_restored_uplink_is_used_again_after_its_hold() -> Result<()> {
     t.wait_status("edge", Duration::from_secs(15), |s| {
         link_state(s, "wifi") == "up"
     })?;
-    // And it carries traffic again.
-    t.start_echo(7001)?;
-    let before = tx_packets(&t.status("edge")?, "wifi");
-    let flow = t.udp_flow(LAN_CLIENT, 7001, 200, 2.0)?;
-    assert_eq!(flow["lost"], 0, "{flow}");
-    let after = tx_packets(&t.status("edge")?, "wifi");
+    // And it is used again. (Measured: about half its usual share in the first seconds
+    // after a black hole, 63-80 packets against 103-133; the floor here is a quarter.)
+    let again = carried_of_a_flow(&t, "wifi")?;
+    eprintln!("measured: wifi carried {again} packets of the flow, {usual} before the fault");
     assert!(
-        after - before >= 100,
-        "wifi carried {} packets",
-        after - before
+        again > 0 && again * 4 >= usual,
+        "wifi carried {again} packets, {usual} before the fault"
     );
     Ok(())
 }
