@@ -45,8 +45,9 @@ const FLOOR: u64 = 24 * 1024;
 
 #[derive(Debug, Clone, Default)]
 pub struct Inflight {
-    /// Latest report: receiver's byte count and its clock (µs), and when it came.
+    /// Latest report: receiver's byte count and its clock (µs).
     last: Option<(u64, u64)>,
+    /// When the latest report came (our clock): how long a silence lasted.
     last_at: Option<Instant>,
     /// The link went down since the latest report: what it had in flight has either
     /// arrived (a report will say) or is lost, and until a report comes it is not
