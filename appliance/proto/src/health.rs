@@ -131,6 +131,9 @@ pub struct LinkHealth {
     degraded: bool,
     /// Since when the link has looked clean again while degraded.
     clean_since: Option<Instant>,
+    /// The degraded verdict as of the newest answered probe: what a single outage
+    /// returns the link to (the probes lost in it are the outage, counted as a flap).
+    degraded_when_answered: bool,
 }
 
 /// Probes looked at for the degraded verdict, and how many of them lost makes a link
@@ -169,12 +172,15 @@ impl LinkHealth {
             outcomes: VecDeque::new(),
             degraded: false,
             clean_since: None,
+            degraded_when_answered: false,
         }
     }
 
     /// Alive but lossy (about 5 % of recent probes lost) or with wild RTT swings (a
-    /// deviation over 80 ms, or an RTT far above its minimum): fit for bulk, not for POS
-    /// or the stream. Clears after 10 s of clean behaviour.
+    /// deviation over 80 ms, or an RTT far above its minimum), or flapping (a second
+    /// outage within `flap_forget`): fit for bulk, not for POS or the stream. Clears after
+    /// 10 s of clean behaviour. The probes lost in a single outage do not count: the
+    /// outage is a flap, and a link that comes back clean is trusted as before.
     pub fn degraded(&self) -> bool {
         self.degraded
     }
@@ -320,6 +326,7 @@ impl LinkHealth {
         let rtt = now.saturating_duration_since(sent);
         self.rtt_sample(rtt);
         self.judge(now);
+        self.degraded_when_answered = self.degraded;
         match self.state {
             LinkState::Suspect => self.set_state(LinkState::Up, now),
             LinkState::Down => self.set_state(LinkState::Probing, now),
@@ -330,15 +337,32 @@ impl LinkHealth {
     }
 
     fn resolve(&mut self, lost: bool) {
+        if lost {
+            self.probes_lost += 1;
+        }
+        // A Down link's lost probes are the outage itself (counted as a flap), not the
+        // link's loss rate.
+        if lost && self.state == LinkState::Down {
+            return;
+        }
         if self.outcomes.len() == DEGRADE_WINDOW {
             self.outcomes.pop_front();
         }
         self.outcomes.push_back(lost);
         let sample = if lost { 1.0 } else { 0.0 };
         self.loss = 0.9 * self.loss + 0.1 * sample;
-        if lost {
-            self.probes_lost += 1;
+    }
+
+    /// The link went Down from Up or Suspect (a flap): the probes lost since the newest
+    /// answer were the outage, and are taken back out of the degraded verdict. After a
+    /// single outage the verdict is what it was at that answer; a further one within
+    /// `flap_forget` means a flapping link, degraded until clean for a while.
+    fn on_outage(&mut self) {
+        while self.outcomes.back() == Some(&true) {
+            self.outcomes.pop_back();
         }
+        self.degraded = self.flaps > 1 || self.degraded_when_answered;
+        self.clean_since = None;
     }
 
     fn rtt_sample(&mut self, rtt: Duration) {
@@ -392,11 +416,14 @@ impl LinkHealth {
     }
 
     fn set_state(&mut self, to: LinkState, now: Instant) {
-        if to == LinkState::Down && matches!(self.state, LinkState::Up | LinkState::Suspect) {
-            self.flaps = self.flaps.saturating_add(1);
-        }
+        let outage =
+            to == LinkState::Down && matches!(self.state, LinkState::Up | LinkState::Suspect);
         self.state = to;
         self.since = now;
+        if outage {
+            self.flaps = self.flaps.saturating_add(1);
+            self.on_outage();
+        }
     }
 
     fn hold(&self) -> Duration {
@@ -690,6 +717,90 @@ mod tests {
             h.handle_timeout(t);
         }
         assert!(h.degraded());
+    }
+
+    /// A black hole of `outage` on an Up link, then clean answers until it is Up again.
+    fn black_hole(h: &mut LinkHealth, t: &mut Instant, outage: Duration) {
+        let until = *t + outage;
+        run(h, t, until, None);
+        while h.state() != LinkState::Up {
+            let until = *t + ms(50);
+            run(h, t, until, Some(ms(40)));
+        }
+    }
+
+    #[test]
+    fn a_single_clean_outage_leaves_the_link_trusted_and_a_second_one_does_not() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        let start = t;
+        black_hole(&mut h, &mut t, ms(2500));
+        assert_eq!(h.flaps(), 1);
+        assert!(
+            t - start <= ms(2500 + 700),
+            "up again {:?} after the outage began",
+            t - start
+        );
+        // Its 40-odd lost probes were the outage: POS may use the link again at once.
+        assert!(!h.degraded(), "degraded after a single clean outage");
+        assert!(
+            h.probes().1 >= 20,
+            "lost probes still counted: {:?}",
+            h.probes()
+        );
+        let until = t + ms(10_000);
+        run(&mut h, &mut t, until, Some(ms(40)));
+        assert!(!h.degraded());
+        // A second outage within a minute: flapping, not for POS until clean for a while.
+        black_hole(&mut h, &mut t, ms(2500));
+        assert_eq!(h.flaps(), 2);
+        assert!(h.degraded(), "a flapping link is trusted with POS");
+        // Up after a 2 s hold; clean answers from the first probe after the outage.
+        let until = t + ms(7_000);
+        run(&mut h, &mut t, until, Some(ms(40)));
+        assert!(h.degraded(), "clean for 9 s");
+        let until = t + ms(2_000);
+        run(&mut h, &mut t, until, Some(ms(40)));
+        assert!(!h.degraded(), "clean for 11 s after the second outage");
+    }
+
+    #[test]
+    fn a_lossy_link_stays_degraded_through_an_outage() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        // 20 % loss for 3 s: degraded.
+        for i in 0..30 {
+            if let Some(id) = h.poll_probe(t) {
+                if i % 5 != 0 {
+                    h.on_probe_ack(id, t + ms(40));
+                }
+            }
+            t += ms(100);
+            h.handle_timeout(t);
+        }
+        assert!(h.degraded());
+        black_hole(&mut h, &mut t, ms(2500));
+        assert_eq!(h.flaps(), 1);
+        assert!(h.degraded(), "the outage washed a lossy link clean");
+    }
+
+    #[test]
+    fn a_carrier_loss_leaves_a_clean_link_trusted() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        // A modem fading out: its probes go unanswered for a while, then the carrier goes.
+        // Those probes were the outage too.
+        let until = t + ms(400);
+        run(&mut h, &mut t, until, None);
+        assert!(h.degraded(), "3 probes lost");
+        h.on_carrier(false, t);
+        t += ms(2500);
+        h.on_carrier(true, t);
+        while h.state() != LinkState::Up {
+            let until = t + ms(50);
+            run(&mut h, &mut t, until, Some(ms(40)));
+        }
+        assert!(!h.degraded());
     }
 
     #[test]
