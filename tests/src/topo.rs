@@ -34,14 +34,16 @@ pub const GUEST_CLIENT: &str = "10.1.0.20";
 /// emulators, the servers, iperf3, the traffic tools) is other hardware in the field — a
 /// modem, a phone, a till, the internet — and must not be slowed by the CPU load the
 /// product is tested under (a test's CPU hog, a busy CI machine), or a timing test
-/// measures its own harness. So those run at nice -20, and stallnet at the default 0,
-/// sharing the CPU with whatever else runs, as on a Pi.
+/// measures its own harness. So those run at nice -20. The daemon runs at nice -10, as
+/// its systemd units start it (`Nice=-10`), sharing the CPU with whatever else runs, as
+/// on a Pi; the dashboard at the default 0.
 fn harness_priority(args: &[&str]) -> &'static [&'static str] {
-    let product = args.first().is_some_and(|a| {
-        let p = Path::new(a);
-        p == bin("stallnet") || p == bin("stallnet-tui")
-    });
-    if product {
+    let Some(p) = args.first().map(Path::new) else {
+        return &[];
+    };
+    if p == bin("stallnet") {
+        &["nice", "-n", "-10"]
+    } else if p == bin("stallnet-tui") {
         &[]
     } else {
         &["nice", "-n", "-20"]
