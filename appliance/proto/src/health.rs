@@ -340,9 +340,10 @@ impl LinkHealth {
         if lost {
             self.probes_lost += 1;
         }
-        // A Down link's lost probes are the outage itself (counted as a flap), not the
-        // link's loss rate.
-        if lost && self.state == LinkState::Down {
+        // A Down link's lost probes are the outage itself (counted as a flap), and a
+        // Probing one's its end (a link is trusted only after a clean hold): not the loss
+        // rate of the link it is once Up.
+        if lost && matches!(self.state, LinkState::Down | LinkState::Probing) {
             return;
         }
         if self.outcomes.len() == DEGRADE_WINDOW {
@@ -719,14 +720,33 @@ mod tests {
         assert!(h.degraded());
     }
 
+    /// Answers every probe after `rtt` until the link is Up (at most 10 s).
+    fn answer_until_up(h: &mut LinkHealth, t: &mut Instant, rtt: Duration) {
+        let limit = *t + ms(10_000);
+        let mut pending: Vec<(u32, Instant)> = Vec::new();
+        while h.state() != LinkState::Up && *t < limit {
+            if let Some(id) = h.poll_probe(*t) {
+                pending.push((id, *t + rtt));
+            }
+            pending.retain(|&(id, at)| {
+                if at <= *t {
+                    h.on_probe_ack(id, *t);
+                    false
+                } else {
+                    true
+                }
+            });
+            h.handle_timeout(*t);
+            *t += ms(5);
+        }
+        assert_eq!(h.state(), LinkState::Up, "not up again within 10 s");
+    }
+
     /// A black hole of `outage` on an Up link, then clean answers until it is Up again.
     fn black_hole(h: &mut LinkHealth, t: &mut Instant, outage: Duration) {
         let until = *t + outage;
         run(h, t, until, None);
-        while h.state() != LinkState::Up {
-            let until = *t + ms(50);
-            run(h, t, until, Some(ms(40)));
-        }
+        answer_until_up(h, t, ms(40));
     }
 
     #[test]
@@ -796,10 +816,7 @@ mod tests {
         h.on_carrier(false, t);
         t += ms(2500);
         h.on_carrier(true, t);
-        while h.state() != LinkState::Up {
-            let until = t + ms(50);
-            run(&mut h, &mut t, until, Some(ms(40)));
-        }
+        answer_until_up(&mut h, &mut t, ms(40));
         assert!(!h.degraded());
     }
 
