@@ -239,10 +239,13 @@ fn flood() -> Result<Figures1> {
 /// Idle POS, then POS, the stream and saturating bulk both ways together; returns the
 /// figures with `label` in their names. `t` must have its echo servers (7001, 9000) and
 /// iperf3 servers (5201, 5202) running.
-fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
+/// `downloads`: 4 cubic flows each way; otherwise uploads only (issue 18's POS figure).
+fn class_load(t: &mut Topology, label: &str, secs: u32, downloads: bool) -> Result<Figures1> {
     let idle = t.udp_flow_sized(POS_CLIENT, 7001, 10, 10.0, 600)?;
     t.start_iperf_load("up", LAN_CLIENT, 5201, false, secs + 6, 4)?;
-    t.start_iperf_load("down", LAN_CLIENT, 5202, true, secs + 6, 4)?;
+    if downloads {
+        t.start_iperf_load("down", LAN_CLIENT, 5202, true, secs + 6, 4)?;
+    }
     std::thread::sleep(Duration::from_secs(4));
     // The emulator's queues from here (the kernel links' tbf has no such figure).
     let emulated = t.emu(1, "queue").is_ok();
@@ -288,7 +291,8 @@ fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
             .unwrap_or(f64::NAN)
             / 1e6
     };
-    let (up, down) = (goodput("up"), goodput("down"));
+    let up = goodput("up");
+    let down = if downloads { goodput("down") } else { 0.0 };
     t.stop("up");
     t.stop("down");
     let g = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -326,9 +330,9 @@ fn class_load(t: &mut Topology, label: &str, secs: u32) -> Result<Figures1> {
             g(&stream, "jitter_p99_ms"),
         ),
         (format!("{label}: bulk goodput up"), "Mbit/s", up),
-        (format!("{label}: bulk goodput down"), "Mbit/s", down),
     ]
     .into_iter()
+    .chain(downloads.then(|| (format!("{label}: bulk goodput down"), "Mbit/s", down)))
     .chain(queues)
     .collect())
 }
@@ -361,13 +365,15 @@ fn class_servers(t: &mut Topology) -> Result<()> {
     Ok(())
 }
 
-/// POS, stream and bulk through stallnet over wifi + cellular, and the same load through
-/// plain routing over wifi alone (the bufferbloat baseline).
+/// POS, stream and bulk through stallnet over wifi + cellular (500 ms queues), and the
+/// same load through plain routing over wifi alone (the bufferbloat baseline); then
+/// issue 18's POS figure, 4 cubic uploads only; then both through stallnet on kernel
+/// `tbf` links (no added delay).
 fn classes() -> Result<Figures1> {
     let mut t = Topology::build(deep_links(), Options::default())?;
     t.start()?;
     class_servers(&mut t)?;
-    let mut figs = class_load(&mut t, "stallnet", 20)?;
+    let mut figs = class_load(&mut t, "stallnet", 20, true)?;
     // Capacity left for bulk: 30 Mbit/s of links less the 4 Mbit/s stream, per direction.
     let up = figs
         .iter()
@@ -387,11 +393,22 @@ fn classes() -> Result<Figures1> {
         "%",
         down / 26.0 * 100.0,
     ));
+    figs.extend(class_load(&mut t, "stallnet, uploads only", 20, false)?);
     drop(t);
     let mut p = Topology::build(deep_links()[..1].to_vec(), Options::default())?;
     p.nft("edge", "table ip plain { chain post { type nat hook postrouting priority srcnat; oifname \"wan1\" masquerade; }\n}")?;
     class_servers(&mut p)?;
-    figs.extend(class_load(&mut p, "plain wifi", 20)?);
+    figs.extend(class_load(&mut p, "plain wifi", 20, true)?);
+    drop(p);
+    let kernel = Options {
+        kernel_links: true,
+        ..Options::default()
+    };
+    let mut k = Topology::build(deep_links(), kernel)?;
+    k.start()?;
+    class_servers(&mut k)?;
+    figs.extend(class_load(&mut k, "kernel tbf", 20, true)?);
+    figs.extend(class_load(&mut k, "kernel tbf, uploads only", 20, false)?);
     Ok(figs)
 }
 
@@ -914,27 +931,87 @@ fn iperf(t: &mut Topology, reverse: bool, secs: u32, streams: u32) -> Result<f64
     }
 }
 
-/// TCP goodput over 20 + 10 Mbit/s (20 and 45 ms base RTT), 4 cubic flows, as % of 30.
+/// TCP goodput over 20 + 10 Mbit/s, 4 cubic flows each way, as % of 30, through stallnet
+/// and through kernel MPTCP in the same run: on the emulator's links with 10 / 22.5 ms
+/// one-way delay (the `aggregation upload / download goodput` series) and without, and on
+/// kernel `tbf` links (50 ms queues, no added delay).
 fn aggregation() -> Result<Vec<(String, &'static str, f64)>> {
-    let mut t = Topology::build(
-        vec![UplinkSpec::wifi(), UplinkSpec::cell()],
-        Options::default(),
-    )?;
-    t.start()?;
-    let up = iperf(&mut t, false, 10, 4)?;
-    let down = iperf(&mut t, true, 10, 4)?;
-    Ok(vec![
-        (
-            "aggregation upload goodput".into(),
-            "% of 30 Mbit/s",
-            up / 30.0 * 100.0,
+    let mut out = Vec::new();
+    for (links, kernel_links, delayed) in [
+        ("emulator", false, true),
+        ("emulator, no delay", false, false),
+        ("kernel tbf", true, false),
+    ] {
+        let specs: Vec<UplinkSpec> = [UplinkSpec::wifi(), UplinkSpec::cell()]
+            .into_iter()
+            .map(|mut s| {
+                if !delayed {
+                    s.delay_ms = 0.0;
+                }
+                if kernel_links {
+                    s.queue_ms = 50;
+                }
+                s
+            })
+            .collect();
+        let opts = Options {
+            kernel_links,
+            ..Options::default()
+        };
+        let mut t = Topology::build(specs.clone(), opts.clone())?;
+        t.start()?;
+        let up = iperf(&mut t, false, 10, 4)?;
+        let down = iperf(&mut t, true, 10, 4)?;
+        drop(t);
+        let m = mptcp_topology(specs, opts)?;
+        let mp_up = mptcp_iperf(&m, false)?;
+        let mp_down = mptcp_iperf(&m, true)?;
+        drop(m);
+        let pct = |mbps: f64| mbps / 30.0 * 100.0;
+        let unit = "% of 30 Mbit/s";
+        if links == "emulator" {
+            // The series' names since issue 2.
+            out.push(("aggregation upload goodput".into(), unit, pct(up)));
+            out.push(("aggregation download goodput".into(), unit, pct(down)));
+        } else {
+            out.push((format!("aggregation, {links}: stallnet up"), unit, pct(up)));
+            out.push((
+                format!("aggregation, {links}: stallnet down"),
+                unit,
+                pct(down),
+            ));
+        }
+        out.push((format!("aggregation, {links}: MPTCP up"), unit, pct(mp_up)));
+        out.push((
+            format!("aggregation, {links}: MPTCP down"),
+            unit,
+            pct(mp_down),
+        ));
+    }
+    Ok(out)
+}
+
+/// 4 cubic flows for 10 s between the edge box and the server through kernel MPTCP
+/// (`mptcp_topology`'s servers: 5201 uploads, 5202 downloads), Mbit/s received.
+fn mptcp_iperf(m: &Topology, reverse: bool) -> Result<f64> {
+    let mut args = vec![
+        "mptcpize", "run", "iperf3", "-c", SERVER, "-p", "5201", "-t", "10", "-P", "4", "-C",
+        "cubic", "-J", "-O", "1",
+    ];
+    if reverse {
+        args[6] = "5202";
+        args.push("-R");
+    }
+    let out = m.exec("edge", &args)?;
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    match j["end"]["sum_received"]["bits_per_second"].as_f64() {
+        Some(bps) => Ok(bps / 1e6),
+        None => anyhow::bail!(
+            "MPTCP iperf3 {args:?} gave no result: {} {}",
+            j["error"],
+            String::from_utf8_lossy(&out.stderr)
         ),
-        (
-            "aggregation download goodput".into(),
-            "% of 30 Mbit/s",
-            down / 30.0 * 100.0,
-        ),
-    ])
+    }
 }
 
 /// Longest gap in a 200 packet/s UDP flow and POS packets lost when the busiest uplink
