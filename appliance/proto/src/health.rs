@@ -513,8 +513,19 @@ mod tests {
 
     /// Drives a link that answers every probe after `rtt`, until `until`.
     fn run(h: &mut LinkHealth, t: &mut Instant, until: Instant, rtt: Option<Duration>) {
+        run_while(h, t, until, rtt, |_| true);
+    }
+
+    /// [`run`] while `go` holds.
+    fn run_while(
+        h: &mut LinkHealth,
+        t: &mut Instant,
+        until: Instant,
+        rtt: Option<Duration>,
+        go: impl Fn(&LinkHealth) -> bool,
+    ) {
         let mut pending: Vec<(u32, Instant)> = Vec::new();
-        while *t < until {
+        while *t < until && go(h) {
             if let Some(id) = h.poll_probe(*t) {
                 if let Some(rtt) = rtt {
                     pending.push((id, *t + rtt));
@@ -723,22 +734,7 @@ mod tests {
     /// Answers every probe after `rtt` until the link is Up (at most 10 s).
     fn answer_until_up(h: &mut LinkHealth, t: &mut Instant, rtt: Duration) {
         let limit = *t + ms(10_000);
-        let mut pending: Vec<(u32, Instant)> = Vec::new();
-        while h.state() != LinkState::Up && *t < limit {
-            if let Some(id) = h.poll_probe(*t) {
-                pending.push((id, *t + rtt));
-            }
-            pending.retain(|&(id, at)| {
-                if at <= *t {
-                    h.on_probe_ack(id, *t);
-                    false
-                } else {
-                    true
-                }
-            });
-            h.handle_timeout(*t);
-            *t += ms(5);
-        }
+        run_while(h, t, limit, Some(rtt), |h| h.state() != LinkState::Up);
         assert_eq!(h.state(), LinkState::Up, "not up again within 10 s");
     }
 

@@ -920,6 +920,11 @@ fn iperf(t: &mut Topology, reverse: bool, secs: u32, streams: u32) -> Result<f64
         args.push("-R");
     }
     let out = t.exec("lan", &args)?;
+    received_mbps(&out, &args)
+}
+
+/// What an `iperf3 -J` client's report says was received, Mbit/s.
+fn received_mbps(out: &std::process::Output, args: &[&str]) -> Result<f64> {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     match j["end"]["sum_received"]["bits_per_second"].as_f64() {
         Some(bps) => Ok(bps / 1e6),
@@ -1003,15 +1008,7 @@ fn mptcp_iperf(m: &Topology, reverse: bool) -> Result<f64> {
         args.push("-R");
     }
     let out = m.exec("edge", &args)?;
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    match j["end"]["sum_received"]["bits_per_second"].as_f64() {
-        Some(bps) => Ok(bps / 1e6),
-        None => anyhow::bail!(
-            "MPTCP iperf3 {args:?} gave no result: {} {}",
-            j["error"],
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+    received_mbps(&out, &args)
 }
 
 /// Longest gap in a 200 packet/s UDP flow and POS packets lost when the busiest uplink
