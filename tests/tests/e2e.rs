@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use stallnet_tests::topo::{
-    link_state, up_links, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
+    any_link, link_state, up_links, Options, Topology, UplinkSpec, LAN_CLIENT, POS_CLIENT, SERVER,
 };
 
 fn two_links() -> Vec<UplinkSpec> {
@@ -138,15 +138,9 @@ fn a_restored_uplink_is_used_again_after_its_hold() -> Result<()> {
     // Back from a single clean outage, it is trusted with POS and the stream again: the
     // probes lost in the outage do not count as the link's loss (a second outage within
     // a minute would).
-    let wifi = |s: &serde_json::Value| {
-        s["bonds"]["hub"]["links"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["name"] == "wifi"))
-            .cloned()
-            .unwrap_or_default()
-    };
-    assert_eq!(wifi(&up)["degraded"], false, "{}", wifi(&up));
-    assert_eq!(wifi(&up)["flaps"], 1, "{}", wifi(&up));
+    let wifi = any_link(&up, "wifi");
+    assert_eq!(wifi["degraded"], false, "{wifi}");
+    assert_eq!(wifi["flaps"], 1, "{wifi}");
     // And it is used again. (Measured: about half its usual share in the first seconds
     // after a black hole, 63-80 packets against 103-156; the floor here is a quarter.)
     let again = carried_of_a_flow(&t, "wifi")?;

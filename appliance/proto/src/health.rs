@@ -678,6 +678,19 @@ mod tests {
         assert_eq!(h.state(), LinkState::Up);
     }
 
+    /// `probes` probes 100 ms apart, one in `every` lost, the rest answered after 40 ms.
+    fn lossy(h: &mut LinkHealth, t: &mut Instant, probes: u32, every: u32) {
+        for i in 0..probes {
+            if let Some(id) = h.poll_probe(*t) {
+                if i % every != 0 {
+                    h.on_probe_ack(id, *t + ms(40));
+                }
+            }
+            *t += ms(100);
+            h.handle_timeout(*t);
+        }
+    }
+
     #[test]
     fn a_lossy_or_swinging_link_is_degraded_until_clean_for_a_while() {
         let t0 = Instant::now();
@@ -695,15 +708,7 @@ mod tests {
         }
         assert!(h.usable() && !h.degraded());
         // 10 % loss: still up, but degraded.
-        for i in 0..60 {
-            if let Some(id) = h.poll_probe(t) {
-                if i % 10 != 0 {
-                    h.on_probe_ack(id, t + ms(40));
-                }
-            }
-            t += ms(100);
-            h.handle_timeout(t);
-        }
+        lossy(&mut h, &mut t, 60, 10);
         assert!(h.degraded(), "loss {}", h.loss());
         assert!(h.usable());
         // Clean again: degraded until the window forgets the losses and 10 s pass.
@@ -785,15 +790,7 @@ mod tests {
         let mut t = Instant::now();
         let mut h = up_link(&mut t);
         // 20 % loss for 3 s: degraded.
-        for i in 0..30 {
-            if let Some(id) = h.poll_probe(t) {
-                if i % 5 != 0 {
-                    h.on_probe_ack(id, t + ms(40));
-                }
-            }
-            t += ms(100);
-            h.handle_timeout(t);
-        }
+        lossy(&mut h, &mut t, 30, 5);
         assert!(h.degraded());
         black_hole(&mut h, &mut t, ms(2500));
         assert_eq!(h.flaps(), 1);

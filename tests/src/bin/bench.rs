@@ -292,7 +292,7 @@ fn class_load(t: &mut Topology, label: &str, secs: u32, downloads: bool) -> Resu
             / 1e6
     };
     let up = goodput("up");
-    let down = if downloads { goodput("down") } else { 0.0 };
+    let down = downloads.then(|| goodput("down"));
     t.stop("up");
     t.stop("down");
     let g = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -332,7 +332,7 @@ fn class_load(t: &mut Topology, label: &str, secs: u32, downloads: bool) -> Resu
         (format!("{label}: bulk goodput up"), "Mbit/s", up),
     ]
     .into_iter()
-    .chain(downloads.then(|| (format!("{label}: bulk goodput down"), "Mbit/s", down)))
+    .chain(down.map(|d| (format!("{label}: bulk goodput down"), "Mbit/s", d)))
     .chain(queues)
     .collect())
 }
