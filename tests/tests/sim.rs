@@ -434,3 +434,85 @@ fn a_restored_uplink_carries_its_share_again_within_a_second() {
         }
     }
 }
+
+/// Issue 18's POS figure in virtual time: both ways, bulk offered beyond what two
+/// uplinks carry, each with a modem buffer of 500 ms. The in-flight cap keeps each
+/// modem's queue to a few milliseconds, so a payment waits little more than its path
+/// takes, and the links stay nearly full.
+#[test]
+fn pos_waits_only_milliseconds_behind_bulk_that_fills_deep_modem_queues() {
+    for seed in seeds(10) {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 0x905);
+        // The slower path at most twice as long as the faster: near enough to
+        // aggregate (see the scheduler's eligibility).
+        let near = r.random_range(5..30);
+        let mut links = vec![
+            SimLink::new(r.random_range(15..40), near),
+            SimLink::new(r.random_range(5..15), r.random_range(near..=near * 2)),
+        ];
+        for l in &mut links {
+            l.queue = ms(500);
+        }
+        let base = links.iter().map(|l| l.delay).min().unwrap_or_default();
+        let wire_bps: u64 = links.iter().map(|l| l.rate_bps).sum();
+        let sc = Scenario {
+            seed,
+            links,
+            duration: ms(9000),
+            drain: ms(500),
+            pos_interval: ms(10),
+            stream_interval: None,
+            bulk_interval: Duration::from_micros(150),
+            light_interval: None,
+            mode: None,
+        };
+        let out = run(&sc);
+        // Once startup is over: from 5 s to the end of the traffic.
+        let (from, to) = (ms(5000), ms(8500));
+        for dir in [Dir::Up, Dir::Down] {
+            let mut waits: Vec<Duration> = out
+                .delivered
+                .iter()
+                .filter(|d| d.1 == dir && d.2 == Class::Pos)
+                .filter_map(|d| {
+                    let (_, _, at) = out.sent.get(&d.0)?;
+                    (*at >= from && *at < to).then(|| d.3.saturating_sub(*at + base))
+                })
+                .collect();
+            waits.sort();
+            let p99 = waits
+                .get(waits.len() * 99 / 100)
+                .copied()
+                .unwrap_or(Duration::MAX);
+            let bulk = out
+                .delivered
+                .iter()
+                .filter(|d| d.1 == dir && d.2 == Class::Bulk && d.3 >= from && d.3 < to)
+                .count();
+            // Bulk packets are 1 200 bytes; the wire also carries the tunnel's and QUIC's
+            // headers (about 5 %), POS and the probes.
+            let share = bulk as f64 * 1200.0 * 8.0 / (to - from).as_secs_f64() / wire_bps as f64;
+            eprintln!(
+                "measured: seed {seed} {dir:?}: POS wait beyond its path p99 {:.1} ms, \
+                 bulk {:.1} % of the wire",
+                p99.as_secs_f64() * 1e3,
+                share * 100.0
+            );
+            assert!(
+                waits.len() >= 300 && p99 <= ms(5),
+                "seed {seed} {dir:?}: POS waited {p99:?} beyond its path at p99 ({} \
+                 payments)\nedge {}\nhub {}",
+                waits.len(),
+                out.edge,
+                out.hub
+            );
+            assert!(
+                share >= 0.85,
+                "seed {seed} {dir:?}: bulk had {:.1} % of the wire\nedge {}\nhub {}",
+                share * 100.0,
+                out.edge,
+                out.hub
+            );
+        }
+    }
+}

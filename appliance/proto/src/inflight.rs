@@ -1,20 +1,23 @@
 //! How much one uplink may have in flight: one path's worth (the link's delivery rate
-//! times its round trip and the time between reports) and a few milliseconds more.
+//! times its round trip) and a few milliseconds more.
 //!
 //! The receiver reports, every [`REPORT_EVERY`], how many UDP bytes it has received on
 //! the connection. From two reports the sender learns the delivery rate (a windowed
 //! maximum is the capacity estimate); from the latest report, the bytes sent (the
 //! transport's total plus what the bond handed it since) and the transport's lost bytes
-//! it learns what is in flight. A link whose in-flight bytes reach the cap stops taking
-//! shared traffic until a report frees room.
+//! it learns what is in flight. Between two reports the link goes on delivering: the
+//! bytes it delivered since the latest one are estimated at its recent delivery rate
+//! (for at most [`EXTRAPOLATE`]), so room opens as the link drains, smoothly, not in one
+//! burst per report. A link whose in-flight bytes reach the cap stops taking shared
+//! traffic until room opens ([`Inflight::room_at`] says when, without a new report).
 //!
-//! Once the link has been found full, between two reports it sends about what the link
-//! delivers in that time, and its bottleneck queue (a modem's buffer) holds about
-//! [`HEADROOM`]: enough to keep the link busy while the next report travels, short
-//! enough that a card payment queued behind it waits a few milliseconds, not tens. The
-//! tunnel adds no loss of its own, and aggregation follows what each link really
-//! carries. A fresh link has no cap until its first report; until it is found full, its
-//! cap is [`GROWTH`] times the found-full one, so it ramps up like slow start.
+//! Once the link has been found full, it sends about what the link delivers, and its
+//! bottleneck queue (a modem's buffer) holds about [`HEADROOM`]: enough to keep the
+//! link busy, short enough that a card payment queued behind it waits a few
+//! milliseconds, not tens. The tunnel adds no loss of its own, and aggregation follows
+//! what each link really carries. A fresh link has no cap until its first report; until
+//! it is found full, its cap is [`GROWTH`] times the found-full one, so it ramps up like
+//! slow start.
 //!
 //! [`REPORT_EVERY`]: crate::bond::REPORT_EVERY
 
@@ -33,13 +36,31 @@ const SILENCE_US: u64 = 250_000;
 /// A silence longer than this forgets the samples: what the link carried that long ago
 /// says little of what it carries now.
 const MEMORY: Duration = Duration::from_secs(60);
-/// Up to one report interval of delivered bytes is not yet reported: the cap allows it.
-const REPORT_LAG: Duration = crate::bond::REPORT_EVERY;
+/// How long after a report its count is carried forward at the delivery rate: a report
+/// and a half. A link whose reports stop (a black hole, a stalled peer) is not assumed
+/// to deliver for longer.
+const EXTRAPOLATE: Duration = Duration::from_micros(15_000);
+/// Room that opens between reports is announced this much after it opens, so that a
+/// link at its cap is looked at again every few packets, not after every one.
+const ROOM_STEP: Duration = Duration::from_micros(500);
 /// The bottleneck queue the cap allows beyond one path's worth.
 pub const HEADROOM: Duration = Duration::from_millis(3);
 /// While a link grows into its capacity, the cap is this much more than what it delivers
 /// (so the delivery rate, and the cap with it, grows by about this much per round trip).
 pub const GROWTH: f64 = 1.4;
+/// A link not found at its cap for a [`WINDOW`] carried what it was given, not what it
+/// can: its delivery rate says little of its capacity. Its cap is then this much more,
+/// or what its rate control lets it send in a round trip if that is more, so traffic
+/// that moves onto it (another uplink failed, a download began) is carried at once, and
+/// the rate control's delay signal, not a stale delivery rate, finds where it fills.
+pub const UNTESTED_GAIN: f64 = 2.0;
+/// The most of a report's extra delay on its way back (a queue on the reverse path)
+/// that is taken as deliveries it has not counted.
+const REVERSE_LAG_MAX: Duration = Duration::from_millis(100);
+/// How fast the reverse path's baseline delay rises towards a higher one, per report
+/// (so a route change or the clocks' drift is followed within tens of seconds, while
+/// a queue that comes and goes is not taken for the path).
+const REVERSE_RISE: f64 = 0.0005;
 /// Never cap below this: a link must be able to start.
 const FLOOR: u64 = 24 * 1024;
 
@@ -57,6 +78,9 @@ pub struct Inflight {
     anchor: Option<(u64, u64)>,
     /// Delivery-rate samples (bytes/s) with the time they were taken.
     samples: VecDeque<(Instant, f64)>,
+    /// The latest sample (bytes/s): the rate at which deliveries since the latest
+    /// report are estimated.
+    recent: f64,
     sent: u64,
     /// Bytes handed to the transport since its last total (`sent`), counted at once so
     /// that the cap holds between two readings of the transport's totals (which come
@@ -65,6 +89,23 @@ pub struct Inflight {
     handed: u64,
     lost: u64,
     min_rtt: Option<Duration>,
+    /// When the link was last found at its cap (see [`Inflight::on_full`]).
+    full_at: Option<Instant>,
+    /// Our clock's origin for the reverse path's delay.
+    origin: Option<Instant>,
+    /// The latest report's delay on its way to us, µs, up to the clocks' offset
+    /// (arrival on our clock less its time on the peer's), and its baseline.
+    reverse: i64,
+    reverse_base: Option<f64>,
+}
+
+/// What the link's rate control says, for the cap.
+#[derive(Debug, Clone, Copy)]
+pub struct RateView {
+    /// It has found the link full ([`crate::rate::Phase::Steady`]): no growth margin.
+    pub steady: bool,
+    /// Its sending rate, bytes per second.
+    pub rate: f64,
 }
 
 impl Inflight {
@@ -90,8 +131,15 @@ impl Inflight {
                 if silent > MEMORY {
                     self.samples.clear();
                 }
+                // Nothing flowed during the silence: no deliveries are assumed until
+                // the next sample says the link delivers again.
+                self.recent = 0.0;
                 for s in &mut self.samples {
                     s.0 += silent;
+                }
+                // Nor does it make what was measured at its cap untested.
+                if let Some(t) = &mut self.full_at {
+                    *t += silent;
                 }
                 self.anchor = None;
             }
@@ -99,6 +147,15 @@ impl Inflight {
         self.last = Some((rx_bytes, at_us));
         self.last_at = Some(now);
         self.unknown = false;
+        let origin = *self.origin.get_or_insert(now);
+        let local_us =
+            i64::try_from(now.saturating_duration_since(origin).as_micros()).unwrap_or(i64::MAX);
+        self.reverse = local_us.saturating_sub(i64::try_from(at_us).unwrap_or(i64::MAX));
+        let d = self.reverse as f64;
+        self.reverse_base = Some(match self.reverse_base {
+            Some(b) if d > b => b + (d - b) * REVERSE_RISE,
+            _ => d,
+        });
         let Some((rx0, t0)) = self.anchor else {
             self.anchor = self.last;
             return;
@@ -107,8 +164,8 @@ impl Inflight {
             return;
         }
         let dt = (at_us - t0) as f64 / 1e6;
-        self.samples
-            .push_back((now, rx_bytes.saturating_sub(rx0) as f64 / dt));
+        self.recent = rx_bytes.saturating_sub(rx0) as f64 / dt;
+        self.samples.push_back((now, self.recent));
         self.anchor = self.last;
         while self
             .samples
@@ -152,7 +209,8 @@ impl Inflight {
         self.handed = self.handed.saturating_add(bytes as u64);
     }
 
-    pub fn in_flight(&self) -> u64 {
+    /// Bytes in flight as of the latest report: sent, not reported delivered, not lost.
+    fn reported_in_flight(&self) -> u64 {
         let delivered = self.last.map_or(0, |l| l.0);
         self.sent
             .saturating_add(self.handed)
@@ -160,14 +218,71 @@ impl Inflight {
             .saturating_sub(self.lost)
     }
 
-    /// The cap: `steady` when the link has been found full (its rate control is in
-    /// [`crate::rate::Phase::Steady`]: no growth margin), else it is still growing into
-    /// its capacity (a new link, or capacity come back).
-    pub fn cap(&self, steady: bool) -> u64 {
+    /// How much later than its path's least the latest report came (a queue on the way
+    /// back, bounded by [`REVERSE_LAG_MAX`]): the link went on delivering meanwhile.
+    fn reverse_lag(&self) -> Duration {
+        let excess = self
+            .reverse_base
+            .map_or(0.0, |b| (self.reverse as f64 - b).max(0.0));
+        Duration::try_from_secs_f64(excess / 1e6)
+            .unwrap_or(Duration::ZERO)
+            .min(REVERSE_LAG_MAX)
+    }
+
+    /// Bytes in flight at `now`: as of the latest report, less what the link has
+    /// delivered since at its recent rate: since the report arrived (for at most
+    /// [`EXTRAPOLATE`]) and while it waited in a queue on its way back.
+    pub fn in_flight(&self, now: Instant) -> u64 {
+        let since = self
+            .last_at
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at))
+            .min(EXTRAPOLATE)
+            + self.reverse_lag();
+        // Not above the rate and the window it is taken over: both are bounded (the
+        // rate by what a report can say over a sample's span), and `as` saturates.
+        let drained = (self.recent * since.as_secs_f64()) as u64;
+        self.reported_in_flight().saturating_sub(drained)
+    }
+
+    /// The link was found at its cap at `now`: its delivery rate is what it can carry.
+    pub fn on_full(&mut self, now: Instant) {
+        self.full_at = Some(now);
+    }
+
+    /// The cap at `now`: with no margin once the rate control has found the link full,
+    /// with [`GROWTH`] while it is still growing into its capacity (a new link, or
+    /// capacity come back), and as [`UNTESTED_GAIN`] says when the link has not been at
+    /// its cap lately.
+    pub fn cap(&self, rc: RateView, now: Instant) -> u64 {
         let rtt = self.min_rtt.unwrap_or(Duration::from_millis(100));
-        let pipe = (rtt + REPORT_LAG + HEADROOM).as_secs_f64();
-        let gain = if steady { 1.0 } else { GROWTH };
-        ((self.capacity() * pipe * gain) as u64).max(FLOOR)
+        let pipe = (rtt + HEADROOM).as_secs_f64();
+        let tested = self
+            .full_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= WINDOW);
+        // Rates and the round trip are finite and bounded; `as` saturates.
+        let delivered = self.capacity() * pipe;
+        let cap = match (tested, rc.steady) {
+            (false, _) => (delivered * UNTESTED_GAIN).max(rc.rate * pipe),
+            (true, true) => delivered,
+            (true, false) => delivered * GROWTH,
+        };
+        (cap as u64).max(FLOOR)
+    }
+
+    /// When a link at its cap has room again without a new report (its deliveries since
+    /// the latest one, at its recent rate, bring it under the cap), if it will; `None`
+    /// while it has room, or when only a report can free it.
+    pub fn room_at(&self, rc: RateView, now: Instant) -> Option<Instant> {
+        if self.last.is_none() || self.unknown || self.recent <= 0.0 {
+            return None;
+        }
+        let lag = self.reverse_lag();
+        let over = self.reported_in_flight().checked_sub(self.cap(rc, now))?;
+        let at = self.last_at?;
+        let wait = Duration::try_from_secs_f64(over as f64 / self.recent)
+            .ok()?
+            .saturating_sub(lag);
+        (wait < EXTRAPOLATE).then(|| at + wait + ROOM_STEP)
     }
 
     /// The link went down: until the next report, what it had in flight is not counted.
@@ -180,8 +295,8 @@ impl Inflight {
 
     /// True while the link may take more shared traffic. Without reports yet (a new link,
     /// an old peer) or since it went down, there is no cap.
-    pub fn has_room(&self, steady: bool) -> bool {
-        self.last.is_none() || self.unknown || self.in_flight() < self.cap(steady)
+    pub fn has_room(&self, rc: RateView, now: Instant) -> bool {
+        self.last.is_none() || self.unknown || self.in_flight(now) < self.cap(rc, now)
     }
 }
 
@@ -189,32 +304,131 @@ impl Inflight {
 mod tests {
     use super::*;
 
+    /// Rate control that found the link full, and one still growing; both sending
+    /// slowly enough that their rate does not set the cap.
+    const STEADY: RateView = RateView {
+        steady: true,
+        rate: 1.0,
+    };
+    const GROWING: RateView = RateView {
+        steady: false,
+        rate: 1.0,
+    };
+
     #[test]
     fn cap_follows_the_delivery_rate() {
         let t = Instant::now();
         let mut f = Inflight::new();
-        assert!(f.has_room(false));
+        assert!(f.has_room(GROWING, t));
         // 10 Mbit/s = 1.25 MB/s delivered, 45 ms RTT.
         for i in 0..=10u64 {
             f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
         }
+        let now = t + Duration::from_millis(200);
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
-        // Growing: 1.4 × 1.25 MB/s × (45 + 10 + 3) ms.
-        let cap = f.cap(false);
-        assert!((95_000..=110_000).contains(&cap), "cap {cap}");
-        // Found full: 1.25 MB/s × 58 ms.
-        let cap = f.cap(true);
-        assert!((68_000..=78_000).contains(&cap), "cap {cap}");
-        assert!(f.has_room(true), "40 kB in flight");
+        // Never found at its cap: what it delivered may be all it was given; 2 × 1.25
+        // MB/s × (45 + 3) ms.
+        let cap = f.cap(STEADY, now);
+        assert!((115_000..=125_000).contains(&cap), "cap {cap}");
+        f.on_full(now);
+        // Growing: 1.4 × 1.25 MB/s × 48 ms.
+        let cap = f.cap(GROWING, now);
+        assert!((80_000..=88_000).contains(&cap), "cap {cap}");
+        // Found full: 1.25 MB/s × 48 ms.
+        let cap = f.cap(STEADY, now);
+        assert!((57_000..=63_000).contains(&cap), "cap {cap}");
+        assert!(f.has_room(STEADY, now), "40 kB in flight");
         f.on_transport(250_000 + 120_000, 0, Some(Duration::from_millis(45)));
-        assert!(!f.has_room(true), "120 kB in flight");
+        assert!(!f.has_room(STEADY, now), "120 kB in flight");
         // Handed to the transport, not yet in its totals: in flight at once.
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
         f.on_handed(40_000);
-        assert!(!f.has_room(true), "40 kB sent and 40 kB handed over");
+        assert!(!f.has_room(STEADY, now), "40 kB sent and 40 kB handed over");
         // Lost bytes are no longer in flight.
-        f.on_transport(250_000 + 120_000, 60_000, Some(Duration::from_millis(45)));
-        assert!(f.has_room(true));
+        f.on_transport(250_000 + 120_000, 70_000, Some(Duration::from_millis(45)));
+        assert!(f.has_room(STEADY, now));
+        // Two seconds later without being found at its cap again, it has the untested
+        // margin back.
+        let later = now + WINDOW + Duration::from_millis(1);
+        assert!(f.cap(STEADY, later) > f.cap(STEADY, now) * 19 / 10);
+    }
+
+    #[test]
+    fn between_reports_the_link_is_taken_to_deliver_at_its_rate() {
+        let t = Instant::now();
+        let mut f = Inflight::new();
+        // 1.25 MB/s delivered, the latest report at 200 ms; 70 kB in flight then, over
+        // the found-full cap (60 kB).
+        for i in 0..=10u64 {
+            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
+        }
+        let at = t + Duration::from_millis(200);
+        f.on_full(at);
+        f.on_transport(250_000 + 70_000, 0, Some(Duration::from_millis(45)));
+        assert!(!f.has_room(STEADY, at));
+        // 10 kB over at 1.25 MB/s: room in 8 ms (announced half a millisecond later).
+        let room = f.room_at(STEADY, at).expect("room opens without a report");
+        assert_eq!(room, at + Duration::from_micros(8_500));
+        assert!(!f.has_room(STEADY, at + Duration::from_millis(7)));
+        assert!(f.has_room(STEADY, room));
+        assert_eq!(f.in_flight(at + Duration::from_millis(10)), 70_000 - 12_500);
+        // No report for longer than EXTRAPOLATE: no more deliveries are assumed.
+        assert_eq!(f.in_flight(at + Duration::from_secs(1)), 70_000 - 18_750);
+        // So room that only more than that would open waits for a report.
+        f.on_transport(250_000 + 90_000, 0, Some(Duration::from_millis(45)));
+        assert_eq!(f.room_at(STEADY, at), None);
+        assert!(!f.has_room(STEADY, at + Duration::from_secs(1)));
+        // Under the cap: no time to wait for.
+        f.on_transport(250_000 + 30_000, 0, Some(Duration::from_millis(45)));
+        assert_eq!(f.room_at(STEADY, at), None);
+    }
+
+    #[test]
+    fn a_report_held_up_on_its_way_back_counts_what_the_link_delivered_meanwhile() {
+        let t = Instant::now();
+        let mut f = Inflight::new();
+        // 1.25 MB/s, reports every 20 ms taking the path's least time back.
+        for i in 0..=10u64 {
+            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
+        }
+        f.on_full(t + Duration::from_millis(200));
+        f.on_transport(250_000 + 70_000, 0, Some(Duration::from_millis(45)));
+        let at = t + Duration::from_millis(200);
+        assert_eq!(f.in_flight(at), 70_000);
+        // The next report, written at 220 ms, waited 8 ms in a queue on the way back:
+        // the link delivered 10 kB more than it says by the time it arrives.
+        let late = t + Duration::from_millis(228);
+        f.on_report(275_000, 220_000, late);
+        f.on_transport(250_000 + 70_000, 0, Some(Duration::from_millis(45)));
+        // (Less a few bytes: the path's baseline rises a little towards each report.)
+        let left = f.in_flight(late);
+        assert!((35_000..=35_010).contains(&left), "{left}");
+        // A lag beyond REVERSE_LAG_MAX counts only up to it.
+        let later = t + Duration::from_millis(240 + 500);
+        f.on_report(300_000, 240_000, later);
+        f.on_transport(300_000 + 200_000, 0, Some(Duration::from_millis(45)));
+        assert_eq!(f.in_flight(later), 200_000 - 125_000);
+    }
+
+    #[test]
+    fn a_link_not_at_its_cap_lately_may_take_what_its_rate_control_sends() {
+        let t = Instant::now();
+        let mut f = Inflight::new();
+        // It carried 1.25 MB/s of what it was given; its rate control allows 5 MB/s.
+        for i in 0..=10u64 {
+            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
+        }
+        f.on_transport(250_000, 0, Some(Duration::from_millis(45)));
+        let now = t + Duration::from_millis(200);
+        let rc = RateView {
+            steady: true,
+            rate: 5_000_000.0,
+        };
+        // 5 MB/s × 48 ms, not 2 × 1.25 MB/s × 48 ms.
+        assert_eq!(f.cap(rc, now), 240_000);
+        // Once found at its cap, its delivery rate is what it carries.
+        f.on_full(now);
+        assert_eq!(f.cap(rc, now), 60_000);
     }
 
     #[test]
@@ -226,7 +440,7 @@ mod tests {
         f.on_report(1_010_000, 200_000, t + Duration::from_secs(3));
         assert!(f.capacity() < 200_000.0, "{}", f.capacity());
         f.on_report(5, 300_000, t + Duration::from_secs(3));
-        assert_eq!(f.in_flight(), 0);
+        assert_eq!(f.in_flight(t + Duration::from_secs(3)), 0);
     }
 
     /// 20 Mbit/s = 2.5 MB/s delivered for 400 ms, reports every 10 ms.
@@ -273,12 +487,20 @@ mod tests {
         let t = Instant::now();
         let mut f = Inflight::new();
         let (rx, at) = busy(&mut f, t);
+        let now = t + Duration::from_millis(400);
+        f.on_full(now);
         f.on_transport(rx + 200_000, 0, Some(Duration::from_millis(20)));
-        assert!(!f.has_room(true), "200 kB in flight");
+        assert!(!f.has_room(STEADY, now), "200 kB in flight");
         f.forget_in_flight();
-        assert!(f.has_room(true), "not counted once the link went down");
-        // The next report says what arrived: the cap holds again.
-        f.on_report(rx + 10_000, at + 2_000_000, t + Duration::from_secs(2));
-        assert!(!f.has_room(true), "190 kB in flight");
+        assert!(
+            f.has_room(STEADY, now),
+            "not counted once the link went down"
+        );
+        // The next report says what arrived: the cap holds again (and nothing is taken
+        // as delivered since: the link was silent).
+        let later = t + Duration::from_secs(2);
+        f.on_report(rx + 10_000, at + 2_000_000, later);
+        f.on_full(later);
+        assert!(!f.has_room(STEADY, later + EXTRAPOLATE), "190 kB in flight");
     }
 }

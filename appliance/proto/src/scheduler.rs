@@ -54,6 +54,10 @@ pub struct LinkView {
     pub state: LinkState,
     pub backup: bool,
     pub srtt: Option<Duration>,
+    /// The lowest RTT seen on the link: its path, without the queue. Whether a link is
+    /// far slower than the best is judged on it, so the queue a link's own traffic builds
+    /// (or clears) does not switch it in and out of aggregation.
+    pub min_rtt: Option<Duration>,
     /// Administratively disabled or interface absent.
     pub disabled: bool,
     /// False while the link has its in-flight cap's worth of data out (see
@@ -76,6 +80,7 @@ impl LinkView {
             state: LinkState::Down,
             backup: false,
             srtt: None,
+            min_rtt: None,
             disabled: false,
             room: true,
             verified_until: None,
@@ -279,6 +284,11 @@ impl Scheduler {
 
     pub fn queued_bytes(&self) -> usize {
         self.qos.bytes()
+    }
+
+    /// Whether `link` was last said to have room under its in-flight cap.
+    pub fn room(&self, link: LinkId) -> bool {
+        self.links.get(link).is_some_and(|s| s.view.room)
     }
 
     /// The uplink a lowest-latency flow is pinned to.
@@ -532,12 +542,13 @@ impl Scheduler {
             }
             return wake;
         }
-        let best = pool.iter().filter_map(|(_, s)| s.view.srtt).min();
+        let path = |s: &Slot| s.view.min_rtt.or(s.view.srtt);
+        let best = pool.iter().filter_map(|(_, s)| path(s)).min();
         for (i, s) in pool {
             if !s.view.room {
                 continue;
             }
-            let near = match (best, s.view.srtt) {
+            let near = match (best, path(s)) {
                 (Some(b), Some(r)) => r <= b * 2 + Duration::from_millis(40),
                 _ => true,
             };
@@ -640,6 +651,7 @@ mod tests {
             state: LinkState::Up,
             backup,
             srtt: Some(Duration::from_millis(rtt_ms)),
+            min_rtt: Some(Duration::from_millis(rtt_ms)),
             disabled: false,
             room: true,
             verified_until: None,
@@ -737,6 +749,30 @@ mod tests {
         s.update_link(slow, LinkView::down());
         s.enqueue(Class::Bulk, 0, pkt(1), t);
         assert!(s.poll(bk, ALL_CLASSES, t).is_some());
+    }
+
+    #[test]
+    fn far_is_judged_on_the_paths_not_on_the_queues_they_carry() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (fast, slow) = (s.add_link(), s.add_link());
+        // Paths of 20 and 70 ms: near enough (under 2 × 20 + 40). The slow link's queue
+        // swings its smoothed RTT past that while the fast one's is empty: it still
+        // pulls bulk.
+        s.update_link(fast, up(20, false));
+        s.update_link(
+            slow,
+            LinkView {
+                srtt: Some(Duration::from_millis(95)),
+                ..up(70, false)
+            },
+        );
+        s.enqueue(Class::Bulk, 0, pkt(0), t);
+        assert!(s.poll(slow, ALL_CLASSES, t).is_some());
+        // A path of 90 ms is far, however empty the queues.
+        s.update_link(slow, up(90, false));
+        s.enqueue(Class::Bulk, 0, pkt(1), t);
+        assert_eq!(s.poll(slow, ALL_CLASSES, t), None);
     }
 
     #[test]

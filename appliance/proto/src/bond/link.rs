@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use crate::frame::Frame;
 use crate::health::{HealthConfig, LinkHealth, LinkState};
-use crate::inflight::Inflight;
+use crate::inflight::{Inflight, RateView};
 use crate::qos::{bit, ClassMask};
 use crate::rate::{Pacer, RateConfig, RateControl};
 use crate::scheduler::LinkView;
@@ -167,6 +167,9 @@ pub(super) struct LinkSlot {
     pub classes: ClassMask,
     /// The transport's latest totals.
     pub stats: TransportStats,
+    /// When a link the scheduler was told has no room gets room again without a report
+    /// (set by [`Self::view`]): a timer.
+    pub room_at: Option<Instant>,
     /// The largest datagram the connection carries (its path-MTU discovery's).
     pub datagram: DatagramSize,
     /// When we last reported our received byte count to the peer, and that count.
@@ -215,6 +218,7 @@ impl LinkSlot {
             pacer_limited: false,
             classes,
             stats: TransportStats::default(),
+            room_at: None,
             datagram: DatagramSize::default(),
             reported: (now, 0),
             rx_since_report: 0,
@@ -252,13 +256,27 @@ impl LinkSlot {
         }
     }
 
-    pub fn view(&self) -> LinkView {
+    /// What the scheduler is to know of the link at `now`; when it has no room, also
+    /// notes when room opens without a report ([`Self::room_at`]).
+    pub fn view(&mut self, now: Instant) -> LinkView {
+        let room = self.has_room(now);
+        self.room_at = if room {
+            None
+        } else {
+            self.inflight.on_full(now);
+            // Only a time still to come: one that has passed without freeing room (a
+            // rounding, a rate that changed) waits for the next report instead.
+            self.inflight
+                .room_at(self.rate_view(), now)
+                .filter(|t| *t > now)
+        };
         LinkView {
             state: self.health.state(),
             backup: self.backup,
             srtt: self.health.srtt(),
+            min_rtt: self.health.min_rtt(),
             disabled: self.out(),
-            room: self.has_room(),
+            room,
             verified_until: self.health.verified_until(),
             degraded: self.health.degraded(),
             classes: self.classes_now(),
@@ -267,9 +285,16 @@ impl LinkSlot {
 
     /// Whether the link may take more shared traffic: under its in-flight cap, with the
     /// growth margin while its rate control is still in startup.
-    pub fn has_room(&self) -> bool {
-        self.inflight
-            .has_room(self.rate.phase() == crate::rate::Phase::Steady)
+    pub fn has_room(&self, now: Instant) -> bool {
+        self.inflight.has_room(self.rate_view(), now)
+    }
+
+    /// What its rate control says, for the in-flight cap.
+    fn rate_view(&self) -> RateView {
+        RateView {
+            steady: self.rate.phase() == crate::rate::Phase::Steady,
+            rate: self.rate.rate(),
+        }
     }
 
     /// Queues a control frame (bounded: a stuck link keeps the newest).

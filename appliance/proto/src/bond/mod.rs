@@ -561,15 +561,17 @@ impl BondState {
             }
             Frame::Report { rx_bytes, at_us } => {
                 if let Some(l) = self.links.get_mut(id).and_then(Option::as_mut) {
-                    let had_room = l.has_room();
                     l.inflight.on_report(rx_bytes, at_us, now);
                     // Deliveries free room under the in-flight cap: the scheduler hears
                     // of it now, not at the next timer. Only this link can send more
                     // because of it, so only it is woken.
-                    if !had_room && l.has_room() {
-                        let _all = self.sched.update_link(id, l.view());
-                        if self.sched.has_work(id) {
-                            self.wake.0 |= Wake::of(id).0;
+                    if !self.sched.room(id) {
+                        let view = l.view(now);
+                        if view.room {
+                            let _all = self.sched.update_link(id, view);
+                            if self.sched.has_work(id) {
+                                self.wake.0 |= Wake::of(id).0;
+                            }
                         }
                     }
                 }
@@ -688,6 +690,7 @@ impl BondState {
             at(l.health.poll_timeout());
             at(l.report_due());
             at(l.datagram.poll_timeout());
+            at(l.room_at);
         }
         at(self.reorder.poll_timeout());
         at(Some(self.last_sweep + SWEEP_EVERY));
@@ -771,6 +774,14 @@ impl BondState {
             l.tx_bytes += buf.len() as u64;
             l.pacer.spend(buf.len() + QUIC_OVERHEAD);
             l.inflight.on_handed(buf.len() + QUIC_OVERHEAD);
+            if self.sched.room(id) && !l.has_room(now) {
+                // At its cap: the scheduler hears of it now, so the link stops pulling
+                // shared traffic with this datagram, not at the next timer, and the
+                // timer learns when room opens again.
+                let view = l.view(now);
+                self.timers_moved = true;
+                let _none = self.sched.update_link(id, view);
+            }
             return Transmit::Datagram(Bytes::from(buf));
         }
     }
@@ -846,7 +857,7 @@ impl BondState {
                 l.peer = peer;
                 self.events.push_back(BondEvent::PeerView(id, peer));
             }
-            let view = l.view();
+            let view = l.view(now);
             let wake = self.sched.update_link(id, view);
             self.wake.0 |= wake.0;
         }
@@ -881,7 +892,7 @@ impl BondState {
                     jitter_ms: l.health.jitter().as_secs_f64() * 1e3,
                     loss: l.health.loss(),
                     capacity_mbps: l.inflight.capacity() * 8.0 / 1e6,
-                    in_flight_bytes: l.inflight.in_flight(),
+                    in_flight_bytes: l.inflight.in_flight(now),
                     tx_packets: l.tx_packets,
                     tx_bytes: l.tx_bytes,
                     rx_packets: l.rx_packets,
