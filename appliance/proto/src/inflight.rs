@@ -321,9 +321,7 @@ mod tests {
         let mut f = Inflight::new();
         assert!(f.has_room(GROWING, t));
         // 10 Mbit/s = 1.25 MB/s delivered, 45 ms RTT.
-        for i in 0..=10u64 {
-            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
-        }
+        ten_mbit(&mut f, t);
         let now = t + Duration::from_millis(200);
         f.on_transport(250_000 + 40_000, 0, Some(Duration::from_millis(45)));
         // Never found at its cap: what it delivered may be all it was given; 2 × 1.25
@@ -359,9 +357,7 @@ mod tests {
         let mut f = Inflight::new();
         // 1.25 MB/s delivered, the latest report at 200 ms; 70 kB in flight then, over
         // the found-full cap (60 kB).
-        for i in 0..=10u64 {
-            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
-        }
+        ten_mbit(&mut f, t);
         let at = t + Duration::from_millis(200);
         f.on_full(at);
         f.on_transport(250_000 + 70_000, 0, Some(Duration::from_millis(45)));
@@ -388,9 +384,7 @@ mod tests {
         let t = Instant::now();
         let mut f = Inflight::new();
         // 1.25 MB/s, reports every 20 ms taking the path's least time back.
-        for i in 0..=10u64 {
-            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
-        }
+        ten_mbit(&mut f, t);
         f.on_full(t + Duration::from_millis(200));
         f.on_transport(250_000 + 70_000, 0, Some(Duration::from_millis(45)));
         let at = t + Duration::from_millis(200);
@@ -415,9 +409,7 @@ mod tests {
         let t = Instant::now();
         let mut f = Inflight::new();
         // It carried 1.25 MB/s of what it was given; its rate control allows 5 MB/s.
-        for i in 0..=10u64 {
-            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
-        }
+        ten_mbit(&mut f, t);
         f.on_transport(250_000, 0, Some(Duration::from_millis(45)));
         let now = t + Duration::from_millis(200);
         let rc = RateView {
@@ -441,6 +433,13 @@ mod tests {
         assert!(f.capacity() < 200_000.0, "{}", f.capacity());
         f.on_report(5, 300_000, t + Duration::from_secs(3));
         assert_eq!(f.in_flight(t + Duration::from_secs(3)), 0);
+    }
+
+    /// 10 Mbit/s = 1.25 MB/s delivered for 200 ms, reports every 20 ms: 250 kB.
+    fn ten_mbit(f: &mut Inflight, t: Instant) {
+        for i in 0..=10u64 {
+            f.on_report(i * 25_000, i * 20_000, t + Duration::from_millis(i * 20));
+        }
     }
 
     /// 20 Mbit/s = 2.5 MB/s delivered for 400 ms, reports every 10 ms.

@@ -283,8 +283,8 @@ impl LinkSlot {
         }
     }
 
-    /// Whether the link may take more shared traffic: under its in-flight cap, with the
-    /// growth margin while its rate control is still in startup.
+    /// Whether the link may take more shared traffic: under its in-flight cap (see
+    /// [`Inflight::cap`]).
     pub fn has_room(&self, now: Instant) -> bool {
         self.inflight.has_room(self.rate_view(), now)
     }
