@@ -223,6 +223,8 @@ pub struct Topology {
     pub stall_ids: Vec<String>,
     /// [`Options::unlisted_stall`].
     pub unlisted_stall: bool,
+    /// [`Options::kernel_links`].
+    pub kernel_links: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -335,6 +337,7 @@ impl Topology {
             hub2_id: String::new(),
             stall_ids: Vec::new(),
             unlisted_stall: opts.unlisted_stall,
+            kernel_links: opts.kernel_links,
         };
         t.wire(&opts)?;
         t.keys_and_configs(&opts)?;
@@ -572,31 +575,53 @@ impl Topology {
         }
         self.exec(&emu, &["ip", "link", "set", "br0", "up"])?;
         if s.rate_kbit > 0 {
-            // The buffer holds `queue_ms` at the rate (at least two full frames).
-            let limit = (s.rate_kbit * 1000 / 8 * s.queue_ms / 1000).max(3028);
-            let burst = (s.rate_kbit * 1000 / 8 / 250).max(3028);
-            for dev in ["toedge", "toisp"] {
-                self.exec(
-                    &emu,
-                    &[
-                        "tc",
-                        "qdisc",
-                        "replace",
-                        "dev",
-                        dev,
-                        "root",
-                        "tbf",
-                        "rate",
-                        &format!("{}kbit", s.rate_kbit),
-                        "burst",
-                        &burst.to_string(),
-                        "limit",
-                        &limit.to_string(),
-                    ],
-                )?;
-            }
+            self.tbf(i, "replace", s.rate_kbit, s.queue_ms)?;
         }
         Ok(())
+    }
+
+    /// `tc qdisc VERB … tbf` on both egresses of kernel link `i`: `rate_kbit`, and a
+    /// buffer of `queue_ms` at that rate (at least two full frames).
+    fn tbf(&self, i: usize, verb: &str, rate_kbit: u64, queue_ms: u64) -> Result<()> {
+        let emu = format!("emu{i}");
+        let limit = (rate_kbit * 1000 / 8 * queue_ms / 1000).max(3028);
+        let burst = (rate_kbit * 1000 / 8 / 250).max(3028);
+        for dev in ["toedge", "toisp"] {
+            self.exec(
+                &emu,
+                &[
+                    "tc",
+                    "qdisc",
+                    verb,
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    &format!("{rate_kbit}kbit"),
+                    "burst",
+                    &burst.to_string(),
+                    "limit",
+                    &limit.to_string(),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Changes uplink `i`'s capacity to `rate_kbit` both ways, its buffer still
+    /// `queue_ms` deep at the new rate: `tbf` on kernel links, the emulator otherwise.
+    pub fn set_uplink_rate(&self, i: usize, rate_kbit: u64) -> Result<()> {
+        let queue_ms = self
+            .uplinks
+            .get(i.wrapping_sub(1))
+            .map(|s| s.queue_ms)
+            .context("no such uplink")?;
+        if self.kernel_links {
+            self.tbf(i, "change", rate_kbit, queue_ms)
+        } else {
+            self.emu(i, &format!("set rate_kbit={rate_kbit}")).map(drop)
+        }
     }
 
     fn emu_socket(&self, i: usize) -> PathBuf {

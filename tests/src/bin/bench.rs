@@ -58,6 +58,9 @@ fn main() -> Result<()> {
         "failover-down",
         "scale",
     ];
+    if let Some(unknown) = args.iter().find(|a| !all.contains(&a.as_str())) {
+        anyhow::bail!("unknown benchmark {unknown}; known: {}", all.join(" "));
+    }
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
     } else {
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
             .filter(|b| args.iter().any(|a| a == b))
             .collect()
     };
+    peers_installed(&chosen)?;
     let mut rows: Vec<(String, f64, String, Vec<f64>)> = Vec::new();
     for b in chosen {
         for (name, unit, samples) in bench(b, runs)? {
@@ -88,6 +92,41 @@ fn main() -> Result<()> {
             let s: Vec<String> = s.iter().map(|x| format!("{x:.1}")).collect();
             println!("| {n} | {m:.1} | {u} | {} |", s.join(", "));
         }
+    }
+    Ok(())
+}
+
+/// The peers measured beside stallnet, checked before the first run rather than
+/// found missing minutes into one.
+fn peers_installed(chosen: &[&str]) -> Result<()> {
+    let needs = [
+        (
+            "mptcpize",
+            &["aggregation", "mptcp", "failover", "failover-down"][..],
+        ),
+        ("wireguard-go", &["unshaped"][..]),
+        ("wg", &["unshaped"][..]),
+    ];
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(_, used)| chosen.iter().any(|c| used.contains(c)))
+        .filter(|(cmd, _)| {
+            !std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        })
+        .map(|(cmd, _)| {
+            if *cmd == "wg" {
+                "wireguard-tools"
+            } else {
+                *cmd
+            }
+        })
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the benchmarks measure peers that are not installed: apt-get install --no-install-recommends {}",
+            missing.join(" ")
+        );
     }
     Ok(())
 }
@@ -412,32 +451,40 @@ fn classes() -> Result<Figures1> {
     Ok(figs)
 }
 
-/// The class load while the cellular capacity steps 10 → 3 → 10 Mbit/s every 20 s.
+/// The class load while the cellular capacity steps 10 → 3 → 10 Mbit/s every 20 s, on
+/// the emulator's links and on kernel `tbf` links.
 fn variable() -> Result<Figures1> {
-    let mut t = Topology::build(deep_links(), Options::default())?;
-    t.start()?;
-    class_servers(&mut t)?;
-    let figs = std::thread::scope(|s| {
-        let tr = &t;
-        // Idle POS takes 10 s, the load starts then and POS is measured from 12 s to 64 s:
-        // 10 Mbit/s until 24 s, 3 Mbit/s until 44 s, 10 Mbit/s again.
-        let stepper = s.spawn(move || -> Result<()> {
-            std::thread::sleep(Duration::from_secs(24));
-            tr.emu(2, "set rate_kbit=3000")?;
-            std::thread::sleep(Duration::from_secs(20));
-            tr.emu(2, "set rate_kbit=10000")?;
-            Ok(())
-        });
-        let figs = variable_load(tr);
-        stepper
-            .join()
-            .map_err(|_| anyhow::anyhow!("stepper panicked"))??;
-        figs
-    })?;
+    let mut figs = Vec::new();
+    for (label, kernel_links) in [("variable", false), ("variable, kernel tbf", true)] {
+        let opts = Options {
+            kernel_links,
+            ..Options::default()
+        };
+        let mut t = Topology::build(deep_links(), opts)?;
+        t.start()?;
+        class_servers(&mut t)?;
+        figs.extend(std::thread::scope(|s| {
+            let tr = &t;
+            // Idle POS takes 10 s, the load starts then and POS is measured from 12 s to
+            // 64 s: 10 Mbit/s until 24 s, 3 Mbit/s until 44 s, 10 Mbit/s again.
+            let stepper = s.spawn(move || -> Result<()> {
+                std::thread::sleep(Duration::from_secs(24));
+                tr.set_uplink_rate(2, 3000)?;
+                std::thread::sleep(Duration::from_secs(20));
+                tr.set_uplink_rate(2, 10_000)?;
+                Ok(())
+            });
+            let figs = variable_load(tr, label);
+            stepper
+                .join()
+                .map_err(|_| anyhow::anyhow!("stepper panicked"))??;
+            figs
+        })?);
+    }
     Ok(figs)
 }
 
-fn variable_load(t: &Topology) -> Result<Figures1> {
+fn variable_load(t: &Topology, label: &str) -> Result<Figures1> {
     let idle = t.udp_flow_sized(POS_CLIENT, 7001, 10, 8.0, 600)?;
     let iperf = |reverse: bool| -> Result<()> {
         let mut args = vec![
@@ -474,28 +521,28 @@ fn variable_load(t: &Topology) -> Result<Figures1> {
         let g = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         Ok(vec![
             (
-                "variable: POS RTT idle p99".into(),
+                format!("{label}: POS RTT idle p99"),
                 "ms",
                 g(&idle, "rtt_p99_ms"),
             ),
             (
-                "variable: POS RTT loaded p50".into(),
+                format!("{label}: POS RTT loaded p50"),
                 "ms",
                 g(&pos, "rtt_p50_ms"),
             ),
             (
-                "variable: POS RTT loaded p99".into(),
+                format!("{label}: POS RTT loaded p99"),
                 "ms",
                 g(&pos, "rtt_p99_ms"),
             ),
-            ("variable: POS lost".into(), "packets", g(&pos, "lost")),
+            (format!("{label}: POS lost"), "packets", g(&pos, "lost")),
             (
-                "variable: stream delivered".into(),
+                format!("{label}: stream delivered"),
                 "%",
                 100.0 * g(&stream, "received") / g(&stream, "sent"),
             ),
             (
-                "variable: stream jitter p99".into(),
+                format!("{label}: stream jitter p99"),
                 "ms",
                 g(&stream, "jitter_p99_ms"),
             ),
