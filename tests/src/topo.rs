@@ -614,7 +614,7 @@ impl Topology {
     pub fn set_uplink_rate(&self, i: usize, rate_kbit: u64) -> Result<()> {
         let queue_ms = self
             .uplinks
-            .get(i.wrapping_sub(1))
+            .get(i.checked_sub(1).context("uplinks count from 1")?)
             .map(|s| s.queue_ms)
             .context("no such uplink")?;
         if self.kernel_links {
