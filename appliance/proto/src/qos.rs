@@ -11,9 +11,13 @@
 //! idea, without a queue per flow): congestion drops and queueing delay fall on the flows
 //! that build the queue, not on the ones that only pass through it. A flow past its
 //! allowance joins the back of the class, and stays there while it has packets there, so
-//! its order holds (a failed uplink's resends, at the head of the ordinary queue, do not
-//! count: a light flow's new packets may overtake its own resends, late beats lost); the
-//! lane is small (`SPARSE_MAX` bytes per class), so a flood of one-packet flows meets the
+//! its order holds. A failed uplink's resends wait at the head of the ordinary queue; a
+//! light flow's new packets may overtake its own resends (late beats lost), but a flow
+//! with more than its allowance of resends waiting is not light: it carried more than a
+//! light flow's rate on the failed uplink, and its new packets wait behind its resends
+//! (were they let past, a few bulk flows refilling the lane as fast as the survivor
+//! drains it would hold every resend back until its sojourn limit dropped it). The lane
+//! is small (`SPARSE_MAX` bytes per class), so a flood of one-packet flows meets the
 //! ordinary queue.
 //!
 //! Items may be *targeted* at one uplink (a redundant copy, a flow pinned to its uplink)
@@ -59,6 +63,14 @@ struct FlowBacklog {
     ordinary: u32,
     /// Bytes in the sparse lane.
     sparse_bytes: usize,
+    /// Bytes of resends in the ordinary queue.
+    resend_bytes: usize,
+}
+
+impl FlowBacklog {
+    fn is_empty(&self) -> bool {
+        self.ordinary == 0 && self.sparse_bytes == 0 && self.resend_bytes == 0
+    }
 }
 
 /// Bit mask over classes.
@@ -291,18 +303,20 @@ impl<T: QItem> ClassQueue<T> {
     }
 
     /// Appends an item: to the sparse lane when `sparse_ok`, its flow has nothing in the
-    /// ordinary queue and room in its allowance, and the lane has room; else to the back of
-    /// the class. Returns its size.
+    /// ordinary queue, no more than its allowance of resends waiting and room in its
+    /// allowance, and the lane has room; else to the back of the class. Returns its size.
     fn push_back(&mut self, item: T, sparse_ok: bool) -> usize {
         let len = item.size();
+        let f = self.backlog.entry(item.flow()).or_default();
         if item.resend() {
+            f.resend_bytes += len;
             self.bytes += len;
             self.items.push_back(item);
             return len;
         }
-        let f = self.backlog.entry(item.flow()).or_default();
         let sparse = sparse_ok
             && f.ordinary == 0
+            && f.resend_bytes <= SPARSE_QUANTUM
             && f.sparse_bytes + len <= SPARSE_QUANTUM
             && self.sparse_bytes + len <= SPARSE_MAX;
         self.bytes += len;
@@ -317,13 +331,17 @@ impl<T: QItem> ClassQueue<T> {
         len
     }
 
-    /// Puts an item at the head of the ordinary queue. A resend does not count in its
-    /// flow's backlog: it is already late, and a light flow's new packets need not queue
-    /// behind a failed uplink's resend burst.
+    /// Puts an item at the head of the ordinary queue. A resend counts in its flow's
+    /// backlog by its bytes, not as a packet: it is already late, and a light flow's new
+    /// packets need not queue behind a failed uplink's resend burst (a heavy flow's do:
+    /// see [`Self::push_back`]).
     fn push_front(&mut self, item: T) -> usize {
         let len = item.size();
-        if !item.resend() {
-            self.backlog.entry(item.flow()).or_default().ordinary += 1;
+        let f = self.backlog.entry(item.flow()).or_default();
+        if item.resend() {
+            f.resend_bytes += len;
+        } else {
+            f.ordinary += 1;
         }
         self.bytes += len;
         self.items.push_front(item);
@@ -342,17 +360,15 @@ impl<T: QItem> ClassQueue<T> {
             self.sparse_bytes -= len;
         }
         self.bytes -= len;
-        if let Some(f) = self
-            .backlog
-            .get_mut(&item.flow())
-            .filter(|_| sparse || !item.resend())
-        {
+        if let Some(f) = self.backlog.get_mut(&item.flow()) {
             if sparse {
                 f.sparse_bytes = f.sparse_bytes.saturating_sub(len);
+            } else if item.resend() {
+                f.resend_bytes = f.resend_bytes.saturating_sub(len);
             } else {
                 f.ordinary = f.ordinary.saturating_sub(1);
             }
-            if f.ordinary == 0 && f.sparse_bytes == 0 {
+            if f.is_empty() {
                 self.backlog.remove(&item.flow());
             }
         }
@@ -670,6 +686,7 @@ mod tests {
         target: Option<usize>,
         n: u32,
         flow: u64,
+        resend: bool,
     }
 
     impl QItem for It {
@@ -691,6 +708,9 @@ mod tests {
         fn flow(&self) -> u64 {
             self.flow
         }
+        fn resend(&self) -> bool {
+            self.resend
+        }
     }
 
     fn it(class: Class, at: Instant, n: u32) -> It {
@@ -701,6 +721,7 @@ mod tests {
             target: None,
             n,
             flow: 0,
+            resend: false,
         }
     }
 
@@ -915,6 +936,44 @@ mod tests {
         // bounds what CoDel alone would not.
         assert!(worst <= ms(150), "worst sojourn {worst:?}");
         assert!(s.dropped_sojourn > 0, "{s:?}");
+    }
+
+    #[test]
+    fn a_light_flow_overtakes_its_resends_and_a_heavy_flow_waits_behind_its_own() {
+        let t = Instant::now();
+        let mut q = Qos::new(QosConfig::default());
+        // A failed uplink's resends: 40 full-size packets of a bulk flow (0), 8 small ones
+        // of a 200 packet/s flow (7), interleaved as the uplink carried them.
+        let mut resends = Vec::new();
+        for n in 0..40 {
+            resends.push(It {
+                resend: true,
+                ..of_flow(0, Class::Bulk, t, n)
+            });
+            if n % 5 == 0 {
+                resends.push(It {
+                    resend: true,
+                    ..of_flow(7, Class::Bulk, t, n)
+                });
+            }
+        }
+        q.requeue_front(resends);
+        // Both flows go on sending.
+        let later = t + Duration::from_millis(5);
+        q.enqueue(of_flow(0, Class::Bulk, later, 100));
+        q.enqueue(of_flow(7, Class::Bulk, later, 100));
+        // The light flow's new packet goes first (late beats lost for its resends); the
+        // bulk flow's waits behind every resend, its own included, so the resends drain
+        // at the link's rate instead of being overtaken until their sojourn limit.
+        let order: Vec<(u64, u32)> = std::iter::from_fn(|| {
+            q.dequeue(later, 0, ALL_CLASSES, ALL_CLASSES)
+                .map(|i| (i.flow, i.n))
+        })
+        .collect();
+        assert_eq!(order.first(), Some(&(7, 100)), "{order:?}");
+        assert_eq!(order.last(), Some(&(0, 100)), "{order:?}");
+        assert_eq!(order.len(), 50);
+        assert!(q.queues[Class::Bulk as usize].backlog.is_empty());
     }
 
     #[test]
