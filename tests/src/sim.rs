@@ -364,7 +364,13 @@ impl<'a> World<'a> {
         for d in [Dir::Up, Dir::Down] {
             for l in 0..n {
                 let now = w.at();
-                w.side(d).st.handle_link_event(now, l, LinkEvent::Connected);
+                w.side(d).st.handle_link_event(
+                    now,
+                    l,
+                    LinkEvent::Connected {
+                        peer_reads_delivered: true,
+                    },
+                );
             }
             w.settle(d);
         }

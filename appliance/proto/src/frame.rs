@@ -9,6 +9,8 @@
 //!             clock offset, for the prober's rate control)
 //! Report:     rx_bytes u64 BE | at_us u64 BE (the receiver's UDP byte count on this
 //!             connection and its clock, for the sender's in-flight and rate estimate)
+//!             [| delivered u64 BE (the highest Data sequence number received on this
+//!             connection; only to a peer whose session version reads it, 3 and up)]
 //! ```
 //!
 //! Decoding is strict: a wrong version, an unknown type or class, a short header or an
@@ -22,6 +24,8 @@ pub const DATA_OVERHEAD: usize = 10;
 const PROBE_LEN: usize = 13;
 const PROBE_ACK_LEN: usize = 21;
 const REPORT_LEN: usize = 17;
+/// A report with the highest delivered sequence number.
+const REPORT_SEQ_LEN: usize = 25;
 
 const T_DATA: u8 = 0;
 const T_PROBE: u8 = 1;
@@ -50,6 +54,11 @@ pub enum Frame<'a> {
     Report {
         rx_bytes: u64,
         at_us: u64,
+        /// The highest Data sequence number received on this connection, if any (and if
+        /// the peer reads it): everything the sender put on the link before that packet
+        /// has arrived or was lost on the way, so a resend when the link fails starts
+        /// after it.
+        delivered: Option<u64>,
     },
 }
 
@@ -67,7 +76,7 @@ pub enum FrameError {
     Short(usize),
     #[error("probe frame of {0} bytes, expected 13")]
     ProbeLength(usize),
-    #[error("report frame of {0} bytes, expected 17")]
+    #[error("report frame of {0} bytes, expected 17 or 25")]
     ReportLength(usize),
 }
 
@@ -110,12 +119,15 @@ impl<'a> Frame<'a> {
                 })
             }
             T_REPORT => {
-                if buf.len() != REPORT_LEN {
-                    return Err(FrameError::ReportLength(buf.len()));
-                }
+                let delivered = match buf.len() {
+                    REPORT_LEN => None,
+                    REPORT_SEQ_LEN => Some(u64::from_be_bytes(array(&buf[17..25]))),
+                    n => return Err(FrameError::ReportLength(n)),
+                };
                 Ok(Frame::Report {
                     rx_bytes: u64::from_be_bytes(array(&buf[1..9])),
                     at_us: u64::from_be_bytes(array(&buf[9..17])),
+                    delivered,
                 })
             }
             other => Err(FrameError::Type(other)),
@@ -143,10 +155,17 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(&echo.to_be_bytes());
                 out.extend_from_slice(&rx_us.to_be_bytes());
             }
-            Frame::Report { rx_bytes, at_us } => {
+            Frame::Report {
+                rx_bytes,
+                at_us,
+                delivered,
+            } => {
                 out.push(VERSION << 4 | T_REPORT);
                 out.extend_from_slice(&rx_bytes.to_be_bytes());
                 out.extend_from_slice(&at_us.to_be_bytes());
+                if let Some(seq) = delivered {
+                    out.extend_from_slice(&seq.to_be_bytes());
+                }
             }
         }
     }
@@ -194,6 +213,12 @@ mod tests {
             Frame::Report {
                 rx_bytes: 123_456,
                 at_us: 42,
+                delivered: None,
+            },
+            Frame::Report {
+                rx_bytes: 7,
+                at_us: 9,
+                delivered: Some(u64::MAX - 1),
             },
         ] {
             assert_eq!(Frame::decode(&f.to_vec()), Ok(f));
@@ -212,6 +237,15 @@ mod tests {
         );
         assert_eq!(Frame::decode(&[0x11, 0]), Err(FrameError::ProbeLength(2)));
         assert_eq!(Frame::decode(&[0x13; 5]), Err(FrameError::ReportLength(5)));
+        // Between the two report forms, or past the longer one.
+        assert_eq!(
+            Frame::decode(&[0x13; 21]),
+            Err(FrameError::ReportLength(21))
+        );
+        assert_eq!(
+            Frame::decode(&[0x13; 26]),
+            Err(FrameError::ReportLength(26))
+        );
         // A data frame must carry a packet.
         assert_eq!(Frame::decode(&[0x10; 10]), Err(FrameError::Short(10)));
     }

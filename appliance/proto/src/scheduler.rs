@@ -28,8 +28,9 @@
 //! redundant packet carry the number the first copy was given.
 //!
 //! A dying uplink costs nothing visible: when a usable link stops being usable (a probe
-//! overdue, carrier lost), what it sent after its newest answered probe (at most
-//! `resend_window` back) may be lost in flight, so those packets go out again, first in
+//! overdue, carrier lost), what it sent after its newest answered probe and after the
+//! highest sequence number the peer reported delivered on it (at most `resend_window`
+//! back) may be lost in flight, so those packets go out again, first in
 //! line, on the remaining links with their original sequence numbers; the receiver keeps
 //! whichever copy arrives first. A TCP flow then sees
 //! reordering instead of loss and never waits for a retransmission timeout.
@@ -320,6 +321,25 @@ impl Scheduler {
             slot.recent.clear();
             self.qos.untarget(id);
             self.sticky.retain(|_, s| s.link != id);
+        }
+    }
+
+    /// The peer reports that `seq` is the highest sequence number it received on `link`:
+    /// what the link sent before that packet has arrived or was lost on the way, not in
+    /// flight, so it is no longer kept for a resend. A number the link did not send (a
+    /// stale report, a packet handed over to another link) forgets nothing.
+    pub fn on_delivered(&mut self, link: LinkId, seq: u64) {
+        let Some(slot) = self.links.get_mut(link) else {
+            return;
+        };
+        // Only a link's new packets are numbered in send order; a resend or a redundant
+        // packet's second copy may carry a lower number, but never the highest.
+        if let Some(i) = slot
+            .recent
+            .iter()
+            .position(|(_, q)| q.seq == seq && !q.resend)
+        {
+            slot.recent.drain(..=i);
         }
     }
 

@@ -314,7 +314,14 @@ impl Bond {
                 old.close(0u32.into(), b"replaced");
             }
             p.generation = generation;
-            g.st.handle_link_event(Instant::now(), id, LinkEvent::Connected);
+            let peer_reads_delivered = super::session::version(&conn) >= 3;
+            g.st.handle_link_event(
+                Instant::now(),
+                id,
+                LinkEvent::Connected {
+                    peer_reads_delivered,
+                },
+            );
             self.settle(&mut g);
             generation
         };

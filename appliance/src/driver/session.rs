@@ -14,7 +14,8 @@
 //! end may be newer than the other. Version 2 adds the [`BoxReport`]: what the box holds
 //! for the organiser's fleet view (sales waiting). Under version 1 each unidirectional
 //! stream carries a bare [`LinkUpdate`]; under version 2 an [`EdgeDoc`], which names its
-//! kind.
+//! kind. Version 3 speaks as version 2 here and adds to the bond's reports the highest
+//! sequence number delivered on the link (see [`stallnet_proto::frame`]).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -27,8 +28,8 @@ const MAX_DOC: usize = 16 * 1024;
 
 /// The session versions this build speaks, newest first, as ALPN protocol names: a hub
 /// picks the first it shares with the edge; a peer from before version 2 offers or
-/// accepts `stallnet/1` only.
-pub const PROTOCOLS: [&[u8]; 2] = [b"stallnet/2", b"stallnet/1"];
+/// accepts `stallnet/1` only, one from before version 3 no more than `stallnet/2`.
+pub const PROTOCOLS: [&[u8]; 3] = [b"stallnet/3", b"stallnet/2", b"stallnet/1"];
 
 /// The session version agreed on connection `conn` in its handshake.
 pub fn version(conn: &quinn::Connection) -> u32 {
@@ -37,6 +38,7 @@ pub fn version(conn: &quinn::Connection) -> u32 {
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol);
     match protocol.as_deref() {
+        Some(b"stallnet/3") => 3,
         Some(b"stallnet/2") => 2,
         _ => 1,
     }
@@ -277,7 +279,7 @@ mod tests {
             // The edge closes the connection: no more updates.
             anyhow::Ok(next_update(&hub).await?)
         });
-        assert_eq!(version(&edge), 2);
+        assert_eq!(version(&edge), 3);
         for n in 1..=3 {
             assert!(send_update(&edge, &update(n % 2 == 0, n)).await?);
         }
@@ -328,6 +330,30 @@ mod tests {
             assert_eq!(EdgeDoc::Link(bare), update(true, 2), "{tag}");
             assert!(send_update(&edge, &update(false, 1)).await?);
             assert_eq!(next_update(&hub).await?, Some(update(false, 1)), "{tag}");
+            edge.close(0u32.into(), b"done");
+        }
+        Ok(())
+    }
+
+    /// A peer from before version 3 agrees on version 2 with a newer one: box reports
+    /// still go, and the version says the bond's longer reports (which that peer would
+    /// refuse) must not.
+    #[tokio::test]
+    async fn a_version_two_peer_gets_version_two() -> Result<()> {
+        let v2: [&[u8]; 2] = [b"stallnet/2", b"stallnet/1"];
+        for (tag, hub_speaks, edge_speaks) in [
+            ("v2hub", &v2[..], &PROTOCOLS[..]),
+            ("v2edge", &PROTOCOLS[..], &v2[..]),
+        ] {
+            let (_ep, hub, edge) = pair(tag, hub_speaks, edge_speaks).await?;
+            assert_eq!((version(&hub), version(&edge)), (2, 2), "{tag}");
+            let report = EdgeDoc::Box(BoxReport {
+                sales_waiting: 1,
+                dead_letters: 0,
+                oldest_waiting_unix: None,
+            });
+            assert!(send_update(&edge, &report).await?, "{tag}: sent");
+            assert_eq!(next_update(&hub).await?, Some(report), "{tag}");
             edge.close(0u32.into(), b"done");
         }
         Ok(())

@@ -68,7 +68,13 @@ pub fn drive(data: &[u8], rules: &[Rule]) {
                     sides[s].handle_datagram(now, link, d);
                 }
             }
-            2 => sides[s].handle_link_event(now, link, LinkEvent::Connected),
+            2 => sides[s].handle_link_event(
+                now,
+                link,
+                LinkEvent::Connected {
+                    peer_reads_delivered: op & 0x40 == 0,
+                },
+            ),
             3 => sides[s].handle_link_event(now, link, LinkEvent::Disconnected),
             4 => {
                 let b = ops.byte().unwrap_or(0);

@@ -176,6 +176,12 @@ pub(super) struct LinkSlot {
     pub reported: (Instant, u64),
     /// Datagram bytes received since that report (what makes the next one due).
     pub rx_since_report: u64,
+    /// The highest Data sequence number received on this connection (reported to the
+    /// peer, so its resends when this link fails start after it).
+    pub rx_max_seq: Option<u64>,
+    /// The peer's session version reads [`Self::rx_max_seq`] in reports (an older peer
+    /// refuses the longer report).
+    pub peer_reads_delivered: bool,
     /// Reports still to send for mere control traffic since the last one for data (see
     /// [`CLOSING_REPORTS`]).
     pub closing: u8,
@@ -222,6 +228,8 @@ impl LinkSlot {
             datagram: DatagramSize::default(),
             reported: (now, 0),
             rx_since_report: 0,
+            rx_max_seq: None,
+            peer_reads_delivered: false,
             closing: 0,
             backup,
             absent: false,
@@ -354,9 +362,11 @@ impl LinkSlot {
                 self.closing.saturating_sub(1)
             };
             self.rx_since_report = 0;
+            let delivered = self.rx_max_seq.filter(|_| self.peer_reads_delivered);
             self.push_control(Frame::Report {
                 rx_bytes: rx,
                 at_us,
+                delivered,
             });
         }
     }

@@ -91,7 +91,11 @@ pub enum Sent {
 /// Something that happened to an uplink's connection or interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkEvent {
-    Connected,
+    /// A connection is up; `peer_reads_delivered` when its session version (3 and up)
+    /// reads the delivered sequence number in reports.
+    Connected {
+        peer_reads_delivered: bool,
+    },
     Disconnected,
     /// Interface presence and carrier, from netlink.
     Carrier {
@@ -320,8 +324,12 @@ impl BondState {
             return;
         };
         match ev {
-            LinkEvent::Connected => {
+            LinkEvent::Connected {
+                peer_reads_delivered,
+            } => {
                 l.connected = true;
+                l.rx_max_seq = None;
+                l.peer_reads_delivered = peer_reads_delivered;
                 l.datagram = link::DatagramSize::connected(now);
                 l.health.on_connected(true, now);
                 self.wake.0 |= Wake::of(id).0;
@@ -559,7 +567,14 @@ impl BondState {
                 }
                 self.refresh(now);
             }
-            Frame::Report { rx_bytes, at_us } => {
+            Frame::Report {
+                rx_bytes,
+                at_us,
+                delivered,
+            } => {
+                if let Some(seq) = delivered {
+                    self.sched.on_delivered(id, seq);
+                }
                 if let Some(l) = self.links.get_mut(id).and_then(Option::as_mut) {
                     l.inflight.on_report(rx_bytes, at_us, now);
                     // Deliveries free room under the in-flight cap: the scheduler hears
@@ -588,6 +603,7 @@ impl BondState {
                 if let Some(l) = self.link_mut(id) {
                     l.rx_packets += 1;
                     l.rx_bytes += d.len() as u64;
+                    l.rx_max_seq = Some(l.rx_max_seq.map_or(seq, |m| m.max(seq)));
                 }
                 self.data_moved(now);
                 let payload = d.slice(DATA_OVERHEAD..);

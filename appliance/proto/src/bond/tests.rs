@@ -60,7 +60,13 @@ fn edge(now: Instant) -> BondState {
 /// Brings link `id` up: connected, probes answered for its hold.
 fn bring_up(b: &mut BondState, ids: &[LinkId], now: &mut Instant) {
     for &id in ids {
-        b.handle_link_event(*now, id, LinkEvent::Connected);
+        b.handle_link_event(
+            *now,
+            id,
+            LinkEvent::Connected {
+                peer_reads_delivered: true,
+            },
+        );
     }
     let end = *now + Duration::from_secs(3);
     while *now < end {
@@ -345,6 +351,66 @@ fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
 }
 
 #[test]
+fn a_failing_uplink_resends_only_what_its_peer_has_not_reported_delivered() {
+    let mut now = Instant::now();
+    let mut b = edge(now);
+    let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
+    let c = b.add_link("cell", false, ALL_CLASSES, None, now);
+    bring_up(&mut b, &[a, c], &mut now);
+    for _ in 0..40 {
+        b.handle_tun_packet(now, bulk_packet(), false).expect("ip");
+    }
+    let sent = answer_probes(&mut b, &[a, c], now);
+    let on_a: Vec<u64> = sent
+        .iter()
+        .filter_map(|(l, f)| match f {
+            Frame::Data { seq, .. } if *l == a => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert!(on_a.len() >= 4, "wifi carried part of the bulk: {on_a:?}");
+    // The hub reports the first half of what wifi sent as delivered; then wifi goes
+    // silent and loses its carrier.
+    let half = on_a.len() / 2;
+    now += 2 * MS;
+    let report = Frame::Report {
+        rx_bytes: 0,
+        at_us: 0,
+        delivered: Some(on_a[half - 1]),
+    };
+    b.handle_datagram(now, a, Bytes::from(report.to_vec()));
+    // A stale report naming a number wifi never sent forgets nothing.
+    let stale = Frame::Report {
+        rx_bytes: 0,
+        at_us: 0,
+        delivered: Some(u64::MAX),
+    };
+    b.handle_datagram(now, a, Bytes::from(stale.to_vec()));
+    now += 3 * MS;
+    b.handle_link_event(
+        now,
+        a,
+        LinkEvent::Carrier {
+            present: true,
+            carrier: false,
+        },
+    );
+    let again = answer_probes(&mut b, &[a, c], now);
+    let resent: Vec<u64> = again
+        .iter()
+        .filter_map(|(l, f)| match f {
+            Frame::Data { seq, .. } if *l == c => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        resent,
+        on_a[half..].to_vec(),
+        "only what was not reported delivered goes out again, in order"
+    );
+}
+
+#[test]
 fn pos_is_refused_at_once_when_nothing_reaches_the_peer() {
     let now = Instant::now();
     let mut b = edge(now);
@@ -555,7 +621,13 @@ fn a_reconnected_uplink_still_searching_its_mtu_hands_big_packets_over() {
     // Cell reconnects: its new connection starts at a smaller datagram size and has not
     // searched upward yet. The tunnel keeps what the settled wifi carries.
     b.handle_link_event(now, c, LinkEvent::Disconnected);
-    b.handle_link_event(now, c, LinkEvent::Connected);
+    b.handle_link_event(
+        now,
+        c,
+        LinkEvent::Connected {
+            peer_reads_delivered: true,
+        },
+    );
     run_for(&mut b, &mut now, 1200, &[(a, 1400), (c, 1312)]);
     let st = b.status(now);
     assert_eq!(st.links[1].state, LinkCondition::Up, "{:?}", st.links[1]);
@@ -615,13 +687,77 @@ fn a_sudden_smaller_size_on_the_only_uplink_is_not_taught_to_the_lan_until_it_ho
 
 /// The reports `b` sends on link `id` now.
 fn reports(b: &mut BondState, id: LinkId, at: Instant) -> usize {
-    let mut n = 0;
+    delivered_reports(b, id, at).len()
+}
+
+/// The delivered sequence number of each report `b` sends on link `id` now.
+fn delivered_reports(b: &mut BondState, id: LinkId, at: Instant) -> Vec<Option<u64>> {
+    let mut out = Vec::new();
     while let Transmit::Datagram(d) = b.poll_transmit(at, id, 1400) {
-        if let Ok(Frame::Report { .. }) = Frame::decode(&d) {
-            n += 1;
+        if let Ok(Frame::Report { delivered, .. }) = Frame::decode(&d) {
+            out.push(delivered);
         }
     }
-    n
+    out
+}
+
+#[test]
+fn a_report_names_the_highest_sequence_delivered_to_a_peer_that_reads_it_only() {
+    let mut now = Instant::now();
+    let (mut b, a, c) = wifi_and_cell(now);
+    b.handle_link_event(
+        now,
+        a,
+        LinkEvent::Connected {
+            peer_reads_delivered: true,
+        },
+    );
+    // The cell's peer is older: it would refuse the longer report.
+    b.handle_link_event(
+        now,
+        c,
+        LinkEvent::Connected {
+            peer_reads_delivered: false,
+        },
+    );
+    for id in [a, c] {
+        let _ = delivered_reports(&mut b, id, now);
+    }
+    // Out of order, as a resend arrives: the highest counts.
+    for seq in [5u64, 9, 7] {
+        let p = bulk_packet();
+        let f = Frame::Data {
+            class: Class::Bulk,
+            seq,
+            packet: &p,
+        };
+        for id in [a, c] {
+            b.handle_datagram(now, id, Bytes::from(f.to_vec()));
+        }
+    }
+    now += REPORT_EVERY;
+    b.handle_timeout(now);
+    assert_eq!(delivered_reports(&mut b, a, now), vec![Some(9)]);
+    assert_eq!(delivered_reports(&mut b, c, now), vec![None]);
+    // A new connection starts counting anew.
+    b.handle_link_event(now, a, LinkEvent::Disconnected);
+    b.handle_link_event(
+        now,
+        a,
+        LinkEvent::Connected {
+            peer_reads_delivered: true,
+        },
+    );
+    let p = bulk_packet();
+    let f = Frame::Data {
+        class: Class::Bulk,
+        seq: 3,
+        packet: &p,
+    };
+    b.handle_datagram(now, a, Bytes::from(f.to_vec()));
+    now += REPORT_EVERY;
+    b.handle_timeout(now);
+    assert_eq!(delivered_reports(&mut b, a, now), vec![Some(3)]);
 }
 
 #[test]
