@@ -98,6 +98,9 @@ impl Default for HealthConfig {
 }
 
 const MAX_OUTSTANDING: usize = 64;
+/// How much later than a probe's answer a delivery report may come: the peer reports at
+/// most every 10 ms (`bond::link::REPORT_EVERY`), plus its timer's slack.
+const REPORT_SLACK: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct LinkHealth {
@@ -123,6 +126,9 @@ pub struct LinkHealth {
     last_probe_at: Option<Instant>,
     /// Send time of the newest answered probe.
     verified: Option<Instant>,
+    /// Since when data the peer should have reported by now has gone unreported (see
+    /// [`Self::set_unreported`]).
+    unreported: Option<Instant>,
     flaps: u32,
     probes_sent: u64,
     probes_lost: u64,
@@ -166,6 +172,7 @@ impl LinkHealth {
             next_probe_at: now,
             last_probe_at: None,
             verified: None,
+            unreported: None,
             flaps: 0,
             probes_sent: 0,
             probes_lost: 0,
@@ -290,6 +297,42 @@ impl LinkHealth {
             None => self.cfg.suspect_max,
         };
         base.clamp(self.cfg.suspect_min, self.cfg.suspect_max)
+    }
+
+    /// Data the link sent at `since` and after, enough that the peer reports it when it
+    /// arrives, has not been reported delivered (`None`: everything it sent is, or too
+    /// little is waiting to make the peer report). A busy link hears reports every few
+    /// milliseconds, so their silence is noticed sooner than an overdue probe (probes go
+    /// out every `probe_interval`): an Up link is Suspect when such data has gone
+    /// unreported for the overdue-probe threshold plus [`REPORT_SLACK`].
+    pub fn set_unreported(&mut self, since: Option<Instant>) {
+        self.unreported = since;
+    }
+
+    /// Since when data has gone unreported (see [`Self::set_unreported`]).
+    pub fn unreported(&self) -> Option<Instant> {
+        self.unreported
+    }
+
+    /// When unreported data makes an Up link Suspect: the overdue-probe threshold, on the
+    /// larger of the probes' and the transport's RTT (which follows a growing queue with
+    /// every acknowledgement, where the probes' lags), plus [`REPORT_SLACK`].
+    fn silent_at(&self) -> Option<Instant> {
+        let since = self.unreported?;
+        let rtt = match (self.srtt, self.transport_rtt) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b)?,
+        };
+        let after = (rtt * 2 + self.rttvar * 4).clamp(self.cfg.suspect_min, self.cfg.suspect_max);
+        Some(since + after + REPORT_SLACK)
+    }
+
+    /// The peer reported deliveries: the link is alive (a Suspect link is Up again, as on
+    /// a probe's answer).
+    pub fn on_delivery_report(&mut self, now: Instant) {
+        if self.state == LinkState::Suspect {
+            self.set_state(LinkState::Up, now);
+        }
     }
 
     /// Returns a probe id to send now, if one is due.
@@ -417,6 +460,9 @@ impl LinkHealth {
     }
 
     fn set_state(&mut self, to: LinkState, now: Instant) {
+        // What the link sent is resent elsewhere once it is not Up; its silence is told
+        // anew.
+        self.unreported = None;
         let outage =
             to == LinkState::Down && matches!(self.state, LinkState::Up | LinkState::Suspect);
         self.state = to;
@@ -451,9 +497,10 @@ impl LinkHealth {
             self.resolve(true);
             self.judge(now);
         }
+        let silent = self.silent_at().is_some_and(|t| now >= t);
         match self.state {
             LinkState::Up => {
-                if overdue {
+                if overdue || silent {
                     self.set_state(LinkState::Suspect, now);
                 } else if self.flaps > 0 && now >= self.since + self.cfg.flap_forget {
                     self.flaps = 0;
@@ -492,6 +539,11 @@ impl LinkHealth {
         }
         if let Some((_, sent)) = self.outstanding.front() {
             at(*sent + self.overdue_after() * 2);
+        }
+        if self.state == LinkState::Up {
+            if let Some(t) = self.silent_at() {
+                at(t);
+            }
         }
         match self.state {
             LinkState::Suspect => at(self.since + self.cfg.down_after),
@@ -583,6 +635,47 @@ mod tests {
         run(&mut h, &mut t, until, None);
         assert_eq!(h.state(), LinkState::Down);
         assert!(h.loss() > 0.5);
+    }
+
+    #[test]
+    fn unreported_data_turns_a_link_suspect_before_its_next_probe_would() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        // Right after a probe's answer (none outstanding, the next one due in 60 ms),
+        // the link goes silent.
+        let v = h.verified_until();
+        let until = t + ms(500);
+        run_while(&mut h, &mut t, until, Some(ms(40)), |h| {
+            h.verified_until() == v
+        });
+        let start = t;
+        // The same link, with data sent now that the peer never reports.
+        let mut busy = h.clone();
+        busy.set_unreported(Some(start));
+        let (mut by_probe, mut by_data) = (start, start);
+        let until = start + ms(1000);
+        run_while(&mut h, &mut by_probe, until, None, |h| {
+            h.state() == LinkState::Up
+        });
+        run_while(&mut busy, &mut by_data, until, None, |h| {
+            h.state() == LinkState::Up
+        });
+        let (by_probe, by_data) = (by_probe - start, by_data - start);
+        assert_eq!(busy.state(), LinkState::Suspect);
+        // (The drive steps 5 ms and stops one step past the change.)
+        assert!(
+            by_data <= busy.overdue_after() + REPORT_SLACK + ms(10),
+            "suspect after {by_data:?}"
+        );
+        assert!(
+            by_data + ms(30) <= by_probe,
+            "silence of the reports {by_data:?}, overdue probe {by_probe:?}"
+        );
+        // A report is a sign of life: Up again, no flap, silence watched anew.
+        busy.on_delivery_report(start + by_data + ms(5));
+        assert_eq!(busy.state(), LinkState::Up);
+        assert_eq!(busy.flaps(), 0);
+        assert_eq!(busy.unreported(), None);
     }
 
     #[test]

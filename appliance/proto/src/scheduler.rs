@@ -343,6 +343,20 @@ impl Scheduler {
         }
     }
 
+    /// When `link` had sent `min_bytes` of packets not yet reported delivered (see
+    /// [`Self::on_delivered`]): the send time of the packet that made them that many.
+    pub fn unreported_since(&self, link: LinkId, min_bytes: usize) -> Option<Instant> {
+        let slot = self.links.get(link)?;
+        let mut bytes = 0usize;
+        for (at, q) in &slot.recent {
+            bytes = bytes.saturating_add(q.packet.len());
+            if bytes >= min_bytes {
+                return Some(*at);
+            }
+        }
+        None
+    }
+
     /// Updates what the scheduler knows of an uplink. Returns links that may now pull.
     pub fn update_link(&mut self, id: LinkId, view: LinkView) -> Wake {
         let Some(slot) = self.links.get_mut(id) else {

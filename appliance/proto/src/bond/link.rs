@@ -182,6 +182,11 @@ pub(super) struct LinkSlot {
     /// The peer's session version reads [`Self::rx_max_seq`] in reports (an older peer
     /// refuses the longer report).
     pub peer_reads_delivered: bool,
+    /// The peer's reports on this connection name what it delivered: their silence
+    /// then tells of a dead link (see [`LinkHealth::set_unreported`]).
+    pub peer_reports_delivered: bool,
+    /// The peer's received byte count in its latest report on this connection.
+    pub peer_rx: u64,
     /// Reports still to send for mere control traffic since the last one for data (see
     /// [`CLOSING_REPORTS`]).
     pub closing: u8,
@@ -230,6 +235,8 @@ impl LinkSlot {
             rx_since_report: 0,
             rx_max_seq: None,
             peer_reads_delivered: false,
+            peer_reports_delivered: false,
+            peer_rx: 0,
             closing: 0,
             backup,
             absent: false,

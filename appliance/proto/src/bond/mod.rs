@@ -45,6 +45,9 @@ const REORDER_MAX: usize = 2048;
 const TUN_QUEUE: usize = 4096;
 /// What QUIC adds around a datagram, for pacing.
 pub const QUIC_OVERHEAD: usize = 40;
+/// Packet bytes sent after what the peer last reported delivered that make it report
+/// again (its datagrams carry more than the packets themselves).
+const UNREPORTED_MIN: usize = link::REPORT_MIN_BYTES as usize;
 /// Window over which the delivery rate is taken for rate control.
 const DELIVERY_WINDOW: Duration = Duration::from_millis(200);
 /// Flows listed in the status.
@@ -330,6 +333,8 @@ impl BondState {
                 l.connected = true;
                 l.rx_max_seq = None;
                 l.peer_reads_delivered = peer_reads_delivered;
+                l.peer_reports_delivered = false;
+                l.peer_rx = 0;
                 l.datagram = link::DatagramSize::connected(now);
                 l.health.on_connected(true, now);
                 self.wake.0 |= Wake::of(id).0;
@@ -575,7 +580,23 @@ impl BondState {
                 if let Some(seq) = delivered {
                     self.sched.on_delivered(id, seq);
                 }
+                let mut revived = false;
                 if let Some(l) = self.links.get_mut(id).and_then(Option::as_mut) {
+                    // A report of more received is a sign of life both ways: a Suspect
+                    // link is Up again.
+                    if rx_bytes > l.peer_rx {
+                        let was = l.health.state();
+                        l.health.on_delivery_report(now);
+                        revived = l.health.state() != was;
+                    }
+                    l.peer_rx = rx_bytes;
+                    if delivered.is_some() {
+                        l.peer_reports_delivered = true;
+                        if l.health.usable() {
+                            l.health
+                                .set_unreported(self.sched.unreported_since(id, UNREPORTED_MIN));
+                        }
+                    }
                     l.inflight.on_report(rx_bytes, at_us, now);
                     // Deliveries free room under the in-flight cap: the scheduler hears
                     // of it now, not at the next timer. Only this link can send more
@@ -589,6 +610,9 @@ impl BondState {
                             }
                         }
                     }
+                }
+                if revived {
+                    self.refresh(now);
                 }
             }
             Frame::Data { seq, packet, class } => {
@@ -788,6 +812,15 @@ impl BondState {
             };
             l.tx_packets += 1;
             l.tx_bytes += buf.len() as u64;
+            if l.peer_reports_delivered && l.health.usable() && l.health.unreported().is_none() {
+                // Enough sent since the last report that the peer must report it: its
+                // silence is watched from now on (a timer moved).
+                let since = self.sched.unreported_since(id, UNREPORTED_MIN);
+                if since.is_some() {
+                    l.health.set_unreported(since);
+                    self.timers_moved = true;
+                }
+            }
             l.pacer.spend(buf.len() + QUIC_OVERHEAD);
             l.inflight.on_handed(buf.len() + QUIC_OVERHEAD);
             if self.sched.room(id) && !l.has_room(now) {
