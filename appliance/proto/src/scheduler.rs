@@ -332,8 +332,10 @@ impl Scheduler {
         let Some(slot) = self.links.get_mut(link) else {
             return;
         };
-        // Only a link's new packets are numbered in send order; a resend or a redundant
-        // packet's second copy may carry a lower number, but never the highest.
+        // Only a link's new packets are numbered in send order: a resend keeps an older
+        // number, which a new packet on this link may share (a redundant twin), so only
+        // new packets are matched. A resend the peer's highest matches nothing: nothing
+        // is forgotten, which is safe.
         if let Some(i) = slot
             .recent
             .iter()
@@ -643,7 +645,19 @@ impl Scheduler {
 
     /// Gives a packet [`Self::poll`] returned to link `to` instead (the link that took it
     /// cannot carry it): first in line there, with its sequence number, like a resend.
-    pub fn hand_over(&mut self, mut q: Queued, to: LinkId) -> Wake {
+    /// `from` never sent it, so it forgets it: it is neither resent when `from` fails nor
+    /// waited for in `from`'s delivery reports.
+    pub fn hand_over(&mut self, mut q: Queued, from: LinkId, to: LinkId) -> Wake {
+        if let Some(slot) = self.links.get_mut(from) {
+            // [`Self::poll`] remembered it last.
+            if slot
+                .recent
+                .back()
+                .is_some_and(|(_, r)| r.seq == q.seq && r.resend == q.resend)
+            {
+                slot.recent.pop_back();
+            }
+        }
         q.resend = true;
         q.twin = None;
         q.target = Some(to);
@@ -913,6 +927,40 @@ mod tests {
         s.enqueue(Class::Bulk, 0, pkt(0), t);
         s.update_link(a, LinkView::down());
         assert_eq!(s.poll(c, ALL_CLASSES, t).map(|q| q.seq), Some(0));
+    }
+
+    /// What a link sent counts as unreported until the peer reports a later packet
+    /// delivered; a packet handed over to another link never counts on the first.
+    #[test]
+    fn unreported_bytes_end_at_the_reported_packet_and_a_handed_over_one_is_not_counted() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(b, up(20, false));
+        let ms = Duration::from_millis;
+        let mut seqs = Vec::new();
+        for i in 0..4u8 {
+            s.enqueue(Class::Bulk, 0, pkt(i), t);
+            let q = s
+                .poll(a, ALL_CLASSES, t + ms(u64::from(i)))
+                .expect("a packet");
+            seqs.push(q.seq);
+        }
+        // 100-byte packets: 250 bytes are reached by the third.
+        assert_eq!(s.unreported_since(a, 250), Some(t + ms(2)));
+        s.on_delivered(a, seqs[1]);
+        assert_eq!(s.unreported_since(a, 150), Some(t + ms(3)));
+        assert_eq!(s.unreported_since(a, 250), None);
+        // A number `a` never sent forgets nothing.
+        s.on_delivered(a, u64::MAX);
+        assert_eq!(s.unreported_since(a, 200), Some(t + ms(3)));
+        // Taken by `a`, handed to `b`: not `a`'s to wait for (200 bytes stay, not 300).
+        s.enqueue(Class::Bulk, 0, pkt(9), t);
+        let q = s.poll(a, ALL_CLASSES, t + ms(5)).expect("a packet");
+        let _ = s.hand_over(q, a, b);
+        assert_eq!(s.unreported_since(a, 201), None);
+        assert!(s.poll(b, ALL_CLASSES, t + ms(6)).is_some());
     }
 
     #[test]

@@ -791,7 +791,7 @@ impl BondState {
                 match self.roomiest(id, q.packet.len()) {
                     Some(to) => {
                         self.counters.handed_over += 1;
-                        let wake = self.sched.hand_over(q, to);
+                        let wake = self.sched.hand_over(q, id, to);
                         self.wake.0 |= wake.0;
                     }
                     None => {
