@@ -130,6 +130,9 @@ pub struct LinkHealth {
     /// [`Self::set_unreported`]).
     unreported: Option<Instant>,
     flaps: u32,
+    /// Times the link turned Suspect, and how many of those for its reports' silence.
+    suspects: u64,
+    silences: u64,
     probes_sent: u64,
     probes_lost: u64,
     /// Outcomes of the latest probes (true = lost), for the degraded verdict.
@@ -174,6 +177,8 @@ impl LinkHealth {
             verified: None,
             unreported: None,
             flaps: 0,
+            suspects: 0,
+            silences: 0,
             probes_sent: 0,
             probes_lost: 0,
             outcomes: VecDeque::new(),
@@ -246,6 +251,11 @@ impl LinkHealth {
     }
     pub fn flaps(&self) -> u32 {
         self.flaps
+    }
+    /// Times the link turned Suspect, and how many of those because its delivery reports
+    /// fell silent before a probe was overdue.
+    pub fn suspects(&self) -> (u64, u64) {
+        (self.suspects, self.silences)
     }
     pub fn probes(&self) -> (u64, u64) {
         (self.probes_sent, self.probes_lost)
@@ -501,6 +511,10 @@ impl LinkHealth {
         match self.state {
             LinkState::Up => {
                 if overdue || silent {
+                    self.suspects += 1;
+                    if !overdue {
+                        self.silences += 1;
+                    }
                     self.set_state(LinkState::Suspect, now);
                 } else if self.flaps > 0 && now >= self.since + self.cfg.flap_forget {
                     self.flaps = 0;
@@ -662,6 +676,8 @@ mod tests {
         });
         let (by_probe, by_data) = (by_probe - start, by_data - start);
         assert_eq!(busy.state(), LinkState::Suspect);
+        assert_eq!(busy.suspects(), (1, 1), "counted as a silence");
+        assert_eq!(h.suspects(), (1, 0), "counted as an overdue probe");
         // (The drive steps 5 ms and stops one step past the change.)
         assert!(
             by_data <= busy.overdue_after() + REPORT_SLACK + ms(10),

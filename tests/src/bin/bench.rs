@@ -384,11 +384,11 @@ fn print_links(t: &Topology) {
         if let Ok(st) = t.status(role) {
             for l in st["bonds"][bond]["links"].as_array().into_iter().flatten() {
                 eprintln!(
-                    "  {role} {}: rtt {:.1} ms, capacity {:.1}, rate {:.1} Mbit/s, queue {:.1} ms, decreases {}, datagrams per send {:.2}",
+                    "  {role} {}: rtt {:.1} ms, capacity {:.1}, rate {:.1} Mbit/s, queue {:.1} ms, decreases {}, datagrams per send {:.2}, suspect {} (silent {})",
                     l["name"], l["rtt_ms"].as_f64().unwrap_or(0.0),
                     l["capacity_mbps"].as_f64().unwrap_or(0.0), l["rate_mbps"].as_f64().unwrap_or(0.0),
                     l["queue_delay_ms"].as_f64().unwrap_or(0.0), l["rate_decreases"],
-                    l["tx_datagrams_per_send"].as_f64().unwrap_or(0.0)
+                    l["tx_datagrams_per_send"].as_f64().unwrap_or(0.0), l["suspects"], l["silences"]
                 );
             }
         }

@@ -932,6 +932,7 @@ impl BondState {
             .flatten()
             .map(|l| {
                 let (probes_sent, probes_lost) = l.health.probes();
+                let (suspects, silences) = l.health.suspects();
                 LinkStatus {
                     name: l.name.clone(),
                     state: l.condition(),
@@ -949,6 +950,8 @@ impl BondState {
                     probes_sent,
                     probes_lost,
                     flaps: l.health.flaps(),
+                    suspects,
+                    silences,
                     degraded: l.health.degraded(),
                     carries_pos: l.pos_ok && l.classes & bit(Class::Pos) != 0,
                     rate_mbps: l.rate.rate() * 8.0 / 1e6,

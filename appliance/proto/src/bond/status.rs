@@ -26,6 +26,10 @@ pub struct LinkStatus {
     pub probes_sent: u64,
     pub probes_lost: u64,
     pub flaps: u32,
+    /// Times the uplink turned Suspect (a probe overdue, or its delivery reports silent).
+    pub suspects: u64,
+    /// Of those, the times its delivery reports fell silent first.
+    pub silences: u64,
     pub degraded: bool,
     /// Whether point-of-sale traffic may use the uplink now (its classes, and the HTTPS
     /// reachability check).
