@@ -304,14 +304,14 @@ fn a_quiet_hub_probes_half_as_often_as_the_edge() {
     }
 }
 
-#[test]
-fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
+/// An edge with wifi and cell up that has sent 40 bulk packets over both: the bond, the
+/// two links, the sequence numbers wifi carried, and the time.
+fn bulk_on_wifi_and_cell() -> (BondState, LinkId, LinkId, Vec<u64>, Instant) {
     let mut now = Instant::now();
     let mut b = edge(now);
     let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
     let c = b.add_link("cell", false, ALL_CLASSES, None, now);
     bring_up(&mut b, &[a, c], &mut now);
-    // Bulk goes out on both; then wifi loses its carrier.
     for _ in 0..40 {
         b.handle_tun_packet(now, bulk_packet(), false).expect("ip");
     }
@@ -323,6 +323,13 @@ fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
             _ => None,
         })
         .collect();
+    (b, a, c, on_a, now)
+}
+
+#[test]
+fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
+    // Bulk goes out on both; then wifi loses its carrier.
+    let (mut b, a, c, on_a, mut now) = bulk_on_wifi_and_cell();
     assert!(!on_a.is_empty(), "wifi carried part of the bulk");
     now += 5 * MS;
     b.handle_link_event(
@@ -352,22 +359,7 @@ fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
 
 #[test]
 fn a_failing_uplink_resends_only_what_its_peer_has_not_reported_delivered() {
-    let mut now = Instant::now();
-    let mut b = edge(now);
-    let a = b.add_link("wifi", false, ALL_CLASSES, None, now);
-    let c = b.add_link("cell", false, ALL_CLASSES, None, now);
-    bring_up(&mut b, &[a, c], &mut now);
-    for _ in 0..40 {
-        b.handle_tun_packet(now, bulk_packet(), false).expect("ip");
-    }
-    let sent = answer_probes(&mut b, &[a, c], now);
-    let on_a: Vec<u64> = sent
-        .iter()
-        .filter_map(|(l, f)| match f {
-            Frame::Data { seq, .. } if *l == a => Some(*seq),
-            _ => None,
-        })
-        .collect();
+    let (mut b, a, c, on_a, mut now) = bulk_on_wifi_and_cell();
     assert!(on_a.len() >= 4, "wifi carried part of the bulk: {on_a:?}");
     // The hub reports the first half of what wifi sent as delivered; then wifi goes
     // silent and loses its carrier.
