@@ -115,6 +115,28 @@ fn answer_probes_sized(
     other
 }
 
+/// The sequence numbers of the data frames `link` sent, in order.
+fn data_seqs(sent: &[(LinkId, Frame<'static>)], link: LinkId) -> Vec<u64> {
+    sent.iter()
+        .filter_map(|(l, f)| match f {
+            Frame::Data { seq, .. } if *l == link => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Uplink `id`'s carrier goes at `now`.
+fn lose_carrier(b: &mut BondState, id: LinkId, now: Instant) {
+    b.handle_link_event(
+        now,
+        id,
+        LinkEvent::Carrier {
+            present: true,
+            carrier: false,
+        },
+    );
+}
+
 fn data_classes(sent: &[(LinkId, Frame<'static>)], link: LinkId) -> Vec<Class> {
     sent.iter()
         .filter(|(l, _)| *l == link)
@@ -315,14 +337,7 @@ fn bulk_on_wifi_and_cell() -> (BondState, LinkId, LinkId, Vec<u64>, Instant) {
     for _ in 0..40 {
         b.handle_tun_packet(now, bulk_packet(), false).expect("ip");
     }
-    let sent = answer_probes(&mut b, &[a, c], now);
-    let on_a: Vec<u64> = sent
-        .iter()
-        .filter_map(|(l, f)| match f {
-            Frame::Data { seq, .. } if *l == a => Some(*seq),
-            _ => None,
-        })
-        .collect();
+    let on_a = data_seqs(&answer_probes(&mut b, &[a, c], now), a);
     (b, a, c, on_a, now)
 }
 
@@ -332,22 +347,9 @@ fn what_a_failing_uplink_sent_goes_out_again_on_the_other() {
     let (mut b, a, c, on_a, mut now) = bulk_on_wifi_and_cell();
     assert!(!on_a.is_empty(), "wifi carried part of the bulk");
     now += 5 * MS;
-    b.handle_link_event(
-        now,
-        a,
-        LinkEvent::Carrier {
-            present: true,
-            carrier: false,
-        },
-    );
+    lose_carrier(&mut b, a, now);
     let again = answer_probes(&mut b, &[a, c], now);
-    let resent: Vec<u64> = again
-        .iter()
-        .filter_map(|(l, f)| match f {
-            Frame::Data { seq, .. } if *l == c => Some(*seq),
-            _ => None,
-        })
-        .collect();
+    let resent = data_seqs(&again, c);
     for s in &on_a {
         assert!(
             resent.contains(s),
@@ -379,22 +381,9 @@ fn a_failing_uplink_resends_only_what_its_peer_has_not_reported_delivered() {
     };
     b.handle_datagram(now, a, Bytes::from(stale.to_vec()));
     now += 3 * MS;
-    b.handle_link_event(
-        now,
-        a,
-        LinkEvent::Carrier {
-            present: true,
-            carrier: false,
-        },
-    );
+    lose_carrier(&mut b, a, now);
     let again = answer_probes(&mut b, &[a, c], now);
-    let resent: Vec<u64> = again
-        .iter()
-        .filter_map(|(l, f)| match f {
-            Frame::Data { seq, .. } if *l == c => Some(*seq),
-            _ => None,
-        })
-        .collect();
+    let resent = data_seqs(&again, c);
     assert_eq!(
         resent,
         on_a[half..].to_vec(),
