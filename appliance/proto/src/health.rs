@@ -89,7 +89,7 @@ impl Default for HealthConfig {
             suspect_min: Duration::from_millis(60),
             suspect_max: Duration::from_millis(600),
             down_after: Duration::from_millis(1500),
-            hold_first: Duration::from_millis(500),
+            hold_first: Duration::from_millis(250),
             hold_base: Duration::from_secs(2),
             hold_max: Duration::from_secs(30),
             flap_forget: Duration::from_secs(60),
@@ -314,7 +314,7 @@ impl LinkHealth {
     /// little is waiting to make the peer report). A busy link hears reports every few
     /// milliseconds, so their silence is noticed sooner than an overdue probe (probes go
     /// out every `probe_interval`): an Up link is Suspect when such data has gone
-    /// unreported for the overdue-probe threshold plus [`REPORT_SLACK`].
+    /// unreported for [`Self::silence_after`] plus [`REPORT_SLACK`].
     pub fn set_unreported(&mut self, since: Option<Instant>) {
         self.unreported = since;
     }
@@ -324,17 +324,26 @@ impl LinkHealth {
         self.unreported
     }
 
-    /// When unreported data makes an Up link Suspect: the overdue-probe threshold, on the
-    /// larger of the probes' and the transport's RTT (which follows a growing queue with
-    /// every acknowledgement, where the probes' lags), plus [`REPORT_SLACK`].
-    fn silent_at(&self) -> Option<Instant> {
-        let since = self.unreported?;
+    /// How long data may go unreported before an Up link is Suspect, less
+    /// [`REPORT_SLACK`]: 1.5 × RTT + 2 × its deviation, within the overdue-probe
+    /// threshold's floor and ceiling, on the larger of the probes' and the transport's
+    /// RTT (the transport's follows a growing queue with every acknowledgement, where the
+    /// probes' lags). Tighter than an overdue probe's 2 × RTT + 4 × deviation: a report
+    /// answers within one RTT plus the peer's report interval (the slack), and the
+    /// transport's RTT already carries the queue the data waits in, so the half RTT is
+    /// room for that queue to grow. A false alarm costs resends of what went unreported
+    /// and lasts until the next report; a late one costs every flow on the link a stall.
+    pub fn silence_after(&self) -> Option<Duration> {
         let rtt = match (self.srtt, self.transport_rtt) {
             (Some(a), Some(b)) => a.max(b),
             (a, b) => a.or(b)?,
         };
-        let after = (rtt * 2 + self.rttvar * 4).clamp(self.cfg.suspect_min, self.cfg.suspect_max);
-        Some(since + after + REPORT_SLACK)
+        Some((rtt * 3 / 2 + self.rttvar * 2).clamp(self.cfg.suspect_min, self.cfg.suspect_max))
+    }
+
+    /// When unreported data makes an Up link Suspect (see [`Self::silence_after`]).
+    fn silent_at(&self) -> Option<Instant> {
+        Some(self.unreported? + self.silence_after()? + REPORT_SLACK)
     }
 
     /// The peer reported deliveries: the link is alive (a Suspect link is Up again, as on
@@ -680,7 +689,7 @@ mod tests {
         assert_eq!(h.suspects(), (1, 0), "counted as an overdue probe");
         // (The drive steps 5 ms and stops one step past the change.)
         assert!(
-            by_data <= busy.overdue_after() + REPORT_SLACK + ms(10),
+            by_data <= busy.silence_after().unwrap_or(ms(600)) + REPORT_SLACK + ms(10),
             "suspect after {by_data:?}"
         );
         assert!(
@@ -722,9 +731,10 @@ mod tests {
     fn a_flapping_link_waits_longer_each_time() {
         let mut t = Instant::now();
         let mut h = up_link(&mut t);
-        // A single outage costs half a second; each further flap within a minute more.
+        // A single outage costs a quarter of a second; each further flap within a minute
+        // more.
         for (i, min_hold, max_hold) in [
-            (1, 500, 700),
+            (1, 250, 450),
             (2, 2000, 2200),
             (3, 4000, 4200),
             (4, 8000, 8200),
@@ -867,7 +877,7 @@ mod tests {
         black_hole(&mut h, &mut t, ms(2500));
         assert_eq!(h.flaps(), 1);
         assert!(
-            t - start <= ms(2500 + 700),
+            t - start <= ms(2500 + 450),
             "up again {:?} after the outage began",
             t - start
         );
