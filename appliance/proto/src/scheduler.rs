@@ -368,7 +368,18 @@ impl Scheduler {
         slot.view = view;
         if !view.usable() && was.usable() {
             // Copies waiting for a link that just failed become free for a healthy link; so
-            // do the packets it sent lately.
+            // do the packets it sent lately, unless no other link could carry them: the
+            // failed one would then send them again itself, duplicates on the same path.
+            let elsewhere =
+                self.links.iter().enumerate().any(|(i, s)| {
+                    i != id && s.present && (s.view.usable() || s.view.last_resort())
+                });
+            let Some(slot) = self.links.get_mut(id) else {
+                return Wake::default();
+            };
+            if !elsewhere {
+                slot.recent.clear();
+            }
             let last = slot.recent.back().map(|r| r.0);
             let window = self.cfg.resend_window;
             let verified = was.verified_until;
@@ -879,6 +890,34 @@ mod tests {
         assert!(!again.contains(&old) && !again.contains(&on_b));
         assert_eq!(s.poll(b, ALL_CLASSES, t + ms(1020)), None);
         assert_eq!(s.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_failing_link_with_no_other_to_take_over_does_not_resend_to_itself() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        let (a, b) = (s.add_link(), s.add_link());
+        s.update_link(a, up(20, false));
+        s.update_link(b, LinkView::down());
+        for i in 0..3 {
+            s.enqueue(Class::Bulk, 0, pkt(i), t);
+            s.poll(a, ALL_CLASSES, t).expect("sent");
+        }
+        let suspect = LinkView {
+            state: LinkState::Suspect,
+            ..up(20, false)
+        };
+        s.update_link(a, suspect);
+        assert_eq!(s.stats().resent, 0);
+        assert_eq!(s.queued_bytes(), 0, "nothing queued again");
+        // It still carries new traffic as the last resort, and a second link that comes
+        // up later does not get the old packets either.
+        s.enqueue(Class::Bulk, 0, pkt(9), t + ms(10));
+        assert_eq!(s.poll(a, ALL_CLASSES, t + ms(10)).map(|q| q.seq), Some(3));
+        s.update_link(b, up(30, false));
+        s.update_link(a, LinkView::down());
+        assert_eq!(s.poll(b, ALL_CLASSES, t + ms(20)), None);
     }
 
     #[test]
