@@ -33,7 +33,9 @@
 //! back) may be lost in flight, so those packets go out again, first in
 //! line, on the remaining links with their original sequence numbers; the receiver keeps
 //! whichever copy arrives first. A TCP flow then sees
-//! reordering instead of loss and never waits for a retransmission timeout.
+//! reordering instead of loss and never waits for a retransmission timeout. With no
+//! other link that could carry them, nothing is resent (the failed link would only send
+//! them again on the same path).
 //!
 //! No usable uplink: links that are Suspect or Probing may still pull (better a chance than
 //! nothing); Down links never do.
@@ -361,22 +363,22 @@ impl Scheduler {
 
     /// Updates what the scheduler knows of an uplink. Returns links that may now pull.
     pub fn update_link(&mut self, id: LinkId, view: LinkView) -> Wake {
+        // Looked at only when the link fails (most updates are a link's room or RTT).
+        let fails = !view.usable() && self.links.get(id).is_some_and(|s| s.view.usable());
+        let elsewhere =
+            fails
+                && self.links.iter().enumerate().any(|(i, s)| {
+                    i != id && s.present && (s.view.usable() || s.view.last_resort())
+                });
         let Some(slot) = self.links.get_mut(id) else {
             return Wake::default();
         };
         let was = slot.view;
         slot.view = view;
-        if !view.usable() && was.usable() {
+        if fails {
             // Copies waiting for a link that just failed become free for a healthy link; so
             // do the packets it sent lately, unless no other link could carry them: the
             // failed one would then send them again itself, duplicates on the same path.
-            let elsewhere =
-                self.links.iter().enumerate().any(|(i, s)| {
-                    i != id && s.present && (s.view.usable() || s.view.last_resort())
-                });
-            let Some(slot) = self.links.get_mut(id) else {
-                return Wake::default();
-            };
             if !elsewhere {
                 slot.recent.clear();
             }
