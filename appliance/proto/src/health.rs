@@ -89,7 +89,7 @@ impl Default for HealthConfig {
             suspect_min: Duration::from_millis(60),
             suspect_max: Duration::from_millis(600),
             down_after: Duration::from_millis(1500),
-            hold_first: Duration::from_millis(250),
+            hold_first: Duration::from_millis(100),
             hold_base: Duration::from_secs(2),
             hold_max: Duration::from_secs(30),
             flap_forget: Duration::from_secs(60),
@@ -98,6 +98,9 @@ impl Default for HealthConfig {
 }
 
 const MAX_OUTSTANDING: usize = 64;
+/// A Probing link is probed at least this often within its hold (and at least every
+/// `probe_interval`).
+const PROBES_PER_HOLD: u32 = 4;
 /// How much later than a probe's answer a delivery report may come: the peer reports at
 /// most every 10 ms (`bond::link::REPORT_EVERY`), plus its timer's slack.
 const REPORT_SLACK: Duration = Duration::from_millis(20);
@@ -296,6 +299,11 @@ impl LinkHealth {
         match self.state {
             LinkState::Up if self.sparse => self.cfg.backup_probe_interval,
             LinkState::Up if self.quiet => self.cfg.quiet_probe_interval,
+            // A link that answers again is judged on several answers within its hold, not
+            // one or two, so a short hold (a single outage's) is one of evidence too.
+            // Only while it answers: a Down link stays at the normal rate, however long
+            // its outage.
+            LinkState::Probing => self.cfg.probe_interval.min(self.hold() / PROBES_PER_HOLD),
             _ => self.cfg.probe_interval,
         }
     }
@@ -486,6 +494,10 @@ impl LinkHealth {
             to == LinkState::Down && matches!(self.state, LinkState::Up | LinkState::Suspect);
         self.state = to;
         self.since = now;
+        if to == LinkState::Probing && self.hold() < self.cfg.probe_interval * PROBES_PER_HOLD {
+            // A short hold starts its answers at once.
+            self.next_probe_at = now;
+        }
         if outage {
             self.flaps = self.flaps.saturating_add(1);
             self.on_outage();
@@ -731,10 +743,10 @@ mod tests {
     fn a_flapping_link_waits_longer_each_time() {
         let mut t = Instant::now();
         let mut h = up_link(&mut t);
-        // A single outage costs a quarter of a second; each further flap within a minute
+        // A single outage costs a tenth of a second; each further flap within a minute
         // more.
         for (i, min_hold, max_hold) in [
-            (1, 250, 450),
+            (1, 100, 300),
             (2, 2000, 2200),
             (3, 4000, 4200),
             (4, 8000, 8200),
@@ -743,10 +755,10 @@ mod tests {
             h.on_carrier(true, t);
             assert_eq!(h.flaps(), i);
             let restored = t;
-            while h.state() != LinkState::Up {
-                let until = t + ms(50);
-                run(&mut h, &mut t, until, Some(ms(40)));
-            }
+            let limit = t + ms(20_000);
+            run_while(&mut h, &mut t, limit, Some(ms(40)), |h| {
+                h.state() != LinkState::Up
+            });
             let took = t - restored;
             assert!(
                 took >= ms(min_hold) && took <= ms(max_hold),
@@ -877,7 +889,7 @@ mod tests {
         black_hole(&mut h, &mut t, ms(2500));
         assert_eq!(h.flaps(), 1);
         assert!(
-            t - start <= ms(2500 + 450),
+            t - start <= ms(2500 + 300),
             "up again {:?} after the outage began",
             t - start
         );
@@ -902,6 +914,53 @@ mod tests {
         let until = t + ms(2_000);
         run(&mut h, &mut t, until, Some(ms(40)));
         assert!(!h.degraded(), "clean for 11 s after the second outage");
+    }
+
+    #[test]
+    fn a_link_answering_again_is_probed_densely_through_its_hold_only() {
+        let mut t = Instant::now();
+        let mut h = up_link(&mut t);
+        h.on_carrier(false, t);
+        // Down: probes at the normal interval, however long the outage.
+        h.on_carrier(true, t);
+        let until = t + ms(1000);
+        let mut down_probes = 0;
+        while t < until {
+            if h.poll_probe(t).is_some() {
+                down_probes += 1;
+            }
+            t += ms(1);
+        }
+        assert!(down_probes <= 11, "{down_probes} probes in a second Down");
+        assert_eq!(h.state(), LinkState::Down);
+        // It answers: Probing, probed at once and then every 25 ms, Up after its 0.1 s
+        // hold, on five clean answers.
+        let mut answered = 0;
+        let mut pending: Vec<(u32, Instant)> = Vec::new();
+        let first = t;
+        while h.state() != LinkState::Up && t < first + ms(1000) {
+            if let Some(id) = h.poll_probe(t) {
+                pending.push((id, t + ms(10)));
+            }
+            pending.retain(|(id, at)| {
+                if *at <= t {
+                    h.on_probe_ack(*id, t);
+                    answered += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            h.handle_timeout(t);
+            t += ms(1);
+        }
+        assert_eq!(h.state(), LinkState::Up);
+        assert!(
+            t - first <= ms(100 + 100 + 10 + 2),
+            "up {:?} after the first answer could go out",
+            t - first
+        );
+        assert!(answered >= 5, "trusted on {answered} answers");
     }
 
     #[test]
