@@ -124,17 +124,19 @@ fn a_restored_uplink_is_used_again_after_its_hold() -> Result<()> {
         link_state(s, "wifi") == "down"
     })?;
     t.isp_blackhole(1, false)?;
-    let probing = t.wait_status("edge", Duration::from_secs(5), |s| {
-        link_state(s, "wifi") == "probing"
-    })?;
-    assert_eq!(
-        up_links(&probing, "hub"),
-        1,
-        "not trusted before the hold: {probing}"
-    );
+    let lifted = std::time::Instant::now();
     let up = t.wait_status("edge", Duration::from_secs(15), |s| {
         link_state(s, "wifi") == "up"
     })?;
+    // Back within a second: a probe every 100 ms finds it, and a single outage's hold is
+    // 0.1 s (the status is written every half second; the rest is a busy machine's
+    // margin). The hold itself, and the longer ones of a new or flapping link, are the
+    // health core's tests.
+    let took = lifted.elapsed();
+    assert!(
+        took <= Duration::from_secs(2),
+        "up {took:?} after the fault lifted"
+    );
     // Back from a single clean outage, it is trusted with POS and the stream again: the
     // probes lost in the outage do not count as the link's loss (a second outage within
     // a minute would).
